@@ -1,0 +1,143 @@
+"""Command line: ``p2ppay server`` and ``p2ppay client``. Parses arguments; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import platformdirs
+import trio
+
+from . import __version__
+from .ledger import Limits
+from .passwords import ScryptParams
+from .server import DEFAULT_PORT, ServerConfig, ServerOptions, run_server
+
+STATE_ENV = "P2PPAY_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    """``$P2PPAY_STATE_DIR`` if set, else the platform's per-user data directory."""
+    env = os.environ.get(STATE_ENV)
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_data_dir("p2ppay", appauthor=False))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is not within 0..65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2ppay", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"p2ppay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = ServerConfig()
+    lim = Limits()
+    s = sub.add_parser("server", help="run the payment server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--host", default=None,
+                   help="address to listen on (default: every interface)")
+    s.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TLS port (0: any free one)")
+    s.add_argument("--state-dir", type=Path, default=None,
+                   help=f"ledger and certificates (default: ${STATE_ENV} or the user data dir)")
+    s.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    s.add_argument("--cert", type=Path, help="your own server certificate chain (PEM)")
+    s.add_argument("--key", type=Path, help="the private key for --cert (PEM)")
+    s.add_argument("--san", action="append", default=[], metavar="NAME",
+                   help="extra host name or IP for the generated certificate (repeatable)")
+    s.add_argument("--max-line", type=_positive_int, default=d.max_line,
+                   help="longest request line in bytes")
+    s.add_argument("--handshake-timeout", type=_seconds, default=d.handshake_timeout)
+    s.add_argument("--idle-timeout", type=_seconds, default=d.anonymous_idle_timeout,
+                   help="seconds a connection that has not logged in may stay silent")
+    s.add_argument("--write-timeout", type=_seconds, default=d.write_timeout)
+    s.add_argument("--shutdown-grace", type=_seconds, default=d.shutdown_grace)
+    s.add_argument("--max-list", type=_positive_int, default=d.max_list,
+                   help="most online users one list reply names")
+    s.add_argument("--max-deposit", type=_positive_int, default=lim.max_deposit)
+    s.add_argument("--max-payment", type=_positive_int, default=lim.max_payment)
+    s.add_argument("--max-balance", type=_positive_int, default=lim.max_balance)
+    s.add_argument("--max-batch", type=_positive_int, default=512,
+                   help="most operations in one ledger commit")
+    s.add_argument("--hash-threads", type=_positive_int, default=d.hash_threads,
+                   help="threads for password hashing")
+    s.add_argument("--scrypt-n", type=_positive_int, default=ScryptParams().n,
+                   help="scrypt cost for new password hashes (a power of 2)")
+    return parser
+
+
+def _server_options(args: argparse.Namespace) -> ServerOptions:
+    n = args.scrypt_n
+    if n < 2 or n & (n - 1):
+        raise SystemExit("p2ppay: --scrypt-n must be a power of 2 (at least 2)")
+    config = ServerConfig(
+        max_line=args.max_line,
+        handshake_timeout=args.handshake_timeout,
+        anonymous_idle_timeout=args.idle_timeout,
+        write_timeout=args.write_timeout,
+        shutdown_grace=args.shutdown_grace,
+        max_list=args.max_list,
+        hash_threads=args.hash_threads,
+        scrypt=ScryptParams(n=n),
+    )
+    try:
+        limits = Limits(args.max_deposit, args.max_payment, args.max_balance)
+    except ValueError as exc:
+        raise SystemExit(f"p2ppay: {exc}") from None
+    return ServerOptions(
+        host=args.host, port=args.port, state_dir=args.state_dir or default_state_dir(),
+        cert=args.cert, key=args.key, sans=tuple(args.san), limits=limits, config=config,
+        max_batch=args.max_batch,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "server":
+        logging.basicConfig(
+            level=args.log_level.upper(), stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        options = _server_options(args)
+        logging.getLogger("p2ppay").info("state directory: %s", options.state_dir)
+        try:
+            trio.run(partial(run_server, options, handle_signals=True))
+        except OSError as exc:
+            print(f"p2ppay server: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        return 0
+    raise AssertionError(args.command)

@@ -1,0 +1,249 @@
+"""The client library: one TLS connection to the server, a method per operation, and events.
+
+Used alike by the shell, the tests and the benchmark::
+
+    async with Client.connect("localhost", 8700, ssl_context=ctx) as client:
+        await client.login("alice", "secret-password", p2p_port=9001)
+        result = await client.settle("bob", 30)
+        async for event in client.events: ...
+
+Requests may be issued from several tasks at once; replies are matched to them by id, and
+events pushed by the server may arrive at any moment in between.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final, TypeVar, final
+
+import msgspec.structs
+import trio
+
+from . import __version__
+from . import protocol as p
+
+log = logging.getLogger("p2ppay.client")
+
+R = TypeVar("R")
+
+DEFAULT_TIMEOUT: Final = 30.0
+#: The server's replies (a long ``list``) may be longer than what it accepts from us.
+CLIENT_MAX_LINE: Final = 1024 * 1024
+EVENT_BUFFER: Final = 1000
+
+
+class ClientError(Exception):
+    """Base class for what the client library raises."""
+
+
+class ServerError(ClientError):
+    """The server answered a request with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLost(ClientError):
+    """The connection to the server ended before the reply came."""
+
+
+class _Waiter:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: ClientError | None = None
+
+
+@final
+class Client:
+    """A connection to a p2ppay server. Make one with :meth:`connect` or :meth:`over`."""
+
+    def __init__(self, stream: trio.abc.Stream, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._stream = stream
+        self._conn = p.ClientConnection(CLIENT_MAX_LINE)
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, _Waiter] = {}
+        self._send_lock = trio.Lock()
+        self._closed: ClientError | None = None
+        self.timeout = timeout
+        self._event_send, self.events = trio.open_memory_channel[p.Event](EVENT_BUFFER)
+        self.user: str | None = None
+        self.server_version: str | None = None
+
+    # -- opening --
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, host: str, port: int, *, ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+    ) -> AsyncIterator[Client]:
+        """Open TCP, verify the server's certificate, say hello."""
+        with trio.fail_after(timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+        stream = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or host)
+        try:
+            with trio.fail_after(timeout):
+                await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        async with cls.over(stream, timeout=timeout) as client:
+            yield client
+
+    @classmethod
+    @asynccontextmanager
+    async def over(cls, stream: trio.abc.Stream, *, timeout: float = DEFAULT_TIMEOUT
+                   ) -> AsyncIterator[Client]:
+        """Use an already connected (TLS) stream; the client owns and closes it."""
+        client = cls(stream, timeout=timeout)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._read_loop)
+                hello = await client._call(p.Hello(0, p.PROTOCOL_VERSION, f"p2ppay/{__version__}"))
+                client.server_version = hello.server
+                yield client
+                nursery.cancel_scope.cancel()
+        finally:
+            client._fail_all(ConnectionLost("the client was closed"))
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1) as polite:
+                    try:
+                        await stream.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                if polite.cancelled_caught:
+                    await trio.aclose_forcefully(stream)
+
+    # -- the machinery --
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                event = self._conn.next_event()
+                if event is p.NEED_DATA:
+                    data = await self._stream.receive_some()
+                    self._conn.receive_data(data)
+                elif event is p.CLOSED:
+                    self._fail_all(ConnectionLost("the server closed the connection"))
+                    return
+                elif isinstance(event, p.ReplyOk):
+                    waiter = self._waiters.pop(event.id, None)
+                    if waiter is not None:
+                        waiter.result = event.result
+                        waiter.done.set()
+                elif isinstance(event, p.ReplyError):
+                    if event.id is None:
+                        log.warning("server error: %s: %s", event.code, event.message)
+                        continue
+                    waiter = self._waiters.pop(event.id, None)
+                    if waiter is not None:
+                        waiter.error = ServerError(event.code, event.message)
+                        waiter.done.set()
+                else:
+                    assert not isinstance(event, p._Sentinel)
+                    if isinstance(event, p.SessionReplaced):
+                        self.user = None
+                    try:
+                        self._event_send.send_nowait(event)
+                    except trio.WouldBlock:
+                        log.warning("event buffer full; dropped %r", event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail_all(ConnectionLost(f"connection lost: {exc}"))
+        except p.RemoteProtocolError as exc:
+            self._fail_all(ConnectionLost(f"the server broke the protocol: {exc}"))
+
+    def _fail_all(self, error: ClientError) -> None:
+        if self._closed is None:
+            self._closed = error
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            waiter.error = error
+            waiter.done.set()
+        self._event_send.close()
+
+    async def _call(self, request: Any) -> Any:
+        """Send a request (its ``id`` is replaced) and wait for the reply."""
+        if self._closed is not None:
+            raise self._closed
+        rid = next(self._ids)
+        request = _with_id(request, rid)
+        waiter = _Waiter()
+        self._waiters[rid] = waiter
+        data = self._conn.send_request(request)
+        try:
+            with trio.fail_after(self.timeout):
+                async with self._send_lock:
+                    await self._stream.send_all(data)
+                await waiter.done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(f"connection lost: {exc}") from exc
+        finally:
+            if not waiter.done.is_set():
+                self._waiters.pop(rid, None)
+                self._conn.forget(rid)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
+
+    # -- operations --
+
+    async def register(self, name: str, password: str) -> p.RegisterResult:
+        result: p.RegisterResult = await self._call(p.Register(0, name, password))
+        return result
+
+    async def login(self, name: str, password: str, p2p_port: int | None = None) -> p.LoginResult:
+        result: p.LoginResult = await self._call(p.Login(0, name, password, p2p_port))
+        self.user = result.name
+        return result
+
+    async def deposit(self, amount: int) -> int:
+        result: p.BalanceResult = await self._call(p.Deposit(0, amount))
+        return result.balance
+
+    async def list(self) -> p.ListResult:
+        result: p.ListResult = await self._call(p.ListOnline(0))
+        return result
+
+    async def balance(self) -> int:
+        return (await self.list()).balance
+
+    async def lookup(self, name: str) -> p.Presence:
+        result: p.Presence = await self._call(p.Lookup(0, name))
+        return result
+
+    async def settle(self, payee: str, amount: int, payment_id: uuid.UUID | None = None
+                     ) -> p.SettleResult:
+        """Pay ``payee``. Retrying with the same ``payment_id`` never pays twice."""
+        pid = payment_id or uuid.uuid4()
+        result: p.SettleResult = await self._call(p.Settle(0, pid, payee, amount))
+        return result
+
+    async def history(self, limit: int = 50) -> list[p.HistoryEntry]:
+        result: p.HistoryResult = await self._call(p.History(0, limit))
+        return result.entries
+
+    async def logout(self) -> None:
+        await self._call(p.Logout(0))
+        self.user = None
+
+    async def next_event(self, timeout: float = DEFAULT_TIMEOUT) -> p.Event:
+        """The next event the server pushed; raises ConnectionLost when there will be none."""
+        with trio.fail_after(timeout):
+            try:
+                return await self.events.receive()
+            except trio.EndOfChannel:
+                raise self._closed or ConnectionLost("closed") from None
+
+
+def _with_id(request: Any, rid: int) -> Any:
+    return msgspec.structs.replace(request, id=rid)

@@ -1,0 +1,468 @@
+"""Where money moves: accounts, deposits and exactly-once transfers in a durable SQLite ledger.
+
+Every call is an *operation* handed to one writer task. The writer takes all operations waiting
+at that moment (up to ``max_batch``), runs them in one transaction on its dedicated connection in
+a worker thread, commits with ``synchronous=FULL`` and only then answers each caller (group
+commit). Each write runs inside its own savepoint, so one operation's failure (insufficient funds,
+say) undoes only that operation. If the commit itself fails, every caller in the batch gets
+:class:`LedgerUnavailable` and nothing of the batch is acknowledged.
+
+The ledger knows nothing of connections or the wire protocol; :class:`Ledger` is the narrow
+interface the server uses, so another backend can stand in without touching the server.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+AccountKind = Literal["native", "course"]
+
+
+# --- errors: each one means "nothing happened" -----------------------------------------------
+
+
+class LedgerError(Exception):
+    """An operation was refused; the ledger is unchanged by it."""
+
+
+class NameTaken(LedgerError):
+    pass
+
+
+class UnknownAccount(LedgerError):
+    pass
+
+
+class UnknownPayee(LedgerError):
+    pass
+
+
+class AmountOutOfRange(LedgerError):
+    pass
+
+
+class BalanceLimit(LedgerError):
+    pass
+
+
+class InsufficientFunds(LedgerError):
+    pass
+
+
+class SelfPayment(LedgerError):
+    pass
+
+
+class PaymentIdConflict(LedgerError):
+    """The payment id was used before for a different payer, payee or amount."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The batch could not be committed (disk full, I/O error, shutting down)."""
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_deposit: int = 1_000_000
+    max_payment: int = 1_000_000
+    max_balance: int = 1_000_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_deposit", "max_payment", "max_balance"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value > 10**15:
+                raise ValueError(f"{name} must be an integer in 1..10**15")
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    kind: AccountKind
+    password_hash: str | None
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    payment_id: uuid.UUID
+    payer: str
+    payee: str
+    amount: int
+    payer_balance: int  # right after the transfer
+    payee_balance: int  # right after the transfer
+    at_ms: int
+    replayed: bool = False  # True when this is the stored outcome of an earlier settle
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    kind: Literal["deposit", "sent", "received"]
+    amount: int
+    balance: int
+    at_ms: int
+    counterparty: str | None
+    payment_id: uuid.UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    total_balances: int
+    total_deposits: int
+    min_balance: int | None
+    accounts: int
+    transfers: int
+
+    @property
+    def conserved(self) -> bool:
+        return self.total_balances == self.total_deposits and (
+            self.min_balance is None or self.min_balance >= 0
+        )
+
+
+class Ledger(Protocol):
+    """What the server needs from a ledger, and all of it."""
+
+    limits: Limits
+
+    async def create_account(
+        self, name: str, password_hash: str | None, kind: AccountKind = "native",
+        initial_deposit: int = 0,
+    ) -> Account: ...
+
+    async def account(self, name: str) -> Account | None: ...
+
+    async def deposit(self, name: str, amount: int) -> int: ...
+
+    async def settle(self, payment_id: uuid.UUID, payer: str, payee: str, amount: int) -> Transfer: ...
+
+    async def history(self, name: str, limit: int) -> list[Entry]: ...
+
+    async def audit(self) -> Audit: ...
+
+
+# --- SQLite ----------------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    name          TEXT PRIMARY KEY,
+    kind          TEXT NOT NULL CHECK (kind IN ('native', 'course')),
+    password_hash TEXT,
+    balance       INTEGER NOT NULL DEFAULT 0 CHECK (balance >= 0),
+    created_ms    INTEGER NOT NULL
+);
+-- names are unique regardless of case, so nobody can pose as "Alice" beside "alice"
+CREATE UNIQUE INDEX IF NOT EXISTS accounts_name_nocase ON accounts(name COLLATE NOCASE);
+CREATE TABLE IF NOT EXISTS deposits (
+    seq           INTEGER PRIMARY KEY,
+    account       TEXT NOT NULL REFERENCES accounts(name),
+    amount        INTEGER NOT NULL CHECK (amount > 0),
+    balance_after INTEGER NOT NULL CHECK (balance_after >= 0),
+    at_ms         INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deposits_account ON deposits(account, seq);
+CREATE TABLE IF NOT EXISTS transfers (
+    seq                 INTEGER PRIMARY KEY,
+    payment_id          TEXT NOT NULL UNIQUE,
+    payer               TEXT NOT NULL REFERENCES accounts(name),
+    payee               TEXT NOT NULL REFERENCES accounts(name),
+    amount              INTEGER NOT NULL CHECK (amount > 0),
+    payer_balance_after INTEGER NOT NULL CHECK (payer_balance_after >= 0),
+    payee_balance_after INTEGER NOT NULL CHECK (payee_balance_after >= 0),
+    at_ms               INTEGER NOT NULL,
+    CHECK (payer <> payee)
+);
+CREATE INDEX IF NOT EXISTS transfers_payer ON transfers(payer, seq);
+CREATE INDEX IF NOT EXISTS transfers_payee ON transfers(payee, seq);
+"""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Op(Generic[T]):
+    __slots__ = ("done", "error", "fn", "result", "write")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> None:
+        self.fn = fn
+        self.write = write
+        self.done = trio.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+
+class SqliteLedger:
+    """The SQLite backend. Use :func:`open_sqlite_ledger`, which owns its writer task."""
+
+    def __init__(self, path: Path | str, limits: Limits, max_batch: int = 512) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.path = str(path)
+        self.limits = limits
+        self.max_batch = max_batch
+        self._send, self._recv = trio.open_memory_channel[_Op[Any]](math.inf)
+        # One dedicated connection, used by one thread at a time.
+        self._limiter = trio.CapacityLimiter(1)
+        self._db: sqlite3.Connection | None = None
+        # Figures for the benchmark: how well group commit is doing.
+        self.commits = 0
+        self.ops_committed = 0
+
+    # -- lifecycle --
+
+    def _open_blocking(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            db.close()
+            raise LedgerUnavailable(
+                f"{self.path} has schema version {version}; this p2ppay knows {SCHEMA_VERSION}"
+            )
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._db = db
+
+    async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
+        await trio.to_thread.run_sync(self._open_blocking, limiter=self._limiter)
+        task_status.started()
+        try:
+            async with self._recv:
+                async for first in self._recv:
+                    batch: list[_Op[Any]] = [first]
+                    while len(batch) < self.max_batch:
+                        try:
+                            batch.append(self._recv.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    # Not abandoned on cancel: a commit in flight always finishes and is answered.
+                    await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                    for op in batch:
+                        op.done.set()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close_blocking, limiter=self._limiter)
+
+    def _close_blocking(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _run_batch(self, batch: list[_Op[Any]]) -> None:
+        db = self._db
+        assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                if not op.write:
+                    try:
+                        op.result = op.fn(db)
+                    except (LedgerError, sqlite3.Error) as exc:
+                        op.error = exc
+                    continue
+                db.execute("SAVEPOINT op")
+                try:
+                    op.result = op.fn(db)
+                except (LedgerError, sqlite3.Error) as exc:
+                    db.execute("ROLLBACK TO op")
+                    op.error = exc
+                db.execute("RELEASE op")
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.rollback()
+            for op in batch:
+                op.result = None
+                op.error = LedgerUnavailable(f"commit failed: {exc}")
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.commits += 1
+        self.ops_committed += len(batch)
+
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
+        op: _Op[T] = _Op(fn, write)
+        try:
+            self._send.send_nowait(op)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise LedgerUnavailable("the ledger is closed") from None
+        # If our caller is cancelled here the operation still commits (or not) as a whole;
+        # a settlement retried with the same payment id then finds the stored outcome.
+        await op.done.wait()
+        if op.error is not None:
+            if isinstance(op.error, LedgerError):
+                raise op.error
+            raise LedgerUnavailable(str(op.error)) from op.error
+        return op.result  # type: ignore[return-value]
+
+    # -- operations (the bodies run in the writer's thread, inside the batch transaction) --
+
+    async def create_account(
+        self, name: str, password_hash: str | None, kind: AccountKind = "native",
+        initial_deposit: int = 0,
+    ) -> Account:
+        if initial_deposit < 0 or initial_deposit > self.limits.max_deposit:
+            raise AmountOutOfRange(f"initial deposit must be within 0..{self.limits.max_deposit}")
+
+        def op(db: sqlite3.Connection) -> Account:
+            now = _now_ms()
+            try:
+                db.execute(
+                    "INSERT INTO accounts(name, kind, password_hash, balance, created_ms)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, kind, password_hash, initial_deposit, now),
+                )
+            except sqlite3.IntegrityError:
+                raise NameTaken(f"the name {name!r} is taken") from None
+            if initial_deposit:
+                db.execute(
+                    "INSERT INTO deposits(account, amount, balance_after, at_ms) VALUES (?,?,?,?)",
+                    (name, initial_deposit, initial_deposit, now),
+                )
+            return Account(name, kind, password_hash, initial_deposit)
+
+        return await self._submit(op)
+
+    async def account(self, name: str) -> Account | None:
+        def op(db: sqlite3.Connection) -> Account | None:
+            row = db.execute(
+                "SELECT name, kind, password_hash, balance FROM accounts WHERE name = ?", (name,)
+            ).fetchone()
+            return None if row is None else Account(*row)
+
+        return await self._submit(op, write=False)
+
+    async def deposit(self, name: str, amount: int) -> int:
+        limits = self.limits
+        if amount < 1 or amount > limits.max_deposit:
+            raise AmountOutOfRange(f"a deposit must be within 1..{limits.max_deposit}")
+
+        def op(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT balance FROM accounts WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise UnknownAccount(f"no account {name!r}")
+            balance = row[0] + amount
+            if balance > limits.max_balance:
+                raise BalanceLimit(f"the balance would exceed {limits.max_balance}")
+            db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (balance, name))
+            db.execute(
+                "INSERT INTO deposits(account, amount, balance_after, at_ms) VALUES (?,?,?,?)",
+                (name, amount, balance, _now_ms()),
+            )
+            return int(balance)
+
+        return await self._submit(op)
+
+    async def settle(self, payment_id: uuid.UUID, payer: str, payee: str, amount: int) -> Transfer:
+        limits = self.limits
+        pid = str(payment_id)
+
+        def op(db: sqlite3.Connection) -> Transfer:
+            row = db.execute(
+                "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms"
+                " FROM transfers WHERE payment_id = ?",
+                (pid,),
+            ).fetchone()
+            if row is not None:
+                if (row[0], row[1], row[2]) != (payer, payee, amount):
+                    raise PaymentIdConflict(
+                        f"payment {pid} was already used for a different payment"
+                    )
+                return Transfer(payment_id, payer, payee, amount, row[3], row[4], row[5], True)
+            if payer == payee:
+                raise SelfPayment("you cannot pay yourself")
+            if amount < 1 or amount > limits.max_payment:
+                raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
+            src = db.execute("SELECT balance FROM accounts WHERE name = ?", (payer,)).fetchone()
+            if src is None:
+                raise UnknownAccount(f"no account {payer!r}")
+            dst = db.execute("SELECT balance FROM accounts WHERE name = ?", (payee,)).fetchone()
+            if dst is None:
+                raise UnknownPayee(f"no account {payee!r}")
+            if src[0] < amount:
+                raise InsufficientFunds(f"balance {src[0]} is less than {amount}")
+            payer_after = src[0] - amount
+            payee_after = dst[0] + amount
+            if payee_after > limits.max_balance:
+                raise BalanceLimit(f"{payee}'s balance would exceed {limits.max_balance}")
+            now = _now_ms()
+            db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (payer_after, payer))
+            db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (payee_after, payee))
+            db.execute(
+                "INSERT INTO transfers(payment_id, payer, payee, amount, payer_balance_after,"
+                " payee_balance_after, at_ms) VALUES (?,?,?,?,?,?,?)",
+                (pid, payer, payee, amount, payer_after, payee_after, now),
+            )
+            return Transfer(payment_id, payer, payee, amount, payer_after, payee_after, now)
+
+        return await self._submit(op)
+
+    async def history(self, name: str, limit: int) -> list[Entry]:
+        def op(db: sqlite3.Connection) -> list[Entry]:
+            rows = db.execute(
+                """
+                SELECT * FROM (
+                    SELECT at_ms, seq, 'deposit', amount, balance_after, NULL, NULL
+                      FROM deposits WHERE account = ?1
+                    UNION ALL
+                    SELECT at_ms, seq, 'sent', amount, payer_balance_after, payee, payment_id
+                      FROM transfers WHERE payer = ?1
+                    UNION ALL
+                    SELECT at_ms, seq, 'received', amount, payee_balance_after, payer, payment_id
+                      FROM transfers WHERE payee = ?1
+                ) ORDER BY 1 DESC, 2 DESC LIMIT ?2
+                """,
+                (name, limit),
+            ).fetchall()
+            return [
+                Entry(kind, amount, bal, at, other, uuid.UUID(pid) if pid else None)
+                for at, _seq, kind, amount, bal, other, pid in rows
+            ]
+
+        return await self._submit(op, write=False)
+
+    async def audit(self) -> Audit:
+        def op(db: sqlite3.Connection) -> Audit:
+            total, low, count = db.execute(
+                "SELECT COALESCE(SUM(balance), 0), MIN(balance), COUNT(*) FROM accounts"
+            ).fetchone()
+            deposited = db.execute("SELECT COALESCE(SUM(amount), 0) FROM deposits").fetchone()[0]
+            transfers = db.execute("SELECT COUNT(*) FROM transfers").fetchone()[0]
+            return Audit(total, deposited, low, count, transfers)
+
+        return await self._submit(op, write=False)
+
+
+@asynccontextmanager
+async def open_sqlite_ledger(
+    path: Path | str, limits: Limits | None = None, *, max_batch: int = 512
+) -> AsyncIterator[SqliteLedger]:
+    """Open (creating if needed) the ledger at ``path``; on exit, drain queued work and close."""
+    ledger = SqliteLedger(path, limits or Limits(), max_batch)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ledger._writer)
+        try:
+            yield ledger
+        finally:
+            # Closing the channel lets the writer finish what is queued, then stop.
+            ledger._send.close()

@@ -1,0 +1,190 @@
+"""The server's local certificate authority and the certificates it issues (``cryptography``).
+
+On first start the server makes, in its state directory, a CA (EC P-256) and a server
+certificate signed by it for localhost, 127.0.0.1, ::1, the host's name and any extra names.
+Clients on the same machine trust ``ca.pem`` from the same directory with no flags.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+
+CA_LIFETIME = dt.timedelta(days=3650)
+SERVER_LIFETIME = dt.timedelta(days=397)
+RENEW_BEFORE = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCredentials:
+    cert_chain: Path  # the server certificate followed by the CA certificate
+    key: Path
+    ca_cert: Path
+
+
+def default_sans(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    names = ["localhost", "127.0.0.1", "::1"]
+    host = socket.gethostname()
+    if host and host not in names:
+        names.append(host)
+    for name in extra:
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only, atomically: never world-readable, not even briefly."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def create_ca(common_name: str = "p2ppay local CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def issue_server_cert(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, sans: tuple[str, ...]
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sans[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + SERVER_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in sans]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _cert_sans(cert: x509.Certificate) -> set[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(v) for v in ext.value.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in ext.value.get_values_for_type(x509.IPAddress)
+    }
+
+
+def _normalise(name: str) -> str:
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def ensure_server_credentials(state_dir: Path, extra_sans: tuple[str, ...] = ()) -> ServerCredentials:
+    """Create the CA and the server certificate if missing, expiring, or lacking a name."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_path, ca_key_path = state_dir / CA_CERT, state_dir / CA_KEY
+    cert_path, key_path = state_dir / SERVER_CERT, state_dir / SERVER_KEY
+
+    if ca_path.exists() and ca_key_path.exists():
+        ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
+        loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{ca_key_path} is not an EC private key")
+        ca_key = loaded
+    else:
+        ca_cert, ca_key = create_ca()
+        _write_private(ca_key_path, _key_pem(ca_key))
+        _write_public(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+        cert_path.unlink(missing_ok=True)  # anything signed by an older CA is void
+
+    sans = default_sans(extra_sans)
+    renew = True
+    if cert_path.exists() and key_path.exists():
+        current = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+        renew = (
+            current.issuer != ca_cert.subject
+            or current.not_valid_after_utc - _now() < RENEW_BEFORE
+            or not {_normalise(n) for n in sans} <= _cert_sans(current)
+        )
+    if renew:
+        cert, key = issue_server_cert(ca_cert, ca_key, sans)
+        _write_private(key_path, _key_pem(key))
+        _write_public(
+            cert_path,
+            cert.public_bytes(serialization.Encoding.PEM)
+            + ca_cert.public_bytes(serialization.Encoding.PEM),
+        )
+    return ServerCredentials(cert_path, key_path, ca_path)

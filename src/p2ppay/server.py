@@ -1,0 +1,512 @@
+"""The server: owns every client connection, who is online, and the order of shutdown.
+
+One nursery owns the listeners' accept loops and one task per connection. Each connection is
+a :class:`Session`: TLS handshake with a timeout, then requests answered one at a time through
+the sans-I/O :class:`~p2ppay.protocol.ServerConnection`, money moved only through the
+:class:`~p2ppay.ledger.Ledger`. Sessions never parse bytes and never write SQL.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import signal
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, final
+
+import trio
+
+from . import __version__
+from . import ledger as lg
+from . import protocol as p
+from .passwords import ScryptParams, hash_password, verify_password
+from .pki import ensure_server_credentials
+from .tls import server_context
+
+log = logging.getLogger("p2ppay.server")
+
+DEFAULT_PORT: Final = 8700
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Every limit the server enforces. All of them are settable from the command line."""
+
+    max_line: int = p.DEFAULT_MAX_LINE
+    receive_size: int = 16 * 1024
+    handshake_timeout: float = 10.0
+    #: a connection that has not logged in is closed after this long without a request
+    anonymous_idle_timeout: float = 60.0
+    #: a peer that does not take our bytes for this long is disconnected
+    write_timeout: float = 10.0
+    #: on SIGTERM, how long in-flight requests may take before connections are cut
+    shutdown_grace: float = 10.0
+    max_list: int = 1000
+    hash_threads: int = 2
+    scrypt: ScryptParams = field(default_factory=ScryptParams)
+
+
+class RequestFailed(Exception):
+    """A request is answered with an error; the session goes on."""
+
+    def __init__(self, code: p.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_LEDGER_CODES: Final[dict[type[lg.LedgerError], p.ErrorCode]] = {
+    lg.NameTaken: p.ErrorCode.NAME_TAKEN,
+    lg.UnknownAccount: p.ErrorCode.UNKNOWN_USER,
+    lg.UnknownPayee: p.ErrorCode.UNKNOWN_PAYEE,
+    lg.AmountOutOfRange: p.ErrorCode.BAD_AMOUNT,
+    lg.BalanceLimit: p.ErrorCode.BALANCE_LIMIT,
+    lg.InsufficientFunds: p.ErrorCode.INSUFFICIENT_FUNDS,
+    lg.SelfPayment: p.ErrorCode.SELF_PAYMENT,
+    lg.PaymentIdConflict: p.ErrorCode.PAYMENT_ID_CONFLICT,
+    lg.LedgerUnavailable: p.ErrorCode.INTERNAL,
+}
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return "unknown"
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "unknown"
+
+
+@final
+class Server:
+    """Presence, sessions and shutdown for one ledger. Transport-agnostic: tests hand it memory
+    streams through :meth:`handle_connection`, the real listener hands it TCP streams."""
+
+    def __init__(self, ledger: lg.Ledger, ssl_context: ssl.SSLContext,
+                 config: ServerConfig | None = None) -> None:
+        self.ledger = ledger
+        self.ssl_context = ssl_context
+        self.config = config or ServerConfig()
+        self.online: dict[str, Session] = {}
+        self.sessions: set[Session] = set()
+        self.hash_limiter = trio.CapacityLimiter(self.config.hash_threads)
+        # A hash to check against when the account does not exist, so that a missing account
+        # costs the same time as a wrong password. Made lazily (it is slow).
+        self._dummy_hash: str | None = None
+        self.closing = False
+        self._nursery: trio.Nursery | None = None
+        self._accept_scope = trio.CancelScope()
+        self._drained = trio.Event()
+
+    # -- connections --
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        *,
+        task_status: trio.TaskStatus[Sequence[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on ``listeners`` until :meth:`shutdown`; return when every session is done."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            with self._accept_scope:
+                if listeners:
+                    await trio.serve_listeners(
+                        self._on_accept, list(listeners), handler_nursery=nursery,
+                        task_status=task_status,
+                    )
+                else:  # in-memory use: connections arrive through handle_connection()
+                    task_status.started([])
+                    await trio.sleep_forever()
+            # Accepting has stopped: sessions finish what they are doing and leave.
+            self._wake_sessions()
+            with trio.move_on_after(self.config.shutdown_grace):
+                if self.sessions:
+                    await self._drained.wait()
+            if self.sessions:
+                log.warning("cutting %d connection(s) still busy after the grace period",
+                            len(self.sessions))
+            nursery.cancel_scope.cancel()
+
+    async def run_in_memory(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Like :meth:`serve` with no listener: for tests that call :meth:`handle_connection`."""
+        await self.serve([], task_status=task_status)  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        """Stop accepting; let in-flight requests finish; close every connection."""
+        if not self.closing:
+            log.info("shutting down: no new connections, finishing in-flight requests")
+        self.closing = True
+        self._accept_scope.cancel()
+        self._wake_sessions()
+
+    def _wake_sessions(self) -> None:
+        for session in list(self.sessions):
+            session.receive_scope.cancel()
+
+    async def _on_accept(self, stream: trio.abc.Stream) -> None:
+        await self.handle_connection(stream, _peer_ip(stream))
+
+    async def handle_connection(self, transport: trio.abc.Stream, peer_ip: str) -> None:
+        """Own one connection from TLS handshake to close."""
+        stream = trio.SSLStream(transport, self.ssl_context, server_side=True)
+        try:
+            with trio.move_on_after(self.config.handshake_timeout) as scope:
+                await stream.do_handshake()
+            if scope.cancelled_caught:
+                log.info("%s: TLS handshake timed out", peer_ip)
+                await trio.aclose_forcefully(stream)
+                return
+        except trio.BrokenResourceError as exc:
+            log.info("%s: TLS handshake failed: %s", peer_ip, exc.__cause__ or exc)
+            await trio.aclose_forcefully(stream)
+            return
+        session = Session(self, stream, peer_ip)
+        self.sessions.add(session)
+        log.info("%s: connected", peer_ip)
+        try:
+            await session.run()
+        except Exception:
+            # A bug in one session must not take the server down with it.
+            log.exception("%s: internal error; connection closed", peer_ip)
+        finally:
+            self.sessions.discard(session)
+            self._forget(session)
+            if self.closing and not self.sessions:
+                self._drained.set()
+            log.info("%s: disconnected%s", peer_ip,
+                     f" ({session.user})" if session.user else "")
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a short background job (an event delivery) under the server's nursery."""
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
+    # -- presence --
+
+    def _forget(self, session: Session) -> None:
+        if session.user is not None and self.online.get(session.user) is session:
+            del self.online[session.user]
+
+    def take_over(self, session: Session, name: str) -> None:
+        """Make ``session`` the one online session of ``name``; a previous one is told and closed."""
+        old = self.online.get(name)
+        self.online[name] = session
+        if old is not None and old is not session:
+            log.info("%s: %s logged in again from %s; closing the old session",
+                     old.ip, name, session.ip)
+            old.close_after(p.SessionReplaced(f"{name} logged in from {session.ip}"))
+
+    def is_current(self, session: Session) -> bool:
+        return session.user is not None and self.online.get(session.user) is session
+
+    # -- password hashing (in threads, never on the event loop) --
+
+    async def hash_password(self, password: str) -> str:
+        params = self.config.scrypt
+        return await trio.to_thread.run_sync(
+            hash_password, password, params, limiter=self.hash_limiter
+        )
+
+    async def verify_password(self, password: str, stored: str | None) -> bool:
+        if stored is None:
+            if self._dummy_hash is None:
+                self._dummy_hash = await self.hash_password("no such account")
+            await trio.to_thread.run_sync(
+                verify_password, password, self._dummy_hash, limiter=self.hash_limiter
+            )
+            return False
+        return await trio.to_thread.run_sync(
+            verify_password, password, stored, limiter=self.hash_limiter
+        )
+
+
+@final
+class Session:
+    """One client connection: reads requests, answers them in order, and takes pushed events."""
+
+    def __init__(self, server: Server, stream: trio.SSLStream[trio.abc.Stream], ip: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.ip = ip
+        self.conn = p.ServerConnection(server.config.max_line)
+        self.user: str | None = None
+        self.p2p_port: int | None = None
+        self.cancel_scope = trio.CancelScope()
+        self.receive_scope = trio.CancelScope()  # cancelled to stop reading at shutdown
+        self._send_lock = trio.Lock()
+        self._handlers: dict[str, Callable[[Any], Awaitable[p.Result]]] = {
+            "hello": self._hello,
+            "register": self._register,
+            "login": self._login,
+            "deposit": self._deposit,
+            "list": self._list,
+            "lookup": self._lookup,
+            "settle": self._settle,
+            "history": self._history,
+            "logout": self._logout,
+        }
+
+    async def run(self) -> None:
+        try:
+            with self.cancel_scope:
+                await self._serve_requests()
+        except trio.BrokenResourceError:
+            log.info("%s: connection lost", self.ip)
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            self.server._forget(self)
+            with trio.CancelScope(shield=True):
+                await self._close_stream()
+
+    async def _close_stream(self) -> None:
+        # A polite close (TLS close_notify) only if nobody is writing and the peer takes it
+        # promptly; otherwise drop the transport.
+        if self.cancel_scope.cancel_called or self._send_lock.locked():
+            await trio.aclose_forcefully(self.stream)
+            return
+        with trio.move_on_after(1) as scope:
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.stream)
+
+    async def _serve_requests(self) -> None:
+        cfg = self.server.config
+        while True:
+            if self.server.closing:
+                await self.send(self.conn.send_event(p.ServerClosing("the server is shutting down")))
+                return
+            try:
+                event = self.conn.next_event()
+            except p.RemoteProtocolError as exc:
+                log.info("%s: protocol error: %s", self.ip, exc)
+                await self.send(self.conn.send_error(None, exc.code, exc.message))
+                return
+            if event is p.NEED_DATA:
+                timeout = math.inf if self.user else cfg.anonymous_idle_timeout
+                data: bytes | None = None
+                # A fresh scope per read: shutdown cancels the current one to stop reading.
+                self.receive_scope = trio.CancelScope()
+                with trio.move_on_after(timeout) as idle, self.receive_scope:
+                    data = await self.stream.receive_some(cfg.receive_size)
+                if data is None:
+                    if idle.cancelled_caught:
+                        log.info("%s: closed after %.0f s without a request", self.ip, timeout)
+                        return
+                    continue  # woken for shutdown; the loop's first check ends the session
+                self.conn.receive_data(data)
+            elif event is p.CLOSED:
+                return
+            elif isinstance(event, p.Rejected):
+                log.debug("%s: rejected request: %s", self.ip, event.message)
+                await self.send(self.conn.send_error(event.id, event.code, event.message))
+            else:
+                assert not isinstance(event, p._Sentinel)
+                await self.send(await self._answer(event))
+
+    async def _answer(self, request: p.Request) -> bytes:
+        op = p.op_of(request)
+        log.debug("%s: %s %s", self.ip, self.user or "-", op)
+        if self.conn.state is p.State.AUTHENTICATED and not self.server.is_current(self):
+            return self.conn.send_error(request.id, p.ErrorCode.NOT_LOGGED_IN,
+                                        "this session was replaced by a newer login")
+        try:
+            result = await self._handlers[op](request)
+        except RequestFailed as exc:
+            return self.conn.send_error(request.id, exc.code, exc.message)
+        except lg.LedgerError as exc:
+            code = _LEDGER_CODES.get(type(exc), p.ErrorCode.INTERNAL)
+            if code is p.ErrorCode.INTERNAL:
+                log.error("%s: ledger failure on %s: %s", self.ip, op, exc)
+                return self.conn.send_error(request.id, code, "the ledger is unavailable")
+            return self.conn.send_error(request.id, code, str(exc))
+        return self.conn.send_ok(request, result)
+
+    # -- output --
+
+    async def send(self, data: bytes) -> None:
+        """Write one message; a peer that will not take it within the write timeout is dropped."""
+        with trio.move_on_after(self.server.config.write_timeout) as scope:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            log.info("%s: peer stopped reading; disconnecting", self.ip)
+            self.cancel_scope.cancel()
+
+    def push(self, event: p.Event) -> None:
+        """Deliver an event without making the caller wait for this peer."""
+        if self.conn.state is not p.State.AUTHENTICATED:
+            return
+        data = self.conn.send_event(event)
+
+        async def deliver() -> None:
+            try:
+                await self.send(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        self.server.spawn(deliver)
+
+    def close_after(self, event: p.Event) -> None:
+        """Send ``event`` (best effort) and then close this session."""
+        data = p.encode_event(event)
+
+        async def deliver_and_close() -> None:
+            try:
+                await self.send(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            self.cancel_scope.cancel()
+
+        self.server.spawn(deliver_and_close)
+
+    # -- one handler per op --
+
+    async def _hello(self, req: p.Hello) -> p.HelloResult:
+        if req.version != p.PROTOCOL_VERSION:
+            raise RequestFailed(p.ErrorCode.UNSUPPORTED_VERSION,
+                                f"this server speaks version {p.PROTOCOL_VERSION}")
+        return p.HelloResult(p.PROTOCOL_VERSION, f"p2ppay/{__version__}")
+
+    async def _register(self, req: p.Register) -> p.RegisterResult:
+        ledger = self.server.ledger
+        if await ledger.account(req.name) is not None:  # cheap check before the slow hash
+            raise RequestFailed(p.ErrorCode.NAME_TAKEN, f"the name {req.name!r} is taken")
+        digest = await self.server.hash_password(req.password)
+        await ledger.create_account(req.name, digest)
+        log.info("%s: registered %s", self.ip, req.name)
+        return p.RegisterResult(req.name)
+
+    async def _login(self, req: p.Login) -> p.LoginResult:
+        account = await self.server.ledger.account(req.name)
+        stored = account.password_hash if account and account.kind == "native" else None
+        ok = await self.server.verify_password(req.password, stored)
+        if account is None or stored is None:
+            raise RequestFailed(p.ErrorCode.UNKNOWN_USER, f"no account named {req.name!r}")
+        if not ok:
+            raise RequestFailed(p.ErrorCode.WRONG_PASSWORD, "wrong password")
+        self.user = req.name
+        self.p2p_port = req.p2p_port
+        self.server.take_over(self, req.name)
+        log.info("%s: %s logged in (p2p port %s)", self.ip, req.name, req.p2p_port)
+        return p.LoginResult(req.name, account.balance, self.ip, req.p2p_port)
+
+    def _me(self) -> str:
+        assert self.user is not None
+        return self.user
+
+    async def _deposit(self, req: p.Deposit) -> p.BalanceResult:
+        return p.BalanceResult(await self.server.ledger.deposit(self._me(), req.amount))
+
+    async def _list(self, req: p.ListOnline) -> p.ListResult:
+        account = await self.server.ledger.account(self._me())
+        balance = account.balance if account else 0
+        online = sorted(self.server.online.items())[: self.server.config.max_list]
+        return p.ListResult(balance, [p.Presence(n, s.ip, s.p2p_port) for n, s in online])
+
+    async def _lookup(self, req: p.Lookup) -> p.Presence:
+        session = self.server.online.get(req.name)
+        if session is not None:
+            return p.Presence(req.name, session.ip, session.p2p_port)
+        account = await self.server.ledger.account(req.name)
+        if account is None:
+            raise RequestFailed(p.ErrorCode.UNKNOWN_USER, f"no account named {req.name!r}")
+        raise RequestFailed(p.ErrorCode.PAYEE_OFFLINE, f"{req.name} is not online")
+
+    async def _settle(self, req: p.Settle) -> p.SettleResult:
+        # The payer is always this session's own account: nobody moves money out of another's.
+        t = await self.server.ledger.settle(req.payment_id, self._me(), req.payee, req.amount)
+        if not t.replayed:
+            log.info("%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee,
+                     t.amount)
+            payee = self.server.online.get(t.payee)
+            if payee is not None:
+                payee.push(p.PaymentReceived(t.payment_id, t.payer, t.amount, t.payee_balance))
+        return p.SettleResult(t.payment_id, t.payer, t.payee, t.amount, t.payer_balance)
+
+    async def _history(self, req: p.History) -> p.HistoryResult:
+        entries = await self.server.ledger.history(self._me(), req.limit)
+        return p.HistoryResult([
+            p.HistoryEntry(e.kind, e.amount, e.balance, e.at_ms, e.counterparty, e.payment_id)
+            for e in entries
+        ])
+
+    async def _logout(self, req: p.Logout) -> p.LogoutResult:
+        log.info("%s: %s logged out", self.ip, self.user)
+        self.server._forget(self)
+        self.user = None
+        self.p2p_port = None
+        return p.LogoutResult()
+
+
+# --------------------------------------------------------------------------------------------
+# Running a real server
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    host: str | None = None  # None: every interface
+    port: int = DEFAULT_PORT
+    state_dir: Path = Path(".")
+    cert: Path | None = None
+    key: Path | None = None
+    sans: tuple[str, ...] = ()
+    limits: lg.Limits = field(default_factory=lg.Limits)
+    config: ServerConfig = field(default_factory=ServerConfig)
+    max_batch: int = 512
+
+
+LEDGER_FILE: Final = "ledger.sqlite3"
+
+
+async def run_server(
+    options: ServerOptions,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until shut down (SIGINT/SIGTERM when ``handle_signals``); started() gets the addresses."""
+    state_dir = options.state_dir
+    if options.cert and options.key:
+        ctx = server_context(options.cert, options.key)
+    elif options.cert or options.key:
+        raise ValueError("--cert and --key go together")
+    else:
+        creds = await trio.to_thread.run_sync(ensure_server_credentials, state_dir, options.sans)
+        ctx = server_context(creds.cert_chain, creds.key)
+    await trio.to_thread.run_sync(lambda: os.makedirs(state_dir, mode=0o700, exist_ok=True))
+
+    async with lg.open_sqlite_ledger(state_dir / LEDGER_FILE, options.limits,
+                                     max_batch=options.max_batch) as ledger:
+        server = Server(ledger, ctx, options.config)
+        try:
+            listeners = await trio.open_tcp_listeners(options.port, host=options.host)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"port {options.port} is already in use") from exc
+            raise
+        addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listeners)
+            for host, port in addresses:
+                log.info("listening on %s port %d (TLS)", host, port)
+            task_status.started([(str(h), int(port)) for h, port in addresses])
+            if handle_signals:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("received %s", signal.Signals(signum).name)
+                        server.shutdown()
+                        break
+    log.info("stopped")
