@@ -66,37 +66,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = ServerConfig()
     lim = Limits()
-    s = sub.add_parser("server", help="run the payment server",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--host", default=None,
-                   help="address to listen on (default: every interface)")
+    s = sub.add_parser(
+        "server",
+        help="run the payment server",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("--host", default=None, help="address to listen on (default: every interface)")
     s.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TLS port (0: any free one)")
-    s.add_argument("--state-dir", type=Path, default=None,
-                   help=f"ledger and certificates (default: ${STATE_ENV} or the user data dir)")
-    s.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"ledger and certificates (default: ${STATE_ENV} or the user data dir)",
+    )
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--cert", type=Path, help="your own server certificate chain (PEM)")
     s.add_argument("--key", type=Path, help="the private key for --cert (PEM)")
-    s.add_argument("--san", action="append", default=[], metavar="NAME",
-                   help="extra host name or IP for the generated certificate (repeatable)")
-    s.add_argument("--max-line", type=_positive_int, default=d.max_line,
-                   help="longest request line in bytes")
+    s.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra host name or IP for the generated certificate (repeatable)",
+    )
+    s.add_argument(
+        "--max-line", type=_positive_int, default=d.max_line, help="longest request line in bytes"
+    )
     s.add_argument("--handshake-timeout", type=_seconds, default=d.handshake_timeout)
-    s.add_argument("--idle-timeout", type=_seconds, default=d.anonymous_idle_timeout,
-                   help="seconds a connection that has not logged in may stay silent")
+    s.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=d.anonymous_idle_timeout,
+        help="seconds a connection that has not logged in may stay silent",
+    )
     s.add_argument("--write-timeout", type=_seconds, default=d.write_timeout)
     s.add_argument("--shutdown-grace", type=_seconds, default=d.shutdown_grace)
-    s.add_argument("--max-list", type=_positive_int, default=d.max_list,
-                   help="most online users one list reply names")
+    s.add_argument(
+        "--max-list",
+        type=_positive_int,
+        default=d.max_list,
+        help="most online users one list reply names",
+    )
     s.add_argument("--max-deposit", type=_positive_int, default=lim.max_deposit)
     s.add_argument("--max-payment", type=_positive_int, default=lim.max_payment)
     s.add_argument("--max-balance", type=_positive_int, default=lim.max_balance)
-    s.add_argument("--max-batch", type=_positive_int, default=512,
-                   help="most operations in one ledger commit")
-    s.add_argument("--hash-threads", type=_positive_int, default=d.hash_threads,
-                   help="threads for password hashing")
-    s.add_argument("--scrypt-n", type=_positive_int, default=ScryptParams().n,
-                   help="scrypt cost for new password hashes (a power of 2)")
+    s.add_argument(
+        "--max-batch", type=_positive_int, default=512, help="most operations in one ledger commit"
+    )
+    s.add_argument(
+        "--hash-threads",
+        type=_positive_int,
+        default=d.hash_threads,
+        help="threads for password hashing",
+    )
+    s.add_argument(
+        "--scrypt-n",
+        type=_positive_int,
+        default=ScryptParams().n,
+        help="scrypt cost for new password hashes (a power of 2)",
+    )
     return parser
 
 
@@ -119,8 +147,14 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
     except ValueError as exc:
         raise SystemExit(f"p2ppay: {exc}") from None
     return ServerOptions(
-        host=args.host, port=args.port, state_dir=args.state_dir or default_state_dir(),
-        cert=args.cert, key=args.key, sans=tuple(args.san), limits=limits, config=config,
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir or default_state_dir(),
+        cert=args.cert,
+        key=args.key,
+        sans=tuple(args.san),
+        limits=limits,
+        config=config,
         max_batch=args.max_batch,
     )
 
@@ -129,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "server":
         logging.basicConfig(
-            level=args.log_level.upper(), stream=sys.stderr,
+            level=args.log_level.upper(),
+            stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         options = _server_options(args)

@@ -13,6 +13,7 @@ events pushed by the server may arrive at any moment in between.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import logging
 import ssl
@@ -67,14 +68,16 @@ class _Waiter:
 class Client:
     """A connection to a p2ppay server. Make one with :meth:`connect` or :meth:`over`."""
 
-    def __init__(self, stream: trio.abc.Stream, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *, request_timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self._stream = stream
         self._conn = p.ClientConnection(CLIENT_MAX_LINE)
         self._ids = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
         self._send_lock = trio.Lock()
         self._closed: ClientError | None = None
-        self.timeout = timeout
+        self.request_timeout = request_timeout
         self._event_send, self.events = trio.open_memory_channel[p.Event](EVENT_BUFFER)
         self.user: str | None = None
         self.server_version: str | None = None
@@ -84,28 +87,36 @@ class Client:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, host: str, port: int, *, ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        request_timeout: float = DEFAULT_TIMEOUT,
     ) -> AsyncIterator[Client]:
-        """Open TCP, verify the server's certificate, say hello."""
-        with trio.fail_after(timeout):
+        """Open TCP, verify the server's certificate, say hello.
+
+        ``request_timeout`` bounds the connection set-up and, later, each request."""
+        with trio.fail_after(request_timeout):
             tcp = await trio.open_tcp_stream(host, port)
         stream = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or host)
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(request_timeout):
                 await stream.do_handshake()
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        async with cls.over(stream, timeout=timeout) as client:
+        async with cls.over(stream, request_timeout=request_timeout) as client:
             yield client
 
     @classmethod
     @asynccontextmanager
-    async def over(cls, stream: trio.abc.Stream, *, timeout: float = DEFAULT_TIMEOUT
-                   ) -> AsyncIterator[Client]:
+    async def over(
+        cls, stream: trio.abc.Stream, *, request_timeout: float = DEFAULT_TIMEOUT
+    ) -> AsyncIterator[Client]:
         """Use an already connected (TLS) stream; the client owns and closes it."""
-        client = cls(stream, timeout=timeout)
+        client = cls(stream, request_timeout=request_timeout)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._read_loop)
@@ -181,7 +192,7 @@ class Client:
         self._waiters[rid] = waiter
         data = self._conn.send_request(request)
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(self.request_timeout):
                 async with self._send_lock:
                     await self._stream.send_all(data)
                 await waiter.done.wait()
@@ -221,14 +232,15 @@ class Client:
         result: p.Presence = await self._call(p.Lookup(0, name))
         return result
 
-    async def settle(self, payee: str, amount: int, payment_id: uuid.UUID | None = None
-                     ) -> p.SettleResult:
+    async def settle(
+        self, payee: str, amount: int, payment_id: uuid.UUID | None = None
+    ) -> p.SettleResult:
         """Pay ``payee``. Retrying with the same ``payment_id`` never pays twice."""
         pid = payment_id or uuid.uuid4()
         result: p.SettleResult = await self._call(p.Settle(0, pid, payee, amount))
         return result
 
-    async def history(self, limit: int = 50) -> list[p.HistoryEntry]:
+    async def history(self, limit: int = 50) -> builtins.list[p.HistoryEntry]:
         result: p.HistoryResult = await self._call(p.History(0, limit))
         return result.entries
 
@@ -236,13 +248,14 @@ class Client:
         await self._call(p.Logout(0))
         self.user = None
 
-    async def next_event(self, timeout: float = DEFAULT_TIMEOUT) -> p.Event:
-        """The next event the server pushed; raises ConnectionLost when there will be none."""
-        with trio.fail_after(timeout):
-            try:
-                return await self.events.receive()
-            except trio.EndOfChannel:
-                raise self._closed or ConnectionLost("closed") from None
+    async def next_event(self) -> p.Event:
+        """The next event the server pushed; raises ConnectionLost when there will be none.
+
+        It waits as long as it takes: wrap it in ``trio.fail_after`` to bound the wait."""
+        try:
+            return await self.events.receive()
+        except trio.EndOfChannel:
+            raise self._closed or ConnectionLost("closed") from None
 
 
 def _with_id(request: Any, rid: int) -> Any:

@@ -140,7 +140,10 @@ class Ledger(Protocol):
     limits: Limits
 
     async def create_account(
-        self, name: str, password_hash: str | None, kind: AccountKind = "native",
+        self,
+        name: str,
+        password_hash: str | None,
+        kind: AccountKind = "native",
         initial_deposit: int = 0,
     ) -> Account: ...
 
@@ -148,7 +151,9 @@ class Ledger(Protocol):
 
     async def deposit(self, name: str, amount: int) -> int: ...
 
-    async def settle(self, payment_id: uuid.UUID, payer: str, payee: str, amount: int) -> Transfer: ...
+    async def settle(
+        self, payment_id: uuid.UUID, payer: str, payee: str, amount: int
+    ) -> Transfer: ...
 
     async def history(self, name: str, limit: int) -> list[Entry]: ...
 
@@ -169,28 +174,32 @@ CREATE TABLE IF NOT EXISTS accounts (
 );
 -- names are unique regardless of case, so nobody can pose as "Alice" beside "alice"
 CREATE UNIQUE INDEX IF NOT EXISTS accounts_name_nocase ON accounts(name COLLATE NOCASE);
-CREATE TABLE IF NOT EXISTS deposits (
-    seq           INTEGER PRIMARY KEY,
-    account       TEXT NOT NULL REFERENCES accounts(name),
-    amount        INTEGER NOT NULL CHECK (amount > 0),
-    balance_after INTEGER NOT NULL CHECK (balance_after >= 0),
-    at_ms         INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS deposits_account ON deposits(account, seq);
-CREATE TABLE IF NOT EXISTS transfers (
+-- Every movement of money is one row, in one sequence: a deposit brings money in from outside
+-- (no payer), a transfer moves it between two accounts and is keyed by its payment id.
+CREATE TABLE IF NOT EXISTS movements (
     seq                 INTEGER PRIMARY KEY,
-    payment_id          TEXT NOT NULL UNIQUE,
-    payer               TEXT NOT NULL REFERENCES accounts(name),
+    kind                TEXT NOT NULL CHECK (kind IN ('deposit', 'transfer')),
+    payment_id          TEXT UNIQUE,
+    payer               TEXT REFERENCES accounts(name),
     payee               TEXT NOT NULL REFERENCES accounts(name),
     amount              INTEGER NOT NULL CHECK (amount > 0),
-    payer_balance_after INTEGER NOT NULL CHECK (payer_balance_after >= 0),
+    payer_balance_after INTEGER CHECK (payer_balance_after >= 0),
     payee_balance_after INTEGER NOT NULL CHECK (payee_balance_after >= 0),
     at_ms               INTEGER NOT NULL,
-    CHECK (payer <> payee)
+    CHECK ((kind = 'deposit' AND payer IS NULL AND payment_id IS NULL
+            AND payer_balance_after IS NULL)
+        OR (kind = 'transfer' AND payer IS NOT NULL AND payment_id IS NOT NULL
+            AND payer_balance_after IS NOT NULL AND payer <> payee))
 );
-CREATE INDEX IF NOT EXISTS transfers_payer ON transfers(payer, seq);
-CREATE INDEX IF NOT EXISTS transfers_payee ON transfers(payee, seq);
+CREATE INDEX IF NOT EXISTS movements_payer ON movements(payer, seq);
+CREATE INDEX IF NOT EXISTS movements_payee ON movements(payee, seq);
 """
+
+
+_INSERT_DEPOSIT = (
+    "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms)"
+    " VALUES ('deposit', ?, ?, ?, ?)"
+)
 
 
 def _now_ms() -> int:
@@ -318,7 +327,10 @@ class SqliteLedger:
     # -- operations (the bodies run in the writer's thread, inside the batch transaction) --
 
     async def create_account(
-        self, name: str, password_hash: str | None, kind: AccountKind = "native",
+        self,
+        name: str,
+        password_hash: str | None,
+        kind: AccountKind = "native",
         initial_deposit: int = 0,
     ) -> Account:
         if initial_deposit < 0 or initial_deposit > self.limits.max_deposit:
@@ -335,10 +347,7 @@ class SqliteLedger:
             except sqlite3.IntegrityError:
                 raise NameTaken(f"the name {name!r} is taken") from None
             if initial_deposit:
-                db.execute(
-                    "INSERT INTO deposits(account, amount, balance_after, at_ms) VALUES (?,?,?,?)",
-                    (name, initial_deposit, initial_deposit, now),
-                )
+                db.execute(_INSERT_DEPOSIT, (name, initial_deposit, initial_deposit, now))
             return Account(name, kind, password_hash, initial_deposit)
 
         return await self._submit(op)
@@ -365,10 +374,7 @@ class SqliteLedger:
             if balance > limits.max_balance:
                 raise BalanceLimit(f"the balance would exceed {limits.max_balance}")
             db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (balance, name))
-            db.execute(
-                "INSERT INTO deposits(account, amount, balance_after, at_ms) VALUES (?,?,?,?)",
-                (name, amount, balance, _now_ms()),
-            )
+            db.execute(_INSERT_DEPOSIT, (name, amount, balance, _now_ms()))
             return int(balance)
 
         return await self._submit(op)
@@ -380,7 +386,7 @@ class SqliteLedger:
         def op(db: sqlite3.Connection) -> Transfer:
             row = db.execute(
                 "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms"
-                " FROM transfers WHERE payment_id = ?",
+                " FROM movements WHERE payment_id = ?",
                 (pid,),
             ).fetchone()
             if row is not None:
@@ -409,8 +415,9 @@ class SqliteLedger:
             db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (payer_after, payer))
             db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (payee_after, payee))
             db.execute(
-                "INSERT INTO transfers(payment_id, payer, payee, amount, payer_balance_after,"
-                " payee_balance_after, at_ms) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO movements(kind, payment_id, payer, payee, amount,"
+                " payer_balance_after, payee_balance_after, at_ms)"
+                " VALUES ('transfer', ?, ?, ?, ?, ?, ?, ?)",
                 (pid, payer, payee, amount, payer_after, payee_after, now),
             )
             return Transfer(payment_id, payer, payee, amount, payer_after, payee_after, now)
@@ -420,24 +427,22 @@ class SqliteLedger:
     async def history(self, name: str, limit: int) -> list[Entry]:
         def op(db: sqlite3.Connection) -> list[Entry]:
             rows = db.execute(
-                """
-                SELECT * FROM (
-                    SELECT at_ms, seq, 'deposit', amount, balance_after, NULL, NULL
-                      FROM deposits WHERE account = ?1
-                    UNION ALL
-                    SELECT at_ms, seq, 'sent', amount, payer_balance_after, payee, payment_id
-                      FROM transfers WHERE payer = ?1
-                    UNION ALL
-                    SELECT at_ms, seq, 'received', amount, payee_balance_after, payer, payment_id
-                      FROM transfers WHERE payee = ?1
-                ) ORDER BY 1 DESC, 2 DESC LIMIT ?2
-                """,
+                "SELECT kind, payer, payee, amount, payer_balance_after, payee_balance_after,"
+                " at_ms, payment_id FROM movements WHERE payer = ?1 OR payee = ?1"
+                " ORDER BY seq DESC LIMIT ?2",
                 (name, limit),
             ).fetchall()
-            return [
-                Entry(kind, amount, bal, at, other, uuid.UUID(pid) if pid else None)
-                for at, _seq, kind, amount, bal, other, pid in rows
-            ]
+            entries = []
+            for kind, payer, payee, amount, payer_after, payee_after, at, pid in rows:
+                if kind == "deposit":
+                    entries.append(Entry("deposit", amount, payee_after, at, None, None))
+                elif payer == name:
+                    entries.append(Entry("sent", amount, payer_after, at, payee, uuid.UUID(pid)))
+                else:
+                    entries.append(
+                        Entry("received", amount, payee_after, at, payer, uuid.UUID(pid))
+                    )
+            return entries
 
         return await self._submit(op, write=False)
 
@@ -446,8 +451,10 @@ class SqliteLedger:
             total, low, count = db.execute(
                 "SELECT COALESCE(SUM(balance), 0), MIN(balance), COUNT(*) FROM accounts"
             ).fetchone()
-            deposited = db.execute("SELECT COALESCE(SUM(amount), 0) FROM deposits").fetchone()[0]
-            transfers = db.execute("SELECT COUNT(*) FROM transfers").fetchone()[0]
+            deposited, transfers = db.execute(
+                "SELECT COALESCE(SUM(CASE kind WHEN 'deposit' THEN amount END), 0),"
+                " COUNT(payment_id) FROM movements"
+            ).fetchone()
             return Audit(total, deposited, low, count, transfers)
 
         return await self._submit(op, write=False)

@@ -1,4 +1,6 @@
-"""Slow salted password hashes (scrypt) and their constant-time check. Blocking: call in a thread."""
+"""Slow salted password hashes (scrypt) and their constant-time check.
+
+Both functions block for tens of milliseconds: call them in a worker thread."""
 
 from __future__ import annotations
 
@@ -32,8 +34,13 @@ def hash_password(password: str, params: ScryptParams = ScryptParams()) -> str:
     """A self-describing hash string: ``scrypt$n$r$p$salt$digest``."""
     salt = os.urandom(16)
     digest = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=params.n, r=params.r, p=params.p,
-        maxmem=params.maxmem, dklen=32,
+        password.encode("utf-8"),
+        salt=salt,
+        n=params.n,
+        r=params.r,
+        p=params.p,
+        maxmem=params.maxmem,
+        dklen=32,
     )
     return f"{_PREFIX}${params.n}${params.r}${params.p}${_b64(salt)}${_b64(digest)}"
 
@@ -47,8 +54,13 @@ def verify_password(password: str, stored: str) -> bool:
         params = ScryptParams(int(n), int(r), int(p))
         expected = base64.b64decode(digest)
         actual = hashlib.scrypt(
-            password.encode("utf-8"), salt=base64.b64decode(salt), n=params.n, r=params.r,
-            p=params.p, maxmem=params.maxmem, dklen=len(expected),
+            password.encode("utf-8"),
+            salt=base64.b64decode(salt),
+            n=params.n,
+            r=params.r,
+            p=params.p,
+            maxmem=params.maxmem,
+            dklen=len(expected),
         )
     except (ValueError, TypeError):
         return False

@@ -55,7 +55,7 @@ def _general_name(name: str) -> x509.GeneralName:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only, atomically: never world-readable, not even briefly."""
+    """Write a secret readable by its owner only, atomically; never world-readable, even briefly."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -81,10 +81,12 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
-def create_ca(common_name: str = "p2ppay local CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def create_ca(
+    common_name: str = "p2ppay local CA",
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
@@ -99,9 +101,15 @@ def create_ca(common_name: str = "p2ppay local CA") -> tuple[x509.Certificate, e
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -125,7 +133,9 @@ def issue_server_cert(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + SERVER_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in sans]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in sans]), critical=False
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
@@ -152,7 +162,9 @@ def _normalise(name: str) -> str:
         return name
 
 
-def ensure_server_credentials(state_dir: Path, extra_sans: tuple[str, ...] = ()) -> ServerCredentials:
+def ensure_server_credentials(
+    state_dir: Path, extra_sans: tuple[str, ...] = ()
+) -> ServerCredentials:
     """Create the CA and the server certificate if missing, expiring, or lacking a name."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_path, ca_key_path = state_dir / CA_CERT, state_dir / CA_KEY

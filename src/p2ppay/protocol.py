@@ -104,7 +104,7 @@ class LineBuffer:
         self._buf = bytearray()
         self._scan = 0  # everything before this offset is known to hold no newline
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
 
     @property
@@ -137,7 +137,7 @@ class LineBuffer:
 # --------------------------------------------------------------------------------------------
 
 
-class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, frozen=True):
+class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
     id: RequestId
 
 
@@ -290,7 +290,7 @@ RESULT_TYPES: Final[Mapping[str, type[Any]]] = {
 # Server-pushed events.
 
 
-class _Event(msgspec.Struct, tag_field="event", forbid_unknown_fields=False, frozen=True):
+class _Event(msgspec.Struct, tag_field="event", forbid_unknown_fields=False):
     pass
 
 
@@ -447,7 +447,8 @@ def _explain_bad_line(line: bytes, exc: Exception) -> Rejected:
 def decode_request(line: bytes) -> Request | Rejected:
     """Decode one request line (without its terminator)."""
     try:
-        return _request_decoder.decode(line)
+        request: Request = _request_decoder.decode(line)
+        return request
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return _explain_bad_line(line, exc)
 
@@ -486,7 +487,7 @@ class ServerConnection:
         self._eof = False
         self.state = State.AWAIT_HELLO
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
         if data:
             self._lines.feed(data)
@@ -568,7 +569,7 @@ class ClientConnection:
         """Stop waiting for a reply (the caller gave up); a late reply is then dropped."""
         self._pending.pop(request_id, None)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if data:
             self._lines.feed(data)
         else:
@@ -586,15 +587,15 @@ class ClientConnection:
             try:
                 msg = _incoming_decoder.decode(line)
                 if msg.event is not None:
-                    return _event_decoder.decode(line)
+                    event: Event = _event_decoder.decode(line)
+                    return event
                 if msg.ok is None:
                     raise RemoteProtocolError(ErrorCode.BAD_REQUEST, "neither reply nor event")
                 if not msg.ok:
                     if msg.error is None:
                         raise RemoteProtocolError(ErrorCode.BAD_REQUEST, "error reply, no error")
-                    if msg.id is not None:
-                        if self._pending.pop(msg.id, None) is None:
-                            continue  # the caller gave up on it
+                    if msg.id is not None and self._pending.pop(msg.id, None) is None:
+                        continue  # the caller gave up on it
                     return ReplyError(msg.id, msg.error.code, msg.error.message)
                 if msg.id is None or not msg.result:
                     raise RemoteProtocolError(ErrorCode.BAD_REQUEST, "ok reply without id/result")
@@ -604,4 +605,6 @@ class ClientConnection:
                 result = msgspec.json.decode(msg.result, type=RESULT_TYPES[op])
                 return ReplyOk(msg.id, op, result)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise RemoteProtocolError(ErrorCode.BAD_REQUEST, f"bad line from server: {exc}")
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_REQUEST, f"bad line from server: {exc}"
+                ) from exc

@@ -88,8 +88,9 @@ class Server:
     """Presence, sessions and shutdown for one ledger. Transport-agnostic: tests hand it memory
     streams through :meth:`handle_connection`, the real listener hands it TCP streams."""
 
-    def __init__(self, ledger: lg.Ledger, ssl_context: ssl.SSLContext,
-                 config: ServerConfig | None = None) -> None:
+    def __init__(
+        self, ledger: lg.Ledger, ssl_context: ssl.SSLContext, config: ServerConfig | None = None
+    ) -> None:
         self.ledger = ledger
         self.ssl_context = ssl_context
         self.config = config or ServerConfig()
@@ -118,7 +119,9 @@ class Server:
             with self._accept_scope:
                 if listeners:
                     await trio.serve_listeners(
-                        self._on_accept, list(listeners), handler_nursery=nursery,
+                        self._on_accept,
+                        list(listeners),
+                        handler_nursery=nursery,
                         task_status=task_status,
                     )
                 else:  # in-memory use: connections arrive through handle_connection()
@@ -130,12 +133,14 @@ class Server:
                 if self.sessions:
                     await self._drained.wait()
             if self.sessions:
-                log.warning("cutting %d connection(s) still busy after the grace period",
-                            len(self.sessions))
+                log.warning(
+                    "cutting %d connection(s) still busy after the grace period", len(self.sessions)
+                )
             nursery.cancel_scope.cancel()
 
-    async def run_in_memory(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                            ) -> None:
+    async def run_in_memory(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Like :meth:`serve` with no listener: for tests that call :meth:`handle_connection`."""
         await self.serve([], task_status=task_status)  # type: ignore[arg-type]
 
@@ -181,8 +186,7 @@ class Server:
             self._forget(session)
             if self.closing and not self.sessions:
                 self._drained.set()
-            log.info("%s: disconnected%s", peer_ip,
-                     f" ({session.user})" if session.user else "")
+            log.info("%s: disconnected%s", peer_ip, f" ({session.user})" if session.user else "")
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a short background job (an event delivery) under the server's nursery."""
@@ -196,12 +200,13 @@ class Server:
             del self.online[session.user]
 
     def take_over(self, session: Session, name: str) -> None:
-        """Make ``session`` the one online session of ``name``; a previous one is told and closed."""
+        """Make ``session`` the online session of ``name``; an older one is told and closed."""
         old = self.online.get(name)
         self.online[name] = session
         if old is not None and old is not session:
-            log.info("%s: %s logged in again from %s; closing the old session",
-                     old.ip, name, session.ip)
+            log.info(
+                "%s: %s logged in again from %s; closing the old session", old.ip, name, session.ip
+            )
             old.close_after(p.SessionReplaced(f"{name} logged in from {session.ip}"))
 
     def is_current(self, session: Session) -> bool:
@@ -285,7 +290,9 @@ class Session:
         cfg = self.server.config
         while True:
             if self.server.closing:
-                await self.send(self.conn.send_event(p.ServerClosing("the server is shutting down")))
+                await self.send(
+                    self.conn.send_event(p.ServerClosing("the server is shutting down"))
+                )
                 return
             try:
                 event = self.conn.next_event()
@@ -295,7 +302,7 @@ class Session:
                 return
             if event is p.NEED_DATA:
                 timeout = math.inf if self.user else cfg.anonymous_idle_timeout
-                data: bytes | None = None
+                data: bytes | bytearray | None = None
                 # A fresh scope per read: shutdown cancels the current one to stop reading.
                 self.receive_scope = trio.CancelScope()
                 with trio.move_on_after(timeout) as idle, self.receive_scope:
@@ -319,8 +326,9 @@ class Session:
         op = p.op_of(request)
         log.debug("%s: %s %s", self.ip, self.user or "-", op)
         if self.conn.state is p.State.AUTHENTICATED and not self.server.is_current(self):
-            return self.conn.send_error(request.id, p.ErrorCode.NOT_LOGGED_IN,
-                                        "this session was replaced by a newer login")
+            return self.conn.send_error(
+                request.id, p.ErrorCode.NOT_LOGGED_IN, "this session was replaced by a newer login"
+            )
         try:
             result = await self._handlers[op](request)
         except RequestFailed as exc:
@@ -375,8 +383,9 @@ class Session:
 
     async def _hello(self, req: p.Hello) -> p.HelloResult:
         if req.version != p.PROTOCOL_VERSION:
-            raise RequestFailed(p.ErrorCode.UNSUPPORTED_VERSION,
-                                f"this server speaks version {p.PROTOCOL_VERSION}")
+            raise RequestFailed(
+                p.ErrorCode.UNSUPPORTED_VERSION, f"this server speaks version {p.PROTOCOL_VERSION}"
+            )
         return p.HelloResult(p.PROTOCOL_VERSION, f"p2ppay/{__version__}")
 
     async def _register(self, req: p.Register) -> p.RegisterResult:
@@ -428,8 +437,9 @@ class Session:
         # The payer is always this session's own account: nobody moves money out of another's.
         t = await self.server.ledger.settle(req.payment_id, self._me(), req.payee, req.amount)
         if not t.replayed:
-            log.info("%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee,
-                     t.amount)
+            log.info(
+                "%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee, t.amount
+            )
             payee = self.server.online.get(t.payee)
             if payee is not None:
                 payee.push(p.PaymentReceived(t.payment_id, t.payer, t.amount, t.payee_balance))
@@ -437,10 +447,12 @@ class Session:
 
     async def _history(self, req: p.History) -> p.HistoryResult:
         entries = await self.server.ledger.history(self._me(), req.limit)
-        return p.HistoryResult([
-            p.HistoryEntry(e.kind, e.amount, e.balance, e.at_ms, e.counterparty, e.payment_id)
-            for e in entries
-        ])
+        return p.HistoryResult(
+            [
+                p.HistoryEntry(e.kind, e.amount, e.balance, e.at_ms, e.counterparty, e.payment_id)
+                for e in entries
+            ]
+        )
 
     async def _logout(self, req: p.Logout) -> p.LogoutResult:
         log.info("%s: %s logged out", self.ip, self.user)
@@ -477,7 +489,7 @@ async def run_server(
     handle_signals: bool = False,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until shut down (SIGINT/SIGTERM when ``handle_signals``); started() gets the addresses."""
+    """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses."""
     state_dir = options.state_dir
     if options.cert and options.key:
         ctx = server_context(options.cert, options.key)
@@ -488,25 +500,32 @@ async def run_server(
         ctx = server_context(creds.cert_chain, creds.key)
     await trio.to_thread.run_sync(lambda: os.makedirs(state_dir, mode=0o700, exist_ok=True))
 
-    async with lg.open_sqlite_ledger(state_dir / LEDGER_FILE, options.limits,
-                                     max_batch=options.max_batch) as ledger:
-        server = Server(ledger, ctx, options.config)
-        try:
-            listeners = await trio.open_tcp_listeners(options.port, host=options.host)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise OSError(exc.errno, f"port {options.port} is already in use") from exc
-            raise
-        addresses = [listener.socket.getsockname()[:2] for listener in listeners]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, listeners)
-            for host, port in addresses:
-                log.info("listening on %s port %d (TLS)", host, port)
-            task_status.started([(str(h), int(port)) for h, port in addresses])
-            if handle_signals:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("received %s", signal.Signals(signum).name)
-                        server.shutdown()
-                        break
+    # Bind first: a port in use is reported before anything is created or opened.
+    try:
+        listeners = await trio.open_tcp_listeners(options.port, host=options.host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"port {options.port} is already in use") from exc
+        raise
+    addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+    try:
+        async with lg.open_sqlite_ledger(
+            state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
+        ) as ledger:
+            server = Server(ledger, ctx, options.config)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, listeners)
+                for host, port in addresses:
+                    log.info("listening on %s port %d (TLS)", host, port)
+                task_status.started([(str(h), int(port)) for h, port in addresses])
+                if handle_signals:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            log.info("received %s", signal.Signals(signum).name)
+                            server.shutdown()
+                            break
+    finally:
+        for listener in listeners:  # already closed by serve() unless it never started
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
     log.info("stopped")

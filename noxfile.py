@@ -1,0 +1,30 @@
+"""Developer tasks: ``nox -s tests`` (the CI gate), ``lint``, ``typecheck``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite (unit, in-memory, loopback, subprocess, property)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff, with flake8-async's ASYNC rules among the selected ones."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "src", "tests", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package, the tests and this file."""
+    session.install("-e", ".[test]", "mypy>=1.11", "nox")
+    session.run("mypy", "--strict")

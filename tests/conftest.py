@@ -1,0 +1,111 @@
+"""Shared fixtures: a throwaway CA (trustme), a ledger on disk, an in-memory server."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from p2ppay import protocol as p
+from p2ppay.client import Client
+from p2ppay.ledger import Limits, SqliteLedger, open_sqlite_ledger
+from p2ppay.passwords import ScryptParams
+from p2ppay.server import Server, ServerConfig
+
+#: Cheap hashing so that tests stay fast; the real default is tested on its own.
+FAST_SCRYPT = ScryptParams(n=16, r=8, p=1)
+SERVER_NAME = "p2ppay.test"
+
+Connect = Callable[..., AbstractAsyncContextManager[Client]]
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(SERVER_NAME, "localhost", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def client_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(ctx)
+    return ctx
+
+
+@pytest.fixture
+def limits() -> Limits:
+    return Limits()
+
+
+@pytest.fixture
+def config() -> ServerConfig:
+    return ServerConfig(scrypt=FAST_SCRYPT)
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path, limits: Limits) -> AsyncIterator[SqliteLedger]:
+    async with open_sqlite_ledger(tmp_path / "ledger.sqlite3", limits) as led:
+        yield led
+
+
+@pytest.fixture
+async def server(
+    ledger: SqliteLedger, server_ctx: ssl.SSLContext, config: ServerConfig
+) -> AsyncIterator[Server]:
+    srv = Server(ledger, server_ctx, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run_in_memory)
+        yield srv
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def connect(server: Server, client_ctx: ssl.SSLContext) -> Connect:
+    """``async with connect(ip="10.0.0.7") as client``: a client over an in-memory TLS pipe.
+
+    Under ``autojump_clock`` pass ``request_timeout=math.inf``: the clock jumps while the
+    ledger works in its thread, which would trip the client's own request timeout."""
+
+    @asynccontextmanager
+    async def _connect(ip: str = "10.0.0.1", request_timeout: float = 5) -> AsyncIterator[Client]:
+        client_side, server_side = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.handle_connection, server_side, ip)
+            stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+            async with Client.over(stream, request_timeout=request_timeout) as client:
+                yield client
+
+    return _connect
+
+
+async def registered(
+    client: Client,
+    name: str,
+    password: str = "correct horse",
+    p2p_port: int | None = None,
+    deposit: int = 0,
+) -> Client:
+    """Register and log in ``client`` as ``name``; deposit if asked."""
+    await client.register(name, password)
+    await client.login(name, password, p2p_port)
+    if deposit:
+        await client.deposit(deposit)
+    return client
+
+
+async def next_event(client: Client, within: float = 5) -> p.Event:
+    """The client's next pushed event, failing the test if none comes ``within`` seconds."""
+    with trio.fail_after(within):
+        return await client.next_event()

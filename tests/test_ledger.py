@@ -1,0 +1,291 @@
+"""The ledger: durable, exactly-once, conservative with money."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from p2ppay import ledger as lg
+from p2ppay.ledger import Limits, SqliteLedger, open_sqlite_ledger
+
+
+async def funded(ledger: SqliteLedger, **balances: int) -> None:
+    for name, amount in balances.items():
+        await ledger.create_account(name, "hash")
+        if amount:
+            await ledger.deposit(name, amount)
+
+
+async def test_accounts_and_deposits(ledger: SqliteLedger) -> None:
+    account = await ledger.create_account("alice", "h1")
+    assert account == lg.Account("alice", "native", "h1", 0)
+    with pytest.raises(lg.NameTaken):
+        await ledger.create_account("alice", "h2")
+    with pytest.raises(lg.NameTaken):  # names are unique regardless of case
+        await ledger.create_account("ALICE", "h2")
+    assert await ledger.deposit("alice", 500) == 500
+    assert await ledger.deposit("alice", 1) == 501
+    found = await ledger.account("alice")
+    assert found is not None and found.balance == 501
+    assert await ledger.account("nobody") is None
+    with pytest.raises(lg.UnknownAccount):
+        await ledger.deposit("nobody", 5)
+
+
+@pytest.mark.parametrize("amount", [0, -1, 1_000_001])
+async def test_deposit_limits(ledger: SqliteLedger, amount: int) -> None:
+    await funded(ledger, alice=0)
+    with pytest.raises(lg.AmountOutOfRange):
+        await ledger.deposit("alice", amount)
+
+
+async def test_max_balance(tmp_path: Path) -> None:
+    async with open_sqlite_ledger(
+        tmp_path / "l.db", Limits(max_deposit=100, max_balance=150)
+    ) as ledger:
+        await funded(ledger, alice=100, bob=100)
+        with pytest.raises(lg.BalanceLimit):
+            await ledger.deposit("alice", 51)
+        with pytest.raises(lg.BalanceLimit):  # the payee's limit holds for payments too
+            await ledger.settle(uuid.uuid4(), "alice", "bob", 51)
+        assert (await ledger.audit()).total_balances == 200
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_deposit"):
+        Limits(max_deposit=0)
+
+
+async def test_settle_moves_money_exactly_once(ledger: SqliteLedger) -> None:
+    await funded(ledger, alice=100, bob=0)
+    pid = uuid.uuid4()
+    first = await ledger.settle(pid, "alice", "bob", 30)
+    assert (first.payer_balance, first.payee_balance, first.replayed) == (70, 30, False)
+    again = await ledger.settle(pid, "alice", "bob", 30)
+    assert again.replayed
+    assert (again.payer_balance, again.payee_balance, again.at_ms) == (70, 30, first.at_ms)
+    for other in [("alice", "bob", 31), ("bob", "alice", 30), ("alice", "carol", 30)]:
+        with pytest.raises(lg.PaymentIdConflict):
+            await ledger.settle(pid, *other)
+    alice, bob = await ledger.account("alice"), await ledger.account("bob")
+    assert alice is not None and bob is not None
+    assert (alice.balance, bob.balance) == (70, 30)
+    assert (await ledger.audit()).transfers == 1
+
+
+async def test_settle_refusals_change_nothing(ledger: SqliteLedger) -> None:
+    await funded(ledger, alice=100, bob=0)
+    cases: list[tuple[str, str, int, type[lg.LedgerError]]] = [
+        ("alice", "bob", 101, lg.InsufficientFunds),
+        ("alice", "alice", 1, lg.SelfPayment),
+        ("alice", "nobody", 1, lg.UnknownPayee),
+        ("nobody", "bob", 1, lg.UnknownAccount),
+        ("alice", "bob", 0, lg.AmountOutOfRange),
+        ("alice", "bob", 1_000_001, lg.AmountOutOfRange),
+    ]
+    for payer, payee, amount, error in cases:
+        with pytest.raises(error):
+            await ledger.settle(uuid.uuid4(), payer, payee, amount)
+    audit = await ledger.audit()
+    assert (audit.total_balances, audit.total_deposits, audit.transfers) == (100, 100, 0)
+
+
+async def test_a_failed_settle_can_be_retried_with_the_same_id(ledger: SqliteLedger) -> None:
+    await funded(ledger, alice=10, bob=0)
+    pid = uuid.uuid4()
+    with pytest.raises(lg.InsufficientFunds):
+        await ledger.settle(pid, "alice", "bob", 20)
+    await ledger.deposit("alice", 10)
+    assert (await ledger.settle(pid, "alice", "bob", 20)).payer_balance == 0
+
+
+async def test_fifty_concurrent_settlements_with_money_for_twenty(ledger: SqliteLedger) -> None:
+    await funded(ledger, alice=200, bob=0)
+    outcomes: list[str] = []
+
+    async def pay() -> None:
+        try:
+            await ledger.settle(uuid.uuid4(), "alice", "bob", 10)
+            outcomes.append("ok")
+        except lg.InsufficientFunds:
+            outcomes.append("poor")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(pay)
+    assert outcomes.count("ok") == 20 and outcomes.count("poor") == 30
+    alice = await ledger.account("alice")
+    assert alice is not None and alice.balance == 0
+    assert (await ledger.audit()).conserved
+
+
+async def test_concurrent_operations_share_commits(ledger: SqliteLedger) -> None:
+    await funded(ledger, alice=1000, bob=0)
+    commits_before, ops_before = ledger.commits, ledger.ops_committed
+    async with trio.open_nursery() as nursery:
+        for _ in range(100):
+            nursery.start_soon(ledger.settle, uuid.uuid4(), "alice", "bob", 1)
+    commits = ledger.commits - commits_before
+    assert ledger.ops_committed - ops_before == 100
+    assert commits < 100 / 5, f"100 concurrent settlements took {commits} commits"
+
+
+async def test_history_newest_first(ledger: SqliteLedger) -> None:
+    await funded(ledger, alice=100, bob=5)
+    pid = uuid.uuid4()
+    await ledger.settle(pid, "alice", "bob", 40)
+    entries = await ledger.history("bob", 10)
+    assert [(e.kind, e.amount, e.balance, e.counterparty) for e in entries] == [
+        ("received", 40, 45, "alice"),
+        ("deposit", 5, 5, None),
+    ]
+    assert entries[0].payment_id == pid
+    alice = await ledger.history("alice", 1)
+    assert [(e.kind, e.balance, e.counterparty) for e in alice] == [("sent", 60, "bob")]
+
+
+async def test_everything_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    pid = uuid.uuid4()
+    async with open_sqlite_ledger(path) as ledger:
+        await funded(ledger, alice=100, bob=0)
+        await ledger.settle(pid, "alice", "bob", 25)
+    async with open_sqlite_ledger(path) as ledger:
+        again = await ledger.settle(pid, "alice", "bob", 25)
+        assert again.replayed and again.payer_balance == 75
+        audit = await ledger.audit()
+        assert (audit.total_balances, audit.total_deposits, audit.transfers) == (100, 100, 1)
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+async def test_the_schema_itself_refuses_negative_balances(ledger: SqliteLedger) -> None:
+    # Defence in depth: even a buggy operation cannot write a negative balance.
+    await funded(ledger, alice=5)
+
+    def bad(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE accounts SET balance = -1 WHERE name = 'alice'")
+
+    with pytest.raises(lg.LedgerUnavailable):
+        await ledger._submit(bad)
+    alice = await ledger.account("alice")
+    assert alice is not None and alice.balance == 5
+
+
+async def test_a_failed_commit_acknowledges_nothing(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await funded(ledger, alice=100, bob=0)
+    real = ledger._run_batch
+
+    def failing_commit(batch: list[lg._Op[object]]) -> None:
+        assert ledger._db is not None
+        db: sqlite3.Connection = ledger._db
+
+        class FailingCommit:
+            """The real connection, except that COMMIT fails as on a full disk."""
+
+            @property
+            def in_transaction(self) -> bool:
+                return db.in_transaction
+
+            def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+                if sql == "COMMIT":
+                    raise sqlite3.OperationalError("disk I/O error")
+                return db.execute(sql, *args)
+
+            def rollback(self) -> None:
+                db.rollback()
+
+        ledger._db = FailingCommit()  # type: ignore[assignment]
+        try:
+            real(batch)
+        finally:
+            ledger._db = db
+
+    monkeypatch.setattr(ledger, "_run_batch", failing_commit)
+    with pytest.raises(lg.LedgerUnavailable, match="commit failed"):
+        await ledger.settle(uuid.uuid4(), "alice", "bob", 10)
+    monkeypatch.undo()
+    audit = await ledger.audit()
+    assert (audit.total_balances, audit.transfers) == (100, 0)
+    alice = await ledger.account("alice")
+    assert alice is not None and alice.balance == 100
+
+
+async def test_closed_ledger_refuses_work(tmp_path: Path) -> None:
+    async with open_sqlite_ledger(tmp_path / "l.db") as ledger:
+        pass
+    with pytest.raises(lg.LedgerUnavailable):
+        await ledger.deposit("alice", 1)
+
+
+# --- property: conservation under random operations -----------------------------------------
+
+NAMES = ["a", "b", "c", "d"]
+PIDS = [uuid.UUID(int=i) for i in range(1, 6)]  # few ids, so that retries and conflicts happen
+
+operation = st.one_of(
+    st.tuples(st.just("deposit"), st.sampled_from(NAMES), st.integers(-5, 300)),
+    st.tuples(
+        st.just("settle"),
+        st.sampled_from(PIDS),
+        st.sampled_from(NAMES),
+        st.sampled_from(NAMES),
+        st.integers(-5, 300),
+    ),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(operation, max_size=40), concurrent=st.booleans())
+async def test_random_operations_conserve_money(
+    ops: list[tuple[object, ...]], concurrent: bool
+) -> None:
+    async with open_sqlite_ledger(":memory:", Limits(max_deposit=200, max_payment=250)) as ledger:
+        for name in NAMES:
+            await ledger.create_account(name, None)
+        deposited = 0
+        outcomes: dict[uuid.UUID, tuple[str, str, int]] = {}
+
+        async def run(op: tuple[object, ...]) -> None:
+            nonlocal deposited
+            try:
+                if op[0] == "deposit":
+                    _, name, amount = op
+                    assert isinstance(name, str) and isinstance(amount, int)
+                    await ledger.deposit(name, amount)
+                    deposited += amount
+                else:
+                    _, pid, payer, payee, amount = op
+                    assert isinstance(pid, uuid.UUID) and isinstance(amount, int)
+                    assert isinstance(payer, str) and isinstance(payee, str)
+                    t = await ledger.settle(pid, payer, payee, amount)
+                    first = outcomes.setdefault(pid, (t.payer, t.payee, t.amount))
+                    assert first == (payer, payee, amount)  # an id never means two payments
+            except lg.LedgerUnavailable:
+                raise
+            except lg.LedgerError:
+                pass  # a refusal: it must have changed nothing, which the audit checks
+
+        if concurrent:
+            async with trio.open_nursery() as nursery:
+                for op in ops:
+                    nursery.start_soon(run, op)
+        else:
+            for op in ops:
+                await run(op)
+        audit = await ledger.audit()
+        assert audit.total_balances == audit.total_deposits == deposited
+        assert audit.min_balance is not None and audit.min_balance >= 0
+        assert audit.transfers == len(outcomes)

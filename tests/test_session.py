@@ -1,0 +1,318 @@
+"""Server sessions over in-memory TLS: the whole native protocol, end to end, without sockets."""
+
+from __future__ import annotations
+
+import math
+import ssl
+import uuid
+
+import pytest
+import trio
+import trio.testing
+
+from p2ppay import protocol as p
+from p2ppay.client import Client, ConnectionLost, ServerError
+from p2ppay.ledger import SqliteLedger
+from p2ppay.server import Server, ServerConfig
+
+from .conftest import FAST_SCRYPT, SERVER_NAME, Connect, next_event, registered
+
+
+async def expect_error(code: str, coro: object) -> ServerError:
+    with pytest.raises(ServerError) as info:
+        await coro  # type: ignore[misc]
+    assert info.value.code == code, info.value
+    return info.value
+
+
+async def test_full_flow(connect: Connect, ledger: SqliteLedger) -> None:
+    with trio.fail_after(10):
+        async with connect("10.0.0.1") as alice, connect("10.0.0.2") as bob:
+            assert alice.server_version and alice.server_version.startswith("p2ppay/")
+            await alice.register("alice", "alice password")
+            await bob.register("bob", "bob password")
+            me = await alice.login("alice", "alice password", p2p_port=9001)
+            assert (me.name, me.balance, me.ip, me.port) == ("alice", 0, "10.0.0.1", 9001)
+            await bob.login("bob", "bob password", p2p_port=9002)
+            assert await alice.deposit(500) == 500
+
+            listing = await alice.list()
+            assert listing.balance == 500
+            assert listing.online == [
+                p.Presence("alice", "10.0.0.1", 9001),
+                p.Presence("bob", "10.0.0.2", 9002),
+            ]
+            assert await alice.lookup("bob") == p.Presence("bob", "10.0.0.2", 9002)
+
+            pid = uuid.uuid4()
+            paid = await alice.settle("bob", 120, payment_id=pid)
+            assert paid == p.SettleResult(pid, "alice", "bob", 120, 380)
+            again = await alice.settle("bob", 120, payment_id=pid)
+            assert again == paid  # same reply, no second move
+
+            event = await next_event(bob, 5)
+            assert event == p.PaymentReceived(pid, "alice", 120, 120)
+            assert (await alice.list()).balance == 380
+            assert (await bob.list()).balance == 120
+            history = await bob.history()
+            assert [(e.kind, e.amount, e.counterparty, e.payment_id) for e in history] == [
+                ("received", 120, "alice", pid)
+            ]
+
+            await alice.logout()
+            assert [u.name for u in (await bob.list()).online] == ["bob"]
+            await expect_error("not_logged_in", alice.list())
+    audit = await ledger.audit()
+    assert (audit.total_balances, audit.total_deposits, audit.transfers) == (500, 500, 1)
+    with trio.fail_after(5):  # a single event was pushed: the retry sent none
+        async with connect() as bob:
+            await bob.login("bob", "bob password")
+            assert len(await bob.history()) == 1
+
+
+async def test_every_error_has_its_own_code(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob, connect() as anon:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob")
+            await expect_error("name_taken", anon.register("alice", "whatever123"))
+            await expect_error("wrong_password", anon.login("alice", "not the password"))
+            await expect_error("unknown_user", anon.login("mallory", "whatever123"))
+            await expect_error("not_logged_in", anon.deposit(5))
+            await expect_error("not_logged_in", anon.settle("bob", 5))
+            await expect_error("insufficient_funds", alice.settle("bob", 101))
+            await expect_error("bad_amount", alice.deposit(1_000_001))
+            await expect_error("bad_amount", alice.settle("bob", 1_000_001))
+            await expect_error("self_payment", alice.settle("alice", 5))
+            await expect_error("unknown_payee", alice.settle("nobody", 5))
+            await expect_error("unknown_user", alice.lookup("nobody"))
+            await expect_error("already_logged_in", alice.login("alice", "correct horse"))
+            pid = uuid.uuid4()
+            await alice.settle("bob", 10, payment_id=pid)
+            await expect_error("payment_id_conflict", alice.settle("bob", 11, payment_id=pid))
+            await bob.logout()
+            await expect_error("payee_offline", alice.lookup("bob"))
+            # The malformed-amount path is caught by the protocol before any handler.
+            err = await expect_error("bad_request", alice.deposit(0))
+            assert "amount" in err.message
+            assert (await alice.list()).balance == 90
+
+
+async def test_bad_lines_get_errors_and_the_session_goes_on(
+    server: Server, client_ctx: ssl.SSLContext
+) -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_side, "10.9.9.9")
+        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+        lines = p.LineBuffer(1 << 20)
+
+        async def exchange(data: bytes) -> dict[str, object]:
+            await stream.send_all(data)
+            while (line := lines.next_line()) is None:
+                lines.feed(await stream.receive_some())
+            import json
+
+            reply = json.loads(line)
+            assert isinstance(reply, dict)
+            return reply
+
+        with trio.fail_after(5):
+            assert (await exchange(b'{"id":1,"op":"list"}\n'))["error"] == {
+                "code": "hello_required",
+                "message": "send hello first",
+            }
+            assert (await exchange(b'{"id":2,"op":"hello","version":2}\n'))["error"][  # type: ignore[index]
+                "code"
+            ] == "unsupported_version"
+            ok = await exchange(b'{"id":3,"op":"hello","version":1}\n')
+            assert ok["ok"] is True and ok["id"] == 3
+            for bad, code in [
+                (b"\xff\xfe\xfd\n", "bad_request"),
+                (b"{nope\n", "bad_request"),
+                (b'{"id":4,"op":"steal"}\n', "unknown_op"),
+                (b'{"id":5,"op":"deposit","amount":"9"}\n', "bad_request"),
+                (b'{"id":5,"op":"deposit","amount":9}\n', "not_logged_in"),
+            ]:
+                reply = await exchange(bad)
+                assert reply["ok"] is False
+                assert reply["error"]["code"] == code, (bad, reply)  # type: ignore[index]
+            ok = await exchange(b'{"id":6,"op":"register","name":"zed","password":"12345678"}\n')
+            assert ok == {"id": 6, "ok": True, "result": {"name": "zed"}}
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_over_long_line_closes_the_connection(
+    ledger: SqliteLedger,
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    connect: Connect,
+) -> None:
+    srv = Server(ledger, server_ctx, ServerConfig(max_line=1024))
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run_in_memory)
+        nursery.start_soon(srv.handle_connection, server_side, "10.6.6.6")
+        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+        with trio.fail_after(5):
+            async with Client.over(stream) as client:
+                with pytest.raises(ConnectionLost):
+                    await client.register("x" * 10, "y" * 1000)  # a request line > 1 KiB
+        nursery.cancel_scope.cancel()
+
+
+async def test_second_login_replaces_the_first(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect("10.0.0.1") as first, connect("10.0.0.2") as second:
+            await registered(first, "alice", p2p_port=9001)
+            await second.login("alice", "correct horse", p2p_port=9005)
+            event = await next_event(first, 5)
+            assert isinstance(event, p.SessionReplaced)
+            with pytest.raises(ConnectionLost):
+                await next_event(first, 5)  # and then the old connection is closed
+            with pytest.raises(ConnectionLost):
+                await first.list()
+            listing = await second.list()
+            assert listing.online == [p.Presence("alice", "10.0.0.2", 9005)]
+
+
+async def test_abrupt_disconnect_logs_out(connect: Connect, server: Server) -> None:
+    with trio.fail_after(10):
+        async with connect() as watcher:
+            await registered(watcher, "watcher")
+            async with connect() as alice:
+                await registered(alice, "alice")
+                assert set(server.online) == {"watcher", "alice"}
+                await alice._stream.aclose()  # vanish without logging out
+                with trio.fail_after(5):
+                    while "alice" in server.online:
+                        await trio.testing.wait_all_tasks_blocked()
+            assert [u.name for u in (await watcher.list()).online] == ["watcher"]
+
+
+async def test_concurrent_settlements_through_the_server(connect: Connect) -> None:
+    with trio.fail_after(20):
+        async with connect() as alice, connect() as bob:
+            await registered(alice, "alice", deposit=200)
+            await registered(bob, "bob")
+            results: list[str] = []
+
+            async def pay() -> None:
+                try:
+                    await alice.settle("bob", 10)
+                    results.append("ok")
+                except ServerError as exc:
+                    results.append(exc.code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(50):
+                    nursery.start_soon(pay)
+            assert results.count("ok") == 20
+            assert results.count("insufficient_funds") == 30
+            assert (await alice.list()).balance == 0
+            assert (await bob.list()).balance == 200
+
+
+async def test_handshake_timeout(autojump_clock: trio.testing.MockClock, server: Server) -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    with trio.fail_after(server.config.handshake_timeout + 5):
+        await server.handle_connection(server_side, "10.1.1.1")  # returns: the peer said nothing
+    assert await closed_by_peer(client_side)
+    assert not server.sessions
+
+
+async def closed_by_peer(stream: trio.abc.Stream) -> bool:
+    """True once the other end has closed ``stream`` (reads hit EOF or the pipe is broken)."""
+    try:
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError:
+        pass
+    return True
+
+
+async def test_silent_anonymous_connection_is_closed(
+    autojump_clock: trio.testing.MockClock, connect: Connect, server: Server
+) -> None:
+    async with connect() as client:
+        with pytest.raises(ConnectionLost):
+            await next_event(client, server.config.anonymous_idle_timeout + 5)
+
+
+async def test_logged_in_sessions_may_stay_silent(
+    autojump_clock: trio.testing.MockClock, connect: Connect, server: Server
+) -> None:
+    async with connect(request_timeout=math.inf) as client:
+        await registered(client, "patient")
+        await trio.sleep(server.config.anonymous_idle_timeout * 10)
+        assert (await client.list()).online[0].name == "patient"
+
+
+async def test_garbage_instead_of_tls(server: Server) -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_side, "10.2.2.2")
+        await client_side.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(5):
+            assert await closed_by_peer(client_side)
+    assert not server.sessions
+
+
+async def test_shutdown_tells_clients_and_ends_sessions(connect: Connect, server: Server) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice:
+            await registered(alice, "alice")
+            server.shutdown()
+            event = await next_event(alice, 5)
+            assert isinstance(event, p.ServerClosing)
+            with pytest.raises(ConnectionLost):
+                await next_event(alice, 5)
+
+
+async def test_a_slow_reader_does_not_hold_up_the_payer(
+    ledger: SqliteLedger, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    write_timeout = 3.0
+    server = Server(
+        ledger, server_ctx, ServerConfig(write_timeout=write_timeout, scrypt=FAST_SCRYPT)
+    )
+
+    bob_gone = trio.Event()
+
+    async def connect_raw(
+        ip: str, stream_pair: tuple[trio.abc.Stream, trio.abc.Stream]
+    ) -> trio.SSLStream[trio.abc.Stream]:
+        client_side, server_side = stream_pair
+
+        async def serve() -> None:
+            await server.handle_connection(server_side, ip)
+            if ip == "10.3.3.3":
+                bob_gone.set()
+
+        nursery.start_soon(serve)
+        return trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run_in_memory)
+        alice_stream = await connect_raw("10.0.0.1", trio.testing.memory_stream_pair())
+        # bob logs in over a lockstep pipe and then never reads again: pushes to him cannot go.
+        bob = await connect_raw("10.3.3.3", trio.testing.lockstep_stream_pair())
+        async with Client.over(alice_stream) as alice:
+            await alice.register("bob", "correct horse")
+            await registered(alice, "alice", deposit=100)
+            lines = p.LineBuffer()
+            for request in (p.Hello(1, 1), p.Login(2, "bob", "correct horse")):
+                await bob.send_all(p.encode_request(request))
+                while lines.next_line() is None:
+                    lines.feed(await bob.receive_some())
+            assert "bob" in server.online
+            with trio.fail_after(60):
+                for _ in range(5):
+                    await alice.settle("bob", 1)
+            # Had alice waited for bob's events, the write timeout would have dropped him by now.
+            assert "bob" in server.online
+            assert (await alice.list()).balance == 95
+            with trio.fail_after(write_timeout + 10):
+                await bob_gone.wait()
+            assert "bob" not in server.online
+        nursery.cancel_scope.cancel()
