@@ -21,6 +21,7 @@ def lint(session: nox.Session) -> None:
     """ruff, with flake8-async's ASYNC rules among the selected ones."""
     session.install("ruff>=0.5")
     session.run("ruff", "check", "src", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
 
 
 @nox.session

@@ -316,3 +316,43 @@ async def test_a_slow_reader_does_not_hold_up_the_payer(
                 await bob_gone.wait()
             assert "bob" not in server.online
         nursery.cancel_scope.cancel()
+
+
+async def test_requests_queued_at_shutdown_are_refused_not_dropped(
+    server: Server, client_ctx: ssl.SSLContext
+) -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_side, "10.4.4.4")
+        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+        client = p.ClientConnection()
+        await stream.send_all(client.send_request(p.Hello(1, 1)))
+        with trio.fail_after(5):
+            while isinstance(event := client.next_event(), p._Sentinel):
+                client.receive_data(await stream.receive_some())
+        assert isinstance(event, p.ReplyOk)
+        # Three requests in one write; the server is busy with the first (its ledger and hash
+        # work runs in threads) when the shutdown comes.
+        await stream.send_all(
+            b"".join(client.send_request(p.Register(i, f"user{i}", "password1")) for i in (2, 3, 4))
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        server.shutdown()
+        seen: list[object] = []
+        with trio.fail_after(5):
+            while len(seen) < 4:
+                event = client.next_event()
+                if event is p.CLOSED:
+                    break
+                if isinstance(event, p._Sentinel):
+                    client.receive_data(await stream.receive_some())
+                else:
+                    seen.append(event)
+        nursery.cancel_scope.cancel()
+    # The request in progress finishes; the ones still queued are refused, never dropped
+    # silently; then the closing event comes.
+    assert len(seen) == 4, seen
+    assert isinstance(seen[0], p.ReplyOk)
+    assert isinstance(seen[3], p.ServerClosing)
+    assert seen[2] == p.ReplyError(4, "shutting_down", "the server is shutting down; not done")
+    assert isinstance(seen[1], p.ReplyOk | p.ReplyError)

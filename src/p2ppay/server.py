@@ -290,6 +290,7 @@ class Session:
         cfg = self.server.config
         while True:
             if self.server.closing:
+                await self._refuse_buffered_requests()
                 await self.send(
                     self.conn.send_event(p.ServerClosing("the server is shutting down"))
                 )
@@ -321,6 +322,22 @@ class Session:
             else:
                 assert not isinstance(event, p._Sentinel)
                 await self.send(await self._answer(event))
+
+    async def _refuse_buffered_requests(self) -> None:
+        """At shutdown, tell the client which of its already-sent requests were not done."""
+        out = bytearray()
+        while True:
+            try:
+                event = self.conn.next_event()
+            except p.RemoteProtocolError:
+                break
+            if isinstance(event, p._Sentinel):
+                break
+            out += self.conn.send_error(
+                event.id, p.ErrorCode.SHUTTING_DOWN, "the server is shutting down; not done"
+            )
+        if out:
+            await self.send(bytes(out))
 
     async def _answer(self, request: p.Request) -> bytes:
         op = p.op_of(request)
