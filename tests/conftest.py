@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -16,6 +18,8 @@ from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import Limits, SqliteLedger, open_sqlite_ledger
 from p2ppay.passwords import ScryptParams
+from p2ppay.peer import PeerKey
+from p2ppay.pki import Issuer, sign_acceptance
 from p2ppay.server import Server, ServerConfig
 
 #: Cheap hashing so that tests stay fast; the real default is tested on its own.
@@ -44,6 +48,11 @@ def client_ctx(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
+@pytest.fixture(scope="session")
+def issuer() -> Issuer:
+    return Issuer.ephemeral()
+
+
 @pytest.fixture
 def limits() -> Limits:
     return Limits()
@@ -62,9 +71,9 @@ async def ledger(tmp_path: Path, limits: Limits) -> AsyncIterator[SqliteLedger]:
 
 @pytest.fixture
 async def server(
-    ledger: SqliteLedger, server_ctx: ssl.SSLContext, config: ServerConfig
+    ledger: SqliteLedger, server_ctx: ssl.SSLContext, issuer: Issuer, config: ServerConfig
 ) -> AsyncIterator[Server]:
-    srv = Server(ledger, server_ctx, config)
+    srv = Server(ledger, server_ctx, issuer, config)
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run_in_memory)
         yield srv
@@ -90,6 +99,10 @@ def connect(server: Server, client_ctx: ssl.SSLContext) -> Connect:
     return _connect
 
 
+#: Each test user's peer key, by name, so a test can sign a payee's acceptance.
+KEYS: dict[str, PeerKey] = {}
+
+
 async def registered(
     client: Client,
     name: str,
@@ -97,12 +110,34 @@ async def registered(
     p2p_port: int | None = None,
     deposit: int = 0,
 ) -> Client:
-    """Register and log in ``client`` as ``name``; deposit if asked."""
+    """Register and log in ``client`` as ``name`` (with a certified peer key); deposit."""
     await client.register(name, password)
-    await client.login(name, password, p2p_port)
+    await login(client, name, password, p2p_port)
     if deposit:
         await client.deposit(deposit)
     return client
+
+
+async def login(
+    client: Client, name: str, password: str = "correct horse", p2p_port: int | None = None
+) -> p.LoginResult:
+    KEYS[name] = key = PeerKey()
+    return await client.login(name, password, p2p_port, key.csr(name))
+
+
+def acceptance(payment_id: uuid.UUID, payer: str, payee: str, amount: int) -> str:
+    """What the payee's listener would sign (with the payee's current key)."""
+    signature = sign_acceptance(KEYS[payee].key, str(payment_id), payer, payee, amount)
+    return base64.b64encode(signature).decode("ascii")
+
+
+async def pay(
+    payer: Client, payee: str, amount: int, payment_id: uuid.UUID | None = None
+) -> p.SettleResult:
+    """Settle as if ``payee`` had accepted the offer."""
+    assert payer.user is not None
+    pid = payment_id or uuid.uuid4()
+    return await payer.settle(pid, payee, amount, acceptance(pid, payer.user, payee, amount))
 
 
 async def next_event(client: Client, within: float = 5) -> p.Event:

@@ -18,16 +18,17 @@ import trio
 from p2ppay import protocol as p
 from p2ppay.client import Client, ConnectionLost
 from p2ppay.ledger import SqliteLedger, open_sqlite_ledger
+from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
 from p2ppay.tls import client_context
 
-from .conftest import FAST_SCRYPT, next_event, registered
+from .conftest import FAST_SCRYPT, login, next_event, pay, registered
 
 
 async def test_real_listener_observes_loopback_addresses(
-    ledger: SqliteLedger, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+    issuer: Issuer, ledger: SqliteLedger, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
 ) -> None:
-    server = Server(ledger, server_ctx, ServerConfig(scrypt=FAST_SCRYPT))
+    server = Server(ledger, server_ctx, issuer, ServerConfig(scrypt=FAST_SCRYPT))
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -48,7 +49,7 @@ async def test_real_listener_observes_loopback_addresses(
                     p.Presence("alice", "127.0.0.1", 9001),
                     p.Presence("bob", "127.0.0.1", 9002),
                 ]
-                await alice.settle("bob", 20)
+                await pay(alice, "bob", 20)
                 event = await next_event(bob)
                 assert isinstance(event, p.PaymentReceived) and event.balance == 20
             server.shutdown()
@@ -159,13 +160,13 @@ async def test_acknowledged_payments_survive_sigkill(tmp_path: Path) -> None:
                 await registered(alice, "alice", deposit=1000)
                 await registered(bob, "bob", deposit=1000)
 
-                async def pay(payer: Client, payee: str, amount: int) -> None:
-                    acknowledged.append(await payer.settle(payee, amount))
+                async def pay_once(payer: Client, payee: str, amount: int) -> None:
+                    acknowledged.append(await pay(payer, payee, amount))
 
                 async with trio.open_nursery() as nursery:  # concurrent: group commits
                     for i in range(40):
-                        nursery.start_soon(pay, alice, "bob", 1 + i % 7)
-                        nursery.start_soon(pay, bob, "alice", 1 + i % 5)
+                        nursery.start_soon(pay_once, alice, "bob", 1 + i % 7)
+                        nursery.start_soon(pay_once, bob, "alice", 1 + i % 5)
                 # Killed right after the last acknowledgement, no chance to flush anything.
                 srv.process.kill()
                 assert await srv.process.wait() == -signal.SIGKILL
@@ -176,13 +177,13 @@ async def test_acknowledged_payments_survive_sigkill(tmp_path: Path) -> None:
                 Client.connect("127.0.0.1", srv.port, ssl_context=ctx) as alice,
                 Client.connect("127.0.0.1", srv.port, ssl_context=ctx) as bob,
             ):
-                await alice.login("alice", "correct horse")
-                await bob.login("bob", "correct horse")
+                await login(alice, "alice")
+                await login(bob, "bob")
                 for result in acknowledged:
                     payer = alice if result.payer == "alice" else bob
                     # Replaying each acknowledged payment gives the stored outcome, unchanged.
                     assert (
-                        await payer.settle(result.payee, result.amount, result.payment_id) == result
+                        await pay(payer, result.payee, result.amount, result.payment_id) == result
                     )
                 sent_by_alice = sum(r.amount for r in acknowledged if r.payer == "alice")
                 sent_by_bob = sum(r.amount for r in acknowledged if r.payer == "bob")

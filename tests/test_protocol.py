@@ -102,11 +102,11 @@ def test_every_op_round_trips() -> None:
     requests: list[p.Request] = [
         p.Hello(1, 1, "x"),
         p.Register(2, "alice", "password1"),
-        p.Login(3, "alice", "pw", 9001),
+        p.Login(3, "alice", "pw", 9001, "-----BEGIN CERTIFICATE REQUEST-----"),
         p.Deposit(4, 500),
         p.ListOnline(5),
         p.Lookup(6, "bob"),
-        p.Settle(7, PID, "bob", 30),
+        p.Settle(7, PID, "bob", 30, "c2lnbmF0dXJl"),
         p.History(8, 10),
         p.Logout(9),
     ]
@@ -214,7 +214,7 @@ def test_authenticated_ops_need_login() -> None:
         ("deposit", {"amount": 1}),
         ("list", {}),
         ("logout", {}),
-        ("settle", {"payment_id": str(PID), "payee": "bob", "amount": 1}),
+        ("settle", {"payment_id": str(PID), "payee": "bob", "amount": 1, "acceptance": "c2ln"}),
     ]
     for op, extra in cases:
         event = only_event(conn, req(id=3, op=op, **extra))
@@ -238,7 +238,14 @@ def test_login_moves_state_only_when_it_succeeds() -> None:
     assert json.loads(data) == {
         "id": 2,
         "ok": True,
-        "result": {"name": "alice", "balance": 7, "ip": "10.0.0.1", "port": None},
+        "result": {
+            "name": "alice",
+            "balance": 7,
+            "ip": "10.0.0.1",
+            "port": None,
+            "certificate": None,
+            "peer_ca": None,
+        },
     }
     assert conn.state is State.AUTHENTICATED  # type: ignore[comparison-overlap]
 
@@ -309,7 +316,9 @@ def test_a_rejected_line_leaves_the_connection_usable() -> None:
 def test_client_matches_replies_by_id_and_decodes_results() -> None:
     client = p.ClientConnection()
     server = server_after_hello(logged_in=True)
-    out = client.send_request(p.Settle(11, PID, "bob", 30)) + client.send_request(p.ListOnline(12))
+    out = client.send_request(p.Settle(11, PID, "bob", 30, "c2ln")) + client.send_request(
+        p.ListOnline(12)
+    )
     server.receive_data(out)
     settle, listing = server.next_event(), server.next_event()
     assert isinstance(settle, p.Settle) and isinstance(listing, p.ListOnline)

@@ -13,9 +13,20 @@ import trio.testing
 from p2ppay import protocol as p
 from p2ppay.client import Client, ConnectionLost, ServerError
 from p2ppay.ledger import SqliteLedger
+from p2ppay.peer import PeerKey
+from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
 
-from .conftest import FAST_SCRYPT, SERVER_NAME, Connect, next_event, registered
+from .conftest import (
+    FAST_SCRYPT,
+    KEYS,
+    SERVER_NAME,
+    Connect,
+    login,
+    next_event,
+    pay,
+    registered,
+)
 
 
 async def expect_error(code: str, coro: object) -> ServerError:
@@ -31,9 +42,9 @@ async def test_full_flow(connect: Connect, ledger: SqliteLedger) -> None:
             assert alice.server_version and alice.server_version.startswith("p2ppay/")
             await alice.register("alice", "alice password")
             await bob.register("bob", "bob password")
-            me = await alice.login("alice", "alice password", p2p_port=9001)
+            me = await login(alice, "alice", "alice password", p2p_port=9001)
             assert (me.name, me.balance, me.ip, me.port) == ("alice", 0, "10.0.0.1", 9001)
-            await bob.login("bob", "bob password", p2p_port=9002)
+            await login(bob, "bob", "bob password", p2p_port=9002)
             assert await alice.deposit(500) == 500
 
             listing = await alice.list()
@@ -45,9 +56,9 @@ async def test_full_flow(connect: Connect, ledger: SqliteLedger) -> None:
             assert await alice.lookup("bob") == p.Presence("bob", "10.0.0.2", 9002)
 
             pid = uuid.uuid4()
-            paid = await alice.settle("bob", 120, payment_id=pid)
+            paid = await pay(alice, "bob", 120, payment_id=pid)
             assert paid == p.SettleResult(pid, "alice", "bob", 120, 380)
-            again = await alice.settle("bob", 120, payment_id=pid)
+            again = await pay(alice, "bob", 120, payment_id=pid)
             assert again == paid  # same reply, no second move
 
             event = await next_event(bob, 5)
@@ -66,7 +77,7 @@ async def test_full_flow(connect: Connect, ledger: SqliteLedger) -> None:
     assert (audit.total_balances, audit.total_deposits, audit.transfers) == (500, 500, 1)
     with trio.fail_after(5):  # a single event was pushed: the retry sent none
         async with connect() as bob:
-            await bob.login("bob", "bob password")
+            await login(bob, "bob", "bob password")
             assert len(await bob.history()) == 1
 
 
@@ -79,17 +90,17 @@ async def test_every_error_has_its_own_code(connect: Connect) -> None:
             await expect_error("wrong_password", anon.login("alice", "not the password"))
             await expect_error("unknown_user", anon.login("mallory", "whatever123"))
             await expect_error("not_logged_in", anon.deposit(5))
-            await expect_error("not_logged_in", anon.settle("bob", 5))
-            await expect_error("insufficient_funds", alice.settle("bob", 101))
+            await expect_error("not_logged_in", anon.settle(uuid.uuid4(), "bob", 5, "AAAA"))
+            await expect_error("insufficient_funds", pay(alice, "bob", 101))
             await expect_error("bad_amount", alice.deposit(1_000_001))
-            await expect_error("bad_amount", alice.settle("bob", 1_000_001))
-            await expect_error("self_payment", alice.settle("alice", 5))
-            await expect_error("unknown_payee", alice.settle("nobody", 5))
+            await expect_error("bad_amount", pay(alice, "bob", 1_000_001))
+            await expect_error("self_payment", pay(alice, "alice", 5))
+            await expect_error("unknown_payee", alice.settle(uuid.uuid4(), "nobody", 5, "AAAA"))
             await expect_error("unknown_user", alice.lookup("nobody"))
             await expect_error("already_logged_in", alice.login("alice", "correct horse"))
             pid = uuid.uuid4()
-            await alice.settle("bob", 10, payment_id=pid)
-            await expect_error("payment_id_conflict", alice.settle("bob", 11, payment_id=pid))
+            await pay(alice, "bob", 10, payment_id=pid)
+            await expect_error("payment_id_conflict", pay(alice, "bob", 11, payment_id=pid))
             await bob.logout()
             await expect_error("payee_offline", alice.lookup("bob"))
             # The malformed-amount path is caught by the protocol before any handler.
@@ -143,12 +154,13 @@ async def test_bad_lines_get_errors_and_the_session_goes_on(
 
 
 async def test_an_over_long_line_closes_the_connection(
+    issuer: Issuer,
     ledger: SqliteLedger,
     server_ctx: ssl.SSLContext,
     client_ctx: ssl.SSLContext,
     connect: Connect,
 ) -> None:
-    srv = Server(ledger, server_ctx, ServerConfig(max_line=1024))
+    srv = Server(ledger, server_ctx, issuer, ServerConfig(max_line=1024))
     client_side, server_side = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run_in_memory)
@@ -197,16 +209,16 @@ async def test_concurrent_settlements_through_the_server(connect: Connect) -> No
             await registered(bob, "bob")
             results: list[str] = []
 
-            async def pay() -> None:
+            async def pay_once() -> None:
                 try:
-                    await alice.settle("bob", 10)
+                    await pay(alice, "bob", 10)
                     results.append("ok")
                 except ServerError as exc:
                     results.append(exc.code)
 
             async with trio.open_nursery() as nursery:
                 for _ in range(50):
-                    nursery.start_soon(pay)
+                    nursery.start_soon(pay_once)
             assert results.count("ok") == 20
             assert results.count("insufficient_funds") == 30
             assert (await alice.list()).balance == 0
@@ -270,11 +282,14 @@ async def test_shutdown_tells_clients_and_ends_sessions(connect: Connect, server
 
 
 async def test_a_slow_reader_does_not_hold_up_the_payer(
-    ledger: SqliteLedger, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+    ledger: SqliteLedger,
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    issuer: Issuer,
 ) -> None:
     write_timeout = 3.0
     server = Server(
-        ledger, server_ctx, ServerConfig(write_timeout=write_timeout, scrypt=FAST_SCRYPT)
+        ledger, server_ctx, issuer, ServerConfig(write_timeout=write_timeout, scrypt=FAST_SCRYPT)
     )
 
     bob_gone = trio.Event()
@@ -301,14 +316,16 @@ async def test_a_slow_reader_does_not_hold_up_the_payer(
             await alice.register("bob", "correct horse")
             await registered(alice, "alice", deposit=100)
             lines = p.LineBuffer()
-            for request in (p.Hello(1, 1), p.Login(2, "bob", "correct horse")):
+            KEYS["bob"] = key = PeerKey()
+            bob_login = p.Login(2, "bob", "correct horse", None, key.csr("bob"))
+            for request in (p.Hello(1, 1), bob_login):
                 await bob.send_all(p.encode_request(request))
                 while lines.next_line() is None:
                     lines.feed(await bob.receive_some())
             assert "bob" in server.online
             with trio.fail_after(60):
                 for _ in range(5):
-                    await alice.settle("bob", 1)
+                    await pay(alice, "bob", 1)
             # Had alice waited for bob's events, the write timeout would have dropped him by now.
             assert "bob" in server.online
             assert (await alice.list()).balance == 95

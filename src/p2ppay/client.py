@@ -135,6 +135,11 @@ class Client:
                 if polite.cancelled_caught:
                     await trio.aclose_forcefully(stream)
 
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended (no request can succeed any more)."""
+        return self._closed is not None
+
     # -- the machinery --
 
     async def _read_loop(self) -> None:
@@ -212,8 +217,12 @@ class Client:
         result: p.RegisterResult = await self._call(p.Register(0, name, password))
         return result
 
-    async def login(self, name: str, password: str, p2p_port: int | None = None) -> p.LoginResult:
-        result: p.LoginResult = await self._call(p.Login(0, name, password, p2p_port))
+    async def login(
+        self, name: str, password: str, p2p_port: int | None = None, csr: str | None = None
+    ) -> p.LoginResult:
+        """Log in; with a ``csr`` the server certifies its key for this session (the result
+        then carries the certificate and the peer CA)."""
+        result: p.LoginResult = await self._call(p.Login(0, name, password, p2p_port, csr))
         self.user = result.name
         return result
 
@@ -233,11 +242,14 @@ class Client:
         return result
 
     async def settle(
-        self, payee: str, amount: int, payment_id: uuid.UUID | None = None
+        self, payment_id: uuid.UUID, payee: str, amount: int, acceptance: str
     ) -> p.SettleResult:
-        """Pay ``payee``. Retrying with the same ``payment_id`` never pays twice."""
-        pid = payment_id or uuid.uuid4()
-        result: p.SettleResult = await self._call(p.Settle(0, pid, payee, amount))
+        """Settle a payment ``payee`` accepted (``acceptance`` is its signature).
+
+        Retrying with the same ``payment_id`` never pays twice."""
+        result: p.SettleResult = await self._call(
+            p.Settle(0, payment_id, payee, amount, acceptance)
+        )
         return result
 
     async def history(self, limit: int = 50) -> builtins.list[p.HistoryEntry]:

@@ -95,6 +95,8 @@ class Account:
     kind: AccountKind
     password_hash: str | None
     balance: int
+    peer_key: bytes | None = None
+    peer_key_expires_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,10 @@ class Ledger(Protocol):
 
     async def account(self, name: str) -> Account | None: ...
 
+    async def set_peer_key(self, name: str, key_der: bytes, expires_ms: int) -> None: ...
+
+    async def transfer(self, payment_id: uuid.UUID) -> Transfer | None: ...
+
     async def deposit(self, name: str, amount: int) -> int: ...
 
     async def settle(
@@ -170,7 +176,11 @@ CREATE TABLE IF NOT EXISTS accounts (
     kind          TEXT NOT NULL CHECK (kind IN ('native', 'course')),
     password_hash TEXT,
     balance       INTEGER NOT NULL DEFAULT 0 CHECK (balance >= 0),
-    created_ms    INTEGER NOT NULL
+    created_ms    INTEGER NOT NULL,
+    -- the public key certified for the account's current session (DER), and until when:
+    -- acceptances are checked against it, so a replaced session's key stops counting
+    peer_key      BLOB,
+    peer_key_expires_ms INTEGER
 );
 -- names are unique regardless of case, so nobody can pose as "Alice" beside "alice"
 CREATE UNIQUE INDEX IF NOT EXISTS accounts_name_nocase ON accounts(name COLLATE NOCASE);
@@ -355,9 +365,40 @@ class SqliteLedger:
     async def account(self, name: str) -> Account | None:
         def op(db: sqlite3.Connection) -> Account | None:
             row = db.execute(
-                "SELECT name, kind, password_hash, balance FROM accounts WHERE name = ?", (name,)
+                "SELECT name, kind, password_hash, balance, peer_key, peer_key_expires_ms"
+                " FROM accounts WHERE name = ?",
+                (name,),
             ).fetchone()
             return None if row is None else Account(*row)
+
+        return await self._submit(op, write=False)
+
+    async def set_peer_key(self, name: str, key_der: bytes, expires_ms: int) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            cur = db.execute(
+                "UPDATE accounts SET peer_key = ?, peer_key_expires_ms = ? WHERE name = ?",
+                (key_der, expires_ms, name),
+            )
+            if cur.rowcount != 1:
+                raise UnknownAccount(f"no account {name!r}")
+
+        await self._submit(op)
+
+    async def transfer(self, payment_id: uuid.UUID) -> Transfer | None:
+        """The settled transfer with this payment id, if any."""
+
+        def op(db: sqlite3.Connection) -> Transfer | None:
+            row = db.execute(
+                "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms"
+                " FROM movements WHERE payment_id = ?",
+                (str(payment_id),),
+            ).fetchone()
+            if row is None:
+                return None
+            payer, payee, amount, payer_after, payee_after, at_ms = row
+            return Transfer(
+                payment_id, payer, payee, amount, payer_after, payee_after, at_ms, replayed=True
+            )
 
         return await self._submit(op, write=False)
 

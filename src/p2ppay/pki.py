@@ -1,4 +1,4 @@
-"""The server's local certificate authority and the certificates it issues (``cryptography``).
+"""The local certificate authority, the certificates it issues, and what they sign (cryptography).
 
 On first start the server makes, in its state directory, a CA (EC P-256) and a server
 certificate signed by it for localhost, 127.0.0.1, ::1, the host's name and any extra names.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -23,6 +24,8 @@ CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
+PEER_CA_CERT = "peer-ca.pem"
+PEER_CA_KEY = "peer-ca.key"
 
 CA_LIFETIME = dt.timedelta(days=3650)
 SERVER_LIFETIME = dt.timedelta(days=397)
@@ -200,3 +203,155 @@ def ensure_server_credentials(
             + ca_cert.public_bytes(serialization.Encoding.PEM),
         )
     return ServerCredentials(cert_path, key_path, ca_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Peer identities: short-lived certificates naming an account, and the acceptances they sign
+# --------------------------------------------------------------------------------------------
+
+PEER_CA_NAME = "p2ppay peer CA"
+ACCEPTANCE_CONTEXT = b"p2ppay-acceptance-v1\n"
+
+
+class IdentityError(ValueError):
+    """A CSR, certificate or signature is not what it must be."""
+
+
+def new_peer_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, name: str) -> str:
+    """A PEM certificate signing request for ``name``, proving possession of ``key``."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    pem: str
+    public_key: ec.EllipticCurvePublicKey
+    not_after: dt.datetime
+
+
+class Issuer:
+    """The server's CA in its role of vouching for account names (peer certificates)."""
+
+    def __init__(self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
+        self.ca_cert = ca_cert
+        self.ca_key = ca_key
+        self.ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+    @classmethod
+    def ensure(cls, state_dir: Path) -> Issuer:
+        """Load the peer CA from ``state_dir``, creating it on first start.
+
+        It is a CA of its own, apart from the one that signs the server's certificate: a peer
+        certificate (whose name an account holder chooses) can then never pass for the server.
+        """
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_path, key_path = state_dir / PEER_CA_CERT, state_dir / PEER_CA_KEY
+        if cert_path.exists() and key_path.exists():
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise IdentityError(f"{key_path} is not an EC private key")
+            return cls(cert, key)
+        cert, key = create_ca(PEER_CA_NAME)
+        _write_private(key_path, _key_pem(key))
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return cls(cert, key)
+
+    @classmethod
+    def ephemeral(cls) -> Issuer:
+        """A throwaway peer CA, for tests."""
+        return cls(*create_ca(PEER_CA_NAME))
+
+    def issue(self, csr_pem: str, name: str, lifetime: dt.timedelta) -> PeerCertificate:
+        """Certify the CSR's key as ``name`` (the CSR's own subject is ignored)."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise IdentityError(f"not a PEM certificate signing request: {exc}") from None
+        if not csr.is_signature_valid:
+            raise IdentityError("the CSR's signature does not match its key")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+            public_key.curve, ec.SECP256R1
+        ):
+            raise IdentityError("peer keys must be EC P-256")
+        now = _now()
+        not_after = now + lifetime
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()),
+                critical=False,
+            )
+            .sign(self.ca_key, hashes.SHA256())
+        )
+        return PeerCertificate(
+            cert.public_bytes(serialization.Encoding.PEM).decode("ascii"), public_key, not_after
+        )
+
+
+def public_key_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_public_key_der(der: bytes) -> ec.EllipticCurvePublicKey:
+    key = serialization.load_der_public_key(der)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise IdentityError("not an EC public key")
+    return key
+
+
+def acceptance_bytes(payment_id: str, payer: str, payee: str, amount: int) -> bytes:
+    """The exact bytes a payee signs to accept a payment (see docs/protocol.md).
+
+    Names cannot contain a newline, so the encoding is unambiguous."""
+    return ACCEPTANCE_CONTEXT + f"{payment_id}\n{payer}\n{payee}\n{amount}\n".encode("ascii")
+
+
+def sign_acceptance(
+    key: ec.EllipticCurvePrivateKey, payment_id: str, payer: str, payee: str, amount: int
+) -> bytes:
+    return key.sign(acceptance_bytes(payment_id, payer, payee, amount), ec.ECDSA(hashes.SHA256()))
+
+
+def verify_acceptance(
+    key: ec.EllipticCurvePublicKey,
+    signature: bytes,
+    payment_id: str,
+    payer: str,
+    payee: str,
+    amount: int,
+) -> bool:
+    try:
+        key.verify(
+            signature,
+            acceptance_bytes(payment_id, payer, payee, amount),
+            ec.ECDSA(hashes.SHA256()),
+        )
+    except InvalidSignature:
+        return False
+    return True

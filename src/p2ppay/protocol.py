@@ -33,6 +33,8 @@ Balance = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=1024, le=65535)]
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 HistoryLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Pem = Annotated[str, msgspec.Meta(max_length=8192)]
+Signature = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
 class ErrorCode(enum.StrEnum):
@@ -59,6 +61,9 @@ class ErrorCode(enum.StrEnum):
     SELF_PAYMENT = "self_payment"
     UNKNOWN_PAYEE = "unknown_payee"
     PAYMENT_ID_CONFLICT = "payment_id_conflict"
+    BAD_ACCEPTANCE = "bad_acceptance"
+    # Identity.
+    BAD_CSR = "bad_csr"
     # Presence.
     PAYEE_OFFLINE = "payee_offline"
     # Server.
@@ -155,6 +160,8 @@ class Login(_Request, tag="login"):
     name: Name
     password: Password
     p2p_port: Port | None = None
+    #: PEM certificate signing request for this session's peer key (EC P-256)
+    csr: Pem | None = None
 
 
 class Deposit(_Request, tag="deposit"):
@@ -173,6 +180,8 @@ class Settle(_Request, tag="settle"):
     payment_id: uuid.UUID
     payee: Name
     amount: Amount
+    #: the payee's signature over the payment (base64 of DER ECDSA), from its accept message
+    acceptance: Signature
 
 
 class History(_Request, tag="history"):
@@ -224,6 +233,9 @@ class LoginResult(msgspec.Struct, frozen=True):
     balance: int
     ip: str
     port: int | None
+    #: the session's peer certificate (PEM) and the CA that issued it, when a CSR was sent
+    certificate: str | None = None
+    peer_ca: str | None = None
 
 
 class BalanceResult(msgspec.Struct, frozen=True):
@@ -347,6 +359,54 @@ class ReplyError(msgspec.Struct, frozen=True):
     id: int | None
     code: str
     message: str
+
+
+# Peer-to-peer messages (payer <-> payee), on the same framing.
+
+
+class _PeerMessage(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class Offer(_PeerMessage, tag="offer"):
+    """Payer -> payee: "I would like to pay you this"."""
+
+    payment_id: uuid.UUID
+    payer: Name
+    payee: Name
+    amount: Amount
+
+
+class Accept(_PeerMessage, tag="accept"):
+    """Payee -> payer: yes, with the payee's signature for the server (see docs/protocol.md)."""
+
+    payment_id: uuid.UUID
+    signature: Signature
+
+
+class Decline(_PeerMessage, tag="decline"):
+    """Payee -> payer: no (``payment_id`` is null when the offer could not be read)."""
+
+    payment_id: uuid.UUID | None
+    reason: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+PeerMessage: TypeAlias = Offer | Accept | Decline
+_peer_decoder = msgspec.json.Decoder(PeerMessage)
+
+
+def decode_peer_message(line: bytes) -> PeerMessage:
+    """Decode one peer line; raises :class:`RemoteProtocolError` with a clear message."""
+    try:
+        message: PeerMessage = _peer_decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        explained = _explain_bad_line(line, exc)
+        raise RemoteProtocolError(explained.code, explained.message) from None
+    return message
+
+
+def encode_peer_message(message: PeerMessage) -> bytes:
+    return _encoder.encode(message) + b"\n"
 
 
 # --------------------------------------------------------------------------------------------

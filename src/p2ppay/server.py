@@ -8,24 +8,36 @@ the sans-I/O :class:`~p2ppay.protocol.ServerConnection`, money moved only throug
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import errno
 import logging
 import math
-import os
 import signal
 import ssl
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, final
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from . import __version__
 from . import ledger as lg
 from . import protocol as p
 from .passwords import ScryptParams, hash_password, verify_password
-from .pki import ensure_server_credentials
+from .pki import (
+    IdentityError,
+    Issuer,
+    PeerCertificate,
+    ensure_server_credentials,
+    load_public_key_der,
+    public_key_der,
+    verify_acceptance,
+)
 from .tls import server_context
 
 log = logging.getLogger("p2ppay.server")
@@ -48,6 +60,8 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     max_list: int = 1000
     hash_threads: int = 2
+    #: how long a session's peer certificate is valid
+    peer_cert_lifetime: float = 24 * 3600.0
     scrypt: ScryptParams = field(default_factory=ScryptParams)
 
 
@@ -89,11 +103,19 @@ class Server:
     streams through :meth:`handle_connection`, the real listener hands it TCP streams."""
 
     def __init__(
-        self, ledger: lg.Ledger, ssl_context: ssl.SSLContext, config: ServerConfig | None = None
+        self,
+        ledger: lg.Ledger,
+        ssl_context: ssl.SSLContext,
+        issuer: Issuer,
+        config: ServerConfig | None = None,
     ) -> None:
         self.ledger = ledger
         self.ssl_context = ssl_context
+        self.issuer = issuer
         self.config = config or ServerConfig()
+        # name -> (public key, expiry in ms) certified for the account's current session;
+        # a cache of what the ledger stores, filled at login and on first use.
+        self._peer_keys: dict[str, tuple[EllipticCurvePublicKey, int]] = {}
         self.online: dict[str, Session] = {}
         self.sessions: set[Session] = set()
         self.hash_limiter = trio.CapacityLimiter(self.config.hash_threads)
@@ -208,6 +230,47 @@ class Server:
                 "%s: %s logged in again from %s; closing the old session", old.ip, name, session.ip
             )
             old.close_after(p.SessionReplaced(f"{name} logged in from {session.ip}"))
+
+    async def certify(self, name: str, csr: str) -> PeerCertificate:
+        """Issue ``name`` a peer certificate for the CSR's key; it replaces any earlier one."""
+        lifetime = dt.timedelta(seconds=self.config.peer_cert_lifetime)
+        try:
+            cert = self.issuer.issue(csr, name, lifetime)
+        except IdentityError as exc:
+            raise RequestFailed(p.ErrorCode.BAD_CSR, str(exc)) from None
+        expires_ms = int(cert.not_after.timestamp() * 1000)
+        await self.ledger.set_peer_key(name, public_key_der(cert.public_key), expires_ms)
+        self._peer_keys[name] = (cert.public_key, expires_ms)
+        return cert
+
+    async def check_acceptance(
+        self, payment_id: uuid.UUID, payer: str, payee: str, amount: int, acceptance: str
+    ) -> None:
+        """Raise unless ``acceptance`` is the payee's signature over this very payment, made
+        with the key certified for the payee's current session."""
+        cached = self._peer_keys.get(payee)
+        if cached is None:
+            account = await self.ledger.account(payee)
+            if account is None:
+                raise RequestFailed(p.ErrorCode.UNKNOWN_PAYEE, f"no account {payee!r}")
+            if account.peer_key is None or account.peer_key_expires_ms is None:
+                raise RequestFailed(
+                    p.ErrorCode.BAD_ACCEPTANCE, f"{payee} has no peer key to accept with"
+                )
+            cached = (load_public_key_der(account.peer_key), account.peer_key_expires_ms)
+            self._peer_keys[payee] = cached
+        key, expires_ms = cached
+        if expires_ms < time.time() * 1000:
+            raise RequestFailed(p.ErrorCode.BAD_ACCEPTANCE, f"{payee}'s certificate has expired")
+        try:
+            signature = base64.b64decode(acceptance, validate=True)
+        except ValueError:
+            raise RequestFailed(p.ErrorCode.BAD_ACCEPTANCE, "acceptance is not base64") from None
+        if not verify_acceptance(key, signature, str(payment_id), payer, payee, amount):
+            raise RequestFailed(
+                p.ErrorCode.BAD_ACCEPTANCE,
+                f"the acceptance is not {payee}'s signature over this payment",
+            )
 
     def is_current(self, session: Session) -> bool:
         return session.user is not None and self.online.get(session.user) is session
@@ -422,11 +485,19 @@ class Session:
             raise RequestFailed(p.ErrorCode.UNKNOWN_USER, f"no account named {req.name!r}")
         if not ok:
             raise RequestFailed(p.ErrorCode.WRONG_PASSWORD, "wrong password")
+        cert = await self.server.certify(req.name, req.csr) if req.csr else None
         self.user = req.name
         self.p2p_port = req.p2p_port
         self.server.take_over(self, req.name)
         log.info("%s: %s logged in (p2p port %s)", self.ip, req.name, req.p2p_port)
-        return p.LoginResult(req.name, account.balance, self.ip, req.p2p_port)
+        return p.LoginResult(
+            req.name,
+            account.balance,
+            self.ip,
+            req.p2p_port,
+            cert.pem if cert else None,
+            self.server.issuer.ca_pem if cert else None,
+        )
 
     def _me(self) -> str:
         assert self.user is not None
@@ -452,7 +523,24 @@ class Session:
 
     async def _settle(self, req: p.Settle) -> p.SettleResult:
         # The payer is always this session's own account: nobody moves money out of another's.
-        t = await self.server.ledger.settle(req.payment_id, self._me(), req.payee, req.amount)
+        payer = self._me()
+        if req.payee == payer:
+            raise RequestFailed(p.ErrorCode.SELF_PAYMENT, "you cannot pay yourself")
+        try:
+            await self.server.check_acceptance(
+                req.payment_id, payer, req.payee, req.amount, req.acceptance
+            )
+        except RequestFailed:
+            # A retry of a payment settled before (perhaps before the payee's key changed)
+            # still gets its stored outcome; anything else is refused.
+            done = await self.server.ledger.transfer(req.payment_id)
+            if done is None or (done.payer, done.payee, done.amount) != (
+                payer,
+                req.payee,
+                req.amount,
+            ):
+                raise
+        t = await self.server.ledger.settle(req.payment_id, payer, req.payee, req.amount)
         if not t.replayed:
             log.info(
                 "%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee, t.amount
@@ -515,7 +603,7 @@ async def run_server(
     else:
         creds = await trio.to_thread.run_sync(ensure_server_credentials, state_dir, options.sans)
         ctx = server_context(creds.cert_chain, creds.key)
-    await trio.to_thread.run_sync(lambda: os.makedirs(state_dir, mode=0o700, exist_ok=True))
+    issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
 
     # Bind first: a port in use is reported before anything is created or opened.
     try:
@@ -529,7 +617,7 @@ async def run_server(
         async with lg.open_sqlite_ledger(
             state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
         ) as ledger:
-            server = Server(ledger, ctx, options.config)
+            server = Server(ledger, ctx, issuer, options.config)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners)
                 for host, port in addresses:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from pathlib import Path
+from typing import Any
 
 
 class MissingCA(FileNotFoundError):
@@ -28,6 +31,61 @@ def client_context(cafile: Path | str) -> ssl.SSLContext:
             "(it is in the server's state directory)"
         )
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(path))
+    return harden_client_context(ctx)
+
+
+def harden_client_context(ctx: ssl.SSLContext) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
+    # Only subjectAltName counts for the server's name: never a certificate's common name,
+    # which for peer certificates is an account name that anyone may register.
+    ctx.hostname_checks_common_name = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
     return ctx
+
+
+def _load_chain_from_memory(ctx: ssl.SSLContext, cert_pem: str, key_pem: bytes) -> None:
+    # The ssl module loads keys from files only; a private directory that lives for the
+    # duration of this call is the least exposure we can get.
+    with tempfile.TemporaryDirectory(prefix="p2ppay-") as tmp:
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        with open(cert_path, "w", encoding="ascii") as f:
+            f.write(cert_pem)
+        ctx.load_cert_chain(cert_path, key_path)
+
+
+def peer_contexts(
+    cert_pem: str, key_pem: bytes, peer_ca_pem: str
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(listener, dialer) contexts for the peer-to-peer leg: mutual TLS, both sides presenting
+    the certificate the server issued for this session and trusting only the peer CA.
+
+    Host names mean nothing between peers (they connect by IP), so the dialer does not check
+    one; instead both sides read the account name from the verified certificate
+    (:func:`peer_name`) and compare it with whom they expect.
+    """
+    listener = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    dialer = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for ctx in (listener, dialer):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cadata=peer_ca_pem)
+        _load_chain_from_memory(ctx, cert_pem, key_pem)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    dialer.check_hostname = False
+    listener.options |= ssl.OP_NO_TICKET
+    return listener, dialer
+
+
+def peer_name(stream: Any) -> str | None:
+    """The account name in the verified certificate the other end of ``stream`` presented."""
+    cert = stream.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None

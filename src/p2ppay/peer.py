@@ -1,0 +1,343 @@
+"""The peer-to-peer leg: the payee's TLS listener that answers offers, and the payer's links.
+
+Both ends use mutual TLS with the short-lived certificates the server issued at login, trust
+only the server's peer CA, and learn who the other end is from its verified certificate, never
+from a message. The payee signs its acceptance; the payer carries that signature to the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, final
+
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from . import protocol as p
+from .pki import make_csr, new_peer_key, sign_acceptance
+from .tls import peer_contexts, peer_name
+
+log = logging.getLogger("p2ppay.peer")
+
+#: Decides an offer: True accepts, False declines. It may take as long as it likes; the
+#: listener bounds it with :attr:`PeerConfig.decide_timeout` (no answer declines).
+Policy = Callable[[p.Offer], Awaitable[bool]]
+
+
+async def accept_all(offer: p.Offer) -> bool:
+    return True
+
+
+async def decline_all(offer: p.Offer) -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    handshake_timeout: float = 10.0
+    #: a payer's connection with no offer for this long is closed by the payee
+    idle_timeout: float = 120.0
+    #: how long the payee's policy (a person at a prompt) may think; silence declines
+    decide_timeout: float = 30.0
+    #: how long the payer waits for the payee's answer (longer than decide_timeout)
+    answer_timeout: float = 45.0
+    connect_timeout: float = 10.0
+    max_line: int = 4096
+
+
+class PeerError(Exception):
+    """The payer could not get an answer from the payee; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@final
+class PeerKey:
+    """This session's private key, made before login; the server certifies it."""
+
+    def __init__(self) -> None:
+        self.key = new_peer_key()
+
+    def csr(self, name: str) -> str:
+        return make_csr(self.key, name)
+
+    def private_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+@dataclass(slots=True)
+class PeerIdentity:
+    """Who we are to other peers: account name, key, the certificate the server issued."""
+
+    name: str
+    key: ec.EllipticCurvePrivateKey
+    certificate: str
+    peer_ca: str
+    listener_context: ssl.SSLContext = field(repr=False)
+    dialer_context: ssl.SSLContext = field(repr=False)
+
+    @classmethod
+    def build(cls, name: str, key: PeerKey, certificate: str, peer_ca: str) -> PeerIdentity:
+        """Blocking (writes the key to a private temporary file for the ssl module)."""
+        listener, dialer = peer_contexts(certificate, key.private_pem(), peer_ca)
+        return cls(name, key.key, certificate, peer_ca, listener, dialer)
+
+    def accept(self, offer: p.Offer) -> p.Accept:
+        signature = sign_acceptance(
+            self.key, str(offer.payment_id), offer.payer, offer.payee, offer.amount
+        )
+        return p.Accept(offer.payment_id, base64.b64encode(signature).decode("ascii"))
+
+
+class _Lines:
+    """Read whole lines from a stream, with the peer line limit."""
+
+    def __init__(self, stream: trio.abc.Stream, max_line: int) -> None:
+        self.stream = stream
+        self.buffer = p.LineBuffer(max_line)
+
+    async def next(self) -> bytes | None:
+        """The next non-blank line, or None at EOF."""
+        while True:
+            line = self.buffer.next_line()
+            if line is not None:
+                if line.strip():
+                    return line
+                continue
+            data = await self.stream.receive_some()
+            if not data:
+                return None
+            self.buffer.feed(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Payee side
+# --------------------------------------------------------------------------------------------
+
+
+@final
+class OfferListener:
+    """Answers offers that payers send to this session's advertised port."""
+
+    def __init__(
+        self, identity: PeerIdentity, policy: Policy, config: PeerConfig | None = None
+    ) -> None:
+        self.identity = identity
+        self.policy = policy
+        self.config = config or PeerConfig()
+        self.connections_accepted = 0
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        *,
+        task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await trio.serve_listeners(self._on_accept, list(listeners), task_status=task_status)
+
+    async def _on_accept(self, transport: trio.abc.Stream) -> None:
+        await self.handle(transport)
+
+    async def handle(self, transport: trio.abc.Stream) -> None:
+        """Own one payer connection: handshake, then offers answered one at a time."""
+        self.connections_accepted += 1
+        cfg = self.config
+        stream = trio.SSLStream(transport, self.identity.listener_context, server_side=True)
+        try:
+            with trio.move_on_after(cfg.handshake_timeout) as handshake:
+                await stream.do_handshake()
+            if handshake.cancelled_caught:
+                log.info("payer connection: TLS handshake timed out")
+                return
+            payer = peer_name(stream)
+            if payer is None:  # cannot happen with CERT_REQUIRED, but never assume a name
+                return
+            lines = _Lines(stream, cfg.max_line)
+            while True:
+                line = None
+                with trio.move_on_after(cfg.idle_timeout):
+                    line = await lines.next()
+                if line is None:
+                    return  # the payer left, or stayed silent too long
+                answer = await self._answer(payer, line)
+                with trio.move_on_after(cfg.handshake_timeout) as write:
+                    await stream.send_all(p.encode_peer_message(answer))
+                if write.cancelled_caught:
+                    return
+        except trio.BrokenResourceError as exc:
+            log.info("payer connection failed: %s", exc.__cause__ or exc)
+        except p.RemoteProtocolError as exc:
+            log.info("payer broke the protocol: %s", exc)
+            try:
+                await stream.send_all(p.encode_peer_message(p.Decline(None, exc.message[:200])))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _answer(self, payer: str, line: bytes) -> p.Accept | p.Decline:
+        message = p.decode_peer_message(line)
+        if not isinstance(message, p.Offer):
+            return p.Decline(None, "expected an offer")
+        offer = message
+        me = self.identity.name
+        if offer.payee != me:
+            return p.Decline(offer.payment_id, f"this is {me}, not {offer.payee}")
+        if offer.payer != payer:
+            # The certificate says who is paying; a message cannot claim otherwise.
+            return p.Decline(offer.payment_id, f"your certificate names {payer}, not {offer.payer}")
+        decision = False
+        with trio.move_on_after(self.config.decide_timeout) as waited:
+            decision = await self.policy(offer)
+        if waited.cancelled_caught:
+            return p.Decline(offer.payment_id, "no answer in time")
+        if not decision:
+            return p.Decline(offer.payment_id, "declined")
+        return self.identity.accept(offer)
+
+
+# --------------------------------------------------------------------------------------------
+# Payer side
+# --------------------------------------------------------------------------------------------
+
+
+@final
+class PeerLink:
+    """One TLS connection to one payee, reused for every offer to them (one at a time)."""
+
+    def __init__(self, payee: str, stream: trio.SSLStream[Any], max_line: int) -> None:
+        self.payee = payee
+        self.stream = stream
+        self.lines = _Lines(stream, max_line)
+        self.lock = trio.Lock()
+        self.offers_sent = 0
+
+    async def ask(self, offer: p.Offer) -> p.Accept | p.Decline:
+        """Send the offer and wait for its answer (the caller bounds the wait)."""
+        await self.stream.send_all(p.encode_peer_message(offer))
+        self.offers_sent += 1
+        while True:
+            line = await self.lines.next()
+            if line is None:
+                raise trio.BrokenResourceError("the payee closed the connection")
+            answer = p.decode_peer_message(line)
+            if isinstance(answer, p.Accept | p.Decline) and answer.payment_id == offer.payment_id:
+                return answer
+            if isinstance(answer, p.Decline) and answer.payment_id is None:
+                return answer
+            # An answer to an offer we gave up on earlier: skip it.
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+@final
+class Dialer:
+    """The payer's links to payees, by name."""
+
+    def __init__(self, identity: PeerIdentity, config: PeerConfig | None = None) -> None:
+        self.identity = identity
+        self.config = config or PeerConfig()
+        self.links: dict[str, PeerLink] = {}
+        self._connecting: dict[str, trio.Lock] = {}
+
+    async def _link(self, where: p.Presence) -> PeerLink:
+        lock = self._connecting.setdefault(where.name, trio.Lock())
+        async with lock:
+            link = self.links.get(where.name)
+            if link is not None:
+                return link
+            link = await self._connect(where)
+            self.links[where.name] = link
+            return link
+
+    async def _connect(self, where: p.Presence) -> PeerLink:
+        cfg = self.config
+        if where.port is None:
+            raise PeerError("unreachable", f"{where.name} is online but takes no payments")
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                tcp = await trio.open_tcp_stream(where.ip, where.port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise PeerError(
+                "unreachable", f"cannot reach {where.name} at {where.ip} port {where.port}: {exc}"
+            ) from None
+        stream = trio.SSLStream(tcp, self.identity.dialer_context)
+        try:
+            with trio.fail_after(cfg.handshake_timeout):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            await trio.aclose_forcefully(stream)
+            raise PeerError(
+                "unreachable", f"TLS with {where.name} failed: {exc.__cause__ or exc}"
+            ) from None
+        presented = peer_name(stream)
+        if presented != where.name:
+            await trio.aclose_forcefully(stream)
+            raise PeerError(
+                "wrong_peer",
+                f"the peer at {where.ip} port {where.port} is {presented!r}, not {where.name}",
+            )
+        return PeerLink(where.name, stream, cfg.max_line)
+
+    async def offer(self, where: p.Presence, offer: p.Offer) -> p.Accept | p.Decline:
+        """Ask the payee at ``where``; a broken reused link is replaced once."""
+        for attempt in (1, 2):
+            link = await self._link(where)
+            try:
+                async with link.lock:
+                    with trio.fail_after(self.config.answer_timeout):
+                        return await link.ask(offer)
+            except trio.TooSlowError:
+                await self.drop(where.name, link)
+                raise PeerError("timed_out", f"{where.name} did not answer in time") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.drop(where.name, link)
+                if attempt == 2:
+                    raise PeerError(
+                        "unreachable", f"the connection to {where.name} broke"
+                    ) from None
+            except p.RemoteProtocolError as exc:
+                await self.drop(where.name, link)
+                raise PeerError("bad_answer", f"{where.name} answered garbage: {exc}") from None
+        raise AssertionError("unreachable")
+
+    async def drop(self, name: str, link: PeerLink | None = None) -> None:
+        current = self.links.get(name)
+        if current is not None and (link is None or current is link):
+            del self.links[name]
+            await current.aclose()
+        elif link is not None:
+            await link.aclose()
+
+    async def aclose(self) -> None:
+        for name in list(self.links):
+            await self.drop(name)
+
+
+async def open_offer_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    """Listen for payers on ``port`` (0: any free one), IPv4 and, on the same port, IPv6.
+
+    The server tells payers the address it observed for us, which may be of either family.
+    """
+    if host is not None:
+        return await trio.open_tcp_listeners(port, host=host)
+    listeners = await trio.open_tcp_listeners(port, host="0.0.0.0")
+    chosen = listeners[0].socket.getsockname()[1]
+    try:
+        listeners += await trio.open_tcp_listeners(chosen, host="::")
+    except OSError:
+        pass  # no IPv6 here, or the port is taken there: IPv4 alone will do
+    return listeners

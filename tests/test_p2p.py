@@ -1,0 +1,293 @@
+"""Peer-to-peer payments: one real server and several wallets on loopback, in one trio run."""
+
+from __future__ import annotations
+
+import math
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from p2ppay import protocol as p
+from p2ppay.client import Client
+from p2ppay.ledger import SqliteLedger
+from p2ppay.peer import PeerConfig, Policy, accept_all, decline_all
+from p2ppay.pki import Issuer
+from p2ppay.server import Server, ServerConfig
+from p2ppay.wallet import OfferAnswered, PaymentFailed, Wallet
+
+from .conftest import FAST_SCRYPT
+
+PASSWORD = "correct horse"
+Open = Callable[..., AbstractAsyncContextManager[Wallet]]
+
+
+@pytest.fixture
+async def server_port(
+    ledger: SqliteLedger, server_ctx: ssl.SSLContext, issuer: Issuer
+) -> AsyncIterator[int]:
+    server = Server(ledger, server_ctx, issuer, ServerConfig(scrypt=FAST_SCRYPT))
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(server.serve, listeners)
+        yield listeners[0].socket.getsockname()[1]
+        server.shutdown()
+
+
+@pytest.fixture
+def open_wallet(server_port: int, client_ctx: ssl.SSLContext) -> Open:
+    """``async with open_wallet("bob", policy=accept_all, deposit=100) as bob``."""
+
+    @asynccontextmanager
+    async def _open(
+        name: str,
+        *,
+        policy: Policy = accept_all,
+        deposit: int = 0,
+        peer_config: PeerConfig | None = None,
+        connect: Callable[[], AbstractAsyncContextManager[Client]] | None = None,
+        register: bool = True,
+    ) -> AsyncIterator[Wallet]:
+        def default_connect() -> AbstractAsyncContextManager[Client]:
+            return Client.connect(
+                "127.0.0.1", server_port, ssl_context=client_ctx, server_hostname="localhost"
+            )
+
+        async with Wallet.using(
+            connect or default_connect,
+            policy=policy,
+            listen_host="127.0.0.1",
+            peer_config=peer_config,
+        ) as wallet:
+            if register:
+                await wallet.register(name, PASSWORD)
+            await wallet.login(name, PASSWORD)
+            if deposit:
+                await wallet.deposit(deposit)
+            yield wallet
+
+    return _open
+
+
+async def next_of(wallet: Wallet, kind: type[Any]) -> Any:
+    """The wallet's next event of ``kind`` (others are skipped)."""
+    with trio.fail_after(10):
+        async for event in wallet.events:
+            if isinstance(event, kind):
+                return event
+    raise AssertionError("the wallet's events ended")
+
+
+async def expect_failure(code: str, wallet: Wallet, payee: str, amount: Any) -> PaymentFailed:
+    with pytest.raises(PaymentFailed) as info:
+        await wallet.pay(payee, amount)
+    assert info.value.code == code, info.value
+    return info.value
+
+
+async def test_accepted_payment(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=500) as alice, open_wallet("bob") as bob:
+            result = await alice.pay("bob", 300)
+            assert (result.payer, result.payee, result.amount, result.balance) == (
+                "alice",
+                "bob",
+                300,
+                200,
+            )
+            answered = await next_of(bob, OfferAnswered)
+            assert answered.accepted and answered.offer.payment_id == result.payment_id
+            received = await next_of(bob, p.PaymentReceived)
+            assert received == p.PaymentReceived(result.payment_id, "alice", 300, 300)
+            assert await bob.balance() == 300
+            assert await alice.balance() == 200
+            history = await alice.history()
+            assert history[0].kind == "sent" and history[0].counterparty == "bob"
+
+
+async def test_declined_payment_moves_nothing(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with (
+            open_wallet("alice", deposit=500) as alice,
+            open_wallet("carol", policy=decline_all) as carol,
+        ):
+            failure = await expect_failure("declined", alice, "carol", 50)
+            assert "carol declined" in failure.message
+            assert await alice.balance() == 500
+            assert await carol.balance() == 0
+
+
+async def test_payee_that_never_answers_times_out(open_wallet: Open) -> None:
+    async def ponder_forever(offer: p.Offer) -> bool:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    impatient = PeerConfig(answer_timeout=0.5)
+    with trio.fail_after(30):
+        async with (
+            open_wallet("alice", deposit=500, peer_config=impatient) as alice,
+            open_wallet("bob", policy=ponder_forever),
+        ):
+            await expect_failure("timed_out", alice, "bob", 10)
+            assert await alice.balance() == 500
+
+
+async def test_payee_who_does_not_decide_in_time_declines(open_wallet: Open) -> None:
+    async def ponder_forever(offer: p.Offer) -> bool:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    with trio.fail_after(30):
+        async with (
+            open_wallet("alice", deposit=500) as alice,
+            open_wallet("bob", policy=ponder_forever, peer_config=PeerConfig(decide_timeout=0.2)),
+        ):
+            failure = await expect_failure("declined", alice, "bob", 10)
+            assert "no answer in time" in failure.message
+
+
+async def test_payee_offline_unknown_self_and_bad_amounts(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice:
+            async with open_wallet("dave"):
+                pass  # registered, then gone
+            await expect_failure("payee_offline", alice, "dave", 10)
+            await expect_failure("unknown_user", alice, "nobody", 10)
+            await expect_failure("self_payment", alice, "alice", 10)
+            for amount in (0, -5, 2.5, "10", True):
+                await expect_failure("bad_amount", alice, "dave", amount)
+            async with open_wallet("bob") as bob:
+                await expect_failure("insufficient_funds", alice, "bob", 101)
+                await expect_failure("bad_amount", alice, "bob", 10_000_000)
+                assert await bob.balance() == 0
+            assert await alice.balance() == 100
+
+
+async def test_two_payers_one_payee_concurrently(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with (
+            open_wallet("alice", deposit=100) as alice,
+            open_wallet("carol", deposit=100) as carol,
+            open_wallet("bob") as bob,
+        ):
+            results: list[p.SettleResult] = []
+
+            async def pay(wallet: Wallet, amount: int) -> None:
+                results.append(await wallet.pay("bob", amount))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pay, alice, 40)
+                nursery.start_soon(pay, carol, 25)
+            assert sorted((r.payer, r.amount) for r in results) == [("alice", 40), ("carol", 25)]
+            events = [await next_of(bob, p.PaymentReceived) for _ in range(2)]
+            assert sorted(e.payer for e in events) == ["alice", "carol"]
+            assert await bob.balance() == 65
+            assert bob.listener is not None and bob.listener.connections_accepted == 2
+
+
+async def test_paying_twice_reuses_one_connection(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            first = await alice.pay("bob", 10)
+            second = await alice.pay("bob", 15)
+            assert first.payment_id != second.payment_id
+            assert second.balance == 75
+            assert bob.listener is not None and bob.listener.connections_accepted == 1
+            assert alice.dialer is not None and alice.dialer.links["bob"].offers_sent == 2
+            assert await bob.balance() == 25
+
+
+class Cuttable(trio.abc.Stream):
+    """A TLS stream that, once armed, delivers the next settle request and then cuts the
+    connection, so that the request may be done but its reply is lost."""
+
+    def __init__(self, inner: trio.SSLStream[Any]) -> None:
+        self.inner = inner
+        self.armed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        if self.armed and b'"op":"settle"' in bytes(data):
+            self.armed = False
+            await trio.aclose_forcefully(self.inner.transport_stream)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_settle_retried_after_the_server_connection_is_cut(
+    open_wallet: Open, server_port: int, client_ctx: ssl.SSLContext, ledger: SqliteLedger
+) -> None:
+    streams: list[Cuttable] = []
+
+    @asynccontextmanager
+    async def cuttable_connect() -> AsyncIterator[Client]:
+        tcp = await trio.open_tcp_stream("127.0.0.1", server_port)
+        tls = trio.SSLStream(tcp, client_ctx, server_hostname="localhost")
+        await tls.do_handshake()
+        stream = Cuttable(tls)
+        streams.append(stream)
+        async with Client.over(stream, request_timeout=math.inf) as client:
+            yield client
+
+    with trio.fail_after(30):
+        async with (
+            open_wallet("alice", deposit=100, connect=cuttable_connect) as alice,
+            open_wallet("bob") as bob,
+        ):
+            streams[-1].armed = True
+            result = await alice.pay("bob", 30)
+            assert len(streams) == 2  # the settle went out, the line was cut, then a retry
+            assert (result.payee, result.amount, result.balance) == ("bob", 30, 70)
+            received = await next_of(bob, p.PaymentReceived)
+            assert received.payment_id == result.payment_id
+            assert await bob.balance() == 30
+            assert await alice.balance() == 70
+    audit = await ledger.audit()
+    assert audit.transfers == 1 and audit.conserved
+
+
+async def test_listener_refuses_misaddressed_and_malformed_offers(open_wallet: Open) -> None:
+    import uuid
+
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            assert alice.identity is not None and bob.p2p_port is not None
+            tcp = await trio.open_tcp_stream("127.0.0.1", bob.p2p_port)
+            stream = trio.SSLStream(tcp, alice.identity.dialer_context)
+            lines = p.LineBuffer()
+
+            async def exchange(data: bytes) -> p.PeerMessage | None:
+                await stream.send_all(data)
+                while (line := lines.next_line()) is None:
+                    try:
+                        chunk = await stream.receive_some()
+                    except trio.BrokenResourceError:
+                        return None  # closed (reset) by the payee
+                    if not chunk:
+                        return None  # closed by the payee
+                    lines.feed(chunk)
+                return p.decode_peer_message(line)
+
+            pid = uuid.uuid4()
+            for offer, reason in [
+                (p.Offer(pid, "alice", "carol", 5), "this is bob, not carol"),
+                (p.Offer(pid, "mallory", "bob", 5), "your certificate names alice, not mallory"),
+            ]:
+                answer = await exchange(p.encode_peer_message(offer))
+                assert answer == p.Decline(pid, reason)
+            answer = await exchange(b'{"type": "offer", "amount": "lots"}\n')
+            assert isinstance(answer, p.Decline) and answer.payment_id is None
+            assert await exchange(b"more\n") is None  # and then the payee closed the line
+            await trio.aclose_forcefully(stream)
+            # bob's wallet is unharmed and still takes a proper payment.
+            assert (await alice.pay("bob", 5)).balance == 95
