@@ -27,5 +27,5 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package, the tests and this file."""
-    session.install("-e", ".[test]", "mypy>=1.11", "nox")
+    session.install("-e", ".[test]", "mypy>=1.11", "nox", "types-pexpect")
     session.run("mypy", "--strict")

@@ -111,7 +111,11 @@ async def server_process(
             nursery.start_soon(drain)
             with trio.fail_after(30):
                 await listening.wait()
-            yield ServerProcess(proc, port[0], log)
+            try:
+                yield ServerProcess(proc, port[0], log)
+            finally:
+                if proc.returncode is None:  # the log ends (and drain() with it) once it is gone
+                    proc.kill()
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -17,6 +17,7 @@ from . import __version__
 from .ledger import Limits
 from .passwords import ScryptParams
 from .server import DEFAULT_PORT, ServerConfig, ServerOptions, run_server
+from .shell import PASSWORD_ENV, ClientOptions, run_client
 
 STATE_ENV = "P2PPAY_STATE_DIR"
 
@@ -125,7 +126,82 @@ def build_parser() -> argparse.ArgumentParser:
         default=ScryptParams().n,
         help="scrypt cost for new password hashes (a power of 2)",
     )
+    c = sub.add_parser(
+        "client",
+        help="the terminal client (interactive, or scripted with -c)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("host", nargs="?", default="localhost", help="the server's host")
+    c.add_argument("port", nargs="?", type=_port, default=DEFAULT_PORT, help="the server's port")
+    c.add_argument(
+        "--cafile",
+        type=Path,
+        default=None,
+        help="CA certificate to verify the server (default: ca.pem in the state dir)",
+    )
+    c.add_argument(
+        "--server-name",
+        default=None,
+        help="name to check in the server's certificate (default: HOST)",
+    )
+    c.add_argument("--user", default=None, help="account name (logs in when needed)")
+    c.add_argument(
+        "--password-file",
+        type=Path,
+        default=None,
+        help=f"read the password from this file's first line (or set ${PASSWORD_ENV})",
+    )
+    c.add_argument(
+        "--listen-host", default=None, help="address for taking payments (default: every interface)"
+    )
+    c.add_argument(
+        "--listen-port",
+        type=_port,
+        default=0,
+        help="port for taking payments (0: any free port, told to the server)",
+    )
+    c.add_argument(
+        "--accept",
+        choices=["ask", "all", "none"],
+        default="ask",
+        help="what to do with incoming offers",
+    )
+    c.add_argument(
+        "--ask-timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds to answer an offer before it is declined",
+    )
+    c.add_argument(
+        "-c",
+        "--command",
+        dest="commands",
+        default=None,
+        metavar="COMMANDS",
+        help='run these commands (separated by ";") and exit, e.g. "deposit 500; '
+        'pay bob 30"; "serve" stays online until signalled',
+    )
+    c.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
+    c.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def _client_options(args: argparse.Namespace) -> ClientOptions:
+    cafile = args.cafile or (default_state_dir() / "ca.pem")
+    return ClientOptions(
+        host=args.host,
+        port=args.port,
+        cafile=cafile,
+        server_name=args.server_name,
+        user=args.user,
+        password_file=args.password_file,
+        listen_host=args.listen_host,
+        listen_port=args.listen_port,
+        accept=args.accept,
+        ask_timeout=args.ask_timeout,
+        commands=args.commands,
+        json=args.json,
+    )
 
 
 def _server_options(args: argparse.Namespace) -> ServerOptions:
@@ -175,4 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"p2ppay server: {exc.strerror or exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "client":
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            stream=sys.stderr,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        return trio.run(run_client, _client_options(args))
     raise AssertionError(args.command)

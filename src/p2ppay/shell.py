@@ -1,0 +1,471 @@
+"""The terminal client: interactive shell and scripted commands, over the Wallet."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, TextIO, TypeVar, final
+
+import msgspec
+import trio
+
+from . import protocol as p
+from .client import ClientError, ConnectionLost, ServerError
+from .peer import PeerConfig, Policy, accept_all, decline_all
+from .terminal import Terminal, make_terminal
+from .tls import MissingCA, client_context
+from .wallet import Disconnected, OfferAnswered, PaymentFailed, Wallet, WalletEvent
+
+T = TypeVar("T")
+
+PASSWORD_ENV: Final = "P2PPAY_PASSWORD"
+NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+AMOUNT_RE: Final = re.compile(r"[0-9]{1,16}")
+
+HELP: Final = """Commands:
+  register [NAME]     create an account (you choose a password)
+  login [NAME]        log in and start taking payments
+  deposit AMOUNT      add money to your account
+  balance             show your balance
+  list                your balance and who is online
+  pay NAME AMOUNT     pay NAME directly; they accept or decline
+  history [N]         your last N movements (default 20)
+  logout              log out (stop taking payments)
+  serve               stay online taking offers until Ctrl-C or SIGTERM
+  help                this text
+  exit                log out and leave (also Ctrl-D)
+The seed program's menu works too: 1 register, 2 login, 3 list, 4 pay, 5 exit.
+Amounts are whole numbers."""
+
+MENU: Final = {"1": "register", "2": "login", "3": "list", "4": "pay", "5": "exit"}
+NEEDS_LOGIN: Final = frozenset({"deposit", "balance", "list", "pay", "history", "logout", "serve"})
+
+
+class UsageError(Exception):
+    """The person typed something we cannot use; explain and ask again."""
+
+
+class _Cancelled(Exception):
+    """The person gave up on a prompt (Ctrl-D)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    host: str
+    port: int
+    cafile: Path
+    server_name: str | None = None
+    user: str | None = None
+    password_file: Path | None = None
+    listen_host: str | None = None
+    listen_port: int = 0
+    accept: Literal["ask", "all", "none"] = "ask"
+    ask_timeout: float = 30.0
+    commands: str | None = None
+    json: bool = False
+
+
+def parse_amount(text: str) -> int:
+    if not AMOUNT_RE.fullmatch(text) or int(text) < 1:
+        raise UsageError(f"the amount must be a positive whole number, like 300 (not {text!r})")
+    return int(text)
+
+
+def parse_name(text: str) -> str:
+    if not NAME_RE.fullmatch(text):
+        raise UsageError(f"{text!r} is not a valid name: 1-32 letters, digits, '_', '.' or '-'")
+    return text
+
+
+def parse_port(text: str) -> int:
+    """A P2P port, or 0 for "any free port" when left empty."""
+    if not text:
+        return 0
+    if not text.isdigit() or not 1024 <= int(text) <= 65535:
+        raise UsageError(f"the port must be a number from 1024 to 65535 (not {text!r})")
+    return int(text)
+
+
+def split_commands(script: str) -> list[str]:
+    return [part.strip() for part in re.split(r"[;\n]", script) if part.strip()]
+
+
+def _when(at_ms: int) -> str:
+    return dt.datetime.fromtimestamp(at_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_list(result: p.ListResult) -> str:
+    lines = [f"Balance: {result.balance}", f"Online ({len(result.online)}):"]
+    if result.online:
+        width = max(4, *(len(u.name) for u in result.online))
+        lines.append(f"  {'NAME':<{width}}  {'ADDRESS':<39}  PORT")
+        for u in result.online:
+            port = "-" if u.port is None else str(u.port)
+            lines.append(f"  {u.name:<{width}}  {u.ip:<39}  {port}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_history(entries: list[p.HistoryEntry]) -> str:
+    if not entries:
+        return "No movements yet."
+    lines = [f"  {'WHEN':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  WITH"]
+    for e in entries:
+        lines.append(
+            f"  {_when(e.at_ms):<19}  {e.kind:<8}  {e.amount:>10}  {e.balance:>10}  "
+            f"{e.counterparty or ''}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def read_password_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read the password file {path}: {exc.strerror}") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise UsageError(f"the password file {path} is empty")
+    return password
+
+
+@final
+class Shell:
+    """Runs commands against a wallet and shows what happens."""
+
+    def __init__(
+        self, wallet: Wallet, terminal: Terminal, options: ClientOptions, out: TextIO
+    ) -> None:
+        self.wallet = wallet
+        self.terminal = terminal
+        self.options = options
+        self.out = out
+        self.interactive = options.commands is None
+        self.failed = False
+        self._serving: trio.CancelScope | None = None
+
+    # -- output --
+
+    def say(self, text: str) -> None:
+        if not self.options.json:
+            self.terminal.write(text)
+
+    def emit(self, command: str, result: Any, human: str) -> None:
+        if self.options.json:
+            self._json({"command": command, "ok": True, "result": msgspec.to_builtins(result)})
+        else:
+            self.terminal.write(human)
+
+    def emit_error(self, command: str, code: str, message: str) -> None:
+        self.failed = True
+        if self.options.json:
+            self._json(
+                {"command": command, "ok": False, "error": {"code": code, "message": message}}
+            )
+        else:
+            self.terminal.write(f"Error ({code}): {message}")
+
+    def _json(self, obj: dict[str, Any]) -> None:
+        self.terminal.write(json.dumps(obj, sort_keys=True))
+
+    async def show_events(self) -> None:
+        async for event in self.wallet.events:
+            self.show_event(event)
+
+    def show_event(self, event: WalletEvent) -> None:
+        if isinstance(event, p.SessionReplaced) and self._serving is not None:
+            self._serving.cancel()  # an unattended payee that was logged out is of no use
+        if self.options.json:
+            if isinstance(event, OfferAnswered):
+                self._json(
+                    {
+                        "event": "offer_answered",
+                        "accepted": event.accepted,
+                        "offer": msgspec.to_builtins(event.offer),
+                    }
+                )
+            elif isinstance(event, Disconnected):
+                self._json({"event": "disconnected", "reason": event.reason})
+            else:
+                self._json(msgspec.to_builtins(event))
+            return
+        if isinstance(event, p.PaymentReceived):
+            text = (
+                f"{event.payer} paid you {event.amount} (payment {event.payment_id}). "
+                f"Your balance: {event.balance}"
+            )
+        elif isinstance(event, OfferAnswered):
+            o = event.offer
+            text = (
+                f"You accepted {o.payer}'s offer of {o.amount}; waiting for it to settle."
+                if event.accepted
+                else f"You declined {o.payer}'s offer of {o.amount}."
+            )
+        elif isinstance(event, p.SessionReplaced):
+            text = f"This session was closed: {event.message}."
+        elif isinstance(event, p.ServerClosing):
+            text = "The server is shutting down."
+        else:
+            text = "Lost the connection to the server; the next command reconnects."
+        self.terminal.write(text)
+
+    # -- input --
+
+    async def ask_value(self, prompt: str, parse: Callable[[str], T]) -> T:
+        """Prompt until the answer parses (interactive only); Ctrl-D gives up."""
+        while True:
+            try:
+                text = (await self.terminal.read_line(prompt)).strip()
+            except EOFError:
+                raise _Cancelled from None
+            try:
+                return parse(text)
+            except UsageError as exc:
+                self.terminal.write(str(exc))
+
+    async def password(self, confirm: bool = False) -> str:
+        if self.options.password_file is not None:
+            return read_password_file(self.options.password_file)
+        env = os.environ.get(PASSWORD_ENV)
+        if env:
+            return env
+        if not self.interactive:
+            raise UsageError(f"no password: use --password-file or set {PASSWORD_ENV}")
+        while True:
+            try:
+                first = await self.terminal.read_line("password: ", secret=True)
+                if not first:
+                    self.terminal.write("The password cannot be empty.")
+                    continue
+                if confirm and await self.terminal.read_line("again: ", secret=True) != first:
+                    self.terminal.write("The two passwords differ; try again.")
+                    continue
+                return first
+            except EOFError:
+                raise _Cancelled from None
+
+    async def name_arg(self, args: list[str], what: str) -> str:
+        if args:
+            return parse_name(args[0])
+        if self.options.user:
+            return parse_name(self.options.user)
+        if not self.interactive:
+            raise UsageError(f"{what} needs a name (or --user)")
+        return await self.ask_value("name: ", parse_name)
+
+    # -- commands --
+
+    async def execute(self, line: str) -> bool:
+        """Run one command line; False when the shell should end."""
+        words = line.split()
+        if not words:
+            return True
+        command, args = words[0].lower(), words[1:]
+        command = MENU.get(command, command)
+        try:
+            return await self._execute(command, args)
+        except UsageError as exc:
+            self.emit_error(command, "usage", str(exc))
+        except PaymentFailed as exc:
+            self.emit_error(command, exc.code, exc.message)
+        except ServerError as exc:
+            self.emit_error(command, exc.code, exc.message)
+        except (ConnectionLost, OSError) as exc:
+            self.emit_error(command, "server_unreachable", f"no connection to the server: {exc}")
+        except ClientError as exc:
+            self.emit_error(command, "error", str(exc))
+        except _Cancelled:
+            self.say("(cancelled)")
+        return True
+
+    async def _execute(self, command: str, args: list[str]) -> bool:
+        if command in ("exit", "quit"):
+            return False
+        if command == "help":
+            self.say(HELP)
+            return True
+        if command == "register":
+            name = await self.name_arg(args, "register")
+            await self.wallet.register(name, await self.password(confirm=True))
+            self.emit("register", {"name": name}, f"Registered {name}. Now log in: login {name}")
+            return True
+        if command == "login":
+            await self.login(args)
+            return True
+        if command not in NEEDS_LOGIN and command not in ("register", "login"):
+            raise UsageError(f"unknown command {command!r}; type help for the list")
+        if self.wallet.user is None:
+            if self.options.user and (
+                self.options.password_file or os.environ.get(PASSWORD_ENV) or self.interactive
+            ):
+                await self.login([])
+            else:
+                raise UsageError("log in first (login NAME)")
+        wallet = self.wallet
+        if command == "deposit":
+            amount = await self._amount(args, 0)
+            balance = await wallet.deposit(amount)
+            self.emit("deposit", {"balance": balance}, f"Deposited {amount}. Balance: {balance}")
+        elif command == "balance":
+            balance = await wallet.balance()
+            self.emit("balance", {"balance": balance}, f"Balance: {balance}")
+        elif command == "list":
+            result = await wallet.list()
+            self.emit("list", result, format_list(result))
+        elif command == "pay":
+            payee = parse_name(args[0]) if args else await self._prompted("payee: ", parse_name)
+            amount = await self._amount(args, 1)
+            self.say(f"Offering {amount} to {payee}...")
+            paid = await wallet.pay(payee, amount)
+            self.emit(
+                "pay",
+                paid,
+                f"Paid {paid.amount} to {paid.payee} (payment "
+                f"{paid.payment_id}). Your balance: {paid.balance}",
+            )
+        elif command == "history":
+            limit = parse_amount(args[0]) if args else 20
+            entries = await wallet.history(min(limit, 1000))
+            self.emit("history", {"entries": entries}, format_history(entries))
+        elif command == "logout":
+            await wallet.logout()
+            self.emit("logout", {}, "Logged out.")
+        elif command == "serve":
+            self.say(
+                f"Serving offers as {wallet.user} on port {wallet.p2p_port}; "
+                "Ctrl-C or SIGTERM to stop."
+            )
+            with trio.CancelScope() as self._serving:
+                await trio.sleep_forever()
+            self._serving = None
+            self.emit_error("serve", "session_replaced", "logged in elsewhere; stopped serving")
+        return True
+
+    async def _prompted(self, prompt: str, parse: Callable[[str], T]) -> T:
+        if not self.interactive:
+            raise UsageError(f"missing {prompt.rstrip(': ')}")
+        return await self.ask_value(prompt, parse)
+
+    async def _amount(self, args: list[str], index: int) -> int:
+        if len(args) > index:
+            return parse_amount(args[index])
+        return await self._prompted("amount: ", parse_amount)
+
+    async def login(self, args: list[str]) -> None:
+        name = await self.name_arg(args, "login")
+        password = await self.password()
+        if self.interactive and self.options.listen_port == 0 and self.wallet.listen_port == 0:
+            self.wallet.listen_port = await self.ask_value(
+                "port for payments (Enter: any free port): ", parse_port
+            )
+        result = await self.wallet.login(name, password)
+        self.emit(
+            "login",
+            {
+                "name": result.name,
+                "balance": result.balance,
+                "ip": result.ip,
+                "port": self.wallet.p2p_port,
+            },
+            f"Logged in as {result.name}. Balance: {result.balance}. "
+            f"Taking payments on port {self.wallet.p2p_port}.",
+        )
+
+    async def run_interactive(self) -> int:
+        self.say("p2ppay client. Type help for the commands.")
+        if self.options.user:
+            await self.execute("login")
+        while True:
+            prompt = f"{self.wallet.user or 'p2ppay'}> "
+            try:
+                line = await self.terminal.read_line(prompt)
+            except (EOFError, KeyboardInterrupt):
+                self.say("")
+                return 0
+            if not await self.execute(line):
+                return 0
+
+    async def run_script(self, script: str) -> int:
+        for line in split_commands(script):
+            if not await self.execute(line) or self.failed:
+                break
+        return 1 if self.failed else 0
+
+
+def _policy(options: ClientOptions, terminal: Terminal) -> Policy:
+    if options.accept == "all":
+        return accept_all
+    if options.accept == "none":
+        return decline_all
+
+    async def ask(offer: p.Offer) -> bool:
+        return await terminal.ask(f"{offer.payer} wants to pay you {offer.amount}. Accept?")
+
+    return ask
+
+
+async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
+    """The ``p2ppay client`` command. Returns the process exit status."""
+    out = out or sys.stdout
+    try:
+        ssl_context: ssl.SSLContext = client_context(options.cafile)
+    except MissingCA as exc:
+        print(f"p2ppay client: {exc}", file=sys.stderr)
+        return 2
+    terminal, holding = make_terminal(interactive=options.commands is None)
+    peer_config = PeerConfig(
+        decide_timeout=options.ask_timeout, answer_timeout=options.ask_timeout + 15
+    )
+    code = 0
+    with holding():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(terminal.run)
+            try:
+                async with Wallet.open(
+                    options.host,
+                    options.port,
+                    ssl_context,
+                    server_hostname=options.server_name,
+                    policy=_policy(options, terminal),
+                    listen_host=options.listen_host,
+                    listen_port=options.listen_port,
+                    peer_config=peer_config,
+                ) as wallet:
+                    shell = Shell(wallet, terminal, options, out)
+                    nursery.start_soon(shell.show_events)
+                    code = await _until_signalled(nursery, shell)
+            except (OSError, ConnectionLost, trio.TooSlowError) as exc:
+                print(
+                    f"p2ppay client: cannot connect to {options.host} port {options.port}: {exc}",
+                    file=sys.stderr,
+                )
+                code = 2
+            nursery.cancel_scope.cancel()
+    return code
+
+
+async def _until_signalled(nursery: trio.Nursery, shell: Shell) -> int:
+    """Run the shell; SIGINT/SIGTERM end it cleanly (the wallet then logs out)."""
+    code = 0
+    with trio.CancelScope() as scope:
+
+        async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                task_status.started()
+                async for _ in signals:
+                    scope.cancel()
+                    return
+
+        await nursery.start(watch)
+        if shell.options.commands is not None:
+            code = await shell.run_script(shell.options.commands)
+        else:
+            code = await shell.run_interactive()
+    return code

@@ -1,0 +1,256 @@
+"""Who owns the terminal: one task asks every question, so a payment offer never garbles a
+command being typed.
+
+The shell asks for command lines; an offer's policy asks yes/no questions. Both go through a
+:class:`Terminal`, whose single owner task puts one prompt on screen at a time: a question that
+arrives while a command is being typed interrupts that prompt, is asked and answered, and the
+command prompt comes back with what had been typed so far. On a real terminal the prompts are
+prompt_toolkit's (history, line editing, output printed above the prompt), run in a worker
+thread so the Trio loop keeps serving offers; from a pipe they are plain lines read without
+blocking.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, TextIO, final
+
+import trio
+
+from .protocol import LineBuffer
+
+MAX_INPUT_LINE: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupted:
+    """A prompt was taken off the screen for a question; ``partial`` is what had been typed."""
+
+    partial: str
+
+
+class Backend(Protocol):
+    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
+        """Show ``message`` and return the line typed (EOFError at end of input)."""
+
+    def interrupt(self) -> None:
+        """Make the prompt on screen (or the next one) return :class:`Interrupted` soon."""
+
+    def write(self, text: str) -> None:
+        """Print a line without disturbing the prompt on screen."""
+
+
+@final
+class PlainBackend:
+    """Lines from a pipe or file, read without blocking the event loop."""
+
+    def __init__(self, fd: int = 0, out: TextIO | None = None) -> None:
+        self._fd = fd
+        self._stream: trio.lowlevel.FdStream | None = None  # opened at the first prompt
+        self._lines = LineBuffer(MAX_INPUT_LINE)
+        self._out = out or sys.stdout
+        self._scope: trio.CancelScope | None = None
+        self._interrupt_pending = False
+        self._eof = False
+
+    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
+        if message:
+            self._out.write(message)
+            self._out.flush()
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            if self._interrupt_pending:
+                scope.cancel()
+            while (line := self._lines.next_line()) is None:
+                if self._eof:
+                    raise EOFError
+                data = await self._read()
+                if not data:
+                    self._eof = True
+                    if self._lines.pending:  # a last line without its newline
+                        self._lines.feed(b"\n")
+                    continue
+                self._lines.feed(data)
+            return line.decode("utf-8", errors="replace").rstrip("\r")
+        self._scope = None
+        self._interrupt_pending = False
+        self._out.write("\n")
+        return Interrupted("")  # bytes already read stay buffered for the next prompt
+
+    async def _read(self) -> bytes:
+        mode = os.fstat(self._fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(self._fd)):
+            # A regular file or /dev/null: never blocks, and cannot be polled.
+            await trio.lowlevel.checkpoint()
+            return os.read(self._fd, 4096)
+        if self._stream is None:
+            self._stream = trio.lowlevel.FdStream(os.dup(self._fd))
+        return bytes(await self._stream.receive_some(4096))
+
+    def interrupt(self) -> None:
+        self._interrupt_pending = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def write(self, text: str) -> None:
+        self._out.write(text + "\n")
+        self._out.flush()
+
+
+@final
+class RichBackend:
+    """prompt_toolkit prompts, each run in a worker thread while the Trio loop goes on."""
+
+    def __init__(self) -> None:
+        from prompt_toolkit import PromptSession
+
+        self._session: Any = PromptSession()
+        self._interrupt_pending = False
+
+    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
+        result: str | Interrupted = await trio.to_thread.run_sync(
+            self._prompt_blocking, message, default, secret
+        )
+        self._interrupt_pending = False
+        return result
+
+    def _prompt_blocking(self, message: str, default: str, secret: bool) -> str | Interrupted:
+        result: str | Interrupted = self._session.prompt(
+            message,
+            default=default,
+            is_password=secret,
+            pre_run=self._exit_if_interrupted,
+        )
+        return result
+
+    def _exit_if_interrupted(self) -> None:
+        # Runs in prompt_toolkit's loop: as the prompt starts (pre_run) or when interrupted.
+        app = self._session.app
+        if self._interrupt_pending and app.is_running and not app.future.done():
+            app.exit(result=Interrupted(app.current_buffer.text))
+
+    def interrupt(self) -> None:
+        self._interrupt_pending = True
+        app = self._session.app
+        loop = getattr(app, "loop", None)
+        if app.is_running and loop is not None:
+            loop.call_soon_threadsafe(self._exit_if_interrupted)
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)  # patch_stdout() puts it above the prompt
+
+
+@dataclass(eq=False, slots=True)
+class _Question:
+    text: str
+    done: trio.Event = field(default_factory=trio.Event)
+    answer: str | None = None
+    cancelled: bool = False
+
+
+@final
+class Terminal:
+    """Serialises every prompt through one owner task (run :meth:`run` in a nursery)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._questions: deque[_Question] = deque()
+        self._wakeup = trio.Event()
+        self._command_wanted: tuple[str, bool] | None = None
+        self._command_result: tuple[str | None, BaseException | None] | None = None
+        self._command_done = trio.Event()
+        self._current: _Question | None = None
+        self._saved = ""
+
+    def write(self, text: str) -> None:
+        self.backend.write(text)
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    async def read_line(self, prompt: str, *, secret: bool = False) -> str:
+        """A line typed at ``prompt``; raises EOFError at end of input, KeyboardInterrupt on
+        Ctrl-C at a rich terminal."""
+        self._command_wanted = (prompt, secret)
+        self._command_done = trio.Event()
+        self._wake()
+        await self._command_done.wait()
+        assert self._command_result is not None
+        line, error = self._command_result
+        self._command_result = None
+        if error is not None:
+            raise error
+        assert line is not None
+        return line
+
+    async def ask(self, question: str) -> bool:
+        """Ask a yes/no question; an unanswered question (cancelled) counts as no."""
+        q = _Question(question)
+        self._questions.append(q)
+        self.backend.interrupt()
+        self._wake()
+        try:
+            await q.done.wait()
+        finally:
+            if not q.done.is_set():
+                q.cancelled = True
+                if q in self._questions:
+                    self._questions.remove(q)
+                if self._current is q:
+                    self.backend.interrupt()
+        return (q.answer or "").strip().lower() in ("y", "yes")
+
+    async def run(self) -> None:
+        """The owner task: forever, put the most urgent prompt on screen."""
+        while True:
+            if self._questions:
+                q = self._questions.popleft()
+                self._current = q
+                try:
+                    answer = await self.backend.prompt(f"{q.text} [y/N] ", "", False)
+                except (EOFError, KeyboardInterrupt):
+                    answer = ""
+                self._current = None
+                if isinstance(answer, Interrupted):
+                    if q.cancelled:
+                        self.write("(no answer in time: declined)")
+                    answer = ""
+                q.answer = answer
+                q.done.set()
+                continue
+            if self._command_wanted is not None:
+                prompt, secret = self._command_wanted
+                try:
+                    line = await self.backend.prompt(prompt, "" if secret else self._saved, secret)
+                except (EOFError, KeyboardInterrupt) as exc:
+                    self._finish_command(None, exc)
+                    continue
+                if isinstance(line, Interrupted):
+                    self._saved = line.partial
+                    continue  # a question came: ask it, then prompt again
+                self._saved = ""
+                self._finish_command(line, None)
+                continue
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+    def _finish_command(self, line: str | None, error: BaseException | None) -> None:
+        self._command_wanted = None
+        self._command_result = (line, error)
+        self._command_done.set()
+
+
+def make_terminal(interactive: bool) -> tuple[Terminal, Callable[[], Any]]:
+    """The terminal for this process, and a context manager to hold while it is in use."""
+    import contextlib
+
+    if interactive and sys.stdin.isatty() and sys.stdout.isatty():
+        from prompt_toolkit.patch_stdout import patch_stdout
+
+        return Terminal(RichBackend()), lambda: patch_stdout(raw=True)
+    return Terminal(PlainBackend()), contextlib.nullcontext
