@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=ScryptParams().n,
         help="scrypt cost for new password hashes (a power of 2)",
     )
+    s.add_argument(
+        "--peer-cert-hours",
+        type=_seconds,
+        default=d.peer_cert_lifetime / 3600,
+        help="lifetime of the peer certificate a login gets",
+    )
     c = sub.add_parser(
         "client",
         help="the terminal client (interactive, or scripted with -c)",
@@ -217,6 +223,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         max_list=args.max_list,
         hash_threads=args.hash_threads,
         scrypt=ScryptParams(n=n),
+        peer_cert_lifetime=args.peer_cert_hours * 3600,
     )
     try:
         limits = Limits(args.max_deposit, args.max_payment, args.max_balance)
