@@ -253,8 +253,8 @@ async def test_random_operations_conserve_money(
     ops: list[tuple[object, ...]], concurrent: bool
 ) -> None:
     async with open_sqlite_ledger(":memory:", Limits(max_deposit=200, max_payment=250)) as ledger:
-        for name in NAMES:
-            await ledger.create_account(name, None)
+        for name in NAMES:  # two native accounts and two course ones, which never mix
+            await ledger.create_account(name, None, "native" if name in "ab" else "course")
         deposited = 0
         outcomes: dict[uuid.UUID, tuple[str, str, int]] = {}
 

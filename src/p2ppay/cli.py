@@ -132,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.peer_cert_lifetime / 3600,
         help="lifetime of the peer certificate a login gets",
     )
+    s.add_argument(
+        "--course-port",
+        type=_port,
+        default=None,
+        help="also serve the course dialect (REGISTER#name, name#port, List, Exit, "
+        "payer#amount#payee) on this port; off unless given",
+    )
+    s.add_argument(
+        "--course-tls", action="store_true", help="serve the course dialect over TLS, not plain TCP"
+    )
+    s.add_argument(
+        "--course-initial-balance",
+        type=int,
+        default=d.course_initial_balance,
+        help="what a new course account starts with (REGISTER#name)",
+    )
     c = sub.add_parser(
         "client",
         help="the terminal client (interactive, or scripted with -c)",
@@ -224,11 +240,14 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         hash_threads=args.hash_threads,
         scrypt=ScryptParams(n=n),
         peer_cert_lifetime=args.peer_cert_hours * 3600,
+        course_initial_balance=args.course_initial_balance,
     )
     try:
         limits = Limits(args.max_deposit, args.max_payment, args.max_balance)
     except ValueError as exc:
         raise SystemExit(f"p2ppay: {exc}") from None
+    if not 0 <= args.course_initial_balance <= limits.max_deposit:
+        raise SystemExit("p2ppay: --course-initial-balance must be within 0..--max-deposit")
     return ServerOptions(
         host=args.host,
         port=args.port,
@@ -239,6 +258,8 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         limits=limits,
         config=config,
         max_batch=args.max_batch,
+        course_port=args.course_port,
+        course_tls=args.course_tls,
     )
 
 

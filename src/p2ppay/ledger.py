@@ -440,11 +440,16 @@ class SqliteLedger:
                 raise SelfPayment("you cannot pay yourself")
             if amount < 1 or amount > limits.max_payment:
                 raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
-            src = db.execute("SELECT balance FROM accounts WHERE name = ?", (payer,)).fetchone()
+            src = db.execute(
+                "SELECT balance, kind FROM accounts WHERE name = ?", (payer,)
+            ).fetchone()
             if src is None:
                 raise UnknownAccount(f"no account {payer!r}")
-            dst = db.execute("SELECT balance FROM accounts WHERE name = ?", (payee,)).fetchone()
-            if dst is None:
+            dst = db.execute(
+                "SELECT balance, kind FROM accounts WHERE name = ?", (payee,)
+            ).fetchone()
+            if dst is None or dst[1] != src[1]:
+                # Course accounts (no password) and native ones never pay each other.
                 raise UnknownPayee(f"no account {payee!r}")
             if src[0] < amount:
                 raise InsufficientFunds(f"balance {src[0]} is less than {amount}")

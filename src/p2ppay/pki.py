@@ -355,3 +355,15 @@ def verify_acceptance(
     except InvalidSignature:
         return False
     return True
+
+
+def public_key_line(cert_pem: bytes) -> str:
+    """The first certificate's public key as one line: base64 of its DER SubjectPublicKeyInfo
+    (what the course dialect's login reply calls the server's public key)."""
+    import base64
+
+    cert = x509.load_pem_x509_certificates(cert_pem)[0]
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(der).decode("ascii")

@@ -19,15 +19,27 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, final
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
-from . import __version__
+from . import __version__, course
 from . import ledger as lg
 from . import protocol as p
+from .course import (
+    CourseBadInput,
+    CourseBadRegister,
+    CourseDecoder,
+    CourseExit,
+    CourseList,
+    CourseLogin,
+    CourseMessage,
+    CourseRegister,
+    CourseTransfer,
+)
 from .passwords import ScryptParams, hash_password, verify_password
 from .pki import (
     IdentityError,
@@ -36,6 +48,7 @@ from .pki import (
     ensure_server_credentials,
     load_public_key_der,
     public_key_der,
+    public_key_line,
     verify_acceptance,
 )
 from .tls import server_context
@@ -62,6 +75,9 @@ class ServerConfig:
     hash_threads: int = 2
     #: how long a session's peer certificate is valid
     peer_cert_lifetime: float = 24 * 3600.0
+    #: what a new course account starts with (recorded as a deposit)
+    course_initial_balance: int = 10_000
+    course_max_message: int = 1024
     scrypt: ScryptParams = field(default_factory=ScryptParams)
 
 
@@ -108,6 +124,9 @@ class Server:
         ssl_context: ssl.SSLContext,
         issuer: Issuer,
         config: ServerConfig | None = None,
+        *,
+        server_public_key: str = "",
+        course_tls: bool = False,
     ) -> None:
         self.ledger = ledger
         self.ssl_context = ssl_context
@@ -117,7 +136,11 @@ class Server:
         # a cache of what the ledger stores, filled at login and on first use.
         self._peer_keys: dict[str, tuple[EllipticCurvePublicKey, int]] = {}
         self.online: dict[str, Session] = {}
-        self.sessions: set[Session] = set()
+        self.course_online: dict[str, CourseSession] = {}
+        self.sessions: set[Session | CourseSession] = set()
+        #: the course dialect's login reply names this (base64 DER of the server's key)
+        self.server_public_key = server_public_key
+        self.course_tls = course_tls
         self.hash_limiter = trio.CapacityLimiter(self.config.hash_threads)
         # A hash to check against when the account does not exist, so that a missing account
         # costs the same time as a wrong password. Made lazily (it is slow).
@@ -132,22 +155,32 @@ class Server:
     async def serve(
         self,
         listeners: Sequence[trio.abc.Listener[Any]],
+        course_listeners: Sequence[trio.abc.Listener[Any]] = (),
         *,
         task_status: trio.TaskStatus[Sequence[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on ``listeners`` until :meth:`shutdown`; return when every session is done."""
+        """Accept on ``listeners`` (and the course dialect on ``course_listeners``) until
+        :meth:`shutdown`; return when every session is done."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             with self._accept_scope:
-                if listeners:
-                    await trio.serve_listeners(
-                        self._on_accept,
-                        list(listeners),
-                        handler_nursery=nursery,
-                        task_status=task_status,
-                    )
-                else:  # in-memory use: connections arrive through handle_connection()
-                    task_status.started([])
+                async with trio.open_nursery() as accepting:
+                    for group, handler in (
+                        (listeners, self._on_accept),
+                        (course_listeners, self._on_course_accept),
+                    ):
+                        if group:
+                            await accepting.start(
+                                partial(
+                                    trio.serve_listeners,
+                                    handler,
+                                    list(group),
+                                    handler_nursery=nursery,
+                                )
+                            )
+                    # No listener at all is in-memory use: connections come through
+                    # handle_connection() and handle_course_connection().
+                    task_status.started([*listeners, *course_listeners])
                     await trio.sleep_forever()
             # Accepting has stopped: sessions finish what they are doing and leave.
             self._wake_sessions()
@@ -164,7 +197,7 @@ class Server:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Like :meth:`serve` with no listener: for tests that call :meth:`handle_connection`."""
-        await self.serve([], task_status=task_status)  # type: ignore[arg-type]
+        await self.serve([], [], task_status=task_status)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         """Stop accepting; let in-flight requests finish; close every connection."""
@@ -195,20 +228,41 @@ class Server:
             log.info("%s: TLS handshake failed: %s", peer_ip, exc.__cause__ or exc)
             await trio.aclose_forcefully(stream)
             return
-        session = Session(self, stream, peer_ip)
+        await self._own(Session(self, stream, peer_ip))
+
+    async def _on_course_accept(self, stream: trio.abc.Stream) -> None:
+        await self.handle_course_connection(stream, _peer_ip(stream))
+
+    async def handle_course_connection(self, transport: trio.abc.Stream, peer_ip: str) -> None:
+        """Own one course-dialect connection (TLS first if the server was told --course-tls)."""
+        stream: trio.abc.Stream = transport
+        if self.course_tls:
+            tls = trio.SSLStream(transport, self.ssl_context, server_side=True)
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    await tls.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                log.info("%s: course TLS handshake failed: %s", peer_ip, exc.__cause__ or exc)
+                await trio.aclose_forcefully(tls)
+                return
+            stream = tls
+        await self._own(CourseSession(self, stream, peer_ip))
+
+    async def _own(self, session: Session | CourseSession) -> None:
+        """Run a session to its end, whatever happens in it."""
         self.sessions.add(session)
-        log.info("%s: connected", peer_ip)
+        log.info("%s: connected%s", session.ip, " (course)" if session.course else "")
         try:
             await session.run()
         except Exception:
             # A bug in one session must not take the server down with it.
-            log.exception("%s: internal error; connection closed", peer_ip)
+            log.exception("%s: internal error; connection closed", session.ip)
         finally:
             self.sessions.discard(session)
             self._forget(session)
             if self.closing and not self.sessions:
                 self._drained.set()
-            log.info("%s: disconnected%s", peer_ip, f" ({session.user})" if session.user else "")
+            log.info("%s: disconnected%s", session.ip, f" ({session.user})" if session.user else "")
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a short background job (an event delivery) under the server's nursery."""
@@ -217,9 +271,10 @@ class Server:
 
     # -- presence --
 
-    def _forget(self, session: Session) -> None:
-        if session.user is not None and self.online.get(session.user) is session:
-            del self.online[session.user]
+    def _forget(self, session: Session | CourseSession) -> None:
+        online: dict[str, Any] = self.course_online if session.course else self.online
+        if session.user is not None and online.get(session.user) is session:
+            del online[session.user]
 
     def take_over(self, session: Session, name: str) -> None:
         """Make ``session`` the online session of ``name``; an older one is told and closed."""
@@ -251,7 +306,7 @@ class Server:
         cached = self._peer_keys.get(payee)
         if cached is None:
             account = await self.ledger.account(payee)
-            if account is None:
+            if account is None or account.kind != "native":
                 raise RequestFailed(p.ErrorCode.UNKNOWN_PAYEE, f"no account {payee!r}")
             if account.peer_key is None or account.peer_key_expires_ms is None:
                 raise RequestFailed(
@@ -299,6 +354,8 @@ class Server:
 @final
 class Session:
     """One client connection: reads requests, answers them in order, and takes pushed events."""
+
+    course: Final = False
 
     def __init__(self, server: Server, stream: trio.SSLStream[trio.abc.Stream], ip: str) -> None:
         self.server = server
@@ -567,6 +624,147 @@ class Session:
         return p.LogoutResult()
 
 
+@final
+class CourseSession:
+    """One course-dialect connection. It acts on course accounts only and answers exactly as
+    the course's server does (see p2ppay.course and the README)."""
+
+    course: Final = True
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, ip: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.ip = ip
+        self.decoder = CourseDecoder(server.config.course_max_message)
+        self.user: str | None = None
+        self.port: int | None = None
+        self.cancel_scope = trio.CancelScope()
+        self.receive_scope = trio.CancelScope()
+        self._send_lock = trio.Lock()
+
+    async def run(self) -> None:
+        try:
+            with self.cancel_scope:
+                await self._serve()
+        except trio.BrokenResourceError:
+            log.info("%s: course connection lost", self.ip)
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            self.server._forget(self)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    async def _serve(self) -> None:
+        cfg = self.server.config
+        read_size = max(4096, cfg.course_max_message + 2)
+        while not self.server.closing:
+            timeout = math.inf if self.user else cfg.anonymous_idle_timeout
+            data: bytes | bytearray | None = None
+            self.receive_scope = trio.CancelScope()
+            with trio.move_on_after(timeout) as idle, self.receive_scope:
+                data = await self.stream.receive_some(read_size)
+            if data is None:
+                if idle.cancelled_caught:
+                    log.info("%s: course connection idle; closed", self.ip)
+                    return
+                continue  # woken for shutdown
+            if not data:
+                return  # the client hung up: that logs it out
+            for message in self.decoder.receive_chunk(data):
+                log.debug("%s: course %s: %r", self.ip, self.user or "-", message)
+                if not await self._handle(message):
+                    return
+
+    async def send(self, data: bytes) -> None:
+        """One reply in one write (course clients often read once per reply)."""
+        with trio.move_on_after(self.server.config.write_timeout) as scope:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            self.cancel_scope.cancel()
+
+    async def _handle(self, message: CourseMessage) -> bool:
+        """Answer one message; False ends the connection."""
+        if isinstance(message, CourseBadInput):
+            await self.send(course.FORMAT_ERROR)
+            return not message.fatal
+        if isinstance(message, CourseExit):
+            await self.send(course.BYE)
+            return False
+        if isinstance(message, CourseBadRegister):
+            await self.send(course.FAIL)
+        elif isinstance(message, CourseRegister):
+            await self.send(await self._register(message))
+        elif isinstance(message, CourseLogin):
+            await self.send(await self._login(message))
+        elif isinstance(message, CourseList):
+            await self.send(await self._roster() if self.user else course.LOGIN_FIRST)
+        else:
+            await self._transfer(message)
+        return True
+
+    async def _register(self, message: CourseRegister) -> bytes:
+        cfg = self.server.config
+        deposit = cfg.course_initial_balance if message.deposit is None else message.deposit
+        try:
+            await self.server.ledger.create_account(message.name, None, "course", deposit)
+        except lg.LedgerError as exc:
+            log.info("%s: course register %s failed: %s", self.ip, message.name, exc)
+            return course.FAIL
+        log.info("%s: registered course account %s", self.ip, message.name)
+        return course.OK
+
+    async def _login(self, message: CourseLogin) -> bytes:
+        account = await self.server.ledger.account(message.name)
+        if account is None or account.kind != "course":
+            return course.AUTH_FAIL  # never a native account: they have passwords
+        self.server._forget(self)
+        old = self.server.course_online.get(message.name)
+        if old is not None and old is not self:
+            old.user = old.port = None  # taken over: the old connection is logged out
+            log.info("%s: course user %s logged in again from %s", old.ip, message.name, self.ip)
+        self.user, self.port = message.name, message.port
+        self.server.course_online[message.name] = self
+        return await self._roster()
+
+    async def _roster(self) -> bytes:
+        assert self.user is not None
+        account = await self.server.ledger.account(self.user)
+        balance = account.balance if account else 0
+        online = [
+            (name, s.ip, s.port or 0) for name, s in sorted(self.server.course_online.items())
+        ]
+        return course.encode_roster(balance, self.server.server_public_key, online)
+
+    async def _transfer(self, message: CourseTransfer) -> None:
+        # The dialect trusts the payee's word: the payee forwards what the payer sent it.
+        # We only check that the sender really is the payee, logged in, and that the money is
+        # there; the ledger keeps course and native accounts apart.
+        if self.user is None or self.user != message.payee:
+            await self.send(course.TRANSFER_FAIL)
+            return
+        try:
+            t = await self.server.ledger.settle(
+                uuid.uuid4(), message.payer, message.payee, message.amount
+            )
+        except lg.LedgerError as exc:
+            log.info("%s: course transfer %r failed: %s", self.ip, message, exc)
+            await self.send(course.TRANSFER_FAIL)
+            return
+        log.info("%s: course transfer %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
+        payer = self.server.course_online.get(t.payer)
+        if payer is not None:
+
+            async def tell_payer() -> None:
+                try:
+                    await payer.send(course.TRANSFER_OK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+            self.server.spawn(tell_payer)
+
+
 # --------------------------------------------------------------------------------------------
 # Running a real server
 # --------------------------------------------------------------------------------------------
@@ -583,9 +781,20 @@ class ServerOptions:
     limits: lg.Limits = field(default_factory=lg.Limits)
     config: ServerConfig = field(default_factory=ServerConfig)
     max_batch: int = 512
+    course_port: int | None = None  # None: no course-dialect listener
+    course_tls: bool = False
 
 
 LEDGER_FILE: Final = "ledger.sqlite3"
+
+
+async def _bind(port: int, host: str | None) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"port {port} is already in use") from exc
+        raise
 
 
 async def run_server(
@@ -594,35 +803,49 @@ async def run_server(
     handle_signals: bool = False,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses."""
+    """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses
+    (the native listeners' first, then the course dialect's)."""
     state_dir = options.state_dir
     if options.cert and options.key:
+        cert_path: Path = options.cert
         ctx = server_context(options.cert, options.key)
     elif options.cert or options.key:
         raise ValueError("--cert and --key go together")
     else:
         creds = await trio.to_thread.run_sync(ensure_server_credentials, state_dir, options.sans)
+        cert_path = creds.cert_chain
         ctx = server_context(creds.cert_chain, creds.key)
     issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
+    key_line = public_key_line(await trio.Path(cert_path).read_bytes())
 
     # Bind first: a port in use is reported before anything is created or opened.
+    listeners = await _bind(options.port, options.host)
+    course_listeners: list[trio.SocketListener] = []
     try:
-        listeners = await trio.open_tcp_listeners(options.port, host=options.host)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"port {options.port} is already in use") from exc
-        raise
-    addresses = [listener.socket.getsockname()[:2] for listener in listeners]
-    try:
+        if options.course_port is not None:
+            course_listeners = await _bind(options.course_port, options.host)
         async with lg.open_sqlite_ledger(
             state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
         ) as ledger:
-            server = Server(ledger, ctx, issuer, options.config)
+            server = Server(
+                ledger,
+                ctx,
+                issuer,
+                options.config,
+                server_public_key=key_line,
+                course_tls=options.course_tls,
+            )
             async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve, listeners)
-                for host, port in addresses:
-                    log.info("listening on %s port %d (TLS)", host, port)
-                task_status.started([(str(h), int(port)) for h, port in addresses])
+                await nursery.start(server.serve, listeners, course_listeners)
+                addresses: list[tuple[str, int]] = []
+                for group, what in ((listeners, "TLS"), (course_listeners, "course dialect")):
+                    if what != "TLS" and options.course_tls:
+                        what += " over TLS"
+                    for listener in group:
+                        host, port = listener.socket.getsockname()[:2]
+                        addresses.append((str(host), int(port)))
+                        log.info("listening on %s port %d (%s)", host, port, what)
+                task_status.started(addresses)
                 if handle_signals:
                     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                         async for signum in signals:
@@ -630,7 +853,7 @@ async def run_server(
                             server.shutdown()
                             break
     finally:
-        for listener in listeners:  # already closed by serve() unless it never started
+        for listener in [*listeners, *course_listeners]:  # serve() closed those it started
             with trio.CancelScope(shield=True):
                 await listener.aclose()
     log.info("stopped")

@@ -1,0 +1,283 @@
+"""The course dialect: the codec with bytes, then byte-exact transcripts against the server."""
+
+from __future__ import annotations
+
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from p2ppay import course as c
+from p2ppay.ledger import SqliteLedger
+from p2ppay.pki import Issuer
+from p2ppay.server import Server, ServerConfig
+
+from .conftest import FAST_SCRYPT, SERVER_NAME, Connect, registered
+
+KEY = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEserverkey=="
+
+# --- the codec -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"REGISTER#alice", c.CourseRegister("alice", None)),
+        (b"REGISTER#alice#500", c.CourseRegister("alice", 500)),
+        (b"alice#5001", c.CourseLogin("alice", 5001)),
+        (b"List", c.CourseList()),
+        (b"Exit", c.CourseExit()),
+        (b"alice#300#bob", c.CourseTransfer("alice", 300, "bob")),
+        (b"REGISTER#bad name", c.CourseBadRegister("invalid name 'bad name'")),
+        (b"REGISTER#alice#lots", c.CourseBadRegister("invalid deposit 'lots'")),
+        (b"alice#80", c.CourseBadInput(b"alice#80", "the port must be 1024-65535")),
+        (b"alice#-5#bob", c.CourseBadInput(b"alice#-5#bob", "not a course message")),
+        (b"alice#1.5#bob", c.CourseBadInput(b"alice#1.5#bob", "not a course message")),
+        (b"list", c.CourseBadInput(b"list", "not a course message")),
+        (b"hello there", c.CourseBadInput(b"hello there", "not a course message")),
+        (b"\xff\xfe", c.CourseBadInput(b"\xff\xfe", "not UTF-8")),
+    ],
+)
+def test_parse(raw: bytes, message: c.CourseMessage) -> None:
+    assert c.parse_message(raw) == message
+
+
+def test_framing_rules() -> None:
+    d = c.CourseDecoder()
+    assert d.receive_chunk(b"List") == [c.CourseList()]  # no line ending: the chunk is one
+    assert d.receive_chunk(b"List\r\n") == [c.CourseList()]
+    assert d.receive_chunk(b"List\n") == [c.CourseList()]
+    assert d.receive_chunk(b"List" + b"\x00" * 1020) == [c.CourseList()]  # NUL padding
+    assert d.receive_chunk(b"List\n" + b"\x00" * 100) == [c.CourseList()]
+    assert d.receive_chunk(b"REGISTER#a\nalice#5000\r\nList\n") == [
+        c.CourseRegister("a", None),
+        c.CourseLogin("alice", 5000),
+        c.CourseList(),
+    ]
+    assert d.receive_chunk(b"List\nExit") == [c.CourseList(), c.CourseExit()]
+    assert d.receive_chunk(b"\n\r\n") == []
+
+
+def test_an_over_long_message_is_fatal() -> None:
+    d = c.CourseDecoder(max_message=16)
+    (bad,) = d.receive_chunk(b"x" * 100 + b"\nList\n")
+    assert isinstance(bad, c.CourseBadInput) and bad.fatal
+
+
+def test_roster() -> None:
+    assert c.encode_roster(9700, "KEY", [("alice", "10.0.0.1", 5001), ("bob", "::1", 5002)]) == (
+        b"9700\nKEY\n2\nalice#10.0.0.1#5001\nbob#::1#5002\n"
+    )
+
+
+# --- transcripts against the server ----------------------------------------------------------
+
+
+class CourseClient:
+    """A course client: raw bytes on a stream, one reply read per exchange."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def expect(self, reply: bytes) -> None:
+        got = b""
+        with trio.fail_after(5):
+            while len(got) < len(reply):
+                chunk = await self.stream.receive_some()
+                assert chunk, f"connection closed after {got!r}; expected {reply!r}"
+                got += chunk
+        assert got == reply
+
+    async def exchange(self, data: bytes, reply: bytes) -> None:
+        await self.send(data)
+        await self.expect(reply)
+
+    async def closed(self) -> bool:
+        with trio.fail_after(5):
+            try:
+                return await self.stream.receive_some() == b""
+            except trio.BrokenResourceError:
+                return True
+
+
+CourseConnect = Callable[..., AbstractAsyncContextManager[CourseClient]]
+
+
+@pytest.fixture
+def course_connect(server: Server) -> CourseConnect:
+    server.server_public_key = KEY
+
+    @asynccontextmanager
+    async def _connect(ip: str = "10.0.0.1") -> AsyncIterator[CourseClient]:
+        client_side, server_side = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.handle_course_connection, server_side, ip)
+            yield CourseClient(client_side)
+            await trio.aclose_forcefully(client_side)
+
+    return _connect
+
+
+def roster(balance: int, *users: tuple[str, str, int]) -> bytes:
+    return c.encode_roster(balance, KEY, users)
+
+
+async def test_register_login_list_exit(course_connect: CourseConnect) -> None:
+    async with course_connect("10.0.0.1") as a:
+        await a.exchange(b"List", b"Please login first\n")
+        await a.exchange(b"REGISTER#alice", b"100 OK\n")
+        await a.exchange(b"REGISTER#alice\n", b"210 FAIL\n")  # taken
+        await a.exchange(b"REGISTER#ALICE\r\n", b"210 FAIL\n")  # taken, in any case
+        await a.exchange(b"REGISTER#no way", b"210 FAIL\n")  # invalid name
+        await a.exchange(b"REGISTER#rich#500\x00\x00\x00\x00", b"100 OK\n")
+        await a.exchange(b"REGISTER#greedy#9999999", b"210 FAIL\n")  # over the deposit limit
+        await a.exchange(b"nobody#5000", b"220 AUTH_FAIL\n")
+        await a.exchange(b"alice#80", b"230 Input format error\n")
+        await a.exchange(b"alice#5001", roster(10000, ("alice", "10.0.0.1", 5001)))
+        await a.exchange(b"List\r\n", roster(10000, ("alice", "10.0.0.1", 5001)))
+        await a.exchange(b"what is this", b"230 Input format error\n")
+        await a.exchange(b"Exit", b"Bye\n")
+        assert await a.closed()
+    async with course_connect("10.0.0.2") as r:
+        await r.exchange(b"rich#5002\n", roster(500, ("rich", "10.0.0.2", 5002)))
+
+
+async def test_two_messages_in_one_chunk(course_connect: CourseConnect) -> None:
+    async with course_connect() as a:
+        await a.exchange(b"REGISTER#carol\nREGISTER#dave\r\n", b"100 OK\n100 OK\n")
+
+
+async def test_transfer_between_course_clients(
+    course_connect: CourseConnect, ledger: SqliteLedger
+) -> None:
+    async with (
+        course_connect("10.0.0.1") as alice,
+        course_connect("10.0.0.2") as bob,
+        course_connect("10.0.0.3") as mallory,
+    ):
+        for who, name in ((alice, b"alice"), (bob, b"bob"), (mallory, b"mallory")):
+            await who.exchange(b"REGISTER#" + name, b"100 OK\n")
+        await alice.exchange(b"alice#5001", roster(10000, ("alice", "10.0.0.1", 5001)))
+        await bob.exchange(
+            b"bob#5002", roster(10000, ("alice", "10.0.0.1", 5001), ("bob", "10.0.0.2", 5002))
+        )
+        # bob (the payee) forwards alice's message; the OK goes to alice, nothing to bob
+        await bob.send(b"alice#300#bob")
+        await alice.expect(b"Transfer OK!\n")
+        await bob.exchange(
+            b"List", roster(10300, ("alice", "10.0.0.1", 5001), ("bob", "10.0.0.2", 5002))
+        )
+        await alice.exchange(
+            b"List", roster(9700, ("alice", "10.0.0.1", 5001), ("bob", "10.0.0.2", 5002))
+        )
+        # forwarded by someone who is not the payee (mallory is not even logged in, then is)
+        await mallory.exchange(b"alice#100#bob", b"Transfer Fail!\n")
+        await mallory.exchange(
+            b"mallory#5003",
+            roster(
+                10000,
+                ("alice", "10.0.0.1", 5001),
+                ("bob", "10.0.0.2", 5002),
+                ("mallory", "10.0.0.3", 5003),
+            ),
+        )
+        await mallory.exchange(b"alice#100#bob", b"Transfer Fail!\n")
+        # The dialect trusts the payee's word (the README says so): logged in as the payee,
+        # mallory's claim that alice paid her is settled; the OK goes to alice, nothing to her.
+        await mallory.send(b"alice#100#mallory")
+        await alice.expect(b"Transfer OK!\n")
+        # insufficient funds, zero, a payer that does not exist, paying oneself
+        await bob.exchange(b"alice#9601#bob", b"Transfer Fail!\n")
+        await bob.exchange(b"alice#0#bob", b"Transfer Fail!\n")
+        await bob.exchange(b"ghost#5#bob", b"Transfer Fail!\n")
+        await bob.exchange(b"bob#5#bob", b"Transfer Fail!\n")
+        await alice.exchange(
+            b"List",
+            roster(
+                9600,
+                ("alice", "10.0.0.1", 5001),
+                ("bob", "10.0.0.2", 5002),
+                ("mallory", "10.0.0.3", 5003),
+            ),
+        )
+    audit = await ledger.audit()
+    assert audit.conserved and audit.total_deposits == 30000 and audit.transfers == 2
+
+
+async def test_login_takeover_and_disconnect(course_connect: CourseConnect) -> None:
+    async with course_connect("10.0.0.1") as first:
+        await first.exchange(b"REGISTER#alice", b"100 OK\n")
+        await first.exchange(b"alice#5001", roster(10000, ("alice", "10.0.0.1", 5001)))
+        async with course_connect("10.0.0.9") as second:
+            await second.exchange(b"alice#6001", roster(10000, ("alice", "10.0.0.9", 6001)))
+            await first.exchange(b"List", b"Please login first\n")  # taken over
+        # the second connection dropped without Exit: alice is offline now
+        async with course_connect("10.0.0.5") as third:
+            await third.exchange(b"REGISTER#bob", b"100 OK\n")
+            await third.exchange(b"bob#5005", roster(10000, ("bob", "10.0.0.5", 5005)))
+
+
+async def test_course_and_native_accounts_never_mix(
+    course_connect: CourseConnect, connect: Connect, ledger: SqliteLedger
+) -> None:
+    async with connect() as native, course_connect() as course_client:
+        await registered(native, "nina", deposit=50)
+        await course_client.exchange(b"REGISTER#nina", b"210 FAIL\n")  # names are shared
+        await course_client.exchange(b"nina#5000", b"220 AUTH_FAIL\n")  # not a course account
+        await course_client.exchange(b"REGISTER#cody", b"100 OK\n")
+        await course_client.exchange(b"cody#5000", roster(10000, ("cody", "10.0.0.1", 5000)))
+        # a course payee cannot pull money from a native account...
+        await course_client.exchange(b"nina#10#cody", b"Transfer Fail!\n")
+        # ...nor can a native account log in as, or pay, a course account
+        async with connect() as other:
+            from p2ppay.client import ServerError
+
+            with pytest.raises(ServerError) as info:
+                await other.login("cody", "anything at all")
+            assert info.value.code == "unknown_user"
+            with pytest.raises(ServerError) as info:
+                await native.settle(uuid.uuid4(), "cody", 5, "AAAA")
+            assert info.value.code == "unknown_payee"
+    audit = await ledger.audit()
+    assert audit.conserved and audit.total_deposits == 10050 and audit.transfers == 0
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_course_dialect_over_loopback(
+    tls: bool,
+    ledger: SqliteLedger,
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    issuer: Issuer,
+) -> None:
+    server = Server(
+        ledger,
+        server_ctx,
+        issuer,
+        ServerConfig(scrypt=FAST_SCRYPT),
+        server_public_key=KEY,
+        course_tls=tls,
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            course_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            await nursery.start(server.serve, [], course_listeners)
+            port = course_listeners[0].socket.getsockname()[1]
+            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+            if tls:
+                stream = trio.SSLStream(stream, client_ctx, server_hostname=SERVER_NAME)
+                await stream.do_handshake()
+            a = CourseClient(stream)
+            await a.exchange(b"REGISTER#alice#100", b"100 OK\n")
+            await a.exchange(b"alice#5000", roster(100, ("alice", "127.0.0.1", 5000)))
+            await a.exchange(b"Exit", b"Bye\n")
+            assert await a.closed()
+            await trio.aclose_forcefully(stream)
+            server.shutdown()
