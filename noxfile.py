@@ -17,6 +17,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """The fuzz tests with many more examples than the normal suite runs."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest", "tests/test_fuzz.py", *session.posargs, env={"HYPOTHESIS_PROFILE": "fuzz"}
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff, with flake8-async's ASYNC rules among the selected ones."""
     session.install("ruff>=0.5")

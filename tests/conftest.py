@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -13,20 +14,29 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from hypothesis import settings
 
 from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import Limits, SqliteLedger, open_sqlite_ledger
 from p2ppay.passwords import ScryptParams
-from p2ppay.peer import PeerKey
+from p2ppay.peer import PeerConfig, PeerKey, Policy, accept_all
 from p2ppay.pki import Issuer, sign_acceptance
 from p2ppay.server import Server, ServerConfig
+from p2ppay.wallet import Wallet
+
+# Bounded examples in the normal suite; `nox -s fuzz` sets HYPOTHESIS_PROFILE=fuzz.
+settings.register_profile("default", max_examples=60, deadline=None)
+settings.register_profile("fuzz", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 #: Cheap hashing so that tests stay fast; the real default is tested on its own.
 FAST_SCRYPT = ScryptParams(n=16, r=8, p=1)
 SERVER_NAME = "p2ppay.test"
 
 Connect = Callable[..., AbstractAsyncContextManager[Client]]
+Open = Callable[..., AbstractAsyncContextManager[Wallet]]
+PASSWORD = "correct horse"
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +154,50 @@ async def next_event(client: Client, within: float = 5) -> p.Event:
     """The client's next pushed event, failing the test if none comes ``within`` seconds."""
     with trio.fail_after(within):
         return await client.next_event()
+
+
+@pytest.fixture
+async def server_port(
+    ledger: SqliteLedger, server_ctx: ssl.SSLContext, issuer: Issuer
+) -> AsyncIterator[int]:
+    server = Server(ledger, server_ctx, issuer, ServerConfig(scrypt=FAST_SCRYPT))
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(server.serve, listeners)
+        yield listeners[0].socket.getsockname()[1]
+        server.shutdown()
+
+
+@pytest.fixture
+def open_wallet(server_port: int, client_ctx: ssl.SSLContext) -> Open:
+    """``async with open_wallet("bob", policy=accept_all, deposit=100) as bob``."""
+
+    @asynccontextmanager
+    async def _open(
+        name: str,
+        *,
+        policy: Policy = accept_all,
+        deposit: int = 0,
+        peer_config: PeerConfig | None = None,
+        connect: Callable[[], AbstractAsyncContextManager[Client]] | None = None,
+        register: bool = True,
+    ) -> AsyncIterator[Wallet]:
+        def default_connect() -> AbstractAsyncContextManager[Client]:
+            return Client.connect(
+                "127.0.0.1", server_port, ssl_context=client_ctx, server_hostname="localhost"
+            )
+
+        async with Wallet.using(
+            connect or default_connect,
+            policy=policy,
+            listen_host="127.0.0.1",
+            peer_config=peer_config,
+        ) as wallet:
+            if register:
+                await wallet.register(name, PASSWORD)
+            await wallet.login(name, PASSWORD)
+            if deposit:
+                await wallet.deposit(deposit)
+            yield wallet
+
+    return _open

@@ -241,7 +241,7 @@ async def test_course_and_native_accounts_never_mix(
 
             with pytest.raises(ServerError) as info:
                 await other.login("cody", "anything at all")
-            assert info.value.code == "unknown_user"
+            assert info.value.code == "auth_failed"
             with pytest.raises(ServerError) as info:
                 await native.settle(uuid.uuid4(), "cody", 5, "AAAA")
             assert info.value.code == "unknown_payee"

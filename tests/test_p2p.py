@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -14,62 +14,10 @@ import trio
 from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import SqliteLedger
-from p2ppay.peer import PeerConfig, Policy, accept_all, decline_all
-from p2ppay.pki import Issuer
-from p2ppay.server import Server, ServerConfig
+from p2ppay.peer import PeerConfig, decline_all
 from p2ppay.wallet import OfferAnswered, PaymentFailed, Wallet
 
-from .conftest import FAST_SCRYPT
-
-PASSWORD = "correct horse"
-Open = Callable[..., AbstractAsyncContextManager[Wallet]]
-
-
-@pytest.fixture
-async def server_port(
-    ledger: SqliteLedger, server_ctx: ssl.SSLContext, issuer: Issuer
-) -> AsyncIterator[int]:
-    server = Server(ledger, server_ctx, issuer, ServerConfig(scrypt=FAST_SCRYPT))
-    async with trio.open_nursery() as nursery:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        await nursery.start(server.serve, listeners)
-        yield listeners[0].socket.getsockname()[1]
-        server.shutdown()
-
-
-@pytest.fixture
-def open_wallet(server_port: int, client_ctx: ssl.SSLContext) -> Open:
-    """``async with open_wallet("bob", policy=accept_all, deposit=100) as bob``."""
-
-    @asynccontextmanager
-    async def _open(
-        name: str,
-        *,
-        policy: Policy = accept_all,
-        deposit: int = 0,
-        peer_config: PeerConfig | None = None,
-        connect: Callable[[], AbstractAsyncContextManager[Client]] | None = None,
-        register: bool = True,
-    ) -> AsyncIterator[Wallet]:
-        def default_connect() -> AbstractAsyncContextManager[Client]:
-            return Client.connect(
-                "127.0.0.1", server_port, ssl_context=client_ctx, server_hostname="localhost"
-            )
-
-        async with Wallet.using(
-            connect or default_connect,
-            policy=policy,
-            listen_host="127.0.0.1",
-            peer_config=peer_config,
-        ) as wallet:
-            if register:
-                await wallet.register(name, PASSWORD)
-            await wallet.login(name, PASSWORD)
-            if deposit:
-                await wallet.deposit(deposit)
-            yield wallet
-
-    return _open
+from .conftest import Open
 
 
 async def next_of(wallet: Wallet, kind: type[Any]) -> Any:

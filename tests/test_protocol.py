@@ -227,11 +227,11 @@ def test_login_moves_state_only_when_it_succeeds() -> None:
     conn = server_after_hello()
     login = only_event(conn, req(id=2, op="login", name="alice", password="pw"))
     assert isinstance(login, p.Login)
-    error = conn.send_error(login.id, ErrorCode.WRONG_PASSWORD, "no")
+    error = conn.send_error(login.id, ErrorCode.AUTH_FAILED, "no")
     assert json.loads(error) == {
         "id": 2,
         "ok": False,
-        "error": {"code": "wrong_password", "message": "no"},
+        "error": {"code": "auth_failed", "message": "no"},
     }
     assert conn.state is State.ANONYMOUS
     data = conn.send_ok(login, p.LoginResult("alice", 7, "10.0.0.1", None))

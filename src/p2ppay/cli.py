@@ -15,6 +15,7 @@ import trio
 
 from . import __version__
 from .ledger import Limits
+from .limits import ThrottleConfig
 from .passwords import ScryptParams
 from .server import DEFAULT_PORT, ServerConfig, ServerOptions, run_server
 from .shell import PASSWORD_ENV, ClientOptions, run_client
@@ -132,6 +133,43 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.peer_cert_lifetime / 3600,
         help="lifetime of the peer certificate a login gets",
     )
+    th = ThrottleConfig()
+    s.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=d.max_connections,
+        help="connections at once, in all",
+    )
+    s.add_argument(
+        "--max-connections-per-ip",
+        type=_positive_int,
+        default=d.max_connections_per_ip,
+        help="connections at once from one address",
+    )
+    s.add_argument(
+        "--login-failures",
+        type=_positive_int,
+        default=th.max_account_failures,
+        help="failed logins in a row that lock an account's logins",
+    )
+    s.add_argument(
+        "--login-lockout",
+        type=_seconds,
+        default=th.account_lockout,
+        help="seconds an account's logins stay locked",
+    )
+    s.add_argument(
+        "--address-failures",
+        type=_positive_int,
+        default=th.max_address_failures,
+        help="failed logins from one address that block it for --address-window",
+    )
+    s.add_argument(
+        "--address-window",
+        type=_seconds,
+        default=th.address_window,
+        help="seconds over which an address's failed logins are counted",
+    )
     s.add_argument(
         "--course-port",
         type=_port,
@@ -241,6 +279,14 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         scrypt=ScryptParams(n=n),
         peer_cert_lifetime=args.peer_cert_hours * 3600,
         course_initial_balance=args.course_initial_balance,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        throttle=ThrottleConfig(
+            max_account_failures=args.login_failures,
+            account_lockout=args.login_lockout,
+            max_address_failures=args.address_failures,
+            address_window=args.address_window,
+        ),
     )
     try:
         limits = Limits(args.max_deposit, args.max_payment, args.max_balance)

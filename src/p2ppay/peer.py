@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
+from .limits import LimitLog
 from .pki import make_csr, new_peer_key, sign_acceptance
 from .tls import peer_contexts, peer_name
 
@@ -48,6 +49,10 @@ class PeerConfig:
     answer_timeout: float = 45.0
     connect_timeout: float = 10.0
     max_line: int = 4096
+    #: offers one payer may have waiting for a decision at once (the rest are declined)
+    max_offers_per_payer: int = 4
+    #: payer connections at once (those in the TLS handshake count); more are closed
+    max_connections: int = 64
 
 
 class PeerError(Exception):
@@ -138,6 +143,9 @@ class OfferListener:
         self.policy = policy
         self.config = config or PeerConfig()
         self.connections_accepted = 0
+        self.connections_open = 0
+        self._waiting: dict[str, int] = {}  # payer -> offers awaiting a decision
+        self.limit_log = LimitLog(log)
 
     async def serve(
         self,
@@ -152,6 +160,17 @@ class OfferListener:
 
     async def handle(self, transport: trio.abc.Stream) -> None:
         """Own one payer connection: handshake, then offers answered one at a time."""
+        if self.connections_open >= self.config.max_connections:
+            self.limit_log.hit("payer-connections", f"{self.connections_open} open")
+            await trio.aclose_forcefully(transport)
+            return
+        self.connections_open += 1
+        try:
+            await self._handle(transport)
+        finally:
+            self.connections_open -= 1
+
+    async def _handle(self, transport: trio.abc.Stream) -> None:
         self.connections_accepted += 1
         cfg = self.config
         stream = trio.SSLStream(transport, self.identity.listener_context, server_side=True)
@@ -198,9 +217,21 @@ class OfferListener:
         if offer.payer != payer:
             # The certificate says who is paying; a message cannot claim otherwise.
             return p.Decline(offer.payment_id, f"your certificate names {payer}, not {offer.payer}")
+        waiting = self._waiting.get(payer, 0)
+        if waiting >= self.config.max_offers_per_payer:
+            self.limit_log.hit("offers-per-payer", f"{payer} has {waiting} offers waiting")
+            return p.Decline(offer.payment_id, "too many of your offers are waiting already")
+        self._waiting[payer] = waiting + 1
         decision = False
-        with trio.move_on_after(self.config.decide_timeout) as waited:
-            decision = await self.policy(offer)
+        try:
+            with trio.move_on_after(self.config.decide_timeout) as waited:
+                decision = await self.policy(offer)
+        finally:
+            left = self._waiting[payer] - 1
+            if left:
+                self._waiting[payer] = left
+            else:
+                del self._waiting[payer]
         if waited.cancelled_caught:
             return p.Decline(offer.payment_id, "no answer in time")
         if not decision:

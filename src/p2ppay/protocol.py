@@ -53,7 +53,10 @@ class ErrorCode(enum.StrEnum):
     # Accounts.
     NAME_TAKEN = "name_taken"
     UNKNOWN_USER = "unknown_user"
-    WRONG_PASSWORD = "wrong_password"
+    #: login: unknown account or wrong password, deliberately the same answer
+    AUTH_FAILED = "auth_failed"
+    #: login: too many failed attempts for this account or from this address
+    RATE_LIMITED = "rate_limited"
     # Money.
     BAD_AMOUNT = "bad_amount"
     BALANCE_LIMIT = "balance_limit"

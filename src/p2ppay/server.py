@@ -40,6 +40,7 @@ from .course import (
     CourseRegister,
     CourseTransfer,
 )
+from .limits import LimitLog, LoginThrottle, ThrottleConfig
 from .passwords import ScryptParams, hash_password, verify_password
 from .pki import (
     IdentityError,
@@ -75,6 +76,10 @@ class ServerConfig:
     hash_threads: int = 2
     #: how long a session's peer certificate is valid
     peer_cert_lifetime: float = 24 * 3600.0
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    #: connections at once, in all and from one address (those in the TLS handshake count)
+    max_connections: int = 20_000
+    max_connections_per_ip: int = 256
     #: what a new course account starts with (recorded as a deposit)
     course_initial_balance: int = 10_000
     course_max_message: int = 1024
@@ -145,6 +150,10 @@ class Server:
         # A hash to check against when the account does not exist, so that a missing account
         # costs the same time as a wrong password. Made lazily (it is slow).
         self._dummy_hash: str | None = None
+        self.throttle = LoginThrottle(self.config.throttle, trio.current_time)
+        self.limit_log = LimitLog(log)
+        self.connections_per_ip: dict[str, int] = {}
+        self.connections = 0
         self.closing = False
         self._nursery: trio.Nursery | None = None
         self._accept_scope = trio.CancelScope()
@@ -214,39 +223,77 @@ class Server:
     async def _on_accept(self, stream: trio.abc.Stream) -> None:
         await self.handle_connection(stream, _peer_ip(stream))
 
-    async def handle_connection(self, transport: trio.abc.Stream, peer_ip: str) -> None:
-        """Own one connection from TLS handshake to close."""
+    def _admit(self, peer_ip: str) -> bool:
+        """Count a new connection in, unless it would pass a connection limit."""
+        cfg = self.config
+        if self.connections >= cfg.max_connections:
+            self.limit_log.hit("max-connections", f"{cfg.max_connections} open; refused {peer_ip}")
+            return False
+        if self.connections_per_ip.get(peer_ip, 0) >= cfg.max_connections_per_ip:
+            self.limit_log.hit(
+                "max-connections-per-ip", f"{cfg.max_connections_per_ip} open from {peer_ip}"
+            )
+            return False
+        self.connections += 1
+        self.connections_per_ip[peer_ip] = self.connections_per_ip.get(peer_ip, 0) + 1
+        return True
+
+    def _release(self, peer_ip: str) -> None:
+        self.connections -= 1
+        left = self.connections_per_ip[peer_ip] - 1
+        if left:
+            self.connections_per_ip[peer_ip] = left
+        else:
+            del self.connections_per_ip[peer_ip]
+
+    async def _handshake(
+        self, transport: trio.abc.Stream, peer_ip: str
+    ) -> trio.SSLStream[Any] | None:
+        """TLS within the handshake timeout, or None (and the transport closed)."""
         stream = trio.SSLStream(transport, self.ssl_context, server_side=True)
         try:
             with trio.move_on_after(self.config.handshake_timeout) as scope:
                 await stream.do_handshake()
-            if scope.cancelled_caught:
-                log.info("%s: TLS handshake timed out", peer_ip)
-                await trio.aclose_forcefully(stream)
-                return
         except trio.BrokenResourceError as exc:
-            log.info("%s: TLS handshake failed: %s", peer_ip, exc.__cause__ or exc)
+            # Garbage instead of TLS, a port scan, a client that does not trust us: common
+            # enough to be worth a line now and then, not one per connection.
+            self.limit_log.hit("tls-handshake-failed", f"{peer_ip}: {exc.__cause__ or exc}")
             await trio.aclose_forcefully(stream)
+            return None
+        if scope.cancelled_caught:
+            self.limit_log.hit("tls-handshake-timeout", f"{peer_ip} stayed silent")
+            await trio.aclose_forcefully(stream)
+            return None
+        return stream
+
+    async def handle_connection(self, transport: trio.abc.Stream, peer_ip: str) -> None:
+        """Own one connection from TLS handshake to close."""
+        if not self._admit(peer_ip):
+            await trio.aclose_forcefully(transport)
             return
-        await self._own(Session(self, stream, peer_ip))
+        try:
+            stream = await self._handshake(transport, peer_ip)
+            if stream is not None:
+                await self._own(Session(self, stream, peer_ip))
+        finally:
+            self._release(peer_ip)
 
     async def _on_course_accept(self, stream: trio.abc.Stream) -> None:
         await self.handle_course_connection(stream, _peer_ip(stream))
 
     async def handle_course_connection(self, transport: trio.abc.Stream, peer_ip: str) -> None:
         """Own one course-dialect connection (TLS first if the server was told --course-tls)."""
-        stream: trio.abc.Stream = transport
-        if self.course_tls:
-            tls = trio.SSLStream(transport, self.ssl_context, server_side=True)
-            try:
-                with trio.fail_after(self.config.handshake_timeout):
-                    await tls.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-                log.info("%s: course TLS handshake failed: %s", peer_ip, exc.__cause__ or exc)
-                await trio.aclose_forcefully(tls)
-                return
-            stream = tls
-        await self._own(CourseSession(self, stream, peer_ip))
+        if not self._admit(peer_ip):
+            await trio.aclose_forcefully(transport)
+            return
+        try:
+            stream: trio.abc.Stream | None = transport
+            if self.course_tls:
+                stream = await self._handshake(transport, peer_ip)
+            if stream is not None:
+                await self._own(CourseSession(self, stream, peer_ip))
+        finally:
+            self._release(peer_ip)
 
     async def _own(self, session: Session | CourseSession) -> None:
         """Run a session to its end, whatever happens in it."""
@@ -535,13 +582,23 @@ class Session:
         return p.RegisterResult(req.name)
 
     async def _login(self, req: p.Login) -> p.LoginResult:
+        throttle = self.server.throttle
+        wait = throttle.retry_after(req.name, self.ip)
+        if wait is not None:
+            self.server.limit_log.hit("login-throttle", f"{req.name} from {self.ip}")
+            raise RequestFailed(
+                p.ErrorCode.RATE_LIMITED,
+                f"too many failed logins; try again in {math.ceil(wait)} s",
+            )
         account = await self.server.ledger.account(req.name)
         stored = account.password_hash if account and account.kind == "native" else None
+        # A missing account costs the same hashing as a wrong password, and gets the same
+        # answer: a login does not tell whether a name exists.
         ok = await self.server.verify_password(req.password, stored)
-        if account is None or stored is None:
-            raise RequestFailed(p.ErrorCode.UNKNOWN_USER, f"no account named {req.name!r}")
-        if not ok:
-            raise RequestFailed(p.ErrorCode.WRONG_PASSWORD, "wrong password")
+        if account is None or stored is None or not ok:
+            throttle.failed(req.name, self.ip)
+            raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
+        throttle.succeeded(req.name)
         cert = await self.server.certify(req.name, req.csr) if req.csr else None
         self.user = req.name
         self.p2p_port = req.p2p_port

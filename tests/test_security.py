@@ -1,0 +1,361 @@
+"""The security properties (docs/security.md): who may move money, who a peer is, and what
+hostile input, guessing and floods get."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import ssl
+import uuid
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from p2ppay import protocol as p
+from p2ppay.client import ServerError
+from p2ppay.ledger import SqliteLedger
+from p2ppay.limits import LoginThrottle, ThrottleConfig
+from p2ppay.peer import Dialer, PeerConfig, PeerError, PeerIdentity, PeerKey
+from p2ppay.pki import Issuer, sign_acceptance
+from p2ppay.server import Server, ServerConfig
+
+from .conftest import KEYS, SERVER_NAME, Connect, Open, acceptance, login, pay, registered
+from .test_session import closed_by_peer
+
+# --- P1: only an account's owner moves money out of it --------------------------------------
+
+
+async def expect_code(code: str, coro: Any) -> ServerError:
+    with pytest.raises(ServerError) as info:
+        await coro
+    assert info.value.code == code, info.value
+    return info.value
+
+
+async def test_nobody_settles_a_payment_from_someone_elses_account(
+    connect: Connect, ledger: SqliteLedger
+) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob, connect() as carol:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob", deposit=100)
+            await registered(carol, "carol")
+            # carol accepted a payment from bob; alice (logged in) tries to settle it.
+            pid = uuid.uuid4()
+            bobs = acceptance(pid, "bob", "carol", 50)
+            await expect_code("bad_acceptance", alice.settle(pid, "carol", 50, bobs))
+            # The protocol has no way to name a payer: the session's account always pays.
+            assert "payer" not in p.Settle.__struct_fields__
+            assert (await bob.list()).balance == 100
+            assert (await alice.list()).balance == 100
+            assert (await carol.list()).balance == 0
+    assert (await ledger.audit()).transfers == 0
+
+
+async def test_forged_altered_and_replayed_acceptances_are_refused(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob")
+            pid = uuid.uuid4()
+            good = acceptance(pid, "alice", "bob", 10)
+            forged_by_alice = base64.b64encode(
+                sign_acceptance(KEYS["alice"].key, str(pid), "alice", "bob", 10)
+            ).decode()
+            for bad in (
+                base64.b64encode(os.urandom(70)).decode(),  # random bytes
+                forged_by_alice,  # signed, but not by bob
+                "not base64 at all!",
+            ):
+                await expect_code("bad_acceptance", alice.settle(pid, "bob", 10, bad))
+            # altered: bob accepted 10, not 99
+            await expect_code("bad_acceptance", alice.settle(pid, "bob", 99, good))
+            assert (await alice.settle(pid, "bob", 10, good)).balance == 90
+            # replayed for another payment: refused; for the same one: the stored outcome
+            other = uuid.uuid4()
+            await expect_code("bad_acceptance", alice.settle(other, "bob", 10, good))
+            assert (await alice.settle(pid, "bob", 10, good)).balance == 90
+            assert (await bob.list()).balance == 10
+
+
+async def test_a_replaced_sessions_key_stops_counting(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob_old:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob_old, "bob")
+            settled = uuid.uuid4()
+            old_acceptance = acceptance(settled, "alice", "bob", 10)
+            await alice.settle(settled, "bob", 10, old_acceptance)
+            old_key = KEYS["bob"]
+            pending = uuid.uuid4()
+            signed_earlier = base64.b64encode(
+                sign_acceptance(old_key.key, str(pending), "alice", "bob", 20)
+            ).decode()
+            async with connect() as bob_new:
+                await login(bob_new, "bob")  # a new session with a new key
+                await expect_code(
+                    "bad_acceptance", alice.settle(pending, "bob", 20, signed_earlier)
+                )
+                # ...while a retry of what was settled with the old key still gets its outcome
+                assert (await alice.settle(settled, "bob", 10, old_acceptance)).balance == 90
+                assert (await pay(alice, "bob", 20)).balance == 70  # the new key works
+
+
+# --- P2: peers are who they claim ------------------------------------------------------------
+
+
+async def test_payer_refuses_a_payee_with_another_name(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with (
+            open_wallet("alice", deposit=100) as alice,
+            open_wallet("bob"),
+            open_wallet("carol") as carol,
+        ):
+            assert alice.dialer is not None and carol.p2p_port is not None
+            # The server says bob listens where carol does (a stale or lying address).
+            where = p.Presence("bob", "127.0.0.1", carol.p2p_port)
+            with pytest.raises(PeerError) as info:
+                await alice.dialer.offer(where, p.Offer(uuid.uuid4(), "alice", "bob", 5))
+            assert info.value.code == "wrong_peer"
+            assert "'carol', not bob" in info.value.message
+
+
+def foreign_identity(name: str) -> PeerIdentity:
+    """A perfectly good certificate for ``name``, from a CA that is not the server's."""
+    import datetime as dt
+
+    stranger = Issuer.ephemeral()
+    key = PeerKey()
+    cert = stranger.issue(key.csr(name), name, dt.timedelta(hours=1))
+    return PeerIdentity.build(name, key, cert.pem, stranger.ca_pem)
+
+
+async def connects(ctx: ssl.SSLContext, port: int) -> bool:
+    """True if a TLS connection to the listener works far enough to get an answer."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+    try:
+        await stream.do_handshake()
+        await stream.send_all(p.encode_peer_message(p.Offer(uuid.uuid4(), "x", "y", 1)))
+        return bool(await stream.receive_some())
+    except trio.BrokenResourceError:
+        return False
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def test_certificates_not_from_the_servers_ca_are_refused(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            assert bob.p2p_port is not None and alice.identity is not None
+            assert await connects(alice.identity.dialer_context, bob.p2p_port)  # the control
+            impostor = await trio.to_thread.run_sync(foreign_identity, "alice")
+            assert not await connects(impostor.dialer_context, bob.p2p_port)
+            # ...and a payee with a foreign certificate is refused by the payer.
+            fake_bob = await trio.to_thread.run_sync(foreign_identity, "bob")
+            from p2ppay.peer import OfferListener, accept_all
+
+            listener = OfferListener(fake_bob, accept_all)
+            async with trio.open_nursery() as nursery:
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                await nursery.start(listener.serve, listeners)
+                port = listeners[0].socket.getsockname()[1]
+                dialer = Dialer(alice.identity, PeerConfig())
+                with pytest.raises(PeerError) as info:
+                    await dialer.offer(
+                        p.Presence("bob", "127.0.0.1", port),
+                        p.Offer(uuid.uuid4(), "alice", "bob", 5),
+                    )
+                assert info.value.code == "unreachable"
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_client_without_a_certificate_cannot_reach_a_payee(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("bob") as bob:
+            assert bob.identity is not None and bob.p2p_port is not None
+            anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            anonymous.check_hostname = False
+            anonymous.load_verify_locations(cadata=bob.identity.peer_ca)
+            assert not await connects(anonymous, bob.p2p_port)
+            assert bob.listener is not None and bob.listener.connections_accepted == 1
+
+
+async def test_offers_waiting_per_payer_are_limited(open_wallet: Open) -> None:
+    pondering = trio.Event()
+
+    async def ponder(offer: p.Offer) -> bool:
+        pondering.set()
+        await trio.sleep_forever()
+        raise AssertionError
+
+    with trio.fail_after(30):
+        async with (
+            open_wallet("alice", deposit=100) as alice,
+            open_wallet("bob", policy=ponder, peer_config=PeerConfig(max_offers_per_payer=1)),
+        ):
+            assert alice.identity is not None
+            where = await alice.list()
+            bob_at = next(u for u in where.online if u.name == "bob")
+            first, second = Dialer(alice.identity), Dialer(alice.identity)  # two connections
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first.offer, bob_at, p.Offer(uuid.uuid4(), "alice", "bob", 1))
+                await pondering.wait()  # the first offer is waiting for bob's decision
+                answer = await second.offer(bob_at, p.Offer(uuid.uuid4(), "alice", "bob", 2))
+                assert isinstance(answer, p.Decline)
+                assert answer.reason == "too many of your offers are waiting already"
+                nursery.cancel_scope.cancel()
+            await first.aclose()
+            await second.aclose()
+
+
+# --- P5: hostile input and floods ------------------------------------------------------------
+
+
+async def test_a_one_mebibyte_line_is_refused(
+    server: Server, client_ctx: ssl.SSLContext, connect: Connect
+) -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_side, "10.7.7.7")
+        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+        client = p.ClientConnection()
+        with trio.fail_after(10):
+            await stream.send_all(
+                b'{"id": 1, "op": "hello", "version": 1, "client": "' + b"x" * (1 << 20) + b'"}\n'
+            )
+            replies = []
+            while True:
+                event = client.next_event()
+                if event is p.CLOSED:
+                    break
+                if event is p.NEED_DATA:
+                    try:
+                        client.receive_data(await stream.receive_some())
+                    except trio.BrokenResourceError:
+                        break
+                    continue
+                replies.append(event)
+        assert replies == [p.ReplyError(None, "line_too_long", "line longer than 65536 bytes")]
+        nursery.cancel_scope.cancel()
+    async with connect() as fine:  # and the server goes on
+        await registered(fine, "after")
+
+
+async def test_garbage_floods_leave_normal_clients_served(
+    open_wallet: Open, server_port: int
+) -> None:
+    """200 hostile connections at once (silent, plain HTTP, random bytes) while two normal
+    clients register, log in and pay."""
+    rng = __import__("random").Random(1)
+    opened: list[tuple[trio.SocketStream, str]] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+
+            async def hostile(i: int) -> None:
+                stream = await trio.open_tcp_stream("127.0.0.1", server_port)
+                kind = ("silent", "http", "random")[i % 3]
+                opened.append((stream, kind))
+                if kind == "http":
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: p2ppay\r\n\r\n")
+                elif kind == "random":
+                    await stream.send_all(rng.randbytes(512))
+                # i % 3 == 0: say nothing at all, hold the connection open
+
+            for i in range(200):
+                nursery.start_soon(hostile, i)
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            paid = await alice.pay("bob", 40)
+            assert paid.balance == 60
+            assert await bob.balance() == 40
+        # Everything that was not TLS has been dropped by the server.
+        for stream, kind in opened:
+            if kind != "silent":
+                assert await closed_by_peer(stream), kind
+            await trio.aclose_forcefully(stream)
+
+
+async def test_connection_limits(
+    ledger: SqliteLedger, server_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    server = Server(ledger, server_ctx, issuer, ServerConfig(max_connections_per_ip=2))
+    holders = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            client_side, server_side = trio.testing.memory_stream_pair()
+            holders.append(client_side)
+            nursery.start_soon(server.handle_connection, server_side, "10.8.8.8")
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connections_per_ip == {"10.8.8.8": 2}
+        third_client, third_server = trio.testing.memory_stream_pair()
+        with trio.fail_after(5):
+            await server.handle_connection(third_server, "10.8.8.8")  # refused at once
+        assert await third_client.receive_some() == b""
+        _other_client, other_server = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle_connection, other_server, "10.9.9.9")
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connections_per_ip == {"10.8.8.8": 2, "10.9.9.9": 1}
+        nursery.cancel_scope.cancel()
+    assert server.connections == 0 and server.connections_per_ip == {}
+
+
+# --- P6: guessing is rate limited -------------------------------------------------------------
+
+
+async def test_twenty_wrong_passwords_lock_the_account_for_a_while(
+    autojump_clock: trio.testing.MockClock, connect: Connect, server: Server
+) -> None:
+    lockout = server.config.throttle.account_lockout
+    async with connect(request_timeout=math.inf) as owner:
+        await registered(owner, "alice")
+    async with connect("10.66.0.1", request_timeout=math.inf) as guesser:
+        for i in range(20):
+            await expect_code("auth_failed", guesser.login("alice", f"guess number {i}"))
+        err = await expect_code("rate_limited", guesser.login("alice", "correct horse"))
+        assert err.message.startswith("too many failed logins; try again in ")
+        assert 0 < int(err.message.split()[-2]) <= math.ceil(lockout)
+    # Locked for everyone, from everywhere, even with the right password...
+    async with connect("10.1.1.1", request_timeout=math.inf) as owner:
+        await expect_code("rate_limited", owner.login("alice", "correct horse"))
+    await trio.sleep(lockout + 1)
+    # ...until the time has passed.
+    async with connect("10.1.1.1", request_timeout=math.inf) as owner:
+        assert (await owner.login("alice", "correct horse")).name == "alice"
+
+
+def test_throttle_per_address_and_memory_bound() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(
+        ThrottleConfig(max_address_failures=3, address_window=60), lambda: now[0]
+    )
+    for name in ("a", "b", "c"):
+        assert throttle.retry_after(name, "10.0.0.1") is None
+        throttle.failed(name, "10.0.0.1")
+    assert throttle.retry_after("d", "10.0.0.1") == 60  # the address is blocked...
+    assert throttle.retry_after("d", "10.0.0.2") is None  # ...not the next one
+    now[0] = 61
+    assert throttle.retry_after("d", "10.0.0.1") is None
+    throttle.succeeded("a")
+    assert "a" not in throttle._accounts
+
+
+async def test_hashing_never_runs_on_the_event_loop(
+    connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from p2ppay.passwords import verify_password
+
+    in_thread: list[bool] = []
+
+    def spy(password: str, stored: str) -> bool:
+        in_thread.append(threading.current_thread() is not threading.main_thread())
+        return verify_password(password, stored)
+
+    monkeypatch.setattr("p2ppay.server.verify_password", spy)
+    async with connect() as alice:
+        await registered(alice, "alice")
+    assert in_thread == [True]
