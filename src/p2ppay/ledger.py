@@ -3,9 +3,9 @@
 Every call is an *operation* handed to one writer task. The writer takes all operations waiting
 at that moment (up to ``max_batch``), runs them in one transaction on its dedicated connection in
 a worker thread, commits with ``synchronous=FULL`` and only then answers each caller (group
-commit). Each write runs inside its own savepoint, so one operation's failure (insufficient funds,
-say) undoes only that operation. If the commit itself fails, every caller in the batch gets
-:class:`LedgerUnavailable` and nothing of the batch is acknowledged.
+commit). An operation refuses (insufficient funds, say) only before it writes anything, so a
+refusal leaves the batch intact; any other failure, and a failed commit, roll the whole batch
+back and every caller in it gets :class:`LedgerUnavailable`: nothing of it is acknowledged.
 
 The ledger knows nothing of connections or the wire protocol; :class:`Ledger` is the narrow
 interface the server uses, so another backend can stand in without touching the server.
@@ -293,21 +293,16 @@ class SqliteLedger:
         try:
             db.execute("BEGIN IMMEDIATE")
             for op in batch:
-                if not op.write:
-                    try:
-                        op.result = op.fn(db)
-                    except (LedgerError, sqlite3.Error) as exc:
-                        op.error = exc
-                    continue
-                db.execute("SAVEPOINT op")
                 try:
                     op.result = op.fn(db)
-                except (LedgerError, sqlite3.Error) as exc:
-                    db.execute("ROLLBACK TO op")
+                except LedgerError as exc:
+                    # Every operation checks before it writes, so a refusal has written
+                    # nothing: no savepoint to roll back to (that saves two statements an op).
                     op.error = exc
-                db.execute("RELEASE op")
             db.execute("COMMIT")
         except BaseException as exc:
+            # Anything else (an I/O error, a constraint that should have been impossible)
+            # may have left a half-done operation: none of the batch is kept or acknowledged.
             if db.in_transaction:
                 db.rollback()
             for op in batch:
@@ -440,14 +435,15 @@ class SqliteLedger:
                 raise SelfPayment("you cannot pay yourself")
             if amount < 1 or amount > limits.max_payment:
                 raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
-            src = db.execute(
-                "SELECT balance, kind FROM accounts WHERE name = ?", (payer,)
-            ).fetchone()
+            found = {
+                name: (balance, kind)
+                for name, balance, kind in db.execute(
+                    "SELECT name, balance, kind FROM accounts WHERE name IN (?, ?)", (payer, payee)
+                )
+            }
+            src, dst = found.get(payer), found.get(payee)
             if src is None:
                 raise UnknownAccount(f"no account {payer!r}")
-            dst = db.execute(
-                "SELECT balance, kind FROM accounts WHERE name = ?", (payee,)
-            ).fetchone()
             if dst is None or dst[1] != src[1]:
                 # Course accounts (no password) and native ones never pay each other.
                 raise UnknownPayee(f"no account {payee!r}")
@@ -458,8 +454,11 @@ class SqliteLedger:
             if payee_after > limits.max_balance:
                 raise BalanceLimit(f"{payee}'s balance would exceed {limits.max_balance}")
             now = _now_ms()
-            db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (payer_after, payer))
-            db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (payee_after, payee))
+            db.execute(
+                "UPDATE accounts SET balance = CASE name WHEN ?1 THEN ?2 ELSE ?4 END"
+                " WHERE name IN (?1, ?3)",
+                (payer, payer_after, payee, payee_after),
+            )
             db.execute(
                 "INSERT INTO movements(kind, payment_id, payer, payee, amount,"
                 " payer_balance_after, payee_balance_after, at_ms)"

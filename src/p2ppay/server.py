@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from . import __version__, course
 from . import ledger as lg
 from . import protocol as p
+from .batching import BatchWorker
 from .course import (
     CourseBadInput,
     CourseBadRegister,
@@ -108,6 +109,14 @@ _LEDGER_CODES: Final[dict[type[lg.LedgerError], p.ErrorCode]] = {
 }
 
 
+_Check = tuple[EllipticCurvePublicKey, bytes, str, str, str, int]
+
+
+def _verify_all(checks: Sequence[_Check]) -> list[bool]:
+    """Check a batch of acceptances (in a worker thread: the crypto releases the GIL)."""
+    return [verify_acceptance(*check) for check in checks]
+
+
 def _peer_ip(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     if sock is None:
@@ -150,6 +159,7 @@ class Server:
         # A hash to check against when the account does not exist, so that a missing account
         # costs the same time as a wrong password. Made lazily (it is slow).
         self._dummy_hash: str | None = None
+        self._verifier: BatchWorker[_Check, bool] = BatchWorker(_verify_all)
         self.throttle = LoginThrottle(self.config.throttle, trio.current_time)
         self.limit_log = LimitLog(log)
         self.connections_per_ip: dict[str, int] = {}
@@ -172,6 +182,7 @@ class Server:
         :meth:`shutdown`; return when every session is done."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self._verifier.run)
             with self._accept_scope:
                 async with trio.open_nursery() as accepting:
                     for group, handler in (
@@ -368,7 +379,7 @@ class Server:
             signature = base64.b64decode(acceptance, validate=True)
         except ValueError:
             raise RequestFailed(p.ErrorCode.BAD_ACCEPTANCE, "acceptance is not base64") from None
-        if not verify_acceptance(key, signature, str(payment_id), payer, payee, amount):
+        if not await self._verifier((key, signature, str(payment_id), payer, payee, amount)):
             raise RequestFailed(
                 p.ErrorCode.BAD_ACCEPTANCE,
                 f"the acceptance is not {payee}'s signature over this payment",
@@ -656,7 +667,7 @@ class Session:
                 raise
         t = await self.server.ledger.settle(req.payment_id, payer, req.payee, req.amount)
         if not t.replayed:
-            log.info(
+            log.debug(
                 "%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee, t.amount
             )
             payee = self.server.online.get(t.payee)
@@ -809,7 +820,7 @@ class CourseSession:
             log.info("%s: course transfer %r failed: %s", self.ip, message, exc)
             await self.send(course.TRANSFER_FAIL)
             return
-        log.info("%s: course transfer %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
+        log.debug("%s: course transfer %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
         payer = self.server.course_online.get(t.payer)
         if payer is not None:
 
@@ -909,6 +920,12 @@ async def run_server(
                             log.info("received %s", signal.Signals(signum).name)
                             server.shutdown()
                             break
+        log.info(
+            "ledger: %d commits, %d operations (%.1f per commit)",
+            ledger.commits,
+            ledger.ops_committed,
+            ledger.ops_committed / max(ledger.commits, 1),
+        )
     finally:
         for listener in [*listeners, *course_listeners]:  # serve() closed those it started
             with trio.CancelScope(shield=True):
