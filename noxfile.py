@@ -26,6 +26,20 @@ def fuzz(session: nox.Session) -> None:
 
 
 @nox.session
+def soak(session: nox.Session) -> None:
+    """The long bank test: many clients, many SIGKILLs and restarts."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_bank.py", *session.posargs, env={"P2PPAY_SOAK": "1"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark against a same-run baseline; pass --full for 10,000 sessions."""
+    session.install("-e", ".")
+    session.run("python", "-m", "p2ppay.bench", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff, with flake8-async's ASYNC rules among the selected ones."""
     session.install("ruff>=0.5")

@@ -1,0 +1,292 @@
+"""The bank test harness: many clients paying each other at random, with retries by payment id,
+while the server process is SIGKILLed at random moments and restarted on the same state dir.
+
+At the end the ledger itself is audited: every acknowledged payment is in it exactly once and
+as acknowledged, nothing is in it that nobody asked for, no balance is negative, and the sum of
+balances equals the sum of deposits. Seeded, so a failure can be replayed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from p2ppay import protocol as p
+from p2ppay.client import Client, ConnectionLost, ServerError
+from p2ppay.ledger import open_sqlite_ledger
+from p2ppay.peer import PeerKey
+from p2ppay.pki import sign_acceptance
+from p2ppay.tls import client_context
+
+PASSWORD = "bank test password"
+DEPOSIT = 1_000
+
+
+@dataclass
+class BankReport:
+    acknowledged: dict[uuid.UUID, p.SettleResult] = field(default_factory=dict)
+    refused: dict[uuid.UUID, str] = field(default_factory=dict)
+    attempted: dict[uuid.UUID, tuple[str, str, int]] = field(default_factory=dict)
+    kills: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+class ServerRunner:
+    """Starts, SIGKILLs and restarts one server process on one state dir."""
+
+    def __init__(self, state: Path, command: list[str]) -> None:
+        self.state = state
+        self.command = command
+        self.port = 0
+        self.up = trio.Event()
+        self.process: trio.Process | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ServerRunner]:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.start()
+            try:
+                yield self
+            finally:
+                await self.stop(signal.SIGTERM)
+                nursery.cancel_scope.cancel()
+
+    async def start(self) -> None:
+        cmd = [
+            *self.command,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--state-dir",
+            str(self.state),
+            "--scrypt-n",
+            "16",
+        ]
+        process = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE)
+        self.process = process
+        port: list[int] = []
+        started = trio.Event()
+
+        async def drain() -> None:
+            assert process.stderr is not None
+            lines = p.LineBuffer(1 << 20)
+            while data := await process.stderr.receive_some():
+                lines.feed(data)
+                while (line := lines.next_line()) is not None:
+                    text = line.decode(errors="replace")
+                    if "listening on 127.0.0.1 port" in text and not port:
+                        port.append(int(text.rsplit("port", 1)[1].split()[0]))
+                        started.set()
+                    if "Traceback" in text or "ERROR" in text:
+                        sys.stderr.write(f"server: {text}\n")
+
+        self._nursery.start_soon(drain)
+        with trio.fail_after(30):
+            await started.wait()
+        self.port = port[0]
+        self.up.set()
+
+    async def stop(self, how: int) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        self.up = trio.Event()
+        process.send_signal(how)
+        with trio.fail_after(30):
+            await process.wait()
+
+    async def crash_and_restart(self) -> None:
+        await self.stop(signal.SIGKILL)
+        await self.start()
+
+
+async def run_bank(
+    tmp: Path,
+    *,
+    seed: int,
+    clients: int,
+    payments_per_client: int,
+    kills: int,
+    server_command: list[str] | None = None,
+) -> BankReport:
+    """Run the bank; return what happened (the caller checks it with :func:`audit`)."""
+    rng = random.Random(seed)
+    state = tmp / "state"
+    command = server_command or [sys.executable, "-m", "p2ppay"]
+    runner = ServerRunner(state, command)
+    report = BankReport()
+    names = [f"acct{i:02d}" for i in range(clients)]
+    keys = {name: PeerKey() for name in names}
+    plans = {
+        name: [
+            (
+                uuid.UUID(int=rng.getrandbits(128), version=4),
+                rng.choice([n for n in names if n != name]),
+                rng.randint(1, 60),
+            )
+            for _ in range(payments_per_client)
+        ]
+        for name in names
+    }
+    # Crash points, as counts of answered payments: spread over the run, seeded.
+    total = clients * payments_per_client
+    crash_at = sorted(random.Random(seed + 1).sample(range(total // 10, total * 9 // 10), kills))
+    answered = [0]
+    crash_due = trio.Event()
+
+    def one_more_answered() -> None:
+        answered[0] += 1
+        if crash_at and answered[0] >= crash_at[0]:
+            crash_due.set()
+
+    async with runner.running():
+        ctx = client_context(state / "ca.pem")
+
+        async def setup(name: str) -> None:
+            async with Client.connect("127.0.0.1", runner.port, ssl_context=ctx) as client:
+                await client.register(name, PASSWORD)
+                await client.login(name, PASSWORD, None, keys[name].csr(name))
+                await client.deposit(DEPOSIT)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(setup, name)
+
+        async def pay_all(name: str) -> None:
+            todo = plans[name]
+            done = 0
+            while done < len(todo):
+                await runner.up.wait()
+                try:
+                    async with Client.connect(
+                        "127.0.0.1", runner.port, ssl_context=ctx, request_timeout=30
+                    ) as client:
+                        await client.login(name, PASSWORD)
+                        while done < len(todo):
+                            pid, payee, amount = todo[done]
+                            report.attempted[pid] = (name, payee, amount)
+                            signature = sign_acceptance(
+                                keys[payee].key, str(pid), name, payee, amount
+                            )
+                            acceptance = base64.b64encode(signature).decode()
+                            try:
+                                result = await client.settle(pid, payee, amount, acceptance)
+                            except ServerError as exc:
+                                if exc.code == "internal_error":
+                                    break  # not done: the same payment id again, later
+                                report.refused[pid] = exc.code
+                            except (ConnectionLost, trio.TooSlowError):
+                                break  # the server went away: retry this payment id
+                            else:
+                                report.acknowledged[pid] = result
+                            done += 1
+                            one_more_answered()
+                except* (ConnectionLost, OSError, trio.TooSlowError, trio.BrokenResourceError):
+                    pass  # no server yet (or it died during the login): try again
+                await trio.sleep(0.02)
+
+        async def killer(done: trio.Event) -> None:
+            nonlocal crash_due
+            while crash_at:
+                await crash_due.wait()
+                crash_at.pop(0)
+                crash_due = trio.Event()
+                if crash_at and answered[0] >= crash_at[0]:
+                    crash_due.set()
+                await runner.crash_and_restart()
+                report.kills += 1
+
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(killer, done)
+            async with trio.open_nursery() as payers:
+                for name in names:
+                    payers.start_soon(pay_all, name)
+            done.set()
+            nursery.cancel_scope.cancel()
+    await audit(state, report, names)
+    return report
+
+
+async def audit(state: Path, report: BankReport, names: list[str]) -> None:
+    """Compare what was acknowledged with what the ledger holds; append to report.problems."""
+    async with open_sqlite_ledger(state / "ledger.sqlite3") as ledger:
+        facts = await ledger.audit()
+        stored = {}
+        for pid in report.attempted:
+            t = await ledger.transfer(pid)
+            if t is not None:
+                stored[pid] = t
+    problems = report.problems
+    if facts.total_balances != facts.total_deposits:
+        problems.append(f"balances {facts.total_balances} != deposits {facts.total_deposits}")
+    if facts.total_deposits != DEPOSIT * len(names):
+        problems.append(f"deposits {facts.total_deposits} != {DEPOSIT * len(names)}")
+    if facts.min_balance is not None and facts.min_balance < 0:
+        problems.append(f"a balance is negative: {facts.min_balance}")
+    for pid, result in report.acknowledged.items():
+        t = stored.get(pid)
+        if t is None:
+            problems.append(f"acknowledged payment {pid} is not in the ledger")
+        elif (t.payer, t.payee, t.amount, t.payer_balance) != (
+            result.payer,
+            result.payee,
+            result.amount,
+            result.balance,
+        ):
+            problems.append(f"payment {pid} differs from what was acknowledged")
+    for pid in report.refused:
+        if pid in stored:
+            problems.append(f"refused payment {pid} is in the ledger")
+    if facts.transfers != len(stored):
+        problems.append(f"{facts.transfers} transfers stored, {len(stored)} of them asked for")
+
+
+BROKEN_LEDGER = """
+import sys
+import p2ppay.ledger as lg
+
+# A deliberately broken ledger: it answers callers before the batch is durable, committing
+# only every 20th batch. A crash then loses payments that were already acknowledged.
+_batches = [0]
+def _run_batch(self, batch):
+    db = self._db
+    if not db.in_transaction:
+        db.execute("BEGIN IMMEDIATE")
+    for op in batch:
+        try:
+            op.result = op.fn(db)
+        except lg.LedgerError as exc:
+            op.error = exc
+    _batches[0] += 1
+    if _batches[0] % 20 == 0:
+        db.execute("COMMIT")
+lg.SqliteLedger._run_batch = _run_batch
+
+from p2ppay.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def broken_server_command(tmp: Path) -> list[str]:
+    script = tmp / "broken_server.py"
+    script.write_text(BROKEN_LEDGER)
+    return [sys.executable, str(script)]
+
+
+def soak_enabled() -> bool:
+    return os.environ.get("P2PPAY_SOAK") == "1"
