@@ -28,6 +28,8 @@ import trio
 T = TypeVar("T")
 
 AccountKind = Literal["native", "course"]
+#: Checks a new payment's authorisation; returns None if it holds, else the reason it does not.
+Authorize = Callable[[], "str | None"]
 
 
 # --- errors: each one means "nothing happened" -----------------------------------------------
@@ -67,6 +69,10 @@ class SelfPayment(LedgerError):
 
 class PaymentIdConflict(LedgerError):
     """The payment id was used before for a different payer, payee or amount."""
+
+
+class Unauthorized(LedgerError):
+    """The payment's authorisation (the payee's signed acceptance) did not check out."""
 
 
 class LedgerUnavailable(LedgerError):
@@ -158,7 +164,12 @@ class Ledger(Protocol):
     async def deposit(self, name: str, amount: int) -> int: ...
 
     async def settle(
-        self, payment_id: uuid.UUID, payer: str, payee: str, amount: int
+        self,
+        payment_id: uuid.UUID,
+        payer: str,
+        payee: str,
+        amount: int,
+        authorize: Authorize | None = None,
     ) -> Transfer: ...
 
     async def history(self, name: str, limit: int) -> list[Entry]: ...
@@ -415,7 +426,21 @@ class SqliteLedger:
 
         return await self._submit(op)
 
-    async def settle(self, payment_id: uuid.UUID, payer: str, payee: str, amount: int) -> Transfer:
+    async def settle(
+        self,
+        payment_id: uuid.UUID,
+        payer: str,
+        payee: str,
+        amount: int,
+        authorize: Authorize | None = None,
+    ) -> Transfer:
+        """Move ``amount`` from ``payer`` to ``payee`` once per ``payment_id``.
+
+        ``authorize`` is called (in the writer's thread, so it may be CPU work that releases
+        the GIL, like checking a signature) only for a payment not settled before, once the
+        accounts are known to exist: it returns None to go ahead, or why not
+        (:class:`Unauthorized`). A retry of a settled payment gets its stored outcome without
+        being authorised again."""
         limits = self.limits
         pid = str(payment_id)
 
@@ -447,6 +472,8 @@ class SqliteLedger:
             if dst is None or dst[1] != src[1]:
                 # Course accounts (no password) and native ones never pay each other.
                 raise UnknownPayee(f"no account {payee!r}")
+            if authorize is not None and (refusal := authorize()) is not None:
+                raise Unauthorized(refusal)
             if src[0] < amount:
                 raise InsufficientFunds(f"balance {src[0]} is less than {amount}")
             payer_after = src[0] - amount

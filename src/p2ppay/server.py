@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from . import __version__, course
 from . import ledger as lg
 from . import protocol as p
-from .batching import BatchWorker
 from .course import (
     CourseBadInput,
     CourseBadRegister,
@@ -105,16 +104,9 @@ _LEDGER_CODES: Final[dict[type[lg.LedgerError], p.ErrorCode]] = {
     lg.InsufficientFunds: p.ErrorCode.INSUFFICIENT_FUNDS,
     lg.SelfPayment: p.ErrorCode.SELF_PAYMENT,
     lg.PaymentIdConflict: p.ErrorCode.PAYMENT_ID_CONFLICT,
+    lg.Unauthorized: p.ErrorCode.BAD_ACCEPTANCE,
     lg.LedgerUnavailable: p.ErrorCode.INTERNAL,
 }
-
-
-_Check = tuple[EllipticCurvePublicKey, bytes, str, str, str, int]
-
-
-def _verify_all(checks: Sequence[_Check]) -> list[bool]:
-    """Check a batch of acceptances (in a worker thread: the crypto releases the GIL)."""
-    return [verify_acceptance(*check) for check in checks]
 
 
 def _peer_ip(stream: trio.abc.Stream) -> str:
@@ -159,7 +151,6 @@ class Server:
         # A hash to check against when the account does not exist, so that a missing account
         # costs the same time as a wrong password. Made lazily (it is slow).
         self._dummy_hash: str | None = None
-        self._verifier: BatchWorker[_Check, bool] = BatchWorker(_verify_all)
         self.throttle = LoginThrottle(self.config.throttle, trio.current_time)
         self.limit_log = LimitLog(log)
         self.connections_per_ip: dict[str, int] = {}
@@ -182,7 +173,6 @@ class Server:
         :meth:`shutdown`; return when every session is done."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await nursery.start(self._verifier.run)
             with self._accept_scope:
                 async with trio.open_nursery() as accepting:
                     for group, handler in (
@@ -356,34 +346,33 @@ class Server:
         self._peer_keys[name] = (cert.public_key, expires_ms)
         return cert
 
-    async def check_acceptance(
+    async def acceptance_check(
         self, payment_id: uuid.UUID, payer: str, payee: str, amount: int, acceptance: str
-    ) -> None:
-        """Raise unless ``acceptance`` is the payee's signature over this very payment, made
-        with the key certified for the payee's current session."""
+    ) -> lg.Authorize:
+        """What the ledger calls to authorise a new payment: is ``acceptance`` the payee's
+        signature over this very payment, made with the key certified for the payee's current
+        session? (The check itself runs in the ledger's thread, off the event loop.)"""
         cached = self._peer_keys.get(payee)
         if cached is None:
             account = await self.ledger.account(payee)
-            if account is None or account.kind != "native":
-                raise RequestFailed(p.ErrorCode.UNKNOWN_PAYEE, f"no account {payee!r}")
-            if account.peer_key is None or account.peer_key_expires_ms is None:
-                raise RequestFailed(
-                    p.ErrorCode.BAD_ACCEPTANCE, f"{payee} has no peer key to accept with"
-                )
-            cached = (load_public_key_der(account.peer_key), account.peer_key_expires_ms)
-            self._peer_keys[payee] = cached
+            if account is None or account.kind != "native" or account.peer_key is None:
+                return lambda: f"{payee} has no peer key to accept with"
+            expires = account.peer_key_expires_ms or 0
+            cached = self._peer_keys[payee] = (load_public_key_der(account.peer_key), expires)
         key, expires_ms = cached
         if expires_ms < time.time() * 1000:
-            raise RequestFailed(p.ErrorCode.BAD_ACCEPTANCE, f"{payee}'s certificate has expired")
+            return lambda: f"{payee}'s certificate has expired"
         try:
             signature = base64.b64decode(acceptance, validate=True)
         except ValueError:
-            raise RequestFailed(p.ErrorCode.BAD_ACCEPTANCE, "acceptance is not base64") from None
-        if not await self._verifier((key, signature, str(payment_id), payer, payee, amount)):
-            raise RequestFailed(
-                p.ErrorCode.BAD_ACCEPTANCE,
-                f"the acceptance is not {payee}'s signature over this payment",
-            )
+            return lambda: "the acceptance is not base64"
+
+        def check() -> str | None:
+            if verify_acceptance(key, signature, str(payment_id), payer, payee, amount):
+                return None
+            return f"the acceptance is not {payee}'s signature over this payment"
+
+        return check
 
     def is_current(self, session: Session) -> bool:
         return session.user is not None and self.online.get(session.user) is session
@@ -651,21 +640,12 @@ class Session:
         payer = self._me()
         if req.payee == payer:
             raise RequestFailed(p.ErrorCode.SELF_PAYMENT, "you cannot pay yourself")
-        try:
-            await self.server.check_acceptance(
-                req.payment_id, payer, req.payee, req.amount, req.acceptance
-            )
-        except RequestFailed:
-            # A retry of a payment settled before (perhaps before the payee's key changed)
-            # still gets its stored outcome; anything else is refused.
-            done = await self.server.ledger.transfer(req.payment_id)
-            if done is None or (done.payer, done.payee, done.amount) != (
-                payer,
-                req.payee,
-                req.amount,
-            ):
-                raise
-        t = await self.server.ledger.settle(req.payment_id, payer, req.payee, req.amount)
+        # The ledger authorises only a new payment: a retry of one settled before (perhaps
+        # before the payee's key changed) gets its stored outcome.
+        authorize = await self.server.acceptance_check(
+            req.payment_id, payer, req.payee, req.amount, req.acceptance
+        )
+        t = await self.server.ledger.settle(req.payment_id, payer, req.payee, req.amount, authorize)
         if not t.replayed:
             log.debug(
                 "%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee, t.amount
