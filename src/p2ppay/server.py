@@ -13,6 +13,7 @@ import datetime as dt
 import errno
 import logging
 import math
+import os
 import signal
 import ssl
 import time
@@ -40,6 +41,7 @@ from .course import (
     CourseRegister,
     CourseTransfer,
 )
+from .hashing import Hasher
 from .limits import LimitLog, LoginThrottle, ThrottleConfig
 from .passwords import ScryptParams, hash_password, verify_password
 from .pki import (
@@ -73,7 +75,8 @@ class ServerConfig:
     #: on SIGTERM, how long in-flight requests may take before connections are cut
     shutdown_grace: float = 10.0
     max_list: int = 1000
-    hash_threads: int = 2
+    #: threads for password hashing: all cores but one, which stays the event loop's
+    hash_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
     #: how long a session's peer certificate is valid
     peer_cert_lifetime: float = 24 * 3600.0
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
@@ -147,7 +150,7 @@ class Server:
         #: the course dialect's login reply names this (base64 DER of the server's key)
         self.server_public_key = server_public_key
         self.course_tls = course_tls
-        self.hash_limiter = trio.CapacityLimiter(self.config.hash_threads)
+        self._hasher: Hasher | None = None  # its threads run while serve() does
         # A hash to check against when the account does not exist, so that a missing account
         # costs the same time as a wrong password. Made lazily (it is slow).
         self._dummy_hash: str | None = None
@@ -171,7 +174,7 @@ class Server:
     ) -> None:
         """Accept on ``listeners`` (and the course dialect on ``course_listeners``) until
         :meth:`shutdown`; return when every session is done."""
-        async with trio.open_nursery() as nursery:
+        async with Hasher(self.config.hash_threads) as self._hasher, trio.open_nursery() as nursery:
             self._nursery = nursery
             with self._accept_scope:
                 async with trio.open_nursery() as accepting:
@@ -377,25 +380,22 @@ class Server:
     def is_current(self, session: Session) -> bool:
         return session.user is not None and self.online.get(session.user) is session
 
-    # -- password hashing (in threads, never on the event loop) --
+    # -- password hashing (on low-priority threads, never on the event loop) --
 
     async def hash_password(self, password: str) -> str:
-        params = self.config.scrypt
-        return await trio.to_thread.run_sync(
-            hash_password, password, params, limiter=self.hash_limiter
-        )
+        assert self._hasher is not None, "serve() runs the hashing threads"
+        digest: str = await self._hasher.run(partial(hash_password, password, self.config.scrypt))
+        return digest
 
     async def verify_password(self, password: str, stored: str | None) -> bool:
+        assert self._hasher is not None, "serve() runs the hashing threads"
         if stored is None:
             if self._dummy_hash is None:
                 self._dummy_hash = await self.hash_password("no such account")
-            await trio.to_thread.run_sync(
-                verify_password, password, self._dummy_hash, limiter=self.hash_limiter
-            )
+            await self._hasher.run(partial(verify_password, password, self._dummy_hash))
             return False
-        return await trio.to_thread.run_sync(
-            verify_password, password, stored, limiter=self.hash_limiter
-        )
+        ok: bool = await self._hasher.run(partial(verify_password, password, stored))
+        return ok
 
 
 @final
