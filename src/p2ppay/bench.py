@@ -286,7 +286,8 @@ async def logged_in(
                 remaining[0] -= 1
                 if not remaining[0]:
                     done.set()
-                await trio.sleep_forever()
+                async for _ in client.events:  # payment_received pushes: read and drop
+                    pass
 
         limiter = trio.CapacityLimiter(200)  # how many connect and log in at once
 
