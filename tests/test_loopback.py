@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from p2ppay import protocol as p
+from p2ppay.bench import Proc, spawn
 from p2ppay.client import Client, ConnectionLost
 from p2ppay.ledger import SqliteLedger, open_sqlite_ledger
 from p2ppay.pki import Issuer
@@ -59,68 +60,24 @@ async def test_real_listener_observes_loopback_addresses(
 # --- the real command line -------------------------------------------------------------------
 
 
-class ServerProcess:
-    def __init__(self, process: trio.Process, port: int, log: list[str]) -> None:
-        self.process = process
-        self.port = port
-        self.log = log
+ServerProcess = Proc  # a server subprocess: .process, .port, .log
 
 
 @asynccontextmanager
 async def server_process(
     state_dir: Path, *args: str, env_state: bool = False
-) -> AsyncIterator[ServerProcess]:
-    """``python -m p2ppay server`` on a free loopback port; yields once it listens."""
+) -> AsyncIterator[Proc]:
+    """``python -m p2ppay server`` on a free loopback port; yields once it listens (the same
+    process helper the benchmark uses; it stops the server on the way out)."""
+    cmd = [sys.executable, "-m", "p2ppay", "server", "--host", "127.0.0.1", "--port", "0",
+           "--scrypt-n", "16", *args]  # fmt: skip
     env = dict(os.environ)
-    cmd = [
-        sys.executable,
-        "-m",
-        "p2ppay",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--scrypt-n",
-        "16",
-        *args,
-    ]
     if env_state:
         env["P2PPAY_STATE_DIR"] = str(state_dir)
     else:
         cmd += ["--state-dir", str(state_dir)]
-    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, env=env)
-    log: list[str] = []
-    port: list[int] = []
-    listening = trio.Event()
-
-    async def drain() -> None:  # read the log to the end, or the server blocks on a full pipe
-        assert proc.stderr is not None
-        lines = p.LineBuffer(1 << 20)
-        while data := await proc.stderr.receive_some():
-            lines.feed(data)
-            while (line := lines.next_line()) is not None:
-                text = line.decode(errors="replace")
-                log.append(text)
-                if "listening on 127.0.0.1 port" in text:
-                    port.append(int(text.rsplit("port", 1)[1].split()[0]))
-                    listening.set()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(drain)
-            with trio.fail_after(30):
-                await listening.wait()
-            try:
-                yield ServerProcess(proc, port[0], log)
-            finally:
-                if proc.returncode is None:  # the log ends (and drain() with it) once it is gone
-                    proc.kill()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
+    async with spawn(cmd, "listening on 127.0.0.1", env=env) as proc:
+        yield proc
 
 
 def connect_to(srv: ServerProcess, state_dir: Path) -> Client:

@@ -140,9 +140,12 @@ class Proc:
 
 
 @asynccontextmanager
-async def spawn(cmd: list[str], marker: str) -> AsyncIterator[Proc]:
-    """Start a server process; yield once its log says ``marker ... port N``."""
-    process = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE)
+async def spawn(
+    cmd: list[str], marker: str, env: dict[str, str] | None = None
+) -> AsyncIterator[Proc]:
+    """Start a server process; yield once its log says ``marker ... port N``. Its log is read
+    all along (a full pipe would block it); on the way out it gets SIGTERM if still running."""
+    process = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, env=env)
     log: list[str] = []
     ready = trio.Event()
     found: list[int] = []
