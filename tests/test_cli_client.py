@@ -309,3 +309,46 @@ async def _interactive(tmp_path: Path) -> None:
             with trio.fail_after(20):
                 await bob.wait()
         assert shell.exitstatus == 0
+
+
+@pytest.mark.parametrize("key", ["c", "d"], ids=["ctrl-c", "ctrl-d"])
+def test_ctrl_c_and_ctrl_d_log_out_and_exit_cleanly(tmp_path: Path, key: str) -> None:
+    trio.run(_leave_with, tmp_path, key)
+
+
+async def _leave_with(tmp_path: Path, key: str) -> None:
+    state = tmp_path / "state"
+    env = dict(
+        os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", P2PPAY_PASSWORD="dana's password"
+    )
+    async with server_process(state) as srv:
+        done = await run_client(
+            srv.port, state, "--user", "dana", "-c", "register", password="dana's password"
+        )
+        assert done.returncode == 0, done.stderr
+        cmd = client_cmd(srv.port, state, "--user", "dana", "--listen-port", "0")
+        shell = pexpect.spawn(cmd[0], cmd[1:], env=env, encoding="utf-8", timeout=30)
+        try:
+            await trio.to_thread.run_sync(shell.expect_exact, "Logged in as dana")
+            await trio.to_thread.run_sync(shell.expect_exact, "dana>")
+            if key == "c":
+                shell.send("bal")  # Ctrl-C leaves even with half a command typed
+            shell.sendcontrol(key)  # (Ctrl-D, as in any shell, on an empty line)
+            await trio.to_thread.run_sync(shell.expect, pexpect.EOF)
+            shell.close()
+        finally:
+            shell.close(force=True)
+        assert shell.exitstatus == 0
+        # dana is logged out: nobody else sees her online any more
+        done = await run_client(
+            srv.port,
+            state,
+            "--user",
+            "watcher",
+            "--json",
+            "-c",
+            "register; list",
+            password="watcher password",
+        )
+        listing = json_lines(done.stdout)[-1]["result"]
+        assert [u["name"] for u in listing["online"]] == ["watcher"]

@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--listen-port",
         type=_port,
-        default=0,
-        help="port for taking payments (0: any free port, told to the server)",
+        default=None,
+        help="port for taking payments (0: any free port, told to the server); asked at an "
+        "interactive login when not given",
     )
     c.add_argument(
         "--accept",

@@ -477,7 +477,9 @@ class Session:
                     data = await self.stream.receive_some(cfg.receive_size)
                 if data is None:
                     if idle.cancelled_caught:
-                        log.info("%s: closed after %.0f s without a request", self.ip, timeout)
+                        self.server.limit_log.hit(
+                            "idle-timeout", f"{self.ip}: {timeout:.0f} s without logging in"
+                        )
                         return
                     continue  # woken for shutdown; the loop's first check ends the session
                 self.conn.receive_data(data)
@@ -533,7 +535,7 @@ class Session:
             async with self._send_lock:
                 await self.stream.send_all(data)
         if scope.cancelled_caught:
-            log.info("%s: peer stopped reading; disconnecting", self.ip)
+            self.server.limit_log.hit("write-timeout", f"{self.ip} stopped reading; dropped")
             self.cancel_scope.cancel()
 
     def push(self, event: p.Event) -> None:
@@ -714,7 +716,9 @@ class CourseSession:
                 data = await self.stream.receive_some(read_size)
             if data is None:
                 if idle.cancelled_caught:
-                    log.info("%s: course connection idle; closed", self.ip)
+                    self.server.limit_log.hit(
+                        "idle-timeout", f"{self.ip}: course connection idle, closed"
+                    )
                     return
                 continue  # woken for shutdown
             if not data:

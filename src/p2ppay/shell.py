@@ -66,7 +66,7 @@ class ClientOptions:
     user: str | None = None
     password_file: Path | None = None
     listen_host: str | None = None
-    listen_port: int = 0
+    listen_port: int | None = None  # None: ask at an interactive login (else any free port)
     accept: Literal["ask", "all", "none"] = "ask"
     ask_timeout: float = 30.0
     commands: str | None = None
@@ -150,6 +150,7 @@ class Shell:
         self.interactive = options.commands is None
         self.failed = False
         self._serving: trio.CancelScope | None = None
+        self._port_asked = False
 
     # -- output --
 
@@ -361,7 +362,8 @@ class Shell:
     async def login(self, args: list[str]) -> None:
         name = await self.name_arg(args, "login")
         password = await self.password()
-        if self.interactive and self.options.listen_port == 0 and self.wallet.listen_port == 0:
+        if self.interactive and self.options.listen_port is None and not self._port_asked:
+            self._port_asked = True
             self.wallet.listen_port = await self.ask_value(
                 "port for payments (Enter: any free port): ", parse_port
             )
@@ -435,7 +437,7 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                     server_hostname=options.server_name,
                     policy=_policy(options, terminal),
                     listen_host=options.listen_host,
-                    listen_port=options.listen_port,
+                    listen_port=options.listen_port or 0,
                     peer_config=peer_config,
                 ) as wallet:
                     shell = Shell(wallet, terminal, options, out)
