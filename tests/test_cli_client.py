@@ -268,6 +268,8 @@ async def _interactive(tmp_path: Path) -> None:
             # carol pays alice while she sits at her prompt, half-way through typing.
             await trio.to_thread.run_sync(shell.expect_exact, "alice>")
             shell.send("hist")
+            # Only once the shell has echoed it is it typed (and not still in the pty).
+            await trio.to_thread.run_sync(shell.expect_exact, "hist")
             async with trio.open_nursery() as nursery:
                 result: list[subprocess.CompletedProcess[bytes]] = []
 
