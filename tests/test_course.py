@@ -80,8 +80,9 @@ def test_roster() -> None:
 class CourseClient:
     """A course client: raw bytes on a stream, one reply read per exchange."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, ip: str) -> None:
         self.stream = stream
+        self.ip = ip  # the address the server sees for this client
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -110,19 +111,38 @@ class CourseClient:
 CourseConnect = Callable[..., AbstractAsyncContextManager[CourseClient]]
 
 
-@pytest.fixture
-def course_connect(server: Server) -> CourseConnect:
+@pytest.fixture(params=["memory", "loopback"])
+async def course_connect(
+    request: pytest.FixtureRequest, server: Server
+) -> AsyncIterator[CourseConnect]:
+    """Course clients over in-memory streams (with the address they claim), or over real
+    loopback sockets (the address is then the observed 127.0.0.1): every transcript runs both."""
     server.server_public_key = KEY
+    async with trio.open_nursery() as nursery:
+        port = 0
+        if request.param == "loopback":
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
 
-    @asynccontextmanager
-    async def _connect(ip: str = "10.0.0.1") -> AsyncIterator[CourseClient]:
-        client_side, server_side = trio.testing.memory_stream_pair()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.handle_course_connection, server_side, ip)
-            yield CourseClient(client_side)
-            await trio.aclose_forcefully(client_side)
+            async def accept(stream: trio.SocketStream) -> None:
+                await server.handle_course_connection(stream, stream.socket.getpeername()[0])
 
-    return _connect
+            await nursery.start(trio.serve_listeners, accept, listeners)
+
+        @asynccontextmanager
+        async def _connect(ip: str = "10.0.0.1") -> AsyncIterator[CourseClient]:
+            async with trio.open_nursery() as conns:
+                stream: trio.abc.Stream
+                if port:
+                    stream, ip = await trio.open_tcp_stream("127.0.0.1", port), "127.0.0.1"
+                else:
+                    stream, server_side = trio.testing.memory_stream_pair()
+                    conns.start_soon(server.handle_course_connection, server_side, ip)
+                yield CourseClient(stream, ip)
+                await trio.aclose_forcefully(stream)
+
+        yield _connect
+        nursery.cancel_scope.cancel()
 
 
 def roster(balance: int, *users: tuple[str, str, int]) -> bytes:
@@ -140,13 +160,13 @@ async def test_register_login_list_exit(course_connect: CourseConnect) -> None:
         await a.exchange(b"REGISTER#greedy#9999999", b"210 FAIL\n")  # over the deposit limit
         await a.exchange(b"nobody#5000", b"220 AUTH_FAIL\n")
         await a.exchange(b"alice#80", b"230 Input format error\n")
-        await a.exchange(b"alice#5001", roster(10000, ("alice", "10.0.0.1", 5001)))
-        await a.exchange(b"List\r\n", roster(10000, ("alice", "10.0.0.1", 5001)))
+        await a.exchange(b"alice#5001", roster(10000, ("alice", a.ip, 5001)))
+        await a.exchange(b"List\r\n", roster(10000, ("alice", a.ip, 5001)))
         await a.exchange(b"what is this", b"230 Input format error\n")
         await a.exchange(b"Exit", b"Bye\n")
         assert await a.closed()
     async with course_connect("10.0.0.2") as r:
-        await r.exchange(b"rich#5002\n", roster(500, ("rich", "10.0.0.2", 5002)))
+        await r.exchange(b"rich#5002\n", roster(500, ("rich", r.ip, 5002)))
 
 
 async def test_two_messages_in_one_chunk(course_connect: CourseConnect) -> None:
@@ -164,18 +184,16 @@ async def test_transfer_between_course_clients(
     ):
         for who, name in ((alice, b"alice"), (bob, b"bob"), (mallory, b"mallory")):
             await who.exchange(b"REGISTER#" + name, b"100 OK\n")
-        await alice.exchange(b"alice#5001", roster(10000, ("alice", "10.0.0.1", 5001)))
+        await alice.exchange(b"alice#5001", roster(10000, ("alice", alice.ip, 5001)))
         await bob.exchange(
-            b"bob#5002", roster(10000, ("alice", "10.0.0.1", 5001), ("bob", "10.0.0.2", 5002))
+            b"bob#5002", roster(10000, ("alice", alice.ip, 5001), ("bob", bob.ip, 5002))
         )
         # bob (the payee) forwards alice's message; the OK goes to alice, nothing to bob
         await bob.send(b"alice#300#bob")
         await alice.expect(b"Transfer OK!\n")
-        await bob.exchange(
-            b"List", roster(10300, ("alice", "10.0.0.1", 5001), ("bob", "10.0.0.2", 5002))
-        )
+        await bob.exchange(b"List", roster(10300, ("alice", alice.ip, 5001), ("bob", bob.ip, 5002)))
         await alice.exchange(
-            b"List", roster(9700, ("alice", "10.0.0.1", 5001), ("bob", "10.0.0.2", 5002))
+            b"List", roster(9700, ("alice", alice.ip, 5001), ("bob", bob.ip, 5002))
         )
         # forwarded by someone who is not the payee (mallory is not even logged in, then is)
         await mallory.exchange(b"alice#100#bob", b"Transfer Fail!\n")
@@ -183,9 +201,9 @@ async def test_transfer_between_course_clients(
             b"mallory#5003",
             roster(
                 10000,
-                ("alice", "10.0.0.1", 5001),
-                ("bob", "10.0.0.2", 5002),
-                ("mallory", "10.0.0.3", 5003),
+                ("alice", alice.ip, 5001),
+                ("bob", bob.ip, 5002),
+                ("mallory", mallory.ip, 5003),
             ),
         )
         await mallory.exchange(b"alice#100#bob", b"Transfer Fail!\n")
@@ -202,9 +220,9 @@ async def test_transfer_between_course_clients(
             b"List",
             roster(
                 9600,
-                ("alice", "10.0.0.1", 5001),
-                ("bob", "10.0.0.2", 5002),
-                ("mallory", "10.0.0.3", 5003),
+                ("alice", alice.ip, 5001),
+                ("bob", bob.ip, 5002),
+                ("mallory", mallory.ip, 5003),
             ),
         )
     audit = await ledger.audit()
@@ -214,14 +232,14 @@ async def test_transfer_between_course_clients(
 async def test_login_takeover_and_disconnect(course_connect: CourseConnect) -> None:
     async with course_connect("10.0.0.1") as first:
         await first.exchange(b"REGISTER#alice", b"100 OK\n")
-        await first.exchange(b"alice#5001", roster(10000, ("alice", "10.0.0.1", 5001)))
+        await first.exchange(b"alice#5001", roster(10000, ("alice", first.ip, 5001)))
         async with course_connect("10.0.0.9") as second:
-            await second.exchange(b"alice#6001", roster(10000, ("alice", "10.0.0.9", 6001)))
+            await second.exchange(b"alice#6001", roster(10000, ("alice", second.ip, 6001)))
             await first.exchange(b"List", b"Please login first\n")  # taken over
         # the second connection dropped without Exit: alice is offline now
         async with course_connect("10.0.0.5") as third:
             await third.exchange(b"REGISTER#bob", b"100 OK\n")
-            await third.exchange(b"bob#5005", roster(10000, ("bob", "10.0.0.5", 5005)))
+            await third.exchange(b"bob#5005", roster(10000, ("bob", third.ip, 5005)))
 
 
 async def test_course_and_native_accounts_never_mix(
@@ -232,7 +250,7 @@ async def test_course_and_native_accounts_never_mix(
         await course_client.exchange(b"REGISTER#nina", b"210 FAIL\n")  # names are shared
         await course_client.exchange(b"nina#5000", b"220 AUTH_FAIL\n")  # not a course account
         await course_client.exchange(b"REGISTER#cody", b"100 OK\n")
-        await course_client.exchange(b"cody#5000", roster(10000, ("cody", "10.0.0.1", 5000)))
+        await course_client.exchange(b"cody#5000", roster(10000, ("cody", course_client.ip, 5000)))
         # a course payee cannot pull money from a native account...
         await course_client.exchange(b"nina#10#cody", b"Transfer Fail!\n")
         # ...nor can a native account log in as, or pay, a course account
@@ -274,7 +292,7 @@ async def test_course_dialect_over_loopback(
             if tls:
                 stream = trio.SSLStream(stream, client_ctx, server_hostname=SERVER_NAME)
                 await stream.do_handshake()
-            a = CourseClient(stream)
+            a = CourseClient(stream, "127.0.0.1")
             await a.exchange(b"REGISTER#alice#100", b"100 OK\n")
             await a.exchange(b"alice#5000", roster(100, ("alice", "127.0.0.1", 5000)))
             await a.exchange(b"Exit", b"Bye\n")
