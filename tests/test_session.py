@@ -347,7 +347,7 @@ async def test_requests_queued_at_shutdown_are_refused_not_dropped(
         client = p.ClientConnection()
         await stream.send_all(client.send_request(p.Hello(1, 1)))
         with trio.fail_after(5):
-            while isinstance(event := client.next_event(), p._Sentinel):
+            while isinstance(event := client.next_event(), p.Sentinel):
                 client.receive_data(await stream.receive_some())
         assert isinstance(event, p.ReplyOk)
         # Three requests in one write; the server is busy with the first (its ledger and hash
@@ -363,7 +363,7 @@ async def test_requests_queued_at_shutdown_are_refused_not_dropped(
                 event = client.next_event()
                 if event is p.CLOSED:
                     break
-                if isinstance(event, p._Sentinel):
+                if isinstance(event, p.Sentinel):
                     client.receive_data(await stream.receive_some())
                 else:
                     seen.append(event)

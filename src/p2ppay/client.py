@@ -166,7 +166,7 @@ class Client:
                         waiter.error = ServerError(event.code, event.message)
                         waiter.done.set()
                 else:
-                    assert not isinstance(event, p._Sentinel)
+                    assert not isinstance(event, p.Sentinel)
                     if isinstance(event, p.SessionReplaced):
                         self.user = None
                     try:

@@ -335,13 +335,13 @@ class ErrorBody(msgspec.Struct, frozen=True):
 # What the two sides' next_event() return besides messages.
 
 
-class _Sentinel(enum.Enum):
+class Sentinel(enum.Enum):
     NEED_DATA = "NEED_DATA"
     CLOSED = "CLOSED"
 
 
-NEED_DATA: Final = _Sentinel.NEED_DATA
-CLOSED: Final = _Sentinel.CLOSED
+NEED_DATA: Final = Sentinel.NEED_DATA
+CLOSED: Final = Sentinel.CLOSED
 
 
 class Rejected(msgspec.Struct, frozen=True):
@@ -557,7 +557,7 @@ class ServerConnection:
         else:
             self._eof = True
 
-    def next_event(self) -> Request | Rejected | _Sentinel:
+    def next_event(self) -> Request | Rejected | Sentinel:
         """The next request (legal in the current state), a :class:`Rejected`, or a sentinel.
 
         Raises :class:`RemoteProtocolError` when the stream cannot go on (over-long line,
@@ -638,7 +638,7 @@ class ClientConnection:
         else:
             self._eof = True
 
-    def next_event(self) -> ReplyOk | ReplyError | Event | _Sentinel:
+    def next_event(self) -> ReplyOk | ReplyError | Event | Sentinel:
         while True:
             line = self._lines.next_line()
             if line is None:

@@ -489,7 +489,7 @@ class Session:
                 log.debug("%s: rejected request: %s", self.ip, event.message)
                 await self.send(self.conn.send_error(event.id, event.code, event.message))
             else:
-                assert not isinstance(event, p._Sentinel)
+                assert not isinstance(event, p.Sentinel)
                 await self.send(await self._answer(event))
 
     async def _refuse_buffered_requests(self) -> None:
@@ -500,7 +500,7 @@ class Session:
                 event = self.conn.next_event()
             except p.RemoteProtocolError:
                 break
-            if isinstance(event, p._Sentinel):
+            if isinstance(event, p.Sentinel):
                 break
             out += self.conn.send_error(
                 event.id, p.ErrorCode.SHUTTING_DOWN, "the server is shutting down; not done"
