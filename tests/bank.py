@@ -12,7 +12,6 @@ import base64
 import os
 import random
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from pathlib import Path
 import trio
 
 from p2ppay import protocol as p
+from p2ppay.bench import Proc, spawn
 from p2ppay.client import Client, ConnectionLost, ServerError
 from p2ppay.ledger import open_sqlite_ledger
 from p2ppay.peer import PeerKey
@@ -64,40 +64,16 @@ class ServerRunner:
                 nursery.cancel_scope.cancel()
 
     async def start(self) -> None:
-        cmd = [
-            *self.command,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--state-dir",
-            str(self.state),
-            "--scrypt-n",
-            "16",
-        ]
-        process = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE)
-        self.process = process
-        port: list[int] = []
-        started = trio.Event()
+        cmd = [*self.command, "server", "--host", "127.0.0.1", "--port", "0", "--state-dir",
+               str(self.state), "--scrypt-n", "16"]  # fmt: skip
 
-        async def drain() -> None:
-            assert process.stderr is not None
-            lines = p.LineBuffer(1 << 20)
-            while data := await process.stderr.receive_some():
-                lines.feed(data)
-                while (line := lines.next_line()) is not None:
-                    text = line.decode(errors="replace")
-                    if "listening on 127.0.0.1 port" in text and not port:
-                        port.append(int(text.rsplit("port", 1)[1].split()[0]))
-                        started.set()
-                    if "Traceback" in text or "ERROR" in text:
-                        sys.stderr.write(f"server: {text}\n")
+        async def run(task_status: trio.TaskStatus[Proc]) -> None:
+            async with spawn(cmd, "listening on 127.0.0.1") as proc:
+                task_status.started(proc)
+                await proc.process.wait()  # until it is stopped or killed
 
-        self._nursery.start_soon(drain)
-        with trio.fail_after(30):
-            await started.wait()
-        self.port = port[0]
+        proc: Proc = await self._nursery.start(run)
+        self.process, self.port = proc.process, proc.port
         self.up.set()
 
     async def stop(self, how: int) -> None:
