@@ -469,16 +469,19 @@ class Session:
                 await self.send(self.conn.send_error(None, exc.code, exc.message))
                 return
             if event is p.NEED_DATA:
-                timeout = math.inf if self.user else cfg.anonymous_idle_timeout
                 data: bytes | bytearray | None = None
-                # A fresh scope per read: shutdown cancels the current one to stop reading.
-                self.receive_scope = trio.CancelScope()
-                with trio.move_on_after(timeout) as idle, self.receive_scope:
+                # A fresh scope per read: shutdown cancels it to stop reading, and its deadline
+                # is the idle timeout of a connection that has not logged in.
+                scope = self.receive_scope = trio.CancelScope()
+                if self.user is None:
+                    scope.deadline = trio.current_time() + cfg.anonymous_idle_timeout
+                with scope:
                     data = await self.stream.receive_some(cfg.receive_size)
                 if data is None:
-                    if idle.cancelled_caught:
+                    if not self.server.closing:
                         self.server.limit_log.hit(
-                            "idle-timeout", f"{self.ip}: {timeout:.0f} s without logging in"
+                            "idle-timeout",
+                            f"{self.ip}: {cfg.anonymous_idle_timeout:.0f} s without logging in",
                         )
                         return
                     continue  # woken for shutdown; the loop's first check ends the session
