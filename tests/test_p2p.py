@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from p2ppay import protocol as p
 from p2ppay.client import Client
@@ -239,3 +240,14 @@ async def test_listener_refuses_misaddressed_and_malformed_offers(open_wallet: O
             await trio.aclose_forcefully(stream)
             # bob's wallet is unharmed and still takes a proper payment.
             assert (await alice.pay("bob", 5)).balance == 95
+
+
+async def test_payee_online_but_unreachable(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            assert bob._listener_scope is not None
+            bob._listener_scope.cancel()  # bob's offer listener is gone; his session is not
+            await trio.testing.wait_all_tasks_blocked()
+            failure = await expect_failure("unreachable", alice, "bob", 10)
+            assert "cannot reach bob" in failure.message
+            assert await alice.balance() == 100
