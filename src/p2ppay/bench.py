@@ -384,14 +384,17 @@ async def login_storm(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[s
         # the storm costs the others besides the hashing (TLS handshakes, session set-up).
         churn = Window(proc.process.pid)
         pace = 10 / max(logins.ops / logins.wall, 1.0)  # seconds per connection per worker
+        # Staggered, like the storm's connections (which the hashing queue spreads out).
+        start = trio.current_time()
+        next_at = [start + i * pace / 10 for i in range(10)]
 
         async def connect_once(i: int) -> None:
-            started = time.perf_counter()
+            await trio.sleep_until(next_at[i])
+            next_at[i] += pace
             async with Client.connect(
                 "127.0.0.1", port, ssl_context=ctx, server_hostname="localhost"
             ):
                 pass
-            await trio.sleep(max(0.0, pace - (time.perf_counter() - started)))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(list_latencies, churn)
