@@ -109,8 +109,14 @@ async def test_payee_offline_unknown_self_and_bad_amounts(open_wallet: Open) -> 
             for amount in (0, -5, 2.5, "10", True):
                 await expect_failure("bad_amount", alice, "dave", amount)
             async with open_wallet("bob") as bob:
-                await expect_failure("insufficient_funds", alice, "bob", 101)
-                await expect_failure("bad_amount", alice, "bob", 10_000_000)
+                failure = await expect_failure("insufficient_funds", alice, "bob", 101)
+                assert failure.message == "your balance 100 is less than 101"
+                assert bob.listener is not None
+                assert bob.listener.connections_accepted == 0  # bob was not even asked
+                # Over the server's per-payment limit too, but alice's own balance says no
+                # first, without asking bob (the server's bad_amount is tested in test_session).
+                await expect_failure("insufficient_funds", alice, "bob", 10_000_000)
+                assert bob.listener.connections_accepted == 0
                 assert await bob.balance() == 0
             assert await alice.balance() == 100
 

@@ -96,6 +96,8 @@ class Wallet:
         self.listener: OfferListener | None = None
         self.dialer: Dialer | None = None
         self.p2p_port: int | None = None
+        #: our balance as last seen (login, deposit, list, payments, events): a hint only
+        self.known_balance: int | None = None
         self._listener_scope: trio.CancelScope | None = None
         self._event_send, self.events = trio.open_memory_channel[WalletEvent](EVENT_BUFFER)
         self._reconnect_lock = trio.Lock()
@@ -180,6 +182,8 @@ class Wallet:
         return client
 
     def _emit(self, event: WalletEvent) -> None:
+        if isinstance(event, p.PaymentReceived):
+            self.known_balance = event.balance
         try:
             self._event_send.send_nowait(event)
         except trio.WouldBlock:
@@ -226,6 +230,7 @@ class Wallet:
         try:
             client = await self._server()
             result = await client.login(name, password, port, key.csr(name))
+            self.known_balance = result.balance
             if result.certificate is None or result.peer_ca is None:
                 raise ServerError("bad_csr", "the server issued no certificate")
             identity = await trio.to_thread.run_sync(
@@ -292,10 +297,13 @@ class Wallet:
     # -- money --
 
     async def deposit(self, amount: int) -> int:
-        return await self._call(lambda c: c.deposit(amount))
+        self.known_balance = await self._call(lambda c: c.deposit(amount))
+        return self.known_balance
 
     async def list(self) -> p.ListResult:
-        return await self._call(lambda c: c.list())
+        result = await self._call(lambda c: c.list())
+        self.known_balance = result.balance
+        return result
 
     async def balance(self) -> int:
         return (await self.list()).balance
@@ -316,6 +324,14 @@ class Wallet:
             )
         if payee == me:
             raise PaymentFailed("self_payment", "you cannot pay yourself")
+        if self.known_balance is not None and amount > self.known_balance:
+            # Do not bother the payee with an offer we cannot pay (the server still decides:
+            # this is only asked when our last known balance says it is short).
+            balance = await self.balance()
+            if amount > balance:
+                raise PaymentFailed(
+                    "insufficient_funds", f"your balance {balance} is less than {amount}"
+                )
         try:
             where = await self._call(lambda c: c.lookup(payee))
         except ServerError as exc:
@@ -327,7 +343,9 @@ class Wallet:
             raise PaymentFailed(exc.code, exc.message) from None
         if isinstance(answer, p.Decline):
             raise PaymentFailed("declined", f"{payee} declined: {answer.reason}")
-        return await self._settle(offer, answer.signature)
+        result = await self._settle(offer, answer.signature)
+        self.known_balance = result.balance
+        return result
 
     async def _settle(self, offer: p.Offer, acceptance: str) -> p.SettleResult:
         """Settle, retrying with the same payment id across lost connections: at most once."""
