@@ -201,3 +201,13 @@ def open_wallet(server_port: int, client_ctx: ssl.SSLContext) -> Open:
             yield wallet
 
     return _open
+
+
+async def closed_by_peer(stream: trio.abc.Stream) -> bool:
+    """True once the other end has closed ``stream`` (reads hit EOF or the pipe is broken)."""
+    try:
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError:
+        pass
+    return True

@@ -22,8 +22,17 @@ from p2ppay.peer import Dialer, PeerConfig, PeerError, PeerIdentity, PeerKey
 from p2ppay.pki import Issuer, sign_acceptance
 from p2ppay.server import Server, ServerConfig
 
-from .conftest import KEYS, SERVER_NAME, Connect, Open, acceptance, login, pay, registered
-from .test_session import closed_by_peer
+from .conftest import (
+    KEYS,
+    SERVER_NAME,
+    Connect,
+    Open,
+    acceptance,
+    closed_by_peer,
+    login,
+    pay,
+    registered,
+)
 
 # --- P1: only an account's owner moves money out of it --------------------------------------
 

@@ -22,6 +22,7 @@ from .conftest import (
     KEYS,
     SERVER_NAME,
     Connect,
+    closed_by_peer,
     login,
     next_event,
     pay,
@@ -233,16 +234,6 @@ async def test_handshake_timeout(autojump_clock: trio.testing.MockClock, server:
         await server.handle_connection(server_side, "10.1.1.1")  # returns: the peer said nothing
     assert await closed_by_peer(client_side)
     assert not server.sessions
-
-
-async def closed_by_peer(stream: trio.abc.Stream) -> bool:
-    """True once the other end has closed ``stream`` (reads hit EOF or the pipe is broken)."""
-    try:
-        while await stream.receive_some():
-            pass
-    except trio.BrokenResourceError:
-        pass
-    return True
 
 
 async def test_silent_anonymous_connection_is_closed(
