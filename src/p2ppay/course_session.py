@@ -26,6 +26,7 @@ from .course import (
     CourseRegister,
     CourseTransfer,
 )
+from .sending import Outgoing
 
 if TYPE_CHECKING:
     from .server import Server
@@ -49,7 +50,7 @@ class CourseSession:
         self.port: int | None = None
         self.cancel_scope = trio.CancelScope()
         self.receive_scope = trio.CancelScope()
-        self._send_lock = trio.Lock()
+        self._out = Outgoing(stream)
 
     async def run(self) -> None:
         try:
@@ -90,8 +91,7 @@ class CourseSession:
     async def send(self, data: bytes) -> None:
         """One reply in one write (course clients often read once per reply)."""
         with trio.move_on_after(self.server.config.write_timeout) as scope:
-            async with self._send_lock:
-                await self.stream.send_all(data)
+            await self._out.send(data)
         if scope.cancelled_caught:
             self.cancel_scope.cancel()
 

@@ -44,6 +44,7 @@ from .pki import (
     public_key_line,
     verify_acceptance,
 )
+from .sending import Outgoing
 from .tls import server_context
 
 log = logging.getLogger("p2ppay.server")
@@ -403,7 +404,7 @@ class Session:
         self.p2p_port: int | None = None
         self.cancel_scope = trio.CancelScope()
         self.receive_scope = trio.CancelScope()  # cancelled to stop reading at shutdown
-        self._send_lock = trio.Lock()
+        self._out = Outgoing(stream)
         self._handlers: dict[str, Callable[[Any], Awaitable[p.Result]]] = {
             "hello": self._hello,
             "register": self._register,
@@ -432,7 +433,7 @@ class Session:
     async def _close_stream(self) -> None:
         # A polite close (TLS close_notify) only if nobody is writing and the peer takes it
         # promptly; otherwise drop the transport.
-        if self.cancel_scope.cancel_called or self._send_lock.locked():
+        if self.cancel_scope.cancel_called or self._out.busy:
             await trio.aclose_forcefully(self.stream)
             return
         with trio.move_on_after(1) as scope:
@@ -525,8 +526,7 @@ class Session:
     async def send(self, data: bytes) -> None:
         """Write one message; a peer that will not take it within the write timeout is dropped."""
         with trio.move_on_after(self.server.config.write_timeout) as scope:
-            async with self._send_lock:
-                await self.stream.send_all(data)
+            await self._out.send(data)
         if scope.cancelled_caught:
             self.server.limit_log.hit("write-timeout", f"{self.ip} stopped reading; dropped")
             self.cancel_scope.cancel()
