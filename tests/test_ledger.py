@@ -289,3 +289,22 @@ async def test_random_operations_conserve_money(
         assert audit.total_balances == audit.total_deposits == deposited
         assert audit.min_balance is not None and audit.min_balance >= 0
         assert audit.transfers == len(outcomes)
+
+
+async def test_history_merges_both_sides_newest_first(ledger: SqliteLedger) -> None:
+    await funded(ledger, alice=500, bob=500)
+    expected: list[tuple[str, int]] = []
+    for i in range(1, 21):  # alternate directions, with deposits in between
+        if i % 3 == 0:
+            await ledger.deposit("alice", i)
+            expected.append(("deposit", i))
+        elif i % 2:
+            await ledger.settle(uuid.uuid4(), "alice", "bob", i)
+            expected.append(("sent", i))
+        else:
+            await ledger.settle(uuid.uuid4(), "bob", "alice", i)
+            expected.append(("received", i))
+    expected.reverse()
+    for limit in (1, 5, 14, 50):
+        entries = await ledger.history("alice", limit)
+        assert [(e.kind, e.amount) for e in entries] == [*expected, ("deposit", 500)][:limit]
