@@ -95,7 +95,9 @@ def test_peer_and_course_decoders_never_crash(data: bytes) -> None:
         peer_message: object = p.decode_peer_message(data)
     except p.RemoteProtocolError as exc:
         peer_message = exc.code
-    assert isinstance(peer_message, p.Offer | p.Accept | p.Decline) or peer_message in (
+    assert isinstance(
+        peer_message, p.Offer | p.Accept | p.Decline | p.NotSettled
+    ) or peer_message in (
         p.ErrorCode.BAD_REQUEST,
         p.ErrorCode.UNKNOWN_OP,
     )

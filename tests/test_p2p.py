@@ -16,7 +16,7 @@ from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import SqliteLedger
 from p2ppay.peer import PeerConfig, decline_all
-from p2ppay.wallet import OfferAnswered, PaymentFailed, Wallet
+from p2ppay.wallet import NotSettledNews, OfferAnswered, PaymentFailed, Wallet
 
 from .conftest import Open
 
@@ -257,3 +257,19 @@ async def test_payee_online_but_unreachable(open_wallet: Open) -> None:
             failure = await expect_failure("unreachable", alice, "bob", 10)
             assert "cannot reach bob" in failure.message
             assert await alice.balance() == 100
+
+
+async def test_payee_is_told_when_an_accepted_offer_is_not_settled(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            alice.known_balance = None  # as if alice had not seen her balance yet
+            await expect_failure("insufficient_funds", alice, "bob", 150)
+            answered = await next_of(bob, OfferAnswered)
+            assert answered.accepted and answered.offer.amount == 150
+            news = await next_of(bob, NotSettledNews)
+            assert news.payer == "alice"
+            assert news.news.payment_id == answered.offer.payment_id
+            assert "less than 150" in news.news.reason
+            assert await bob.balance() == 0
+            # the link stays usable for the next offer
+            assert (await alice.pay("bob", 30)).balance == 70

@@ -145,6 +145,8 @@ class OfferListener:
         self.connections_accepted = 0
         self.connections_open = 0
         self._waiting: dict[str, int] = {}  # payer -> offers awaiting a decision
+        #: told when a payer reports that an offer we accepted was not settled
+        self.on_not_settled: Callable[[str, p.NotSettled], None] | None = None
         self.limit_log = LimitLog(log)
 
     async def serve(
@@ -190,7 +192,12 @@ class OfferListener:
                     line = await lines.next()
                 if line is None:
                     return  # the payer left, or stayed silent too long
-                answer = await self._answer(payer, line)
+                message = p.decode_peer_message(line)
+                if isinstance(message, p.NotSettled):
+                    if self.on_not_settled is not None:
+                        self.on_not_settled(payer, message)
+                    continue  # news only: no answer
+                answer = await self._answer(payer, message)
                 with trio.move_on_after(cfg.handshake_timeout) as write:
                     await stream.send_all(p.encode_peer_message(answer))
                 if write.cancelled_caught:
@@ -206,8 +213,7 @@ class OfferListener:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _answer(self, payer: str, line: bytes) -> p.Accept | p.Decline:
-        message = p.decode_peer_message(line)
+    async def _answer(self, payer: str, message: p.PeerMessage) -> p.Accept | p.Decline:
         if not isinstance(message, p.Offer):
             return p.Decline(None, "expected an offer")
         offer = message
@@ -344,6 +350,18 @@ class Dialer:
                 await self.drop(where.name, link)
                 raise PeerError("bad_answer", f"{where.name} answered garbage: {exc}") from None
         raise AssertionError("unreachable")
+
+    async def tell(self, name: str, news: p.NotSettled) -> None:
+        """Best effort: send ``news`` on the open link to ``name``, if there is one."""
+        link = self.links.get(name)
+        if link is None:
+            return
+        try:
+            async with link.lock:
+                with trio.move_on_after(self.config.handshake_timeout):
+                    await link.stream.send_all(p.encode_peer_message(news))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.drop(name, link)
 
     async def drop(self, name: str, link: PeerLink | None = None) -> None:
         current = self.links.get(name)

@@ -394,7 +394,16 @@ class Decline(_PeerMessage, tag="decline"):
     reason: Annotated[str, msgspec.Meta(max_length=200)]
 
 
-PeerMessage: TypeAlias = Offer | Accept | Decline
+class NotSettled(_PeerMessage, tag="not_settled"):
+    """Payer -> payee, after an accepted offer: the server did not settle it (no reply).
+
+    Only news: the server's ``payment_received`` event is what tells a payee it was paid."""
+
+    payment_id: uuid.UUID
+    reason: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+PeerMessage: TypeAlias = Offer | Accept | Decline | NotSettled
 _peer_decoder = msgspec.json.Decoder(PeerMessage)
 
 

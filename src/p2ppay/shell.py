@@ -22,7 +22,14 @@ from .client import ClientError, ConnectionLost, ServerError
 from .peer import PeerConfig, Policy, accept_all, decline_all
 from .terminal import Terminal, make_terminal
 from .tls import MissingCA, client_context
-from .wallet import Disconnected, OfferAnswered, PaymentFailed, Wallet, WalletEvent
+from .wallet import (
+    Disconnected,
+    NotSettledNews,
+    OfferAnswered,
+    PaymentFailed,
+    Wallet,
+    WalletEvent,
+)
 
 T = TypeVar("T")
 
@@ -194,6 +201,15 @@ class Shell:
                 )
             elif isinstance(event, Disconnected):
                 self._json({"event": "disconnected", "reason": event.reason})
+            elif isinstance(event, NotSettledNews):
+                self._json(
+                    {
+                        "event": "not_settled",
+                        "payer": event.payer,
+                        "payment_id": str(event.news.payment_id),
+                        "reason": event.news.reason,
+                    }
+                )
             else:
                 self._json(msgspec.to_builtins(event))
             return
@@ -213,6 +229,11 @@ class Shell:
             text = f"This session was closed: {event.message}."
         elif isinstance(event, p.ServerClosing):
             text = "The server is shutting down."
+        elif isinstance(event, NotSettledNews):
+            text = (
+                f"{event.payer}'s payment {event.news.payment_id} that you accepted did not "
+                f"go through: {event.news.reason}"
+            )
         else:
             text = "Lost the connection to the server; the next command reconnects."
         self.terminal.write(text)

@@ -59,13 +59,21 @@ class OfferAnswered:
 
 
 @dataclass(frozen=True, slots=True)
+class NotSettledNews:
+    """A payer reports that an offer we accepted was not settled after all (and why)."""
+
+    payer: str
+    news: p.NotSettled
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnected:
     """The connection to the server ended; the next command reconnects."""
 
     reason: str
 
 
-WalletEvent: TypeAlias = p.Event | OfferAnswered | Disconnected
+WalletEvent: TypeAlias = p.Event | OfferAnswered | NotSettledNews | Disconnected
 
 
 @final
@@ -248,6 +256,7 @@ class Wallet:
         )
         self.dialer = Dialer(identity, self.peer_config)
         self.listener = OfferListener(identity, self._decide, self.peer_config)
+        self.listener.on_not_settled = lambda payer, news: self._emit(NotSettledNews(payer, news))
         await self._nursery.start(self._serve_offers, self.listener, listeners)
         log.info("logged in as %s; taking offers on port %d", result.name, port)
         return result
@@ -343,7 +352,12 @@ class Wallet:
             raise PaymentFailed(exc.code, exc.message) from None
         if isinstance(answer, p.Decline):
             raise PaymentFailed("declined", f"{payee} declined: {answer.reason}")
-        result = await self._settle(offer, answer.signature)
+        try:
+            result = await self._settle(offer, answer.signature)
+        except PaymentFailed as exc:
+            if exc.code != "server_unreachable":  # then it may yet be settled by a retry
+                await self.dialer.tell(payee, p.NotSettled(offer.payment_id, exc.message[:200]))
+            raise
         self.known_balance = result.balance
         return result
 
