@@ -6,7 +6,7 @@ import base64
 import os
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import trustme
 from hypothesis import settings
 
 from p2ppay import protocol as p
-from p2ppay.client import Client
+from p2ppay.client import Client, ServerError
 from p2ppay.ledger import Limits, SqliteLedger, open_sqlite_ledger
 from p2ppay.passwords import ScryptParams
 from p2ppay.peer import PeerConfig, PeerKey, Policy, accept_all
@@ -211,3 +211,23 @@ async def closed_by_peer(stream: trio.abc.Stream) -> bool:
     except trio.BrokenResourceError:
         pass
     return True
+
+
+async def expect_error(code: str, coro: Awaitable[object]) -> ServerError:
+    """Await ``coro``; it must fail with the server error ``code``."""
+    with pytest.raises(ServerError) as info:
+        await coro
+    assert info.value.code == code, info.value
+    return info.value
+
+
+@asynccontextmanager
+async def raw_tls(
+    server: Server, client_ctx: ssl.SSLContext, ip: str
+) -> AsyncIterator[trio.SSLStream[trio.abc.Stream]]:
+    """A bare TLS stream to ``server`` over an in-memory pipe, for tests that speak bytes."""
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_side, ip)
+        yield trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+        nursery.cancel_scope.cancel()

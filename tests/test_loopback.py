@@ -80,14 +80,6 @@ async def server_process(
         yield proc
 
 
-def connect_to(srv: ServerProcess, state_dir: Path) -> Client:
-    return Client.connect(
-        "127.0.0.1",
-        srv.port,  # type: ignore[return-value]
-        ssl_context=client_context(state_dir / "ca.pem"),
-    )
-
-
 @pytest.mark.slow
 async def test_cli_server_starts_with_defaults_and_stops_on_sigterm(tmp_path: Path) -> None:
     state = tmp_path / "state"

@@ -8,14 +8,12 @@ import math
 import os
 import ssl
 import uuid
-from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from p2ppay import protocol as p
-from p2ppay.client import ServerError
 from p2ppay.ledger import SqliteLedger
 from p2ppay.limits import LoginThrottle, ThrottleConfig
 from p2ppay.peer import Dialer, PeerConfig, PeerError, PeerIdentity, PeerKey
@@ -24,24 +22,18 @@ from p2ppay.server import Server, ServerConfig
 
 from .conftest import (
     KEYS,
-    SERVER_NAME,
     Connect,
     Open,
     acceptance,
     closed_by_peer,
+    expect_error,
     login,
     pay,
+    raw_tls,
     registered,
 )
 
 # --- P1: only an account's owner moves money out of it --------------------------------------
-
-
-async def expect_code(code: str, coro: Any) -> ServerError:
-    with pytest.raises(ServerError) as info:
-        await coro
-    assert info.value.code == code, info.value
-    return info.value
 
 
 async def test_nobody_settles_a_payment_from_someone_elses_account(
@@ -55,7 +47,7 @@ async def test_nobody_settles_a_payment_from_someone_elses_account(
             # carol accepted a payment from bob; alice (logged in) tries to settle it.
             pid = uuid.uuid4()
             bobs = acceptance(pid, "bob", "carol", 50)
-            await expect_code("bad_acceptance", alice.settle(pid, "carol", 50, bobs))
+            await expect_error("bad_acceptance", alice.settle(pid, "carol", 50, bobs))
             # The protocol has no way to name a payer: the session's account always pays.
             assert "payer" not in p.Settle.__struct_fields__
             assert (await bob.list()).balance == 100
@@ -79,13 +71,13 @@ async def test_forged_altered_and_replayed_acceptances_are_refused(connect: Conn
                 forged_by_alice,  # signed, but not by bob
                 "not base64 at all!",
             ):
-                await expect_code("bad_acceptance", alice.settle(pid, "bob", 10, bad))
+                await expect_error("bad_acceptance", alice.settle(pid, "bob", 10, bad))
             # altered: bob accepted 10, not 99
-            await expect_code("bad_acceptance", alice.settle(pid, "bob", 99, good))
+            await expect_error("bad_acceptance", alice.settle(pid, "bob", 99, good))
             assert (await alice.settle(pid, "bob", 10, good)).balance == 90
             # replayed for another payment: refused; for the same one: the stored outcome
             other = uuid.uuid4()
-            await expect_code("bad_acceptance", alice.settle(other, "bob", 10, good))
+            await expect_error("bad_acceptance", alice.settle(other, "bob", 10, good))
             assert (await alice.settle(pid, "bob", 10, good)).balance == 90
             assert (await bob.list()).balance == 10
 
@@ -105,7 +97,7 @@ async def test_a_replaced_sessions_key_stops_counting(connect: Connect) -> None:
             ).decode()
             async with connect() as bob_new:
                 await login(bob_new, "bob")  # a new session with a new key
-                await expect_code(
+                await expect_error(
                     "bad_acceptance", alice.settle(pending, "bob", 20, signed_earlier)
                 )
                 # ...while a retry of what was settled with the old key still gets its outcome
@@ -227,10 +219,7 @@ async def test_offers_waiting_per_payer_are_limited(open_wallet: Open) -> None:
 async def test_a_one_mebibyte_line_is_refused(
     server: Server, client_ctx: ssl.SSLContext, connect: Connect
 ) -> None:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.handle_connection, server_side, "10.7.7.7")
-        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+    async with raw_tls(server, client_ctx, "10.7.7.7") as stream:
         client = p.ClientConnection()
         with trio.fail_after(10):
             await stream.send_all(
@@ -249,7 +238,6 @@ async def test_a_one_mebibyte_line_is_refused(
                     continue
                 replies.append(event)
         assert replies == [p.ReplyError(None, "line_too_long", "line longer than 65536 bytes")]
-        nursery.cancel_scope.cancel()
     async with connect() as fine:  # and the server goes on
         await registered(fine, "after")
 
@@ -322,13 +310,13 @@ async def test_twenty_wrong_passwords_lock_the_account_for_a_while(
         await registered(owner, "alice")
     async with connect("10.66.0.1", request_timeout=math.inf) as guesser:
         for i in range(20):
-            await expect_code("auth_failed", guesser.login("alice", f"guess number {i}"))
-        err = await expect_code("rate_limited", guesser.login("alice", "correct horse"))
+            await expect_error("auth_failed", guesser.login("alice", f"guess number {i}"))
+        err = await expect_error("rate_limited", guesser.login("alice", "correct horse"))
         assert err.message.startswith("too many failed logins; try again in ")
         assert 0 < int(err.message.split()[-2]) <= math.ceil(lockout)
     # Locked for everyone, from everywhere, even with the right password...
     async with connect("10.1.1.1", request_timeout=math.inf) as owner:
-        await expect_code("rate_limited", owner.login("alice", "correct horse"))
+        await expect_error("rate_limited", owner.login("alice", "correct horse"))
     await trio.sleep(lockout + 1)
     # ...until the time has passed.
     async with connect("10.1.1.1", request_timeout=math.inf) as owner:

@@ -23,18 +23,13 @@ from .conftest import (
     SERVER_NAME,
     Connect,
     closed_by_peer,
+    expect_error,
     login,
     next_event,
     pay,
+    raw_tls,
     registered,
 )
-
-
-async def expect_error(code: str, coro: object) -> ServerError:
-    with pytest.raises(ServerError) as info:
-        await coro  # type: ignore[misc]
-    assert info.value.code == code, info.value
-    return info.value
 
 
 async def test_full_flow(connect: Connect, ledger: SqliteLedger) -> None:
@@ -115,10 +110,7 @@ async def test_every_error_has_its_own_code(connect: Connect) -> None:
 async def test_bad_lines_get_errors_and_the_session_goes_on(
     server: Server, client_ctx: ssl.SSLContext
 ) -> None:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.handle_connection, server_side, "10.9.9.9")
-        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+    async with raw_tls(server, client_ctx, "10.9.9.9") as stream:
         lines = p.LineBuffer(1 << 20)
 
         async def exchange(data: bytes) -> dict[str, object]:
@@ -153,7 +145,6 @@ async def test_bad_lines_get_errors_and_the_session_goes_on(
                 assert reply["error"]["code"] == code, (bad, reply)  # type: ignore[index]
             ok = await exchange(b'{"id":6,"op":"register","name":"zed","password":"12345678"}\n')
             assert ok == {"id": 6, "ok": True, "result": {"name": "zed"}}
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_over_long_line_closes_the_connection(
@@ -331,10 +322,7 @@ async def test_a_slow_reader_does_not_hold_up_the_payer(
 async def test_requests_queued_at_shutdown_are_refused_not_dropped(
     server: Server, client_ctx: ssl.SSLContext
 ) -> None:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.handle_connection, server_side, "10.4.4.4")
-        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+    async with raw_tls(server, client_ctx, "10.4.4.4") as stream:
         client = p.ClientConnection()
         await stream.send_all(client.send_request(p.Hello(1, 1)))
         with trio.fail_after(5):
@@ -358,7 +346,6 @@ async def test_requests_queued_at_shutdown_are_refused_not_dropped(
                     client.receive_data(await stream.receive_some())
                 else:
                     seen.append(event)
-        nursery.cancel_scope.cancel()
     # The request in progress finishes; the ones still queued are refused, never dropped
     # silently; then the closing event comes.
     assert len(seen) == 4, seen
