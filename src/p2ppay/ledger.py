@@ -225,10 +225,12 @@ _COLUMNS = (
     "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id"
 )
 _HISTORY = (
-    f"SELECT * FROM (SELECT {_COLUMNS} FROM movements WHERE payer = ?1 ORDER BY seq DESC LIMIT ?2)"
+    f"SELECT * FROM (SELECT {_COLUMNS} FROM movements WHERE payer = :name"
+    f" ORDER BY seq DESC LIMIT :limit)"
     f" UNION ALL"
-    f" SELECT * FROM (SELECT {_COLUMNS} FROM movements WHERE payee = ?1 ORDER BY seq DESC LIMIT ?2)"
-    f" ORDER BY seq DESC LIMIT ?2"
+    f" SELECT * FROM (SELECT {_COLUMNS} FROM movements WHERE payee = :name"
+    f" ORDER BY seq DESC LIMIT :limit)"
+    f" ORDER BY seq DESC LIMIT :limit"
 )
 
 
@@ -491,9 +493,14 @@ class SqliteLedger:
                 raise BalanceLimit(f"{payee}'s balance would exceed {limits.max_balance}")
             now = _now_ms()
             db.execute(
-                "UPDATE accounts SET balance = CASE name WHEN ?1 THEN ?2 ELSE ?4 END"
-                " WHERE name IN (?1, ?3)",
-                (payer, payer_after, payee, payee_after),
+                "UPDATE accounts SET balance = CASE name WHEN :payer THEN :payer_after"
+                " ELSE :payee_after END WHERE name IN (:payer, :payee)",
+                {
+                    "payer": payer,
+                    "payer_after": payer_after,
+                    "payee": payee,
+                    "payee_after": payee_after,
+                },
             )
             db.execute(
                 "INSERT INTO movements(kind, payment_id, payer, payee, amount,"
@@ -509,7 +516,7 @@ class SqliteLedger:
         def op(db: sqlite3.Connection) -> list[Entry]:
             # Newest first from each side's index, then merged: reads about 2 x limit rows
             # however long the account's history is (an OR would sort all of it).
-            rows = db.execute(_HISTORY, (name, limit)).fetchall()
+            rows = db.execute(_HISTORY, {"name": name, "limit": limit}).fetchall()
             entries = []
             for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid in rows:
                 if kind == "deposit":
