@@ -177,6 +177,7 @@ async def test_scripted_payer_and_unattended_payee(tmp_path: Path) -> None:
 
 
 async def test_client_errors_are_explained(tmp_path: Path) -> None:
+    """Usage errors exit 2, failed commands 1, an unreachable server 3: one line each."""
     state = tmp_path / "state"
     with trio.fail_after(60):
         done = await run_client(1, tmp_path / "nowhere", "-c", "list")
@@ -184,10 +185,10 @@ async def test_client_errors_are_explained(tmp_path: Path) -> None:
         assert b"--cafile" in done.stderr
         async with server_process(state) as srv:
             done = await run_client(srv.port, state, "-c", "list")
-            assert done.returncode == 1
+            assert done.returncode == 2
             assert b"log in first" in done.stdout
             done = await run_client(srv.port, state, "--user", "zed", "-c", "register")
-            assert done.returncode == 1
+            assert done.returncode == 2
             assert b"no password" in done.stdout
             done = await run_client(
                 srv.port,
@@ -198,12 +199,55 @@ async def test_client_errors_are_explained(tmp_path: Path) -> None:
                 "register; deposit 1.5",
                 password="zed password",
             )
-            assert done.returncode == 1
+            assert done.returncode == 2
             assert b"positive whole number" in done.stdout
             done = await run_client(
                 srv.port, state, "--user", "zed", "-c", "frobnicate", password="zed password"
             )
+            assert done.returncode == 2
             assert b"unknown command" in done.stdout
+            for script, complaint in (
+                ("pay bob 5 --anything", b"does not take '--anything'"),
+                ("balance now", b"does not take 'now'"),
+                ("history abc", b"number of movements must be a whole number from 1 to 1000"),
+                ("history 1001", b"number of movements"),
+            ):
+                done = await run_client(
+                    srv.port, state, "--user", "zed", "-c", script, password="zed password"
+                )
+                assert done.returncode == 2, script
+                assert complaint in done.stdout, (script, done.stdout)
+                assert b"Offering" not in done.stdout
+            # A command the server refuses: exit 1.
+            done = await run_client(
+                srv.port, state, "--user", "zed", "-c", "pay zed 1", password="zed password"
+            )
+            assert done.returncode == 1
+            assert done.stdout.decode().splitlines() == [
+                "Logged in as zed. Balance: 0. Taking payments on port "
+                + done.stdout.decode().split("port ")[1].split(".")[0]
+                + ".",
+                "Error (self_payment): you cannot pay yourself",
+            ]
+            port = srv.port
+        # The server is gone: exit 3, one line on stderr, also with --json.
+        for extra in ((), ("--json",)):
+            done = await run_client(port, state, *extra, "-c", "list")
+            assert done.returncode == 3, done
+            assert done.stderr.decode().splitlines() == [
+                f"p2ppay client: cannot reach 127.0.0.1 port {port}: connection refused"
+            ]
+            if extra:
+                assert json_lines(done.stdout) == [
+                    {
+                        "command": "connect",
+                        "ok": False,
+                        "error": {
+                            "code": "server_unreachable",
+                            "message": f"cannot reach 127.0.0.1 port {port}: connection refused",
+                        },
+                    }
+                ]
 
 
 def test_interactive_shell_in_a_pseudo_terminal(tmp_path: Path) -> None:

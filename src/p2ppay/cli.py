@@ -5,22 +5,45 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import platformdirs
 import trio
 
 from . import __version__
+from .exitcodes import ExitCode
 from .ledger import Limits
 from .limits import ThrottleConfig
 from .passwords import ScryptParams
-from .server import DEFAULT_PORT, ServerConfig, ServerOptions, run_server
+from .server import DEFAULT_PORT, ServerConfig, ServerOptions, StartupError, run_server
 from .shell import PASSWORD_ENV, ClientOptions, run_client
 
 STATE_ENV = "P2PPAY_STATE_DIR"
+
+DESCRIPTION = """Secure person-to-person micropayments over TLS.
+
+  p2ppay server   run the payment server (accounts, ledger, who is online)
+  p2ppay client   the terminal client: register, log in, deposit, list, pay
+
+Exit status: 0 done; 1 a command failed (client) or the server could not start;
+2 usage error; 3 the client cannot reach the server; 130 interrupted."""
+
+log = logging.getLogger("p2ppay")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default once, and only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def default_state_dir() -> Path:
@@ -62,7 +85,9 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2ppay", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="p2ppay", description=DESCRIPTION, formatter_class=_HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"p2ppay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -71,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "server",
         help="run the payment server",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the p2ppay server until Ctrl-C or SIGTERM. Every limit is a flag.",
+        formatter_class=_HelpFormatter,
     )
     s.add_argument("--host", default=None, help="address to listen on (default: every interface)")
     s.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TLS port (0: any free one)")
@@ -81,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"ledger and certificates (default: ${STATE_ENV} or the user data dir)",
     )
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="debug logs one line per request; info one per connection event",
+    )
     s.add_argument("--cert", type=Path, help="your own server certificate chain (PEM)")
     s.add_argument("--key", type=Path, help="the private key for --cert (PEM)")
     s.add_argument(
@@ -94,24 +125,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-line", type=_positive_int, default=d.max_line, help="longest request line in bytes"
     )
-    s.add_argument("--handshake-timeout", type=_seconds, default=d.handshake_timeout)
+    s.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=d.handshake_timeout,
+        help="seconds a TLS handshake may take",
+    )
     s.add_argument(
         "--idle-timeout",
         type=_seconds,
         default=d.anonymous_idle_timeout,
         help="seconds a connection that has not logged in may stay silent",
     )
-    s.add_argument("--write-timeout", type=_seconds, default=d.write_timeout)
-    s.add_argument("--shutdown-grace", type=_seconds, default=d.shutdown_grace)
+    s.add_argument(
+        "--write-timeout",
+        type=_seconds,
+        default=d.write_timeout,
+        help="seconds a peer that does not read what the server sends is given",
+    )
+    s.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=d.shutdown_grace,
+        help="seconds in-flight requests may run after SIGTERM",
+    )
     s.add_argument(
         "--max-list",
         type=_positive_int,
         default=d.max_list,
         help="most online users one list reply names",
     )
-    s.add_argument("--max-deposit", type=_positive_int, default=lim.max_deposit)
-    s.add_argument("--max-payment", type=_positive_int, default=lim.max_payment)
-    s.add_argument("--max-balance", type=_positive_int, default=lim.max_balance)
+    s.add_argument(
+        "--max-deposit", type=_positive_int, default=lim.max_deposit, help="largest single deposit"
+    )
+    s.add_argument(
+        "--max-payment", type=_positive_int, default=lim.max_payment, help="largest single payment"
+    )
+    s.add_argument(
+        "--max-balance",
+        type=_positive_int,
+        default=lim.max_balance,
+        help="no balance may exceed this",
+    )
     s.add_argument(
         "--max-batch", type=_positive_int, default=512, help="most operations in one ledger commit"
     )
@@ -119,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hash-threads",
         type=_positive_int,
         default=d.hash_threads,
-        help="threads for password hashing",
+        help="threads for password hashing (default: cores - 1, at least 1)",
     )
     s.add_argument(
         "--scrypt-n",
@@ -131,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer-cert-hours",
         type=_seconds,
         default=d.peer_cert_lifetime / 3600,
-        help="lifetime of the peer certificate a login gets",
+        help="hours the peer certificate a login gets stays valid",
     )
     th = ThrottleConfig()
     s.add_argument(
@@ -189,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "client",
         help="the terminal client (interactive, or scripted with -c)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The p2ppay terminal client: interactive, or scripted with -c.\n"
+        "Exit status: 0 done; 1 a command failed; 2 usage error; 3 cannot reach the server.",
+        formatter_class=_HelpFormatter,
     )
     c.add_argument("host", nargs="?", default="localhost", help="the server's host")
     c.add_argument("port", nargs="?", type=_port, default=DEFAULT_PORT, help="the server's port")
@@ -243,7 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         'pay bob 30"; "serve" stays online until signalled',
     )
     c.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
-    c.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    c.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the client logs to stderr",
+    )
     return parser
 
 
@@ -268,7 +330,7 @@ def _client_options(args: argparse.Namespace) -> ClientOptions:
 def _server_options(args: argparse.Namespace) -> ServerOptions:
     n = args.scrypt_n
     if n < 2 or n & (n - 1):
-        raise SystemExit("p2ppay: --scrypt-n must be a power of 2 (at least 2)")
+        _usage("--scrypt-n must be a power of 2 (at least 2)")
     config = ServerConfig(
         max_line=args.max_line,
         handshake_timeout=args.handshake_timeout,
@@ -292,9 +354,9 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
     try:
         limits = Limits(args.max_deposit, args.max_payment, args.max_balance)
     except ValueError as exc:
-        raise SystemExit(f"p2ppay: {exc}") from None
+        _usage(str(exc))
     if not 0 <= args.course_initial_balance <= limits.max_deposit:
-        raise SystemExit("p2ppay: --course-initial-balance must be within 0..--max-deposit")
+        _usage("--course-initial-balance must be within 0..--max-deposit")
     return ServerOptions(
         host=args.host,
         port=args.port,
@@ -310,27 +372,74 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
     )
 
 
+def _usage(message: str) -> NoReturn:
+    print(f"p2ppay: {message}", file=sys.stderr)
+    raise SystemExit(ExitCode.USAGE)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _explain_server_failure(exc: BaseException) -> str:
+    """One line for why the server stopped; the traceback only at --log-level debug."""
+    lines: list[str] = []
+    for leaf in _leaves(exc):
+        if isinstance(leaf, StartupError):
+            line = str(leaf)
+        elif isinstance(leaf, sqlite3.Error):
+            line = f"the ledger cannot be used: {leaf}"
+        elif isinstance(leaf, OSError):
+            where = f" ({leaf.filename})" if leaf.filename else ""
+            line = f"{leaf.strerror or leaf}{where}"
+        else:
+            log.debug("internal error", exc_info=leaf)
+            line = f"internal error: {type(leaf).__name__}: {leaf} (--log-level debug shows more)"
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    options = _server_options(args)
+    log.info("state directory: %s", options.state_dir)
+    try:
+        trio.run(partial(run_server, options, handle_signals=True))
+    except KeyboardInterrupt:
+        print("p2ppay server: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Exception as exc:
+        print(f"p2ppay server: {_explain_server_failure(exc)}", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.OK
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return trio.run(run_client, _client_options(args))
+    except KeyboardInterrupt:
+        # Ctrl-C before the shell was ready to take it (e.g. while connecting).
+        print("p2ppay client: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "server":
-        logging.basicConfig(
-            level=args.log_level.upper(),
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        options = _server_options(args)
-        logging.getLogger("p2ppay").info("state directory: %s", options.state_dir)
-        try:
-            trio.run(partial(run_server, options, handle_signals=True))
-        except OSError as exc:
-            print(f"p2ppay server: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-        return 0
+        return _run_server(args)
     if args.command == "client":
-        logging.basicConfig(
-            level=args.log_level.upper(),
-            stream=sys.stderr,
-            format="%(levelname)s %(name)s: %(message)s",
-        )
-        return trio.run(run_client, _client_options(args))
+        return _run_client(args)
     raise AssertionError(args.command)

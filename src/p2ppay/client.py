@@ -117,12 +117,21 @@ class Client:
     ) -> AsyncIterator[Client]:
         """Use an already connected (TLS) stream; the client owns and closes it."""
         client = cls(stream, request_timeout=request_timeout)
+        # A failed hello is raised outside the nursery, as itself: callers tell "could not
+        # connect" from everything else without unpacking exception groups.
+        failed_hello: ClientError | trio.TooSlowError | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._read_loop)
-                hello = await client._call(p.Hello(0, p.PROTOCOL_VERSION, f"p2ppay/{__version__}"))
-                client.server_version = hello.server
-                yield client
+                try:
+                    hello = await client._call(
+                        p.Hello(0, p.PROTOCOL_VERSION, f"p2ppay/{__version__}")
+                    )
+                except (ClientError, trio.TooSlowError) as exc:
+                    failed_hello = exc
+                else:
+                    client.server_version = hello.server
+                    yield client
                 nursery.cancel_scope.cancel()
         finally:
             client._fail_all(ConnectionLost("the client was closed"))
@@ -134,6 +143,8 @@ class Client:
                         pass
                 if polite.cancelled_caught:
                     await trio.aclose_forcefully(stream)
+        if failed_hello is not None:
+            raise failed_hello
 
     @property
     def closed(self) -> bool:

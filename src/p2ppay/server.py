@@ -690,13 +690,49 @@ class ServerOptions:
 LEDGER_FILE: Final = "ledger.sqlite3"
 
 
+class StartupError(Exception):
+    """The server cannot start; the message says why, in one line."""
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create the state directory if needed and check that we can write there and to the
+    ledger: a clear error now rather than a traceback from deep inside SQLite or the CA code."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise StartupError(f"the state directory {state_dir} is not a directory")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the state directory {state_dir}: {exc.strerror or exc}"
+        ) from None
+    probe = state_dir / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot write in the state directory {state_dir}: {exc.strerror}"
+        ) from None
+    for name in (LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm"):
+        path = state_dir / name
+        if path.exists():
+            try:
+                with path.open("r+b"):
+                    pass
+            except OSError as exc:
+                raise StartupError(f"cannot write the ledger file {path}: {exc.strerror}") from None
+
+
 async def _bind(port: int, host: str | None) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
+        where = f"port {port}" if host is None else f"{host} port {port}"
         if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"port {port} is already in use") from exc
-        raise
+            raise StartupError(f"{where} is already in use") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"{where} is not allowed for this user") from None
+        raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
 
 async def run_server(
@@ -708,11 +744,22 @@ async def run_server(
     """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses
     (the native listeners' first, then the course dialect's)."""
     state_dir = options.state_dir
+    await trio.to_thread.run_sync(prepare_state_dir, state_dir)
     if options.cert and options.key:
         cert_path: Path = options.cert
-        ctx = server_context(options.cert, options.key)
+        try:
+            ctx = server_context(options.cert, options.key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            reason = (
+                "they are not a PEM certificate chain and its private key"
+                if isinstance(exc, ssl.SSLError)
+                else getattr(exc, "strerror", None) or exc
+            )
+            raise StartupError(
+                f"cannot use --cert {options.cert} with --key {options.key}: {reason}"
+            ) from None
     elif options.cert or options.key:
-        raise ValueError("--cert and --key go together")
+        raise StartupError("--cert and --key go together")
     else:
         creds = await trio.to_thread.run_sync(ensure_server_credentials, state_dir, options.sans)
         cert_path = creds.cert_chain

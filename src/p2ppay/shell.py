@@ -19,14 +19,19 @@ import trio
 
 from . import protocol as p
 from .client import ClientError, ConnectionLost, ServerError
+from .exitcodes import ExitCode
 from .peer import PeerConfig, Policy, accept_all, decline_all
 from .terminal import Terminal, make_terminal
 from .tls import MissingCA, client_context
 from .wallet import (
+    CannotConnect,
     Disconnected,
+    LoggedOut,
     NotSettledNews,
     OfferAnswered,
     PaymentFailed,
+    PortUnavailable,
+    Reconnected,
     Wallet,
     WalletEvent,
 )
@@ -36,6 +41,8 @@ T = TypeVar("T")
 PASSWORD_ENV: Final = "P2PPAY_PASSWORD"
 NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 AMOUNT_RE: Final = re.compile(r"[0-9]{1,16}")
+#: ``history N``: the most movements one command shows
+MAX_HISTORY: Final = 1000
 
 HELP: Final = """Commands:
   register [NAME]     create an account (you choose a password)
@@ -54,6 +61,21 @@ Amounts are whole numbers."""
 
 MENU: Final = {"1": "register", "2": "login", "3": "list", "4": "pay", "5": "exit"}
 NEEDS_LOGIN: Final = frozenset({"deposit", "balance", "list", "pay", "history", "logout", "serve"})
+#: the most words each command takes after its name
+MAX_ARGS: Final = {
+    "register": 1,
+    "login": 1,
+    "deposit": 1,
+    "balance": 0,
+    "list": 0,
+    "pay": 2,
+    "history": 1,
+    "logout": 0,
+    "serve": 0,
+    "help": 0,
+    "exit": 0,
+    "quit": 0,
+}
 
 
 class UsageError(Exception):
@@ -90,6 +112,15 @@ def parse_name(text: str) -> str:
     if not NAME_RE.fullmatch(text):
         raise UsageError(f"{text!r} is not a valid name: 1-32 letters, digits, '_', '.' or '-'")
     return text
+
+
+def parse_count(text: str) -> int:
+    """How many movements ``history`` shows."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_HISTORY:
+        raise UsageError(
+            f"the number of movements must be a whole number from 1 to {MAX_HISTORY} (not {text!r})"
+        )
+    return int(text)
 
 
 def parse_port(text: str) -> int:
@@ -155,9 +186,15 @@ class Shell:
         self.options = options
         self.out = out
         self.interactive = options.commands is None
-        self.failed = False
+        #: the exit status so far: the first failure decides it
+        self.status = ExitCode.OK
         self._serving: trio.CancelScope | None = None
-        self._port_asked = False
+        #: the payment port chosen at the prompt, kept once a login has worked with it
+        self._chosen_port: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status is not ExitCode.OK
 
     # -- output --
 
@@ -171,8 +208,11 @@ class Shell:
         else:
             self.terminal.write(human)
 
-    def emit_error(self, command: str, code: str, message: str) -> None:
-        self.failed = True
+    def emit_error(
+        self, command: str, code: str, message: str, status: ExitCode = ExitCode.FAILED
+    ) -> None:
+        if self.status is ExitCode.OK:
+            self.status = status
         if self.options.json:
             self._json(
                 {"command": command, "ok": False, "error": {"code": code, "message": message}}
@@ -188,7 +228,7 @@ class Shell:
             self.show_event(event)
 
     def show_event(self, event: WalletEvent) -> None:
-        if isinstance(event, p.SessionReplaced) and self._serving is not None:
+        if isinstance(event, p.SessionReplaced | LoggedOut) and self._serving is not None:
             self._serving.cancel()  # an unattended payee that was logged out is of no use
         if self.options.json:
             if isinstance(event, OfferAnswered):
@@ -200,7 +240,17 @@ class Shell:
                     }
                 )
             elif isinstance(event, Disconnected):
-                self._json({"event": "disconnected", "reason": event.reason})
+                self._json(
+                    {
+                        "event": "disconnected",
+                        "reason": event.reason,
+                        "reconnecting": event.reconnecting,
+                    }
+                )
+            elif isinstance(event, Reconnected):
+                self._json({"event": "reconnected", "name": event.name})
+            elif isinstance(event, LoggedOut):
+                self._json({"event": "logged_out", "reason": event.reason})
             elif isinstance(event, NotSettledNews):
                 self._json(
                     {
@@ -234,6 +284,12 @@ class Shell:
                 f"{event.payer}'s payment {event.news.payment_id} that you accepted did not "
                 f"go through: {event.news.reason}"
             )
+        elif isinstance(event, Reconnected):
+            text = f"Reconnected to the server; logged in again as {event.name}."
+        elif isinstance(event, LoggedOut):
+            text = f"Logged out: {event.reason}."
+        elif event.reconnecting:
+            text = "Lost the connection to the server; reconnecting..."
         else:
             text = "Lost the connection to the server; the next command reconnects."
         self.terminal.write(text)
@@ -292,15 +348,28 @@ class Shell:
         command, args = words[0].lower(), words[1:]
         command = MENU.get(command, command)
         try:
+            if len(args) > MAX_ARGS.get(command, len(args)):
+                extra = " ".join(args[MAX_ARGS[command] :])
+                raise UsageError(f"{command} does not take {extra!r}; type help for the usage")
             return await self._execute(command, args)
         except UsageError as exc:
-            self.emit_error(command, "usage", str(exc))
+            self.emit_error(command, "usage", str(exc), ExitCode.USAGE)
         except PaymentFailed as exc:
-            self.emit_error(command, exc.code, exc.message)
+            status = ExitCode.UNREACHABLE if exc.code == "server_unreachable" else ExitCode.FAILED
+            self.emit_error(command, exc.code, exc.message, status)
         except ServerError as exc:
             self.emit_error(command, exc.code, exc.message)
-        except (ConnectionLost, OSError) as exc:
-            self.emit_error(command, "server_unreachable", f"no connection to the server: {exc}")
+        except PortUnavailable as exc:
+            self.emit_error(command, "port_unavailable", str(exc))
+        except CannotConnect as exc:
+            self.emit_error(command, "server_unreachable", str(exc), ExitCode.UNREACHABLE)
+        except (ConnectionLost, OSError, trio.TooSlowError) as exc:
+            self.emit_error(
+                command,
+                "server_unreachable",
+                f"no connection to the server: {exc or 'no answer in time'}",
+                ExitCode.UNREACHABLE,
+            )
         except ClientError as exc:
             self.emit_error(command, "error", str(exc))
         except _Cancelled:
@@ -344,8 +413,9 @@ class Shell:
         elif command == "pay":
             payee = parse_name(args[0]) if args else await self._prompted("payee: ", parse_name)
             amount = await self._amount(args, 1)
-            self.say(f"Offering {amount} to {payee}...")
-            paid = await wallet.pay(payee, amount)
+            paid = await wallet.pay(
+                payee, amount, on_offer=lambda o: self.say(f"Offering {o.amount} to {o.payee}...")
+            )
             self.emit(
                 "pay",
                 paid,
@@ -353,8 +423,8 @@ class Shell:
                 f"{paid.payment_id}). Your balance: {paid.balance}",
             )
         elif command == "history":
-            limit = parse_amount(args[0]) if args else 20
-            entries = await wallet.history(min(limit, 1000))
+            limit = parse_count(args[0]) if args else 20
+            entries = await wallet.history(limit)
             self.emit("history", {"entries": entries}, format_history(entries))
         elif command == "logout":
             await wallet.logout()
@@ -383,12 +453,12 @@ class Shell:
     async def login(self, args: list[str]) -> None:
         name = await self.name_arg(args, "login")
         password = await self.password()
-        if self.interactive and self.options.listen_port is None and not self._port_asked:
-            self._port_asked = True
-            self.wallet.listen_port = await self.ask_value(
-                "port for payments (Enter: any free port): ", parse_port
-            )
-        result = await self.wallet.login(name, password)
+        port = self._chosen_port
+        if self.interactive and self.options.listen_port is None and port is None:
+            port = await self.ask_value("port for payments (Enter: any free port): ", parse_port)
+        result = await self.wallet.login(name, password, listen_port=port)
+        # Asked once per shell, but only once it has worked: a taken port is asked for again.
+        self._chosen_port = port
         self.emit(
             "login",
             {
@@ -403,23 +473,29 @@ class Shell:
 
     async def run_interactive(self) -> int:
         self.say("p2ppay client. Type help for the commands.")
-        if self.options.user:
-            await self.execute("login")
-        while True:
-            prompt = f"{self.wallet.user or 'p2ppay'}> "
-            try:
-                line = await self.terminal.read_line(prompt)
-            except (EOFError, KeyboardInterrupt):
-                self.say("")
-                return 0
-            if not await self.execute(line):
-                return 0
+        # Ctrl-C at any prompt (the command line, a password, a port) leaves, like Ctrl-D at
+        # the command line; the wallet logs out on the way.
+        try:
+            if self.options.user:
+                await self.execute("login")
+            while True:
+                prompt = f"{self.wallet.user or 'p2ppay'}> "
+                try:
+                    line = await self.terminal.read_line(prompt)
+                except EOFError:
+                    break
+                if not await self.execute(line):
+                    break
+        except KeyboardInterrupt:
+            pass
+        self.say("")
+        return ExitCode.OK
 
     async def run_script(self, script: str) -> int:
         for line in split_commands(script):
             if not await self.execute(line) or self.failed:
                 break
-        return 1 if self.failed else 0
+        return self.status
 
 
 def _policy(options: ClientOptions, terminal: Terminal) -> Policy:
@@ -441,12 +517,12 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
         ssl_context: ssl.SSLContext = client_context(options.cafile)
     except MissingCA as exc:
         print(f"p2ppay client: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     terminal, holding = make_terminal(interactive=options.commands is None)
     peer_config = PeerConfig(
         decide_timeout=options.ask_timeout, answer_timeout=options.ask_timeout + 15
     )
-    code = 0
+    code: int = ExitCode.OK
     with holding():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(terminal.run)
@@ -464,19 +540,19 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                     shell = Shell(wallet, terminal, options, out)
                     nursery.start_soon(shell.show_events)
                     code = await _until_signalled(nursery, shell)
-            except (OSError, ConnectionLost, trio.TooSlowError) as exc:
-                print(
-                    f"p2ppay client: cannot connect to {options.host} port {options.port}: {exc}",
-                    file=sys.stderr,
-                )
-                code = 2
+            except CannotConnect as exc:
+                if options.json:
+                    error = {"code": "server_unreachable", "message": str(exc)}
+                    print(json.dumps({"command": "connect", "ok": False, "error": error}), file=out)
+                print(f"p2ppay client: {exc}", file=sys.stderr)
+                code = ExitCode.UNREACHABLE
             nursery.cancel_scope.cancel()
     return code
 
 
 async def _until_signalled(nursery: trio.Nursery, shell: Shell) -> int:
     """Run the shell; SIGINT/SIGTERM end it cleanly (the wallet then logs out)."""
-    code = 0
+    code: int = ExitCode.OK
     with trio.CancelScope() as scope:
 
         async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -30,7 +30,15 @@ def client_context(cafile: Path | str) -> ssl.SSLContext:
             f"no CA certificate at {path}: pass --cafile with the server's ca.pem "
             "(it is in the server's state directory)"
         )
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(path))
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(path))
+    except ssl.SSLError:
+        raise MissingCA(
+            f"cannot use {path} as the CA certificate: it holds no PEM certificate"
+        ) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise MissingCA(f"cannot use {path} as the CA certificate: {reason}") from None
     return harden_client_context(ctx)
 
 

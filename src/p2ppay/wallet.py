@@ -9,7 +9,11 @@ signed acceptance, retried with the same payment id if the server connection dro
 from __future__ import annotations
 
 import builtins
+import errno
 import logging
+import os
+import random
+import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +43,23 @@ T = TypeVar("T")
 
 SETTLE_ATTEMPTS: Final = 4
 EVENT_BUFFER: Final = 1000
+#: Reconnecting after the server connection drops while logged in: the first wait, and the
+#: most any wait grows to (each wait is drawn at random between half of it and all of it, so
+#: that many clients of a restarted server do not all come back in the same instant).
+RECONNECT_FIRST_DELAY: Final = 0.25
+RECONNECT_MAX_DELAY: Final = 4.0
+
+#: Refusals of a login again after a reconnect that retrying will not change.
+_FINAL_LOGIN_REFUSALS: Final = frozenset({"auth_failed", "unknown_user", "bad_csr"})
+
+#: What failing to open a connection to the server (or to say hello on it) can raise.
+_CONNECT_FAILURES: Final = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    ConnectionLost,
+)
 
 
 class PaymentFailed(ClientError):
@@ -48,6 +69,49 @@ class PaymentFailed(ClientError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class CannotConnect(ConnectionLost):
+    """No connection to the server could be made (refused, unreachable, TLS refused...)."""
+
+
+class PortUnavailable(ClientError):
+    """The port for taking payments cannot be listened on (taken, or not allowed)."""
+
+
+def describe_connect_failure(exc: BaseException) -> str:
+    """One line saying why a connection to the server could not be made."""
+    if isinstance(exc, trio.TooSlowError):
+        return "no answer in time"
+    if isinstance(exc, trio.BrokenResourceError):
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"the server's certificate is not trusted ({cause.verify_message}); "
+                "check --cafile and --server-name"
+            )
+        eof = isinstance(cause, ssl.SSLEOFError) or (
+            isinstance(cause, ssl.SSLError) and cause.reason == "UNEXPECTED_EOF_WHILE_READING"
+        )
+        if isinstance(cause, ssl.SSLError) and not eof:
+            reason = (cause.reason or str(cause)).lower().replace("_", " ")
+            return f"TLS failed ({reason}); is this a p2ppay server's port?"
+        return (
+            "the server closed the connection during the TLS handshake (it may be refusing "
+            "connections from your address: too many at once?)"
+        )
+    if isinstance(exc, OSError):
+        # trio's open_tcp_stream says "all attempts failed" and keeps the reasons in __cause__.
+        cause = exc.__cause__
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            first = cause.exceptions[0]
+            if isinstance(first, OSError) and first.errno:
+                return os.strerror(first.errno).lower()
+        if exc.errno and not isinstance(exc, socket.gaierror):
+            return os.strerror(exc.errno).lower()
+        if exc.strerror:
+            return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +132,31 @@ class NotSettledNews:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """The connection to the server ended; the next command reconnects."""
+    """The connection to the server ended. A logged-in wallet reconnects by itself (then
+    :class:`Reconnected` follows); otherwise the next command reconnects."""
+
+    reason: str
+    reconnecting: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """The server connection is back and we are logged in again as ``name``."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOut:
+    """We are no longer logged in, and will not log in again by ourselves (``reason`` says
+    why: the session was taken over by a newer login, or logging in again was refused)."""
 
     reason: str
 
 
-WalletEvent: TypeAlias = p.Event | OfferAnswered | NotSettledNews | Disconnected
+WalletEvent: TypeAlias = (
+    p.Event | OfferAnswered | NotSettledNews | Disconnected | Reconnected | LoggedOut
+)
 
 
 @final
@@ -89,9 +172,16 @@ class Wallet:
         peer_config: PeerConfig,
         listen_host: str | None,
         listen_port: int,
+        server_address: str = "the server",
+        reconnect_delays: tuple[float, float] = (RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY),
     ) -> None:
         self._nursery = nursery
         self._connect_fn = connect
+        #: how messages name the server ("localhost port 8700")
+        self.server_address = server_address
+        self.reconnect_delays = reconnect_delays
+        self._reviving = False
+        self._closing = False
         self.policy = policy
         self.peer_config = peer_config
         self.listen_host = listen_host
@@ -140,6 +230,7 @@ class Wallet:
             listen_host=listen_host,
             listen_port=listen_port,
             peer_config=peer_config,
+            server_address=f"{host} port {port}",
         ) as wallet:
             yield wallet
 
@@ -153,8 +244,14 @@ class Wallet:
         listen_host: str | None = None,
         listen_port: int = 0,
         peer_config: PeerConfig | None = None,
+        server_address: str = "the server",
+        reconnect_delays: tuple[float, float] = (RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY),
     ) -> AsyncIterator[Wallet]:
-        """Like :meth:`open` with any way of connecting (tests cut connections with this)."""
+        """Like :meth:`open` with any way of connecting (tests cut connections with this).
+
+        Raises :class:`CannotConnect` (not wrapped in an exception group) if the first
+        connection cannot be made."""
+        failure: CannotConnect | None = None
         async with trio.open_nursery() as nursery:
             wallet = cls(
                 nursery,
@@ -163,18 +260,30 @@ class Wallet:
                 peer_config=peer_config or PeerConfig(),
                 listen_host=listen_host,
                 listen_port=listen_port,
+                server_address=server_address,
+                reconnect_delays=reconnect_delays,
             )
-            await wallet._connect()
             try:
-                yield wallet
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await wallet._close()
+                await wallet._connect()
+            except CannotConnect as exc:
+                # Raised below, outside the nursery, so that callers catch it as it is.
+                failure = exc
                 nursery.cancel_scope.cancel()
+            else:
+                try:
+                    yield wallet
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        await wallet._close()
+                    nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     # -- the server connection --
 
     async def _connect(self) -> Client:
+        """Open a new server connection (its task lives in our nursery); raises
+        :class:`CannotConnect` with the reason in one line."""
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[Client]) -> None:
@@ -182,12 +291,59 @@ class Wallet:
                 async with self._connect_fn() as client:
                     task_status.started(client)
                     async for event in client.events:
+                        if isinstance(event, p.SessionReplaced):
+                            self._forget_login()
                         self._emit(event)
-                    self._emit(Disconnected("the connection to the server was lost"))
+                    reviving = self._credentials is not None and not self._closing
+                    self._emit(Disconnected("the connection to the server was lost", reviving))
+                    if reviving and not self._reviving:
+                        self._reviving = True
+                        self._nursery.start_soon(self._revive)
 
-        client: Client = await self._nursery.start(run)
+        try:
+            client: Client = await self._nursery.start(run)
+        except _CONNECT_FAILURES as exc:
+            raise CannotConnect(
+                f"cannot reach {self.server_address}: {describe_connect_failure(exc)}"
+            ) from exc
         self._client, self._client_scope = client, scope
         return client
+
+    async def _revive(self) -> None:
+        """Logged in, and the server connection dropped: reconnect, backing off with jitter
+        (the waits are bounded by ``reconnect_delays``), and log in again. Runs until that
+        succeeds, we log out, or logging in again is refused."""
+        first, most = self.reconnect_delays
+        delay = first
+        try:
+            while self._credentials is not None and not self._closing:
+                await trio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, most)
+                name = self.user
+                try:
+                    await self._server()
+                except ServerError as exc:
+                    if exc.code not in _FINAL_LOGIN_REFUSALS:
+                        log.info("logging in again as %s: %s; will retry", name, exc)
+                        continue  # busy, rate limited, shutting down: try again later
+                    # The server is back but will not have us (e.g. a changed password).
+                    self._forget_login()
+                    self._emit(LoggedOut(f"could not log in again as {name}: {exc.message}"))
+                    return
+                except (ClientError, *_CONNECT_FAILURES) as exc:
+                    log.info("still no connection to %s: %s", self.server_address, exc)
+                    continue
+                if name is not None and self.user == name:
+                    self._emit(Reconnected(name))
+                return
+        finally:
+            self._reviving = False
+
+    def _forget_login(self) -> None:
+        """We are logged out (replaced by a newer login): never log in again by ourselves."""
+        if self._credentials is not None:
+            self._credentials = None
+            self._nursery.start_soon(self._stop_peering)
 
     def _emit(self, event: WalletEvent) -> None:
         if isinstance(event, p.PaymentReceived):
@@ -199,21 +355,33 @@ class Wallet:
 
     async def _server(self) -> Client:
         """The live server connection, reconnecting (and logging in again) if it was lost."""
-        client = self._client
-        if client is not None and not client.closed:
-            return client
+        if self._usable(self._client):
+            assert self._client is not None
+            return self._client
         return await self._reconnect()
+
+    def _usable(self, client: Client | None) -> bool:
+        """A live connection, logged in if we are (a failed login again leaves it not)."""
+        return (
+            client is not None
+            and not client.closed
+            and (self._credentials is None or client.user is not None)
+        )
 
     async def _reconnect(self) -> Client:
         async with self._reconnect_lock:
-            if self._client is not None and not self._client.closed:
+            if self._usable(self._client):
+                assert self._client is not None
                 return self._client
-            if self._client_scope is not None:
-                self._client_scope.cancel()
-            client = await self._connect()
+            client = self._client
+            if client is None or client.closed:
+                if self._client_scope is not None:
+                    self._client_scope.cancel()
+                client = await self._connect()
             if self._credentials is not None and self._key is not None:
                 name, password = self._credentials
-                await client.login(name, password, self.p2p_port, self._key.csr(name))
+                result = await client.login(name, password, self.p2p_port, self._key.csr(name))
+                self.known_balance = result.balance
             return client
 
     async def _call(self, fn: Callable[[Client], Awaitable[T]]) -> T:
@@ -228,11 +396,24 @@ class Wallet:
     async def register(self, name: str, password: str) -> None:
         await self._call(lambda c: c.register(name, password))
 
-    async def login(self, name: str, password: str) -> p.LoginResult:
-        """Log in, get this session's certificate, and start taking offers."""
+    async def login(
+        self, name: str, password: str, *, listen_port: int | None = None
+    ) -> p.LoginResult:
+        """Log in, get this session's certificate, and start taking offers on ``listen_port``
+        (default: the wallet's ``listen_port``; 0 is any free port)."""
         if self._credentials is not None:
             raise ServerError("already_logged_in", "already logged in; log out first")
-        listeners = await open_offer_listeners(self.listen_host, self.listen_port)
+        wanted = self.listen_port if listen_port is None else listen_port
+        try:
+            listeners = await open_offer_listeners(self.listen_host, wanted)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                reason = f"port {wanted} is already in use on this machine"
+            elif exc.errno == errno.EACCES:
+                reason = f"port {wanted} is not allowed for this user"
+            else:
+                reason = f"cannot listen on port {wanted}: {exc.strerror or exc}"
+            raise PortUnavailable(f"{reason}; choose another port for payments") from None
         port = listeners[0].socket.getsockname()[1]
         key = PeerKey()
         try:
@@ -294,6 +475,7 @@ class Wallet:
         self.p2p_port = None
 
     async def _close(self) -> None:
+        self._closing = True
         if self._credentials is not None:
             try:
                 await self.logout()
@@ -321,9 +503,17 @@ class Wallet:
         return await self._call(lambda c: c.history(limit))
 
     async def pay(
-        self, payee: str, amount: int, payment_id: uuid.UUID | None = None
+        self,
+        payee: str,
+        amount: int,
+        payment_id: uuid.UUID | None = None,
+        *,
+        on_offer: Callable[[p.Offer], None] | None = None,
     ) -> p.SettleResult:
-        """Pay ``payee`` directly: offer, their signed acceptance, then settlement (once)."""
+        """Pay ``payee`` directly: offer, their signed acceptance, then settlement (once).
+
+        ``on_offer`` is called just before the offer goes to the payee (after every check
+        that can refuse the payment without asking them)."""
         me = self.user
         if me is None or self.dialer is None:
             raise PaymentFailed("not_logged_in", "log in first")
@@ -346,12 +536,15 @@ class Wallet:
         except ServerError as exc:
             raise PaymentFailed(exc.code, exc.message) from None
         offer = p.Offer(payment_id or uuid.uuid4(), me, payee, amount)
+        if on_offer is not None:
+            on_offer(offer)
         try:
             answer = await self.dialer.offer(where, offer)
         except PeerError as exc:
             raise PaymentFailed(exc.code, exc.message) from None
         if isinstance(answer, p.Decline):
-            raise PaymentFailed("declined", f"{payee} declined: {answer.reason}")
+            why = "" if answer.reason == "declined" else f" ({answer.reason})"
+            raise PaymentFailed("declined", f"{payee} declined the payment{why}")
         try:
             result = await self._settle(offer, answer.signature)
         except PaymentFailed as exc:

@@ -1,0 +1,18 @@
+"""The exit statuses of ``p2ppay server`` and ``p2ppay client`` (the README lists them)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    #: everything asked was done (for the server: it stopped when told to)
+    OK = 0
+    #: a command failed (the server or the payee said no); the server could not start
+    FAILED = 1
+    #: the command line cannot be used: an unknown flag or command, a bad value, no password
+    USAGE = 2
+    #: the client could not reach the server (or lost it and could not get it back)
+    UNREACHABLE = 3
+    #: stopped by Ctrl-C (SIGINT) before it was ready to handle it (128 + SIGINT)
+    INTERRUPTED = 130

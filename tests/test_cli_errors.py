@@ -1,0 +1,157 @@
+"""What a person meets when something is wrong: one clear line and a documented exit status,
+never a traceback (the real command line, as a subprocess)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import trio
+
+from p2ppay.cli import build_parser
+from p2ppay.exitcodes import ExitCode
+
+from .test_cli_client import client_cmd
+from .test_loopback import server_process
+
+pytestmark = pytest.mark.slow
+
+
+def p2ppay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2ppay", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def last_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def server(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return p2ppay("server", "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state), *args)
+
+
+def test_a_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    state = tmp_path / "afile"
+    state.write_text("")
+    done = server(state)
+    assert done.returncode == ExitCode.FAILED
+    assert last_line(done) == f"p2ppay server: the state directory {state} is not a directory"
+
+
+def test_a_state_dir_under_a_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    state = tmp_path / "afile" / "state"
+    done = server(state)
+    assert done.returncode == ExitCode.FAILED
+    assert last_line(done) == (
+        f"p2ppay server: cannot create the state directory {state}: Not a directory"
+    )
+
+
+def test_a_ledger_that_cannot_be_written(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "ledger.sqlite3").mkdir(parents=True)  # unwritable as a file, even for root
+    done = server(state)
+    assert done.returncode == ExitCode.FAILED
+    assert last_line(done) == (
+        f"p2ppay server: cannot write the ledger file {state / 'ledger.sqlite3'}: Is a directory"
+    )
+
+
+async def test_a_port_in_use(tmp_path: Path) -> None:
+    taken = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = taken.socket.getsockname()[1]
+    try:
+        done = await trio.to_thread.run_sync(
+            p2ppay, "server", "--host", "127.0.0.1", "--port", str(port),
+            "--state-dir", str(tmp_path / "state"),
+        )  # fmt: skip
+    finally:
+        await taken.aclose()
+    assert done.returncode == ExitCode.FAILED
+    assert last_line(done) == f"p2ppay server: 127.0.0.1 port {port} is already in use"
+
+
+def test_a_certificate_that_is_not_one(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    done = server(tmp_path / "state", "--cert", str(junk), "--key", str(junk))
+    assert done.returncode == ExitCode.FAILED
+    assert last_line(done) == (
+        f"p2ppay server: cannot use --cert {junk} with --key {junk}: they are not a PEM "
+        "certificate chain and its private key"
+    )
+    done = p2ppay("client", "--cafile", str(junk), "-c", "list")
+    assert done.returncode == ExitCode.USAGE
+    assert last_line(done) == (
+        f"p2ppay client: cannot use {junk} as the CA certificate: it holds no PEM certificate"
+    )
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    done = server(tmp_path / "state", "--scrypt-n", "3")
+    assert done.returncode == ExitCode.USAGE
+    assert last_line(done) == "p2ppay: --scrypt-n must be a power of 2 (at least 2)"
+    done = p2ppay("client", "--frobnicate")
+    assert done.returncode == ExitCode.USAGE
+    assert "unrecognized arguments: --frobnicate" in last_line(done)
+
+
+def _explained(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """(option, its help as --help prints it) for every option of every subcommand."""
+    found: list[tuple[str, str]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _explained(sub)
+        else:
+            formatter = parser._get_formatter()
+            text = formatter._expand_help(action) if action.help else ""
+            found.append((f"{parser.prog} {'/'.join(action.option_strings) or action.dest}", text))
+    return found
+
+
+def test_every_flag_is_explained_once() -> None:
+    explained = _explained(build_parser())
+    assert len(explained) > 40
+    for where, text in explained:
+        assert text, f"{where} has no help"
+        assert text.count("default") <= 1, (where, text)
+        assert "(default: None)" not in text and "(default: False)" not in text, (where, text)
+    assert "Parses arguments" not in p2ppay("--help").stdout  # no docstring as description
+
+
+def test_ctrl_c_at_the_password_prompt_leaves_cleanly(tmp_path: Path) -> None:
+    trio.run(_ctrl_c_at_password, tmp_path)
+
+
+async def _ctrl_c_at_password(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k != "P2PPAY_PASSWORD"}
+    env.update(PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm")
+    async with server_process(state) as srv:
+        cmd = client_cmd(srv.port, state, "--listen-port", "0")
+        shell = pexpect.spawn(cmd[0], cmd[1:], env=env, encoding="utf-8", timeout=30)
+        try:
+            await trio.to_thread.run_sync(shell.expect_exact, "p2ppay>")
+            shell.sendline("login zed")
+            await trio.to_thread.run_sync(shell.expect_exact, "password:")
+            shell.sendcontrol("c")
+            await trio.to_thread.run_sync(shell.expect, pexpect.EOF)
+            output = shell.before or ""
+        finally:
+            shell.close(force=True)
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert shell.exitstatus == ExitCode.OK
