@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -59,6 +60,16 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
     return value
+
+
+def _seconds_or_off(text: str) -> float:
+    """Seconds, or 0 for no limit at all."""
+    try:
+        if float(text) == 0:
+            return math.inf
+    except ValueError:
+        pass  # _seconds says what is wrong with it
+    return _seconds(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.course_initial_balance,
         help="what a new course account starts with (REGISTER#name)",
     )
+    s.add_argument(
+        "--course-idle-timeout",
+        type=_seconds_or_off,
+        default=d.course_idle_timeout,
+        help="seconds a course connection that has not logged in may stay silent (0: forever)",
+    )
     c = sub.add_parser(
         "client",
         help="the terminal client (interactive, or scripted with -c)",
@@ -280,6 +297,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         scrypt=ScryptParams(n=n),
         peer_cert_lifetime=args.peer_cert_hours * 3600,
         course_initial_balance=args.course_initial_balance,
+        course_idle_timeout=args.course_idle_timeout,
         max_connections=args.max_connections,
         max_connections_per_ip=args.max_connections_per_ip,
         throttle=ThrottleConfig(

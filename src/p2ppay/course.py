@@ -6,6 +6,9 @@ The classic socket-programming assignment's protocol (``REGISTER#name``, ``name#
 - A message ends at ``\\n`` or ``\\r\\n``. Many course clients send no line ending at all, one
   message per send, so a received chunk that ends without a line ending is one whole message.
 - Trailing NUL bytes are ignored (some clients send their whole fixed-size buffer).
+- A blank line (nothing but a line ending, or only NUL padding) is not a message: it gets no
+  reply. Answering it would put an extra line in front of the reply to the client's next
+  message, and clients read one reply per message.
 - Every reply is one write ending in ``\\n``.
 
 No trio, no sockets: the server's course session feeds chunks to :class:`CourseDecoder`.
@@ -21,6 +24,8 @@ from typing import Final, TypeAlias
 DEFAULT_MAX_MESSAGE: Final = 1024
 NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 NUMBER_RE: Final = re.compile(r"[0-9]{1,18}")
+#: a transfer's amount: a whole number, which the ledger refuses if it is not positive
+AMOUNT_RE: Final = re.compile(r"-?[0-9]{1,18}")
 
 OK: Final = b"100 OK\n"
 FAIL: Final = b"210 FAIL\n"
@@ -119,10 +124,14 @@ def parse_message(raw: bytes) -> CourseMessage:
         if port is not None and 1024 <= port <= 65535:
             return CourseLogin(parts[0], port)
         return CourseBadInput(raw, "the port must be 1024-65535")
-    if len(parts) == 3 and NAME_RE.fullmatch(parts[0]) and NAME_RE.fullmatch(parts[2]):
-        amount = _number(parts[1])
-        if amount is not None:
-            return CourseTransfer(parts[0], amount, parts[2])
+    # 0 and negative amounts are transfers too: they fail, and the payer is told so
+    if (
+        len(parts) == 3
+        and NAME_RE.fullmatch(parts[0])
+        and AMOUNT_RE.fullmatch(parts[1])
+        and NAME_RE.fullmatch(parts[2])
+    ):
+        return CourseTransfer(parts[0], int(parts[1]), parts[2])
     return CourseBadInput(raw, "not a course message")
 
 
@@ -138,7 +147,7 @@ class CourseDecoder:
         for piece in bytes(chunk).split(b"\n"):
             message = piece.rstrip(b"\x00").rstrip(b"\r").rstrip(b"\x00")
             if not message:
-                continue  # an empty line, padding, or the nothing after a final newline
+                continue  # a blank line, padding, or the nothing after a final newline
             if len(message) > self.max_message:
                 out.append(
                     CourseBadInput(message[:64], f"longer than {self.max_message} bytes", True)

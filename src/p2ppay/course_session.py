@@ -69,7 +69,9 @@ class CourseSession:
         cfg = self.server.config
         read_size = max(4096, cfg.course_max_message + 2)
         while not self.server.closing:
-            timeout = math.inf if self.user else cfg.anonymous_idle_timeout
+            # Not the native idle timeout: a menu-driven course client connects at start-up
+            # and then waits for its person, who may take a while to choose "login".
+            timeout = math.inf if self.user else cfg.course_idle_timeout
             data: bytes | bytearray | None = None
             self.receive_scope = trio.CancelScope()
             with trio.move_on_after(timeout) as idle, self.receive_scope:
@@ -77,7 +79,8 @@ class CourseSession:
             if data is None:
                 if idle.cancelled_caught:
                     self.server.limit_log.hit(
-                        "idle-timeout", f"{self.ip}: course connection idle, closed"
+                        "course-idle-timeout",
+                        f"{self.ip}: course connection silent for {timeout:.0f} s, closed",
                     )
                     return
                 continue  # woken for shutdown
@@ -112,7 +115,9 @@ class CourseSession:
         elif isinstance(message, CourseList):
             await self.send(await self._roster() if self.user else course.LOGIN_FIRST)
         else:
-            await self._transfer(message)
+            reply = await self._transfer(message)
+            if reply is not None:
+                await self.send(reply)
         return True
 
     async def _register(self, message: CourseRegister) -> bytes:
@@ -148,29 +153,35 @@ class CourseSession:
         ]
         return course.encode_roster(balance, self.server.server_public_key, online)
 
-    async def _transfer(self, message: CourseTransfer) -> None:
+    async def _transfer(self, message: CourseTransfer) -> bytes | None:
         # The dialect trusts the payee's word: the payee forwards what the payer sent it.
-        # We only check that the sender really is the payee, logged in, and that the money is
-        # there; the ledger keeps course and native accounts apart.
+        # Only a sender logged in as the payee is heard; the ledger keeps course and native
+        # accounts apart. A sender that is not the payee gets Transfer Fail! itself and the
+        # payer hears nothing: a stranger must not put lines into the payer's connection.
         if self.user is None or self.user != message.payee:
-            await self.send(course.TRANSFER_FAIL)
-            return
+            return course.TRANSFER_FAIL
         try:
             t = await self.server.ledger.settle(
                 uuid.uuid4(), message.payer, message.payee, message.amount
             )
         except lg.LedgerError as exc:
             log.info("%s: course transfer %r failed: %s", self.ip, message, exc)
-            await self.send(course.TRANSFER_FAIL)
-            return
-        log.debug("%s: course transfer %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
-        payer = self.server.course_online.get(t.payer)
+            outcome = course.TRANSFER_FAIL
+        else:
+            log.debug("%s: course transfer %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
+            outcome = course.TRANSFER_OK
+        # Success or not, the outcome is the payer's, who waits for it; the payee is told
+        # nothing (its client is not reading for a reply).
+        payer = self.server.course_online.get(message.payer)
+        if payer is self:
+            return outcome  # paying oneself (refused): the answer in line, in order
         if payer is not None:
 
             async def tell_payer() -> None:
                 try:
-                    await payer.send(course.TRANSFER_OK)
+                    await payer.send(outcome)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
 
             self.server.spawn(tell_payer)
+        return None

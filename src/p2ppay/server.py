@@ -77,6 +77,10 @@ class ServerConfig:
     #: what a new course account starts with (recorded as a deposit)
     course_initial_balance: int = 10_000
     course_max_message: int = 1024
+    #: a course connection that has not logged in is closed after this long without a message
+    #: (math.inf: never). Not anonymous_idle_timeout: course clients connect at start-up and
+    #: then wait for their person.
+    course_idle_timeout: float = 4 * 3600.0
     scrypt: ScryptParams = field(default_factory=ScryptParams)
 
 
