@@ -15,6 +15,7 @@ import platformdirs
 import trio
 
 from . import __version__
+from .course import DIALECTS, REFERENCE
 from .ledger import Limits
 from .limits import ThrottleConfig
 from .passwords import ScryptParams
@@ -195,7 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--course-initial-balance",
         type=int,
         default=d.course_initial_balance,
-        help="what a new course account starts with (REGISTER#name)",
+        help="what a new course account starts with (REGISTER#name; reference flavour)",
+    )
+    s.add_argument(
+        "--course-dialect",
+        choices=list(DIALECTS),
+        default=REFERENCE.name,
+        help="flavour of the course dialect: the course's reference one, or the one the seed "
+        "program speaks (REGISTER#name#port, DEPOSIT#name#amount; the payer settles)",
     )
     s.add_argument(
         "--course-idle-timeout",
@@ -325,6 +333,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         max_batch=args.max_batch,
         course_port=args.course_port,
         course_tls=args.course_tls,
+        course_dialect=DIALECTS[args.course_dialect],
     )
 
 
