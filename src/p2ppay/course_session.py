@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, assert_never, final
 
 import trio
 
@@ -149,6 +149,8 @@ class CourseSession:
                 reply = await self._pay(message)
             case CourseTransfer():
                 reply = await self._transfer(message)
+            case _:
+                assert_never(message)  # mypy: every kind of message has its handler
         if reply is not None:
             await self.send(reply)
         return True
