@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,11 +13,12 @@ import trio
 import trio.testing
 
 from p2ppay import course as c
+from p2ppay.cli import _server_options, build_parser
 from p2ppay.ledger import SqliteLedger
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
 
-from .conftest import FAST_SCRYPT, SERVER_NAME, Connect, registered
+from .conftest import FAST_SCRYPT, SERVER_NAME, Connect, closed_by_peer, registered
 
 KEY = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEserverkey=="
 
@@ -35,7 +37,8 @@ KEY = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEserverkey=="
         (b"REGISTER#bad name", c.CourseBadRegister("invalid name 'bad name'")),
         (b"REGISTER#alice#lots", c.CourseBadRegister("invalid deposit 'lots'")),
         (b"alice#80", c.CourseBadInput(b"alice#80", "the port must be 1024-65535")),
-        (b"alice#-5#bob", c.CourseBadInput(b"alice#-5#bob", "not a course message")),
+        (b"alice#-5#bob", c.CourseTransfer("alice", -5, "bob")),  # refused by the ledger
+        (b"alice#5#bob#x", c.CourseBadInput(b"alice#5#bob#x", "not a course message")),
         (b"alice#1.5#bob", c.CourseBadInput(b"alice#1.5#bob", "not a course message")),
         (b"list", c.CourseBadInput(b"list", "not a course message")),
         (b"hello there", c.CourseBadInput(b"hello there", "not a course message")),
@@ -195,7 +198,9 @@ async def test_transfer_between_course_clients(
         await alice.exchange(
             b"List", roster(9700, ("alice", alice.ip, 5001), ("bob", bob.ip, 5002))
         )
-        # forwarded by someone who is not the payee (mallory is not even logged in, then is)
+        # forwarded by someone who is not the payee (mallory is not even logged in, then is):
+        # she gets Transfer Fail! herself and alice hears nothing (a stranger must not put
+        # lines into the payer's connection; alice's next read below is her Transfer OK!)
         await mallory.exchange(b"alice#100#bob", b"Transfer Fail!\n")
         await mallory.exchange(
             b"mallory#5003",
@@ -211,11 +216,26 @@ async def test_transfer_between_course_clients(
         # mallory's claim that alice paid her is settled; the OK goes to alice, nothing to her.
         await mallory.send(b"alice#100#mallory")
         await alice.expect(b"Transfer OK!\n")
-        # insufficient funds, zero, a payer that does not exist, paying oneself
-        await bob.exchange(b"alice#9601#bob", b"Transfer Fail!\n")
-        await bob.exchange(b"alice#0#bob", b"Transfer Fail!\n")
-        await bob.exchange(b"ghost#5#bob", b"Transfer Fail!\n")
-        await bob.exchange(b"bob#5#bob", b"Transfer Fail!\n")
+        # A failing transfer forwarded by the payee is answered like a success: to the payer,
+        # who waits for the outcome, and nothing to the payee. Insufficient funds, zero,
+        # negative:
+        for amount in (b"9601", b"0", b"-5"):
+            await bob.send(b"alice#" + amount + b"#bob")
+            await alice.expect(b"Transfer Fail!\n")
+        # a payer that does not exist: nobody to tell. (Newline-terminated: the next message
+        # follows without waiting for a reply, and an unterminated chunk is one message.)
+        await bob.send(b"ghost#5#bob\n")
+        await bob.exchange(b"bob#5#bob", b"Transfer Fail!\n")  # paying oneself: the payer hears
+        # bob heard nothing else: his next reply is the roster, and his balance is untouched
+        await bob.exchange(
+            b"List",
+            roster(
+                10300,
+                ("alice", alice.ip, 5001),
+                ("bob", bob.ip, 5002),
+                ("mallory", mallory.ip, 5003),
+            ),
+        )
         await alice.exchange(
             b"List",
             roster(
@@ -251,8 +271,10 @@ async def test_course_and_native_accounts_never_mix(
         await course_client.exchange(b"nina#5000", b"220 AUTH_FAIL\n")  # not a course account
         await course_client.exchange(b"REGISTER#cody", b"100 OK\n")
         await course_client.exchange(b"cody#5000", roster(10000, ("cody", course_client.ip, 5000)))
-        # a course payee cannot pull money from a native account...
-        await course_client.exchange(b"nina#10#cody", b"Transfer Fail!\n")
+        # a course payee cannot pull money from a native account (nina has no course
+        # connection to tell, and cody is told nothing)...
+        await course_client.send(b"nina#10#cody\n")
+        await course_client.exchange(b"List", roster(10000, ("cody", course_client.ip, 5000)))
         # ...nor can a native account log in as, or pay, a course account
         async with connect() as other:
             from p2ppay.client import ServerError
@@ -299,3 +321,45 @@ async def test_course_dialect_over_loopback(
             assert await a.closed()
             await trio.aclose_forcefully(stream)
             server.shutdown()
+
+
+async def test_blank_lines_get_no_reply(course_connect: CourseConnect) -> None:
+    """A blank line is no message: answering it would put a line in front of the reply to
+    the client's next message. The connection goes on."""
+    async with course_connect() as a:
+        await a.send(b"\n")
+        await a.send(b"\r\n\r\n")
+        await a.send(b"\x00\x00\x00\n")
+        await a.exchange(b"REGISTER#alice\n\n", b"100 OK\n")
+        await a.exchange(b"\n\nalice#5001\r\n", roster(10000, ("alice", a.ip, 5001)))
+
+
+async def test_course_clients_may_wait_for_their_person(
+    autojump_clock: trio.testing.MockClock, server: Server
+) -> None:
+    """Not the native idle timeout (a menu-driven course client connects at start-up and
+    waits for its person): course connections have their own, of hours."""
+    cfg = server.config
+    assert cfg.course_idle_timeout >= 3600 > 10 * cfg.anonymous_idle_timeout
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_course_connection, server_side, "10.0.0.1")
+        a = CourseClient(client_side, "10.0.0.1")
+        await trio.sleep(cfg.course_idle_timeout - 1)
+        await a.exchange(b"List", b"Please login first\n")
+        silent_since = trio.current_time()
+        with trio.fail_after(cfg.course_idle_timeout + 5):
+            assert await closed_by_peer(client_side)
+        assert trio.current_time() - silent_since >= cfg.course_idle_timeout
+
+
+def test_the_course_idle_timeout_flag() -> None:
+    def options(*flags: str) -> float:
+        args = build_parser().parse_args(["server", *flags])
+        return _server_options(args).config.course_idle_timeout
+
+    assert options() == 4 * 3600
+    assert options("--course-idle-timeout", "90") == 90
+    assert options("--course-idle-timeout", "0") == math.inf  # off
+    with pytest.raises(SystemExit):
+        options("--course-idle-timeout", "-1")

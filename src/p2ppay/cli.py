@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -16,6 +17,7 @@ import platformdirs
 import trio
 
 from . import __version__
+from .course import DIALECTS, REFERENCE
 from .exitcodes import ExitCode
 from .ledger import Limits
 from .limits import ThrottleConfig
@@ -82,6 +84,16 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
     return value
+
+
+def _seconds_or_off(text: str) -> float:
+    """Seconds, or 0 for no limit at all."""
+    try:
+        if float(text) == 0:
+            return math.inf
+    except ValueError:
+        pass  # _seconds says what is wrong with it
+    return _seconds(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--course-initial-balance",
         type=int,
         default=d.course_initial_balance,
-        help="what a new course account starts with (REGISTER#name)",
+        help="what a new course account starts with (REGISTER#name; reference flavour)",
+    )
+    s.add_argument(
+        "--course-dialect",
+        choices=list(DIALECTS),
+        default=REFERENCE.name,
+        help="flavour of the course dialect: the course's reference one, or the one the seed "
+        "program speaks (REGISTER#name#port, DEPOSIT#name#amount; the payer settles)",
+    )
+    s.add_argument(
+        "--course-idle-timeout",
+        type=_seconds_or_off,
+        default=d.course_idle_timeout,
+        help="seconds a course connection that has not logged in may stay silent (0: forever)",
     )
     c = sub.add_parser(
         "client",
@@ -342,6 +367,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         scrypt=ScryptParams(n=n),
         peer_cert_lifetime=args.peer_cert_hours * 3600,
         course_initial_balance=args.course_initial_balance,
+        course_idle_timeout=args.course_idle_timeout,
         max_connections=args.max_connections,
         max_connections_per_ip=args.max_connections_per_ip,
         throttle=ThrottleConfig(
@@ -369,6 +395,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         max_batch=args.max_batch,
         course_port=args.course_port,
         course_tls=args.course_tls,
+        course_dialect=DIALECTS[args.course_dialect],
     )
 
 

@@ -1,41 +1,88 @@
 """The course dialect, sans-I/O: chunks of bytes in, typed messages out; replies as bytes.
 
 The classic socket-programming assignment's protocol (``REGISTER#name``, ``name#port``,
-``List``, ``Exit``, ``payer#amount#payee``), parsed exactly as the course's server does:
+``List``, ``Exit``, ``payer#amount#payee``) comes in two flavours, each a :class:`Dialect`:
+
+- :data:`REFERENCE` (the default): the course's later reference dialect. The login/List reply
+  is balance, server key, count, then ``name#ip#port``; the *payee* forwards a transfer.
+- :data:`SEED`: the older variant spoken by the course report p2ppay grew out of
+  (``../shared/seed/part3-report.md``): ``210 FALL``/``220 AUTH_FALL`` (sic), ``DEPOSIT#``,
+  ``Account Balance: ...`` blocks, registering logs in, and the *payer* settles.
+
+Framing is the same for both, parsed exactly as the course's server does:
 
 - A message ends at ``\\n`` or ``\\r\\n``. Many course clients send no line ending at all, one
   message per send, so a received chunk that ends without a line ending is one whole message.
 - Trailing NUL bytes are ignored (some clients send their whole fixed-size buffer).
+- A blank line (nothing but a line ending, or only NUL padding) is not a message: it gets no
+  reply. Answering it would put an extra line in front of the reply to the client's next
+  message, and clients read one reply per message.
 - Every reply is one write ending in ``\\n``.
 
-No trio, no sockets: the server's course session feeds chunks to :class:`CourseDecoder`.
+A dialect is data: its parser decides what a message *means* (each meaning is its own message
+type, so a payee's forwarded transfer and a payer's payment are different events), and the
+few replies both flavours share but spell differently are its fields. Nothing here does I/O:
+the server's course session feeds chunks to :class:`CourseDecoder` and acts on the messages.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 DEFAULT_MAX_MESSAGE: Final = 1024
 NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 NUMBER_RE: Final = re.compile(r"[0-9]{1,18}")
+#: a transfer's amount: a whole number, which the ledger refuses if it is not positive
+AMOUNT_RE: Final = re.compile(r"-?[0-9]{1,18}")
+MIN_PORT: Final = 1024
+MAX_PORT: Final = 65535
 
+# Replies both flavours send with the same words.
 OK: Final = b"100 OK\n"
-FAIL: Final = b"210 FAIL\n"
-AUTH_FAIL: Final = b"220 AUTH_FAIL\n"
 FORMAT_ERROR: Final = b"230 Input format error\n"
 LOGIN_FIRST: Final = b"Please login first\n"
 BYE: Final = b"Bye\n"
+
+# The reference flavour's.
+FAIL: Final = b"210 FAIL\n"
+AUTH_FAIL: Final = b"220 AUTH_FAIL\n"
 TRANSFER_OK: Final = b"Transfer OK!\n"
 TRANSFER_FAIL: Final = b"Transfer Fail!\n"
+
+# The seed flavour's, spelled as the report prints them.
+SEED_FAIL: Final = b"210 FALL\n"
+SEED_AUTH_FAIL: Final = b"220 AUTH_FALL\n"
+DEPOSIT_OK: Final = b"DEPOSIT OK\n"
+SUCCESSFUL: Final = b"Successful\n"
+# The report never shows a failed deposit or payment; these are p2ppay's (see the README).
+DEPOSIT_FAIL: Final = b"DEPOSIT FAIL\n"
+PAY_NOT_YOURS: Final = b"Failed: not your account\n"
+PAY_BAD_AMOUNT: Final = b"Failed: invalid amount\n"
+PAY_NO_MONEY: Final = b"Failed: insufficient balance\n"
+PAY_UNKNOWN_PAYEE: Final = b"Failed: unknown payee\n"
+PAY_SELF: Final = b"Failed: cannot pay yourself\n"
+PAY_BALANCE_LIMIT: Final = b"Failed: the payee's balance limit\n"
+PAY_FAILED: Final = b"Failed\n"
 
 
 @dataclass(frozen=True, slots=True)
 class CourseRegister:
+    """Reference: create the account (with ``deposit``, else the configured initial balance)."""
+
     name: str
     deposit: int | None  # the older REGISTER#name#deposit variant
+
+
+@dataclass(frozen=True, slots=True)
+class CourseSignUp:
+    """Seed: create the account (balance 0) and log this connection in as it, at ``port``
+    (None: the connection's own source port)."""
+
+    name: str
+    port: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +102,26 @@ class CourseExit:
 
 
 @dataclass(frozen=True, slots=True)
+class CourseDeposit:
+    """Seed: ``DEPOSIT#name#amount`` into the account this connection is logged in as."""
+
+    name: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
 class CourseTransfer:
+    """Reference: the *payee* forwards what the payer sent it."""
+
+    payer: str
+    amount: int
+    payee: str
+
+
+@dataclass(frozen=True, slots=True)
+class CoursePayment:
+    """Seed: the *payer* asks the server to move its own money."""
+
     payer: str
     amount: int
     payee: str
@@ -73,19 +139,30 @@ class CourseBadInput:
 
 @dataclass(frozen=True, slots=True)
 class CourseBadRegister:
-    """``REGISTER#...`` that cannot succeed (bad name or deposit): ``210 FAIL``."""
+    """``REGISTER#...`` that cannot succeed (bad name, deposit or port): the dialect's 210."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class CourseBadDeposit:
+    """Seed: ``DEPOSIT#...`` that cannot succeed (bad name or amount): ``DEPOSIT FAIL``."""
 
     why: str
 
 
 CourseMessage: TypeAlias = (
     CourseRegister
+    | CourseSignUp
     | CourseLogin
     | CourseList
     | CourseExit
+    | CourseDeposit
     | CourseTransfer
+    | CoursePayment
     | CourseBadInput
     | CourseBadRegister
+    | CourseBadDeposit
 )
 
 
@@ -93,16 +170,46 @@ def _number(text: str) -> int | None:
     return int(text) if NUMBER_RE.fullmatch(text) else None
 
 
-def parse_message(raw: bytes) -> CourseMessage:
-    """One message (without line ending or NUL padding)."""
+def _port(text: str) -> int | None:
+    port = _number(text)
+    return port if port is not None and MIN_PORT <= port <= MAX_PORT else None
+
+
+def _decode(raw: bytes) -> str | CourseBadInput:
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         return CourseBadInput(raw, "not UTF-8")
-    if text == "List":
+
+
+def _common(raw: bytes, parts: list[str]) -> CourseMessage | None:
+    """What both flavours read alike: ``List``, ``Exit``, ``name#port``."""
+    if parts == ["List"]:
         return CourseList()
-    if text == "Exit":
+    if parts == ["Exit"]:
         return CourseExit()
+    if len(parts) == 2 and NAME_RE.fullmatch(parts[0]):
+        port = _port(parts[1])
+        if port is not None:
+            return CourseLogin(parts[0], port)
+        return CourseBadInput(raw, f"the port must be {MIN_PORT}-{MAX_PORT}")
+    return None
+
+
+def _money_move(parts: list[str]) -> tuple[str, int, str] | None:
+    """``payer#amount#payee``, the amount any whole number (the ledger judges its value)."""
+    if len(parts) != 3 or not AMOUNT_RE.fullmatch(parts[1]):
+        return None
+    if NAME_RE.fullmatch(parts[0]) and NAME_RE.fullmatch(parts[2]):
+        return parts[0], int(parts[1]), parts[2]
+    return None
+
+
+def parse_message(raw: bytes) -> CourseMessage:
+    """One reference-flavour message (without line ending or NUL padding)."""
+    text = _decode(raw)
+    if isinstance(text, CourseBadInput):
+        return text
     parts = text.split("#")
     if parts[0] == "REGISTER" and len(parts) in (2, 3):
         name = parts[1]
@@ -114,38 +221,48 @@ def parse_message(raw: bytes) -> CourseMessage:
         if deposit is None:
             return CourseBadRegister(f"invalid deposit {parts[2][:40]!r}")
         return CourseRegister(name, deposit)
-    if len(parts) == 2 and NAME_RE.fullmatch(parts[0]):
-        port = _number(parts[1])
-        if port is not None and 1024 <= port <= 65535:
-            return CourseLogin(parts[0], port)
-        return CourseBadInput(raw, "the port must be 1024-65535")
-    if len(parts) == 3 and NAME_RE.fullmatch(parts[0]) and NAME_RE.fullmatch(parts[2]):
-        amount = _number(parts[1])
-        if amount is not None:
-            return CourseTransfer(parts[0], amount, parts[2])
+    if (common := _common(raw, parts)) is not None:
+        return common
+    if (move := _money_move(parts)) is not None:
+        return CourseTransfer(*move)
     return CourseBadInput(raw, "not a course message")
 
 
-class CourseDecoder:
-    """Splits received chunks into messages by the dialect's rules."""
+def parse_seed_message(raw: bytes) -> CourseMessage:
+    """One seed-flavour message (without line ending or NUL padding)."""
+    text = _decode(raw)
+    if isinstance(text, CourseBadInput):
+        return text
+    parts = text.split("#")
+    if parts[0] == "REGISTER" and len(parts) in (2, 3):
+        name = parts[1]
+        if not NAME_RE.fullmatch(name):
+            return CourseBadRegister(f"invalid name {name[:40]!r}")
+        if len(parts) == 2:
+            return CourseSignUp(name, None)
+        port = _port(parts[2])  # a port in this flavour, not a deposit
+        if port is None:
+            return CourseBadRegister(f"invalid port {parts[2][:40]!r}")
+        return CourseSignUp(name, port)
+    if parts[0] == "DEPOSIT" and len(parts) == 3:
+        if not NAME_RE.fullmatch(parts[1]):
+            return CourseBadDeposit(f"invalid name {parts[1][:40]!r}")
+        amount = _number(parts[2])
+        if amount is None:
+            return CourseBadDeposit(f"invalid amount {parts[2][:40]!r}")
+        return CourseDeposit(parts[1], amount)
+    if (common := _common(raw, parts)) is not None:
+        return common
+    # The report's client (its figure 5) prefixes "Paid#"; its text shows it without.
+    if len(parts) == 4 and parts[0] == "Paid":
+        parts = parts[1:]
+    if (move := _money_move(parts)) is not None:
+        return CoursePayment(*move)
+    return CourseBadInput(raw, "not a course message")
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
-        self.max_message = max_message
 
-    def receive_chunk(self, chunk: bytes | bytearray) -> list[CourseMessage]:
-        """The messages in one received chunk; a chunk's unterminated tail is a message too."""
-        out: list[CourseMessage] = []
-        for piece in bytes(chunk).split(b"\n"):
-            message = piece.rstrip(b"\x00").rstrip(b"\r").rstrip(b"\x00")
-            if not message:
-                continue  # an empty line, padding, or the nothing after a final newline
-            if len(message) > self.max_message:
-                out.append(
-                    CourseBadInput(message[:64], f"longer than {self.max_message} bytes", True)
-                )
-                break
-            out.append(parse_message(message))
-        return out
+Online: TypeAlias = Sequence[tuple[str, str, int]]
+"""Who is online, as ``(name, ip, port)``, in the order they came online."""
 
 
 def encode_roster(balance: int, server_key: str, online: Iterable[tuple[str, str, int]]) -> bytes:
@@ -154,3 +271,73 @@ def encode_roster(balance: int, server_key: str, online: Iterable[tuple[str, str
     lines = [str(balance), server_key, str(len(users))]
     lines += [f"{name}#{ip}#{port}" for name, ip, port in users]
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _reference_roster(balance: int, server_key: str, online: Online) -> bytes:
+    return encode_roster(balance, server_key, sorted(online))  # by name: names are unique
+
+
+def encode_seed_roster(balance: int, online: Iterable[tuple[str, str, int]]) -> bytes:
+    """The seed login/List reply, in the order given (the report lists who came online first
+    first)."""
+    users = list(online)
+    lines = [
+        f"Account Balance: {balance}",
+        f"Online Clients: {len(users)}",
+        "Online Clients Info:",
+    ]
+    lines += [f"{name}#{ip}#{port}" for name, ip, port in users]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _seed_roster(balance: int, server_key: str, online: Online) -> bytes:
+    return encode_seed_roster(balance, online)  # this flavour names no key
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """A flavour of the course dialect: how it reads a message, and the words it uses for the
+    replies both flavours have. Replies to messages only one flavour has (``DEPOSIT OK``,
+    ``Successful``, ``Transfer OK!``) need no field: only that flavour's parser makes them."""
+
+    name: str
+    parse: Callable[[bytes], CourseMessage]
+    #: a REGISTER that fails (name taken or invalid)
+    fail: bytes
+    #: a login with an unknown name (or a native account's)
+    auth_fail: bytes
+    #: the login/List reply: (balance, server key, who is online in the order they came)
+    roster: Callable[[int, str, Online], bytes]
+
+
+REFERENCE: Final = Dialect("reference", parse_message, FAIL, AUTH_FAIL, _reference_roster)
+SEED: Final = Dialect("seed", parse_seed_message, SEED_FAIL, SEED_AUTH_FAIL, _seed_roster)
+DIALECTS: Final[dict[str, Dialect]] = {d.name: d for d in (REFERENCE, SEED)}
+
+
+class CourseDecoder:
+    """Splits received chunks into messages by the framing rules; ``parse`` (a dialect's)
+    reads each one."""
+
+    def __init__(
+        self,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        parse: Callable[[bytes], CourseMessage] = parse_message,
+    ) -> None:
+        self.max_message = max_message
+        self.parse = parse
+
+    def receive_chunk(self, chunk: bytes | bytearray) -> list[CourseMessage]:
+        """The messages in one received chunk; a chunk's unterminated tail is a message too."""
+        out: list[CourseMessage] = []
+        for piece in bytes(chunk).split(b"\n"):
+            message = piece.rstrip(b"\x00").rstrip(b"\r").rstrip(b"\x00")
+            if not message:
+                continue  # a blank line, padding, or the nothing after a final newline
+            if len(message) > self.max_message:
+                out.append(
+                    CourseBadInput(message[:64], f"longer than {self.max_message} bytes", True)
+                )
+                break
+            out.append(self.parse(message))
+        return out

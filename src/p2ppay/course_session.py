@@ -1,7 +1,11 @@
 """A course-dialect connection: the classic assignment's protocol, answered byte for byte.
 
 The :class:`~p2ppay.server.Server` owns the connection (limits, TLS, presence, shutdown); this
-session reads chunks, lets :mod:`p2ppay.course` parse them, and acts on course accounts only.
+session reads chunks, lets :mod:`p2ppay.course` parse them with the server's
+:class:`~p2ppay.course.Dialect`, and acts on course accounts only. Each kind of message has
+one handler; the dialect's parser decides which kinds a connection can send (only the seed
+flavour's parser makes a ``CourseDeposit`` or a ``CoursePayment``, only the reference
+flavour's a ``CourseTransfer``), so no handler asks which flavour it serves.
 """
 
 from __future__ import annotations
@@ -9,21 +13,25 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, assert_never, final
 
 import trio
 
 from . import course
 from . import ledger as lg
 from .course import (
+    CourseBadDeposit,
     CourseBadInput,
     CourseBadRegister,
     CourseDecoder,
+    CourseDeposit,
     CourseExit,
     CourseList,
     CourseLogin,
     CourseMessage,
+    CoursePayment,
     CourseRegister,
+    CourseSignUp,
     CourseTransfer,
 )
 from .sending import Outgoing
@@ -33,6 +41,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p2ppay.server")
 
+#: the seed flavour's answer to a payment the ledger refused, by the ledger's reason
+_PAYMENT_REFUSALS: Final[dict[type[lg.LedgerError], bytes]] = {
+    lg.AmountOutOfRange: course.PAY_BAD_AMOUNT,
+    lg.InsufficientFunds: course.PAY_NO_MONEY,
+    lg.UnknownPayee: course.PAY_UNKNOWN_PAYEE,
+    lg.SelfPayment: course.PAY_SELF,
+    lg.BalanceLimit: course.PAY_BALANCE_LIMIT,
+}
+
 
 @final
 class CourseSession:
@@ -41,13 +58,19 @@ class CourseSession:
 
     course: Final = True
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, ip: str) -> None:
+    def __init__(self, server: Server, stream: trio.abc.Stream, ip: str, port: int = 0) -> None:
         self.server = server
         self.stream = stream
         self.ip = ip
-        self.decoder = CourseDecoder(server.config.course_max_message)
+        #: the connection's source port (0 if unknown): the seed flavour's REGISTER#name uses it
+        self.peer_port = port
+        self.dialect = server.course_dialect
+        self.decoder = CourseDecoder(server.config.course_max_message, self.dialect.parse)
         self.user: str | None = None
         self.port: int | None = None
+        #: whether this connection has ever been logged in (then it is not a new connection
+        #: any more, and the seed flavour's same-address rule does not apply to it)
+        self.was_online = False
         self.cancel_scope = trio.CancelScope()
         self.receive_scope = trio.CancelScope()
         self._out = Outgoing(stream)
@@ -69,7 +92,9 @@ class CourseSession:
         cfg = self.server.config
         read_size = max(4096, cfg.course_max_message + 2)
         while not self.server.closing:
-            timeout = math.inf if self.user else cfg.anonymous_idle_timeout
+            # Not the native idle timeout: a menu-driven course client connects at start-up
+            # and then waits for its person, who may take a while to choose "login".
+            timeout = math.inf if self.user else cfg.course_idle_timeout
             data: bytes | bytearray | None = None
             self.receive_scope = trio.CancelScope()
             with trio.move_on_after(timeout) as idle, self.receive_scope:
@@ -77,7 +102,8 @@ class CourseSession:
             if data is None:
                 if idle.cancelled_caught:
                     self.server.limit_log.hit(
-                        "idle-timeout", f"{self.ip}: course connection idle, closed"
+                        "course-idle-timeout",
+                        f"{self.ip}: course connection silent for {timeout:.0f} s, closed",
                     )
                     return
                 continue  # woken for shutdown
@@ -97,80 +123,158 @@ class CourseSession:
 
     async def _handle(self, message: CourseMessage) -> bool:
         """Answer one message; False ends the connection."""
-        if isinstance(message, CourseBadInput):
-            await self.send(course.FORMAT_ERROR)
-            return not message.fatal
-        if isinstance(message, CourseExit):
-            await self.send(course.BYE)
+        reply: bytes | None
+        match message:
+            case CourseBadInput(fatal=fatal):
+                await self.send(course.FORMAT_ERROR)
+                return not fatal
+            case CourseExit():
+                await self.send(course.BYE)
+                return False
+            case CourseBadRegister():
+                reply = self.dialect.fail
+            case CourseRegister():
+                reply = await self._register(message)
+            case CourseSignUp():
+                reply = await self._sign_up(message)
+            case CourseLogin():
+                reply = await self._login(message)
+            case CourseList():
+                reply = await self._roster() if self.user else course.LOGIN_FIRST
+            case CourseBadDeposit():
+                reply = course.DEPOSIT_FAIL
+            case CourseDeposit():
+                reply = await self._deposit(message)
+            case CoursePayment():
+                reply = await self._pay(message)
+            case CourseTransfer():
+                reply = await self._transfer(message)
+            case _:
+                assert_never(message)  # mypy: every kind of message has its handler
+        if reply is not None:
+            await self.send(reply)
+        return True
+
+    # -- accounts and presence --
+
+    async def _create(self, name: str, deposit: int) -> bool:
+        try:
+            await self.server.ledger.create_account(name, None, "course", deposit)
+        except lg.LedgerError as exc:
+            log.info("%s: course register %s failed: %s", self.ip, name, exc)
             return False
-        if isinstance(message, CourseBadRegister):
-            await self.send(course.FAIL)
-        elif isinstance(message, CourseRegister):
-            await self.send(await self._register(message))
-        elif isinstance(message, CourseLogin):
-            await self.send(await self._login(message))
-        elif isinstance(message, CourseList):
-            await self.send(await self._roster() if self.user else course.LOGIN_FIRST)
-        else:
-            await self._transfer(message)
+        log.info("%s: registered course account %s", self.ip, name)
         return True
 
     async def _register(self, message: CourseRegister) -> bytes:
         cfg = self.server.config
         deposit = cfg.course_initial_balance if message.deposit is None else message.deposit
-        try:
-            await self.server.ledger.create_account(message.name, None, "course", deposit)
-        except lg.LedgerError as exc:
-            log.info("%s: course register %s failed: %s", self.ip, message.name, exc)
-            return course.FAIL
-        log.info("%s: registered course account %s", self.ip, message.name)
+        return course.OK if await self._create(message.name, deposit) else self.dialect.fail
+
+    async def _sign_up(self, message: CourseSignUp) -> bytes:
+        # The seed flavour: a new account starts empty (its client deposits next), and the
+        # connection that registered it is online as it at once.
+        if not await self._create(message.name, 0):
+            return self.dialect.fail
+        self._go_online(message.name, message.port or self.peer_port)
         return course.OK
 
     async def _login(self, message: CourseLogin) -> bytes:
         account = await self.server.ledger.account(message.name)
         if account is None or account.kind != "course":
-            return course.AUTH_FAIL  # never a native account: they have passwords
+            return self.dialect.auth_fail  # never a native account: they have passwords
+        self._go_online(message.name, message.port)
+        return await self._roster()
+
+    def _go_online(self, name: str, port: int) -> None:
+        """Make this connection ``name``'s, at ``port``; an older one is logged out."""
+        online = self.server.course_online
         self.server._forget(self)
-        old = self.server.course_online.get(message.name)
+        old = online.pop(name, None)  # re-inserted: the roster lists by when they came online
         if old is not None and old is not self:
             old.user = old.port = None  # taken over: the old connection is logged out
-            log.info("%s: course user %s logged in again from %s", old.ip, message.name, self.ip)
-        self.user, self.port = message.name, message.port
-        self.server.course_online[message.name] = self
-        return await self._roster()
+            log.info("%s: course user %s logged in again from %s", old.ip, name, self.ip)
+        self.user, self.port = name, port
+        self.was_online = True
+        online[name] = self
 
     async def _roster(self) -> bytes:
         assert self.user is not None
         account = await self.server.ledger.account(self.user)
         balance = account.balance if account else 0
-        online = [
-            (name, s.ip, s.port or 0) for name, s in sorted(self.server.course_online.items())
-        ]
-        return course.encode_roster(balance, self.server.server_public_key, online)
+        online = [(name, s.ip, s.port or 0) for name, s in self.server.course_online.items()]
+        return self.dialect.roster(balance, self.server.server_public_key, online)
 
-    async def _transfer(self, message: CourseTransfer) -> None:
-        # The dialect trusts the payee's word: the payee forwards what the payer sent it.
-        # We only check that the sender really is the payee, logged in, and that the money is
-        # there; the ledger keeps course and native accounts apart.
+    # -- money --
+
+    async def _deposit(self, message: CourseDeposit) -> bytes:
+        # Only into the account this connection is logged in as (always a course account).
+        if self.user is None or self.user != message.name:
+            return course.DEPOSIT_FAIL
+        try:
+            await self.server.ledger.deposit(message.name, message.amount)
+        except lg.LedgerError as exc:
+            log.info("%s: course deposit %r failed: %s", self.ip, message, exc)
+            return course.DEPOSIT_FAIL
+        return course.DEPOSIT_OK
+
+    def _speaks_for(self, payer: str) -> bool:
+        """Whether this connection may move ``payer``'s money (the seed flavour's rule).
+
+        A logged-in connection speaks for its own account only. A new connection (one that
+        has never logged in) speaks for an account online from the same IP: the report's
+        client settles on a fresh connection. That trusts the network address, as the
+        report's server did; the README says so."""
+        if self.user is not None:
+            return self.user == payer
+        if self.was_online:
+            return False  # logged out by a newer login: it speaks for nobody now
+        session = self.server.course_online.get(payer)
+        return session is not None and session.ip == self.ip
+
+    async def _pay(self, message: CoursePayment) -> bytes:
+        if not self._speaks_for(message.payer):
+            log.info("%s: course payment %r refused: not the payer's", self.ip, message)
+            return course.PAY_NOT_YOURS
+        try:
+            t = await self.server.ledger.settle(
+                uuid.uuid4(), message.payer, message.payee, message.amount
+            )
+        except lg.LedgerError as exc:
+            log.info("%s: course payment %r failed: %s", self.ip, message, exc)
+            return _PAYMENT_REFUSALS.get(type(exc), course.PAY_FAILED)
+        log.debug("%s: course payment %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
+        return course.SUCCESSFUL  # settle() returns once the transfer is committed
+
+    async def _transfer(self, message: CourseTransfer) -> bytes | None:
+        # The reference flavour trusts the payee's word: the payee forwards what the payer
+        # sent it. Only a sender logged in as the payee is heard; the ledger keeps course and
+        # native accounts apart. A sender that is not the payee gets Transfer Fail! itself and
+        # the payer hears nothing: a stranger must not put lines into the payer's connection.
         if self.user is None or self.user != message.payee:
-            await self.send(course.TRANSFER_FAIL)
-            return
+            return course.TRANSFER_FAIL
         try:
             t = await self.server.ledger.settle(
                 uuid.uuid4(), message.payer, message.payee, message.amount
             )
         except lg.LedgerError as exc:
             log.info("%s: course transfer %r failed: %s", self.ip, message, exc)
-            await self.send(course.TRANSFER_FAIL)
-            return
-        log.debug("%s: course transfer %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
-        payer = self.server.course_online.get(t.payer)
+            outcome = course.TRANSFER_FAIL
+        else:
+            log.debug("%s: course transfer %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
+            outcome = course.TRANSFER_OK
+        # Success or not, the outcome is the payer's, who waits for it; the payee is told
+        # nothing (its client is not reading for a reply).
+        payer = self.server.course_online.get(message.payer)
+        if payer is self:
+            return outcome  # paying oneself (refused): the answer in line, in order
         if payer is not None:
 
             async def tell_payer() -> None:
                 try:
-                    await payer.send(course.TRANSFER_OK)
+                    await payer.send(outcome)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
 
             self.server.spawn(tell_payer)
+        return None

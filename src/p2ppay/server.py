@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from . import __version__
 from . import ledger as lg
 from . import protocol as p
+from .course import REFERENCE, Dialect
 from .course_session import CourseSession
 from .hashing import Hasher
 from .limits import LimitLog, LoginThrottle, ThrottleConfig
@@ -77,6 +78,10 @@ class ServerConfig:
     #: what a new course account starts with (recorded as a deposit)
     course_initial_balance: int = 10_000
     course_max_message: int = 1024
+    #: a course connection that has not logged in is closed after this long without a message
+    #: (math.inf: never). Not anonymous_idle_timeout: course clients connect at start-up and
+    #: then wait for their person.
+    course_idle_timeout: float = 4 * 3600.0
     scrypt: ScryptParams = field(default_factory=ScryptParams)
 
 
@@ -103,6 +108,14 @@ _LEDGER_CODES: Final[dict[type[lg.LedgerError], p.ErrorCode]] = {
 }
 
 
+def _peer_port(stream: trio.abc.Stream) -> int:
+    sock = getattr(stream, "socket", None)
+    try:
+        return int(sock.getpeername()[1]) if sock is not None else 0
+    except (OSError, IndexError, TypeError, ValueError):
+        return 0
+
+
 def _peer_ip(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     if sock is None:
@@ -127,6 +140,7 @@ class Server:
         *,
         server_public_key: str = "",
         course_tls: bool = False,
+        course_dialect: Dialect = REFERENCE,
     ) -> None:
         self.ledger = ledger
         self.ssl_context = ssl_context
@@ -141,6 +155,8 @@ class Server:
         #: the course dialect's login reply names this (base64 DER of the server's key)
         self.server_public_key = server_public_key
         self.course_tls = course_tls
+        #: the flavour of the course dialect the course listener speaks
+        self.course_dialect = course_dialect
         self._hasher: Hasher | None = None  # its threads run while serve() does
         # A hash to check against when the account does not exist, so that a missing account
         # costs the same time as a wrong password. Made lazily (it is slow).
@@ -274,10 +290,13 @@ class Server:
             self._release(peer_ip)
 
     async def _on_course_accept(self, stream: trio.abc.Stream) -> None:
-        await self.handle_course_connection(stream, _peer_ip(stream))
+        await self.handle_course_connection(stream, _peer_ip(stream), _peer_port(stream))
 
-    async def handle_course_connection(self, transport: trio.abc.Stream, peer_ip: str) -> None:
-        """Own one course-dialect connection (TLS first if the server was told --course-tls)."""
+    async def handle_course_connection(
+        self, transport: trio.abc.Stream, peer_ip: str, peer_port: int = 0
+    ) -> None:
+        """Own one course-dialect connection (TLS first if the server was told --course-tls);
+        ``peer_port`` is its source port (0: unknown)."""
         if not self._admit(peer_ip):
             await trio.aclose_forcefully(transport)
             return
@@ -286,7 +305,7 @@ class Server:
             if self.course_tls:
                 stream = await self._handshake(transport, peer_ip)
             if stream is not None:
-                await self._own(CourseSession(self, stream, peer_ip))
+                await self._own(CourseSession(self, stream, peer_ip, peer_port))
         finally:
             self._release(peer_ip)
 
@@ -685,6 +704,7 @@ class ServerOptions:
     max_batch: int = 512
     course_port: int | None = None  # None: no course-dialect listener
     course_tls: bool = False
+    course_dialect: Dialect = REFERENCE
 
 
 LEDGER_FILE: Final = "ledger.sqlite3"
@@ -783,13 +803,16 @@ async def run_server(
                 options.config,
                 server_public_key=key_line,
                 course_tls=options.course_tls,
+                course_dialect=options.course_dialect,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners, course_listeners)
                 addresses: list[tuple[str, int]] = []
                 for group, what in ((listeners, "TLS"), (course_listeners, "course dialect")):
-                    if what != "TLS" and options.course_tls:
-                        what += " over TLS"
+                    if what != "TLS":
+                        what = f"course dialect, {options.course_dialect.name} flavour"
+                        if options.course_tls:
+                            what += ", over TLS"
                     for listener in group:
                         host, port = listener.socket.getsockname()[:2]
                         addresses.append((str(host), int(port)))
