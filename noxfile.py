@@ -29,6 +29,16 @@ def tests_all(session: nox.Session) -> None:
 
 
 @nox.session
+def coverage(session: nox.Session) -> None:
+    """The suite under coverage.py: branches, and the CLI subprocesses the tests start."""
+    session.install("-e", ".[test]", "coverage>=7.10")
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "combine", "--quiet")
+    session.run("coverage", "report")
+
+
+@nox.session
 def fuzz(session: nox.Session) -> None:
     """The fuzz tests with many more examples than the normal suite runs."""
     session.install("-e", ".[test]")

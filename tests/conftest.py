@@ -203,14 +203,18 @@ def open_wallet(server_port: int, client_ctx: ssl.SSLContext) -> Open:
     return _open
 
 
-async def closed_by_peer(stream: trio.abc.Stream) -> bool:
-    """True once the other end has closed ``stream`` (reads hit EOF or the pipe is broken)."""
-    try:
-        while await stream.receive_some():
+async def closed_by_peer(stream: trio.abc.Stream, within: float = 5) -> bool:
+    """True once the other end has closed ``stream`` (reads hit EOF or the pipe is broken);
+    False if it is still open after ``within`` seconds, so ``assert await closed_by_peer(s)``
+    fails, rather than hangs, when the peer keeps the connection."""
+    with trio.move_on_after(within):
+        try:
+            while await stream.receive_some():
+                pass
+        except trio.BrokenResourceError:
             pass
-    except trio.BrokenResourceError:
-        pass
-    return True
+        return True
+    return False
 
 
 async def expect_error(code: str, coro: Awaitable[object]) -> ServerError:

@@ -348,8 +348,7 @@ async def test_course_clients_may_wait_for_their_person(
         await trio.sleep(cfg.course_idle_timeout - 1)
         await a.exchange(b"List", b"Please login first\n")
         silent_since = trio.current_time()
-        with trio.fail_after(cfg.course_idle_timeout + 5):
-            assert await closed_by_peer(client_side)
+        assert await closed_by_peer(client_side, within=cfg.course_idle_timeout + 5)
         assert trio.current_time() - silent_since >= cfg.course_idle_timeout
 
 

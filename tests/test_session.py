@@ -219,6 +219,15 @@ async def test_concurrent_settlements_through_the_server(connect: Connect) -> No
             assert (await bob.list()).balance == 200
 
 
+async def test_closed_by_peer_tells_an_open_stream_from_a_closed_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    assert not await closed_by_peer(left, within=1)  # the other end is still there
+    await right.aclose()
+    assert await closed_by_peer(left, within=1)
+
+
 async def test_handshake_timeout(autojump_clock: trio.testing.MockClock, server: Server) -> None:
     client_side, server_side = trio.testing.memory_stream_pair()
     with trio.fail_after(server.config.handshake_timeout + 5):
