@@ -578,12 +578,12 @@ class Session:
 
     async def _login(self, req: p.Login) -> p.LoginResult:
         throttle = self.server.throttle
-        wait = throttle.retry_after(req.name, self.ip)
-        if wait is not None:
+        refusal = throttle.admit(req.name, self.ip)
+        if refusal is not None:
             self.server.limit_log.hit("login-throttle", f"{req.name} from {self.ip}")
             raise RequestFailed(
                 p.ErrorCode.RATE_LIMITED,
-                f"too many failed logins; try again in {math.ceil(wait)} s",
+                f"{refusal.reason}; try again in {math.ceil(refusal.retry_after)} s",
             )
         account = await self.server.ledger.account(req.name)
         stored = account.password_hash if account and account.kind == "native" else None
@@ -593,7 +593,7 @@ class Session:
         if account is None or stored is None or not ok:
             throttle.failed(req.name, self.ip)
             raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
-        throttle.succeeded(req.name)
+        throttle.succeeded(req.name, self.ip)
         cert = await self.server.certify(req.name, req.csr) if req.csr else None
         self.user = req.name
         self.p2p_port = req.p2p_port
