@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads for password hashing",
     )
     s.add_argument(
+        "--hash-queue-per-address",
+        type=_positive_int,
+        default=d.hash_queue_per_address,
+        help="password checks one address may have waiting for a hashing thread (addresses "
+        "take turns); more are answered rate_limited at once",
+    )
+    s.add_argument(
         "--scrypt-n",
         type=_positive_int,
         default=ScryptParams().n,
@@ -300,6 +307,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         shutdown_grace=args.shutdown_grace,
         max_list=args.max_list,
         hash_threads=args.hash_threads,
+        hash_queue_per_address=args.hash_queue_per_address,
         scrypt=ScryptParams(n=n),
         peer_cert_lifetime=args.peer_cert_hours * 3600,
         course_initial_balance=args.course_initial_balance,

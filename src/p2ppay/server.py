@@ -31,8 +31,8 @@ from . import __version__
 from . import ledger as lg
 from . import protocol as p
 from .course_session import CourseSession
-from .hashing import Hasher
-from .limits import LimitLog, LoginThrottle, ThrottleConfig
+from .hashing import Hasher, HashQueueFull, Work
+from .limits import LimitLog, LoginThrottle, ThrottleConfig, address_key
 from .passwords import ScryptParams, hash_password, verify_password
 from .pki import (
     IdentityError,
@@ -68,6 +68,9 @@ class ServerConfig:
     max_list: int = 1000
     #: threads for password hashing: all cores but one, which stays the event loop's
     hash_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
+    #: password checks one address may have waiting for a hashing thread; more are answered
+    #: ``rate_limited`` at once (addresses take turns, so this bounds only the address itself)
+    hash_queue_per_address: int = 8
     #: how long a session's peer certificate is valid
     peer_cert_lifetime: float = 24 * 3600.0
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
@@ -127,6 +130,7 @@ class Server:
         *,
         server_public_key: str = "",
         course_tls: bool = False,
+        hash_work: Work | None = None,
     ) -> None:
         self.ledger = ledger
         self.ssl_context = ssl_context
@@ -142,6 +146,7 @@ class Server:
         self.server_public_key = server_public_key
         self.course_tls = course_tls
         self._hasher: Hasher | None = None  # its threads run while serve() does
+        self._hash_work = hash_work  # tests: what runs a hash job instead of the threads
         # A hash to check against when the account does not exist, so that a missing account
         # costs the same time as a wrong password. Made lazily (it is slow).
         self._dummy_hash: str | None = None
@@ -165,7 +170,10 @@ class Server:
     ) -> None:
         """Accept on ``listeners`` (and the course dialect on ``course_listeners``) until
         :meth:`shutdown`; return when every session is done."""
-        async with Hasher(self.config.hash_threads) as self._hasher, trio.open_nursery() as nursery:
+        hasher = Hasher(
+            self.config.hash_threads, self.config.hash_queue_per_address, work=self._hash_work
+        )
+        async with hasher as self._hasher, trio.open_nursery() as nursery:
             self._nursery = nursery
             with self._accept_scope:
                 async with trio.open_nursery() as accepting:
@@ -373,19 +381,33 @@ class Server:
 
     # -- password hashing (on low-priority threads, never on the event loop) --
 
-    async def hash_password(self, password: str) -> str:
+    @property
+    def hasher(self) -> Hasher:
         assert self._hasher is not None, "serve() runs the hashing threads"
-        digest: str = await self._hasher.run(partial(hash_password, password, self.config.scrypt))
+        return self._hasher
+
+    async def _hash_job(self, ip: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on a hashing thread in ``ip``'s turn; a full queue is ``rate_limited``."""
+        try:
+            return await self.hasher.run(address_key(ip), fn)
+        except HashQueueFull:
+            self.limit_log.hit("hash-queue-per-address", f"{ip} has too many logins waiting")
+            raise RequestFailed(
+                p.ErrorCode.RATE_LIMITED,
+                "too many logins from your address are waiting to be checked; try again in 1 s",
+            ) from None
+
+    async def hash_password(self, password: str, ip: str) -> str:
+        digest: str = await self._hash_job(ip, partial(hash_password, password, self.config.scrypt))
         return digest
 
-    async def verify_password(self, password: str, stored: str | None) -> bool:
-        assert self._hasher is not None, "serve() runs the hashing threads"
+    async def verify_password(self, password: str, stored: str | None, ip: str) -> bool:
         if stored is None:
             if self._dummy_hash is None:
-                self._dummy_hash = await self.hash_password("no such account")
-            await self._hasher.run(partial(verify_password, password, self._dummy_hash))
+                self._dummy_hash = await self.hash_password("no such account", ip)
+            await self._hash_job(ip, partial(verify_password, password, self._dummy_hash))
             return False
-        ok: bool = await self._hasher.run(partial(verify_password, password, stored))
+        ok: bool = await self._hash_job(ip, partial(verify_password, password, stored))
         return ok
 
 
@@ -571,7 +593,7 @@ class Session:
         ledger = self.server.ledger
         if await ledger.account(req.name) is not None:  # cheap check before the slow hash
             raise RequestFailed(p.ErrorCode.NAME_TAKEN, f"the name {req.name!r} is taken")
-        digest = await self.server.hash_password(req.password)
+        digest = await self.server.hash_password(req.password, self.ip)
         await ledger.create_account(req.name, digest)
         log.info("%s: registered %s", self.ip, req.name)
         return p.RegisterResult(req.name)
@@ -589,7 +611,7 @@ class Session:
         stored = account.password_hash if account and account.kind == "native" else None
         # A missing account costs the same hashing as a wrong password, and gets the same
         # answer: a login does not tell whether a name exists.
-        ok = await self.server.verify_password(req.password, stored)
+        ok = await self.server.verify_password(req.password, stored, self.ip)
         if account is None or stored is None or not ok:
             throttle.failed(req.name, self.ip)
             raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
