@@ -188,10 +188,11 @@ async def spawn(
 
 
 def p2ppay_server(state: Path, *extra: str) -> list[str]:
+    # The load generator is one address (the guessing storm, ten more): no per-address limits.
     return [
         sys.executable, "-m", "p2ppay", "server", "--host", "127.0.0.1", "--port", "0",
         "--state-dir", str(state), "--max-connections-per-ip", "20000",
-        "--log-level", "info", *extra,
+        "--hash-queue-per-address", "20000", "--log-level", "info", *extra,
     ]  # fmt: skip
 
 

@@ -73,7 +73,7 @@ class Hasher:
     goes first. Each key may have ``max_waiting`` jobs waiting (running ones do not count).
     """
 
-    def __init__(self, threads: int, max_waiting: int = 8, *, work: Work | None = None) -> None:
+    def __init__(self, threads: int, max_waiting: int = 32, *, work: Work | None = None) -> None:
         if threads < 1:
             raise ValueError("at least one hashing thread")
         if max_waiting < 1:

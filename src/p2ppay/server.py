@@ -69,8 +69,10 @@ class ServerConfig:
     #: threads for password hashing: all cores but one, which stays the event loop's
     hash_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
     #: password checks one address may have waiting for a hashing thread; more are answered
-    #: ``rate_limited`` at once (addresses take turns, so this bounds only the address itself)
-    hash_queue_per_address: int = 8
+    #: ``rate_limited`` at once. Addresses take turns, so a long queue delays only its own
+    #: address: the bound caps that delay, and leaves room for many people behind one NAT (a
+    #: classroom logging in at once).
+    hash_queue_per_address: int = 32
     #: how long a session's peer certificate is valid
     peer_cert_lifetime: float = 24 * 3600.0
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
