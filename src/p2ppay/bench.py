@@ -407,7 +407,7 @@ async def login_storm(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[s
             nursery.start_soon(list_latencies, churn)
             await run_for(seconds, 10, connect_once)
 
-        storm = await guessing_storm(port, ctx, proc, seconds, names[5:])
+        storm = await guessing_storm(port, ctx, proc, 2 * seconds, names[5:])
     return {
         "logins": logins.summary(),
         "list_idle": idle.summary(),
@@ -436,25 +436,27 @@ async def connected_from(
 async def guessing_storm(
     port: int, ctx: Any, proc: Proc, seconds: float, targets: list[str]
 ) -> dict[str, Any]:
-    """A quiet address's correct logins (new connection + hello + login), idle and then while
-    STORM_ADDRESSES x STORM_CONNECTIONS connections guess wrong passwords for ``targets``."""
+    """A quiet address's correct logins (new connection + hello + login), idle and then for
+    ``seconds`` while STORM_ADDRESSES x STORM_CONNECTIONS connections guess wrong passwords for
+    ``targets``. Quiet means a person's pace, a login a second: an address that logs in again
+    at once has just had its turn, and waits for one round of the storming addresses."""
     quiet_name = "quiet"
     async with connected_from(QUIET_ADDRESS, port, ctx) as client:
         await client.register(quiet_name, PASSWORD)
 
-    async def quiet_logins(window: Window) -> None:
+    async def quiet_logins(window: Window, seconds: float, pause: float) -> None:
         async def one(i: int) -> None:
             started = time.perf_counter()
             async with connected_from(QUIET_ADDRESS, port, ctx) as client:
                 await client.login(quiet_name, PASSWORD)
             window.record(started)
-            await trio.sleep(0.1)  # a person, not a loop
+            await trio.sleep(pause)
 
         await run_for(seconds, 1, one)
 
     quiet_idle = Window(proc.process.pid)
     async with quiet_idle.measuring():
-        await quiet_logins(quiet_idle)
+        await quiet_logins(quiet_idle, seconds / 4, 0.1)
 
     answers: dict[str, int] = {}
 
@@ -477,7 +479,7 @@ async def guessing_storm(
                 nursery.start_soon(guess, f"127.0.0.{10 + a}", k * 13)
         await trio.sleep(1)  # let the guesses pile up first
         async with quiet.measuring():
-            await quiet_logins(quiet)
+            await quiet_logins(quiet, seconds, 1.0)
         nursery.cancel_scope.cancel()
     return {
         "quiet_login_idle": quiet_idle.summary(),
