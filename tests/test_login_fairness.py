@@ -171,12 +171,14 @@ async def test_a_quiet_address_is_not_starved_by_a_storm_of_guesses(
 async def test_a_full_queue_is_refused_at_once_and_only_for_that_address(
     connect: Connect, server: Server, turns: Turns
 ) -> None:
-    turns.hold = True
     with trio.fail_after(30):
+        async with connect("10.9.9.9") as owner:
+            await owner.register("alice", PASSWORD)
+        turns.hold = True
 
         async def login(address: str) -> None:
             async with connect(address) as client:
-                await client.login("nobody", "x")
+                await client.login("alice", "wrong")
 
         async with trio.open_nursery() as waiting:
             waiting.start_soon(login, "10.66.0.1")
@@ -189,16 +191,23 @@ async def test_a_full_queue_is_refused_at_once_and_only_for_that_address(
             async with connect("10.66.0.1") as client:
                 err = await expect_error("rate_limited", client.login("alice", PASSWORD))
                 assert "waiting to be checked" in err.message
-                await expect_error("rate_limited", client.register("alice", PASSWORD))
+                await expect_error("rate_limited", client.register("bob", PASSWORD))
             # Another address still queues.
             waiting.start_soon(login, "10.1.1.1")
             await settled()
             assert server.hasher.waiting("10.1.1.1") == 1
             assert server.hasher.waiting() == QUEUE + 1
             waiting.cancel_scope.cancel()
-        running.set()
         await settled()
         assert server.hasher.waiting() == 0  # those who hung up took their checks back
+        # The check that was running when its client hung up still holds the one thread: a
+        # new check waits for it (abandoned checks cannot pile up in the threads' queue).
+        async with connect("10.2.2.2") as client, trio.open_nursery() as nursery:
+            nursery.start_soon(expect_error, "auth_failed", client.login("alice", "wrong"))
+            await settled()
+            assert server.hasher.waiting("10.2.2.2") == 1
+            running.set()
+            (await turns.started()).set()
 
 
 def test_the_queue_bound_is_a_server_flag() -> None:
