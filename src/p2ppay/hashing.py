@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Final, TypeVar, final
 
 import outcome
@@ -113,8 +114,14 @@ class Hasher:
             nursery.start_soon(self._worker)
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        # The exception goes through, so that the workers' nursery sees what its body raised.
+        return await self._stack.__aexit__(exc_type, exc, tb)
 
     async def _stop_threads(self) -> None:
         for _ in self._threads:
