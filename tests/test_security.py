@@ -15,7 +15,7 @@ import trio.testing
 
 from p2ppay import protocol as p
 from p2ppay.ledger import SqliteLedger
-from p2ppay.limits import LoginThrottle, ThrottleConfig
+from p2ppay.limits import LoginThrottle, Refusal, ThrottleConfig, address_key
 from p2ppay.peer import Dialer, PeerConfig, PeerError, PeerIdentity, PeerKey
 from p2ppay.pki import Issuer, sign_acceptance
 from p2ppay.server import Server, ServerConfig
@@ -302,25 +302,35 @@ async def test_connection_limits(
 # --- P6: guessing is rate limited -------------------------------------------------------------
 
 
-async def test_twenty_wrong_passwords_lock_the_account_for_a_while(
+async def test_twenty_wrong_passwords_lock_out_the_guessers_address_not_the_owner(
     autojump_clock: trio.testing.MockClock, connect: Connect, server: Server
 ) -> None:
+    """Issue 9: 20 wrong guesses used to lock the account for everyone, renewably for ever.
+    Now they lock the guessing address out of that account; the owner elsewhere is not."""
     lockout = server.config.throttle.account_lockout
     async with connect(request_timeout=math.inf) as owner:
         await registered(owner, "alice")
     async with connect("10.66.0.1", request_timeout=math.inf) as guesser:
         for i in range(20):
             await expect_error("auth_failed", guesser.login("alice", f"guess number {i}"))
+        # The guesser's address is locked out, even with the right password...
         err = await expect_error("rate_limited", guesser.login("alice", "correct horse"))
-        assert err.message.startswith("too many failed logins; try again in ")
-        assert 0 < int(err.message.split()[-2]) <= math.ceil(lockout)
-    # Locked for everyone, from everywhere, even with the right password...
-    async with connect("10.1.1.1", request_timeout=math.inf) as owner:
-        await expect_error("rate_limited", owner.login("alice", "correct horse"))
-    await trio.sleep(lockout + 1)
-    # ...until the time has passed.
+        assert err.message.startswith(
+            "too many failed logins to this account from your address; try again in "
+        )
+        first_wait = int(err.message.split()[-2])
+        assert 0 < first_wait <= math.ceil(lockout)
+    # ...but the owner, from another address, logs in...
     async with connect("10.1.1.1", request_timeout=math.inf) as owner:
         assert (await owner.login("alice", "correct horse")).name == "alice"
+    # ...and that does not unlock the guesser, whose refused tries do not renew its lock.
+    async with connect("10.66.0.1", request_timeout=math.inf) as guesser:
+        for _ in range(3):
+            err = await expect_error("rate_limited", guesser.login("alice", "correct horse"))
+            assert int(err.message.split()[-2]) <= first_wait
+    await trio.sleep(lockout + 1)
+    async with connect("10.66.0.1", request_timeout=math.inf) as guesser:
+        assert (await guesser.login("alice", "correct horse")).name == "alice"
 
 
 def test_throttle_per_address_and_memory_bound() -> None:
@@ -329,14 +339,74 @@ def test_throttle_per_address_and_memory_bound() -> None:
         ThrottleConfig(max_address_failures=3, address_window=60), lambda: now[0]
     )
     for name in ("a", "b", "c"):
-        assert throttle.retry_after(name, "10.0.0.1") is None
+        assert throttle.admit(name, "10.0.0.1") is None
         throttle.failed(name, "10.0.0.1")
-    assert throttle.retry_after("d", "10.0.0.1") == 60  # the address is blocked...
-    assert throttle.retry_after("d", "10.0.0.2") is None  # ...not the next one
+    refusal = throttle.admit("d", "10.0.0.1")  # the address is blocked...
+    assert refusal == Refusal("too many failed logins from your address", 60)
+    assert throttle.admit("d", "10.0.0.2") is None  # ...not the next one
     now[0] = 61
-    assert throttle.retry_after("d", "10.0.0.1") is None
-    throttle.succeeded("a")
-    assert "a" not in throttle._accounts
+    assert throttle.admit("d", "10.0.0.1") is None
+    throttle.succeeded("a", "10.0.0.1")
+    assert ("a", "10.0.0.1") not in throttle._pairs
+    # An attacker cycling through names and addresses cannot grow the tables without bound.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("p2ppay.limits.MAX_TRACKED", 50)
+        for i in range(200):
+            throttle.failed(f"name{i}", f"10.1.{i // 256}.{i % 256}")
+    assert max(len(throttle._pairs), len(throttle._accounts), len(throttle._addresses)) <= 50
+
+
+def test_a_guessed_at_account_slows_new_addresses_not_the_owners() -> None:
+    """Many addresses guessing one account (each below the per-address lockout) put it on
+    guard: addresses it has never logged in from share one check per interval, while the
+    addresses its owner logged in from are not slowed; the guard ends after a quiet window."""
+    now = [0.0]
+    cfg = ThrottleConfig(guard_failures=10, guard_window=300, guard_interval=15)
+    throttle = LoginThrottle(cfg, lambda: now[0])
+    throttle.succeeded("alice", "10.1.1.1")  # the owner's usual address
+    for i in range(10):
+        assert throttle.admit("alice", f"10.66.0.{i}") is None
+        throttle.failed("alice", f"10.66.0.{i}")
+    # On guard: one new address gets its check...
+    assert throttle.admit("alice", "10.77.0.1") is None
+    # ...and the next ones, from anywhere new, wait for the interval...
+    refusal = throttle.admit("alice", "10.77.0.2")
+    assert refusal is not None and refusal.retry_after == 15
+    assert refusal.reason.startswith("this account is being guessed at")
+    # ...while the owner's address is let through every time, and other accounts are not
+    # affected.
+    for _ in range(3):
+        assert throttle.admit("alice", "10.1.1.1") is None
+    assert throttle.admit("bob", "10.77.0.2") is None
+    now[0] = 15
+    assert throttle.admit("alice", "10.77.0.2") is None
+    throttle.succeeded("alice", "10.77.0.2")  # the owner, travelling: now a known address
+    assert throttle.admit("alice", "10.77.0.2") is None
+    # Each failure keeps the guard up; a full window without one ends it.
+    throttle.failed("alice", "10.66.0.1")
+    now[0] = 15 + 299
+    assert throttle.admit("alice", "10.88.0.1") is None
+    assert throttle.admit("alice", "10.88.0.2") is not None
+    now[0] = 15 + 301
+    assert throttle.admit("alice", "10.88.0.2") is None
+    assert throttle.admit("alice", "10.88.0.3") is None
+
+
+def test_an_ipv6_64_counts_as_one_address() -> None:
+    assert (
+        address_key("2001:db8:1:2::1")
+        == address_key("2001:db8:1:2:ffff::9")
+        == ("2001:db8:1:2::/64")
+    )
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:10.0.0.1") == address_key("10.0.0.1") == "10.0.0.1"
+    assert address_key("unknown") == "unknown"
+    now = [0.0]
+    throttle = LoginThrottle(ThrottleConfig(max_account_failures=2), lambda: now[0])
+    throttle.failed("alice", "2001:db8:1:2::1")
+    throttle.failed("alice", "2001:db8:1:2::2")  # another address, the same subscriber
+    assert throttle.admit("alice", "2001:db8:1:2::3") is not None
+    assert throttle.admit("alice", "2001:db8:1:3::1") is None
 
 
 async def test_hashing_never_runs_on_the_event_loop(
@@ -356,3 +426,16 @@ async def test_hashing_never_runs_on_the_event_loop(
     async with connect() as alice:
         await registered(alice, "alice")
     assert in_thread == [True]
+
+
+def test_every_login_limit_is_a_server_flag() -> None:
+    from p2ppay.cli import _server_options, build_parser
+
+    flags = ["--login-failures", "--login-lockout", "--address-failures", "--address-window"]
+    flags += ["--guard-failures", "--guard-window", "--guard-interval"]
+    argv = ["server", *(x for i, flag in enumerate(flags) for x in (flag, str(i + 3)))]
+    assert _server_options(build_parser().parse_args(argv)).config.throttle == ThrottleConfig(
+        3, 4, 5, 6, 7, 8, 9
+    )
+    defaults = _server_options(build_parser().parse_args(["server"])).config.throttle
+    assert defaults == ThrottleConfig()

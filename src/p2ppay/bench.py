@@ -30,7 +30,7 @@ import trio
 import trio.lowlevel
 
 from . import protocol as p
-from .client import Client
+from .client import Client, ServerError
 from .peer import PeerKey, accept_all
 from .pki import ensure_server_credentials, sign_acceptance
 from .tls import client_context, server_context
@@ -39,6 +39,12 @@ from .wallet import Wallet
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 CLIENTS: Final = 50
 PASSWORD: Final = "benchmark password"
+#: The wrong-password storm of issue 9: this many source addresses (127.0.0.0/8 is all
+#: loopback on Linux), each with this many connections guessing at once...
+STORM_ADDRESSES: Final = 10
+STORM_CONNECTIONS: Final = 20
+#: ...while one more address, which guesses nothing, logs in with the right password.
+QUIET_ADDRESS: Final = "127.0.0.100"
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,10 +188,11 @@ async def spawn(
 
 
 def p2ppay_server(state: Path, *extra: str) -> list[str]:
+    # The load generator is one address (the guessing storm, ten more): no per-address limits.
     return [
         sys.executable, "-m", "p2ppay", "server", "--host", "127.0.0.1", "--port", "0",
         "--state-dir", str(state), "--max-connections-per-ip", "20000",
-        "--log-level", "info", *extra,
+        "--hash-queue-per-address", "20000", "--log-level", "info", *extra,
     ]  # fmt: skip
 
 
@@ -399,11 +406,89 @@ async def login_storm(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[s
         async with trio.open_nursery() as nursery:
             nursery.start_soon(list_latencies, churn)
             await run_for(seconds, 10, connect_once)
+
+        storm = await guessing_storm(port, ctx, proc, 2 * seconds, names[5:])
     return {
         "logins": logins.summary(),
         "list_idle": idle.summary(),
         "list_during_storm": during.summary(),
         "list_during_connection_churn": churn.summary(),
+        **storm,
+    }
+
+
+@asynccontextmanager
+async def connected_from(
+    address: str, port: int, ctx: Any, request_timeout: float = 120
+) -> AsyncIterator[Client]:
+    """A client whose connection comes from ``address`` (a loopback alias)."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=address)
+    stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    async with Client.over(stream, request_timeout=request_timeout) as client:
+        yield client
+
+
+async def guessing_storm(
+    port: int, ctx: Any, proc: Proc, seconds: float, targets: list[str]
+) -> dict[str, Any]:
+    """A quiet address's correct logins (new connection + hello + login), idle and then for
+    ``seconds`` while STORM_ADDRESSES x STORM_CONNECTIONS connections guess wrong passwords for
+    ``targets``. Quiet means a person's pace, a login a second: an address that logs in again
+    at once has just had its turn, and waits for one round of the storming addresses."""
+    quiet_name = "quiet"
+    async with connected_from(QUIET_ADDRESS, port, ctx) as client:
+        await client.register(quiet_name, PASSWORD)
+
+    async def quiet_logins(window: Window, seconds: float, pause: float) -> None:
+        async def one(i: int) -> None:
+            started = time.perf_counter()
+            async with connected_from(QUIET_ADDRESS, port, ctx) as client:
+                await client.login(quiet_name, PASSWORD)
+            window.record(started)
+            await trio.sleep(pause)
+
+        await run_for(seconds, 1, one)
+
+    quiet_idle = Window(proc.process.pid)
+    async with quiet_idle.measuring():
+        await quiet_logins(quiet_idle, seconds / 4, 0.1)
+
+    answers: dict[str, int] = {}
+
+    async def guess(address: str, k: int) -> None:
+        async with connected_from(address, port, ctx) as client:
+            n = k
+            while True:
+                n += 1
+                try:
+                    await client.login(targets[n % len(targets)], f"wrong {n}")
+                except ServerError as exc:
+                    answers[exc.code] = answers.get(exc.code, 0) + 1
+                    if exc.code != "auth_failed":
+                        await trio.sleep(0.01)  # refused at once: do not spin the generator
+
+    quiet = Window(proc.process.pid)
+    async with trio.open_nursery() as nursery:
+        for a in range(STORM_ADDRESSES):
+            for k in range(STORM_CONNECTIONS):
+                nursery.start_soon(guess, f"127.0.0.{10 + a}", k * 13)
+        await trio.sleep(1)  # let the guesses pile up first
+        async with quiet.measuring():
+            await quiet_logins(quiet, seconds, 1.0)
+        nursery.cancel_scope.cancel()
+    return {
+        "quiet_login_idle": quiet_idle.summary(),
+        "quiet_login": quiet.summary(),
+        "guessing_storm": {
+            "addresses": STORM_ADDRESSES,
+            "connections_per_address": STORM_CONNECTIONS,
+            "answers": answers,
+        },
     }
 
 
@@ -615,6 +700,13 @@ def report(r: dict[str, Any]) -> str:
         "  same connection churn, no password check",
         f"{churn99:.2f}",
         f"storm / churn {storm99 / churn99:.2f} (what the hashing itself adds)",
+    )
+    quiet = storm["quiet_login"]
+    row(
+        f"quiet address's login p99 ms, idle / {STORM_ADDRESSES}x{STORM_CONNECTIONS} guessing",
+        f"{storm['quiet_login_idle']['p99_ms']:.0f} / {quiet['p99_ms']:.0f}",
+        f"{quiet['ops']} logins (target ≤ 1000)",
+        flag(quiet["p99_ms"] <= 1000),
     )
     row(
         f"server RSS per idle session at {mem['sessions']}",

@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads for password hashing (default: cores - 1, at least 1)",
     )
     s.add_argument(
+        "--hash-queue-per-address",
+        type=_positive_int,
+        default=d.hash_queue_per_address,
+        help="password checks one address may have waiting for a hashing thread (addresses "
+        "take turns); more are answered rate_limited at once",
+    )
+    s.add_argument(
         "--scrypt-n",
         type=_positive_int,
         default=ScryptParams().n,
@@ -217,13 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--login-failures",
         type=_positive_int,
         default=th.max_account_failures,
-        help="failed logins in a row that lock an account's logins",
+        help="failed logins in a row to one account from one address that lock that address "
+        "out of that account (other addresses are not affected)",
     )
     s.add_argument(
         "--login-lockout",
         type=_seconds,
         default=th.account_lockout,
-        help="seconds an account's logins stay locked",
+        help="seconds such an (account, address) lockout lasts",
     )
     s.add_argument(
         "--address-failures",
@@ -236,6 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=th.address_window,
         help="seconds over which an address's failed logins are counted",
+    )
+    s.add_argument(
+        "--guard-failures",
+        type=_positive_int,
+        default=th.guard_failures,
+        help="failed logins to one account, from all addresses, within --guard-window that "
+        "put it on guard: addresses it has not logged in from then share one check per "
+        "--guard-interval",
+    )
+    s.add_argument(
+        "--guard-window",
+        type=_seconds,
+        default=th.guard_window,
+        help="seconds over which an account's failed logins are counted; on guard until this "
+        "long passes without one",
+    )
+    s.add_argument(
+        "--guard-interval",
+        type=_seconds,
+        default=th.guard_interval,
+        help="seconds between password checks for an account on guard from addresses it has "
+        "not logged in from",
     )
     s.add_argument(
         "--course-port",
@@ -364,6 +394,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         shutdown_grace=args.shutdown_grace,
         max_list=args.max_list,
         hash_threads=args.hash_threads,
+        hash_queue_per_address=args.hash_queue_per_address,
         scrypt=ScryptParams(n=n),
         peer_cert_lifetime=args.peer_cert_hours * 3600,
         course_initial_balance=args.course_initial_balance,
@@ -375,6 +406,9 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
             account_lockout=args.login_lockout,
             max_address_failures=args.address_failures,
             address_window=args.address_window,
+            guard_failures=args.guard_failures,
+            guard_window=args.guard_window,
+            guard_interval=args.guard_interval,
         ),
     )
     try:

@@ -2,41 +2,94 @@
 
 Pure bookkeeping with an injected clock (the server passes ``trio.current_time``, so tests run
 on Trio's mock clock); no I/O.
+
+The login throttle is built so that nobody can lock an owner out from elsewhere: failures lock
+one *(account, address)* pair, never the account. What stands against many addresses guessing
+one account is the account's *guard* (docs/security.md, "Guessing"): past a number of failures
+the account is on guard, and addresses it has never logged in from share one password check
+per interval, while the addresses its owner has logged in from are not slowed at all.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
+K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
-#: How many names and addresses the throttle remembers; the oldest are forgotten first, so an
-#: attacker cycling through names cannot grow the server's memory without bound.
+#: How many names, (name, address) pairs and addresses the throttle remembers; the oldest are
+#: forgotten first, so an attacker cycling through names cannot grow the server's memory
+#: without bound.
 MAX_TRACKED: Final = 100_000
+#: How many addresses an account remembers having logged in from (the most recent ones).
+KNOWN_ADDRESSES: Final = 8
+
+
+def address_key(ip: str) -> str:
+    """What the per-address limits count as one address: an IPv4 address, or an IPv6 /64 (what
+    one subscriber is given: counting its 2^64 addresses apart would make per-address limits
+    moot). An IPv4-mapped IPv6 address counts as its IPv4 address; anything else as itself."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 @dataclass(frozen=True, slots=True)
 class ThrottleConfig:
-    #: this many failed logins in a row lock the account's logins...
+    #: this many failed logins in a row to one account from one address lock that address out
+    #: of that account...
     max_account_failures: int = 20
-    #: ...for this many seconds (the right password does not help meanwhile)
+    #: ...for this many seconds (the right password does not help that address meanwhile;
+    #: every other address, the owner's included, is not affected)
     account_lockout: float = 300.0
     #: this many failed logins from one address within ``address_window`` seconds block that
     #: address's logins until the window ends
     max_address_failures: int = 100
     address_window: float = 300.0
+    #: this many failed logins to one account, from all addresses together, within
+    #: ``guard_window`` seconds put the account on guard until ``guard_window`` seconds pass
+    #: without a failure...
+    guard_failures: int = 100
+    guard_window: float = 300.0
+    #: ...during which addresses the account has not logged in from get one password check
+    #: between them per this many seconds (addresses it has logged in from are not limited)
+    guard_interval: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a login may not be checked now, and for how long."""
+
+    reason: str
+    retry_after: float
+
+
+@dataclass(slots=True)
+class _Pair:
+    failures: int = 0  # in a row
+    locked_until: float = -math.inf
 
 
 @dataclass(slots=True)
 class _Account:
+    window_start: float = -math.inf
     failures: int = 0
-    locked_until: float = -math.inf
+    guarded_until: float = -math.inf
+    next_stranger_at: float = -math.inf
+    known: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
 @dataclass(slots=True)
@@ -46,48 +99,89 @@ class _Address:
 
 
 class LoginThrottle:
-    """Counts failed logins per account name and per source address."""
+    """Counts failed logins per (account, address), per account and per source address."""
 
     def __init__(self, config: ThrottleConfig, clock: Callable[[], float]) -> None:
         self.config = config
         self.clock = clock
+        self._pairs: OrderedDict[tuple[str, str], _Pair] = OrderedDict()
         self._accounts: OrderedDict[str, _Account] = OrderedDict()
         self._addresses: OrderedDict[str, _Address] = OrderedDict()
 
-    def retry_after(self, name: str, address: str) -> float | None:
-        """Seconds until ``name`` may try to log in from ``address``, or None if it may now."""
+    def admit(self, name: str, ip: str) -> Refusal | None:
+        """None if a login to ``name`` from ``ip`` may be checked now (this takes the account's
+        turn for new addresses when it is on guard); else why not, and for how long."""
         now = self.clock()
-        waits = []
-        account = self._accounts.get(name)
-        if account is not None and account.locked_until > now:
-            waits.append(account.locked_until - now)
+        address = address_key(ip)
+        refusals = []
+        pair = self._pairs.get((name, address))
+        if pair is not None and pair.locked_until > now:
+            refusals.append(
+                Refusal(
+                    "too many failed logins to this account from your address",
+                    pair.locked_until - now,
+                )
+            )
         source = self._addresses.get(address)
         if source is not None:
             end = source.window_start + self.config.address_window
             if end <= now:
                 del self._addresses[address]
             elif source.failures >= self.config.max_address_failures:
-                waits.append(end - now)
-        return max(waits) if waits else None
+                refusals.append(Refusal("too many failed logins from your address", end - now))
+        account = self._accounts.get(name)
+        guarded = account if account and account.guarded_until > now else None
+        if guarded is not None and address in guarded.known:
+            guarded = None  # an address the owner logged in from is never slowed
+        if guarded is not None and guarded.next_stranger_at > now:
+            refusals.append(
+                Refusal(
+                    "this account is being guessed at, so logins to it from addresses it has "
+                    "not logged in from are slowed down",
+                    guarded.next_stranger_at - now,
+                )
+            )
+        if refusals:
+            return max(refusals, key=lambda r: r.retry_after)
+        if guarded is not None:  # this check is the new addresses' turn
+            guarded.next_stranger_at = now + self.config.guard_interval
+        return None
 
-    def failed(self, name: str, address: str) -> None:
+    def failed(self, name: str, ip: str) -> None:
         now = self.clock()
+        cfg = self.config
+        address = address_key(ip)
+        pair = self._remember(self._pairs, (name, address), _Pair)
+        pair.failures += 1
+        if pair.failures >= cfg.max_account_failures:
+            pair.failures = 0
+            pair.locked_until = now + cfg.account_lockout
         account = self._remember(self._accounts, name, _Account)
+        if account.guarded_until <= now and account.window_start + cfg.guard_window <= now:
+            account.window_start, account.failures = now, 0
         account.failures += 1
-        if account.failures >= self.config.max_account_failures:
-            account.failures = 0
-            account.locked_until = now + self.config.account_lockout
+        if account.guarded_until > now or account.failures >= cfg.guard_failures:
+            account.guarded_until = now + cfg.guard_window
         source = self._addresses.get(address)
-        if source is None or source.window_start + self.config.address_window <= now:
+        if source is None or source.window_start + cfg.address_window <= now:
             source = self._remember(self._addresses, address, lambda: _Address(now))
             source.window_start, source.failures = now, 0
         source.failures += 1
 
-    def succeeded(self, name: str) -> None:
-        self._accounts.pop(name, None)
+    def succeeded(self, name: str, ip: str) -> None:
+        """The right password for ``name`` from ``ip``: that pair starts afresh, and the
+        address becomes one the account knows (unslowed when the account is on guard). The
+        account's own failure count stays: its owner logging in does not end an attack."""
+        address = address_key(ip)
+        self._pairs.pop((name, address), None)
+        known = self._remember(self._accounts, name, _Account).known
+        known[address] = None
+        known.move_to_end(address)
+        if len(known) > KNOWN_ADDRESSES:
+            known.popitem(last=False)
 
     @staticmethod
-    def _remember(table: OrderedDict[str, T], key: str, make: Callable[[], T]) -> T:
+    def _remember(table: OrderedDict[K, T], key: K, make: Callable[[], T]) -> T:
         entry = table.get(key)
         if entry is None:
             entry = table[key] = make()

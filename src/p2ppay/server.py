@@ -32,8 +32,8 @@ from . import ledger as lg
 from . import protocol as p
 from .course import REFERENCE, Dialect
 from .course_session import CourseSession
-from .hashing import Hasher
-from .limits import LimitLog, LoginThrottle, ThrottleConfig
+from .hashing import Hasher, HashQueueFull, Work
+from .limits import LimitLog, LoginThrottle, ThrottleConfig, address_key
 from .passwords import ScryptParams, hash_password, verify_password
 from .pki import (
     IdentityError,
@@ -69,6 +69,11 @@ class ServerConfig:
     max_list: int = 1000
     #: threads for password hashing: all cores but one, which stays the event loop's
     hash_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
+    #: password checks one address may have waiting for a hashing thread; more are answered
+    #: ``rate_limited`` at once. Addresses take turns, so a long queue delays only its own
+    #: address: the bound caps that delay, and leaves room for many people behind one NAT (a
+    #: classroom logging in at once).
+    hash_queue_per_address: int = 32
     #: how long a session's peer certificate is valid
     peer_cert_lifetime: float = 24 * 3600.0
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
@@ -141,6 +146,7 @@ class Server:
         server_public_key: str = "",
         course_tls: bool = False,
         course_dialect: Dialect = REFERENCE,
+        hash_work: Work | None = None,
     ) -> None:
         self.ledger = ledger
         self.ssl_context = ssl_context
@@ -158,6 +164,7 @@ class Server:
         #: the flavour of the course dialect the course listener speaks
         self.course_dialect = course_dialect
         self._hasher: Hasher | None = None  # its threads run while serve() does
+        self._hash_work = hash_work  # tests: what runs a hash job instead of the threads
         # A hash to check against when the account does not exist, so that a missing account
         # costs the same time as a wrong password. Made lazily (it is slow).
         self._dummy_hash: str | None = None
@@ -181,7 +188,10 @@ class Server:
     ) -> None:
         """Accept on ``listeners`` (and the course dialect on ``course_listeners``) until
         :meth:`shutdown`; return when every session is done."""
-        async with Hasher(self.config.hash_threads) as self._hasher, trio.open_nursery() as nursery:
+        hasher = Hasher(
+            self.config.hash_threads, self.config.hash_queue_per_address, work=self._hash_work
+        )
+        async with hasher as self._hasher, trio.open_nursery() as nursery:
             self._nursery = nursery
             with self._accept_scope:
                 async with trio.open_nursery() as accepting:
@@ -392,19 +402,33 @@ class Server:
 
     # -- password hashing (on low-priority threads, never on the event loop) --
 
-    async def hash_password(self, password: str) -> str:
+    @property
+    def hasher(self) -> Hasher:
         assert self._hasher is not None, "serve() runs the hashing threads"
-        digest: str = await self._hasher.run(partial(hash_password, password, self.config.scrypt))
+        return self._hasher
+
+    async def _hash_job(self, ip: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on a hashing thread in ``ip``'s turn; a full queue is ``rate_limited``."""
+        try:
+            return await self.hasher.run(address_key(ip), fn)
+        except HashQueueFull:
+            self.limit_log.hit("hash-queue-per-address", f"{ip} has too many logins waiting")
+            raise RequestFailed(
+                p.ErrorCode.RATE_LIMITED,
+                "too many logins from your address are waiting to be checked; try again in 1 s",
+            ) from None
+
+    async def hash_password(self, password: str, ip: str) -> str:
+        digest: str = await self._hash_job(ip, partial(hash_password, password, self.config.scrypt))
         return digest
 
-    async def verify_password(self, password: str, stored: str | None) -> bool:
-        assert self._hasher is not None, "serve() runs the hashing threads"
+    async def verify_password(self, password: str, stored: str | None, ip: str) -> bool:
         if stored is None:
             if self._dummy_hash is None:
-                self._dummy_hash = await self.hash_password("no such account")
-            await self._hasher.run(partial(verify_password, password, self._dummy_hash))
+                self._dummy_hash = await self.hash_password("no such account", ip)
+            await self._hash_job(ip, partial(verify_password, password, self._dummy_hash))
             return False
-        ok: bool = await self._hasher.run(partial(verify_password, password, stored))
+        ok: bool = await self._hash_job(ip, partial(verify_password, password, stored))
         return ok
 
 
@@ -590,29 +614,29 @@ class Session:
         ledger = self.server.ledger
         if await ledger.account(req.name) is not None:  # cheap check before the slow hash
             raise RequestFailed(p.ErrorCode.NAME_TAKEN, f"the name {req.name!r} is taken")
-        digest = await self.server.hash_password(req.password)
+        digest = await self.server.hash_password(req.password, self.ip)
         await ledger.create_account(req.name, digest)
         log.info("%s: registered %s", self.ip, req.name)
         return p.RegisterResult(req.name)
 
     async def _login(self, req: p.Login) -> p.LoginResult:
         throttle = self.server.throttle
-        wait = throttle.retry_after(req.name, self.ip)
-        if wait is not None:
+        refusal = throttle.admit(req.name, self.ip)
+        if refusal is not None:
             self.server.limit_log.hit("login-throttle", f"{req.name} from {self.ip}")
             raise RequestFailed(
                 p.ErrorCode.RATE_LIMITED,
-                f"too many failed logins; try again in {math.ceil(wait)} s",
+                f"{refusal.reason}; try again in {math.ceil(refusal.retry_after)} s",
             )
         account = await self.server.ledger.account(req.name)
         stored = account.password_hash if account and account.kind == "native" else None
         # A missing account costs the same hashing as a wrong password, and gets the same
         # answer: a login does not tell whether a name exists.
-        ok = await self.server.verify_password(req.password, stored)
+        ok = await self.server.verify_password(req.password, stored, self.ip)
         if account is None or stored is None or not ok:
             throttle.failed(req.name, self.ip)
             raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
-        throttle.succeeded(req.name)
+        throttle.succeeded(req.name, self.ip)
         cert = await self.server.certify(req.name, req.csr) if req.csr else None
         self.user = req.name
         self.p2p_port = req.p2p_port
