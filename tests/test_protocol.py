@@ -357,6 +357,21 @@ def test_client_rejects_garbage_from_the_server() -> None:
         client.next_event()
 
 
+# --- names ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [".", "..", "-", "_", "._-", "-bob", ".hidden", "_x", "a" * 33])
+def test_names_must_start_with_a_letter_or_digit(name: str) -> None:
+    result = p.decode_request(req(id=1, op="register", name=name, password="long enough"))
+    assert isinstance(result, p.Rejected) and result.code is ErrorCode.BAD_REQUEST
+    assert "name" in result.message
+
+
+@pytest.mark.parametrize("name", ["a", "0day", "Alice", "a.b-c_d", "x" * 32, "9"])
+def test_valid_names(name: str) -> None:
+    assert isinstance(p.decode_request(req(id=1, op="lookup", name=name)), p.Lookup)
+
+
 # --- layering --------------------------------------------------------------------------------
 
 

@@ -353,3 +353,51 @@ async def test_requests_queued_at_shutdown_are_refused_not_dropped(
     assert isinstance(seen[3], p.ServerClosing)
     assert seen[2] == p.ReplyError(4, "shutting_down", "the server is shutting down; not done")
     assert isinstance(seen[1], p.ReplyOk | p.ReplyError)
+
+
+# --- names: one canonical form, shown as registered ------------------------------------------
+
+
+async def test_names_are_case_insensitive_and_shown_as_registered(
+    connect: Connect, server: Server
+) -> None:
+    with trio.fail_after(10):
+        async with connect("10.0.0.1") as alice, connect("10.0.0.2") as bob:
+            await alice.register("Alice", "alice password")
+            await expect_error("name_taken", bob.register("ALICE", "other password"))
+            me = await login(alice, "alice", "alice password", p2p_port=9001)
+            assert me.name == "Alice"  # as registered, whatever the login said
+            assert alice.user == "Alice"
+            await registered(bob, "bob", deposit=100)
+            assert await bob.lookup("aLiCe") == p.Presence("Alice", "10.0.0.1", 9001)
+            assert [u.name for u in (await bob.list()).online] == ["Alice", "bob"]
+            assert "ALICE" in server.online and server.online["alice"].user == "Alice"
+            # KEYS (the test's record of peer keys) is by name as given: sign as "Alice" did.
+            KEYS["ALICE"] = KEYS["alice"]
+            pid = uuid.uuid4()
+            paid = await pay(bob, "ALICE", 30, payment_id=pid)
+            assert (paid.payer, paid.payee, paid.balance) == ("bob", "Alice", 70)
+            assert await next_event(alice) == p.PaymentReceived(pid, "bob", 30, 30)
+            assert (await pay(bob, "alice", 30, payment_id=pid)) == paid  # the same payment
+            entries = await alice.history()
+            assert [(e.kind, e.counterparty) for e in entries] == [("received", "bob")]
+            await expect_error("self_payment", pay(alice, "ALICE", 1))
+            await expect_error("unknown_user", bob.lookup("Nobody"))
+
+
+async def test_a_login_in_another_letter_case_replaces_the_session(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect("10.0.0.1") as first, connect("10.0.0.2") as second:
+            await first.register("Carol", "correct horse")
+            await login(first, "carol", p2p_port=9001)
+            await login(second, "CAROL", p2p_port=9002)
+            assert isinstance(await next_event(first), p.SessionReplaced)
+            assert (await second.list()).online == [p.Presence("Carol", "10.0.0.2", 9002)]
+
+
+async def test_names_of_punctuation_only_cannot_be_registered(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as client:
+            for name in (".", "..", "-", "_", ".-_", "-rf", ".profile"):
+                err = await expect_error("bad_request", client.register(name, "long enough"))
+                assert "name" in err.message

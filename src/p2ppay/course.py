@@ -18,8 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
+from . import names
+
 DEFAULT_MAX_MESSAGE: Final = 1024
-NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+#: names follow the native rule (p2ppay.names), and so compare regardless of letter case
+NAME_RE: Final = names.NAME_RE
 NUMBER_RE: Final = re.compile(r"[0-9]{1,18}")
 
 OK: Final = b"100 OK\n"

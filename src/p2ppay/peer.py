@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
 from .limits import LimitLog
+from .names import name_key
 from .pki import make_csr, new_peer_key, sign_acceptance
 from .tls import peer_contexts, peer_name
 
@@ -218,9 +219,9 @@ class OfferListener:
             return p.Decline(None, "expected an offer")
         offer = message
         me = self.identity.name
-        if offer.payee != me:
+        if name_key(offer.payee) != name_key(me):
             return p.Decline(offer.payment_id, f"this is {me}, not {offer.payee}")
-        if offer.payer != payer:
+        if name_key(offer.payer) != name_key(payer):
             # The certificate says who is paying; a message cannot claim otherwise.
             return p.Decline(offer.payment_id, f"your certificate names {payer}, not {offer.payer}")
         waiting = self._waiting.get(payer, 0)
@@ -321,7 +322,7 @@ class Dialer:
                 "unreachable", f"TLS with {where.name} failed: {exc.__cause__ or exc}"
             ) from None
         presented = peer_name(stream)
-        if presented != where.name:
+        if presented is None or name_key(presented) != name_key(where.name):
             await trio.aclose_forcefully(stream)
             raise PeerError(
                 "wrong_peer",

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from .names import NAME_PATTERN
+
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_LINE: Final = 64 * 1024
 
@@ -25,7 +27,7 @@ DEFAULT_MAX_LINE: Final = 64 * 1024
 #: this bound only keeps every sum far away from SQLite's 64-bit integer range.
 MAX_AMOUNT: Final = 10**15
 
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}\Z")]
+Name = Annotated[str, msgspec.Meta(pattern=rf"^{NAME_PATTERN}\Z")]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 NewPassword = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
 Amount = Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]

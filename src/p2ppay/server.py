@@ -33,6 +33,7 @@ from . import protocol as p
 from .course_session import CourseSession
 from .hashing import Hasher
 from .limits import LimitLog, LoginThrottle, ThrottleConfig
+from .names import NameMap, name_key
 from .passwords import ScryptParams, hash_password, verify_password
 from .pki import (
     IdentityError,
@@ -134,9 +135,10 @@ class Server:
         self.config = config or ServerConfig()
         # name -> (public key, expiry in ms) certified for the account's current session;
         # a cache of what the ledger stores, filled at login and on first use.
-        self._peer_keys: dict[str, tuple[EllipticCurvePublicKey, int]] = {}
-        self.online: dict[str, Session] = {}
-        self.course_online: dict[str, CourseSession] = {}
+        self._peer_keys: NameMap[tuple[EllipticCurvePublicKey, int]] = NameMap()
+        # Presence, keyed by name regardless of case; sessions hold the name as registered.
+        self.online: NameMap[Session] = NameMap()
+        self.course_online: NameMap[CourseSession] = NameMap()
         self.sessions: set[Session | CourseSession] = set()
         #: the course dialect's login reply names this (base64 DER of the server's key)
         self.server_public_key = server_public_key
@@ -314,7 +316,7 @@ class Server:
     # -- presence --
 
     def _forget(self, session: Session | CourseSession) -> None:
-        online: dict[str, Any] = self.course_online if session.course else self.online
+        online: NameMap[Any] = self.course_online if session.course else self.online
         if session.user is not None and online.get(session.user) is session:
             del online[session.user]
 
@@ -329,7 +331,8 @@ class Server:
             old.close_after(p.SessionReplaced(f"{name} logged in from {session.ip}"))
 
     async def certify(self, name: str, csr: str) -> PeerCertificate:
-        """Issue ``name`` a peer certificate for the CSR's key; it replaces any earlier one."""
+        """Issue ``name`` (as registered) a peer certificate for the CSR's key; it replaces
+        any earlier one."""
         lifetime = dt.timedelta(seconds=self.config.peer_cert_lifetime)
         try:
             cert = self.issuer.issue(csr, name, lifetime)
@@ -400,7 +403,7 @@ class Session:
         self.stream = stream
         self.ip = ip
         self.conn = p.ServerConnection(server.config.max_line)
-        self.user: str | None = None
+        self.user: str | None = None  # as registered
         self.p2p_port: int | None = None
         self.cancel_scope = trio.CancelScope()
         self.receive_scope = trio.CancelScope()  # cancelled to stop reading at shutdown
@@ -594,13 +597,14 @@ class Session:
             throttle.failed(req.name, self.ip)
             raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
         throttle.succeeded(req.name)
-        cert = await self.server.certify(req.name, req.csr) if req.csr else None
-        self.user = req.name
+        name = account.name  # as registered, whatever the letter case of the login
+        cert = await self.server.certify(name, req.csr) if req.csr else None
+        self.user = name
         self.p2p_port = req.p2p_port
-        self.server.take_over(self, req.name)
-        log.info("%s: %s logged in (p2p port %s)", self.ip, req.name, req.p2p_port)
+        self.server.take_over(self, name)
+        log.info("%s: %s logged in (p2p port %s)", self.ip, name, req.p2p_port)
         return p.LoginResult(
-            req.name,
+            name,
             account.balance,
             self.ip,
             req.p2p_port,
@@ -618,22 +622,26 @@ class Session:
     async def _list(self, req: p.ListOnline) -> p.ListResult:
         account = await self.server.ledger.account(self._me())
         balance = account.balance if account else 0
-        online = sorted(self.server.online.items())[: self.server.config.max_list]
-        return p.ListResult(balance, [p.Presence(n, s.ip, s.p2p_port) for n, s in online])
+        max_list = self.server.config.max_list
+        online = sorted(self.server.online.values(), key=lambda s: name_key(s.user or ""))
+        return p.ListResult(
+            balance,
+            [p.Presence(s.user or "", s.ip, s.p2p_port) for s in online[:max_list]],
+        )
 
     async def _lookup(self, req: p.Lookup) -> p.Presence:
         session = self.server.online.get(req.name)
-        if session is not None:
-            return p.Presence(req.name, session.ip, session.p2p_port)
+        if session is not None and session.user is not None:
+            return p.Presence(session.user, session.ip, session.p2p_port)
         account = await self.server.ledger.account(req.name)
         if account is None:
             raise RequestFailed(p.ErrorCode.UNKNOWN_USER, f"no account named {req.name!r}")
-        raise RequestFailed(p.ErrorCode.PAYEE_OFFLINE, f"{req.name} is not online")
+        raise RequestFailed(p.ErrorCode.PAYEE_OFFLINE, f"{account.name} is not online")
 
     async def _settle(self, req: p.Settle) -> p.SettleResult:
         # The payer is always this session's own account: nobody moves money out of another's.
         payer = self._me()
-        if req.payee == payer:
+        if name_key(req.payee) == name_key(payer):
             raise RequestFailed(p.ErrorCode.SELF_PAYMENT, "you cannot pay yourself")
         # The ledger authorises only a new payment: a retry of one settled before (perhaps
         # before the payee's key changed) gets its stored outcome.
