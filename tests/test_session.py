@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import ssl
 import uuid
+from typing import Any
 
 import pytest
 import trio
@@ -401,3 +403,37 @@ async def test_names_of_punctuation_only_cannot_be_registered(connect: Connect) 
             for name in (".", "..", "-", "_", ".-_", "-rf", ".profile"):
                 err = await expect_error("bad_request", client.register(name, "long enough"))
                 assert "name" in err.message
+
+
+# --- payment ids: canonical only -------------------------------------------------------------
+
+
+async def test_non_canonical_payment_ids_are_refused(
+    server: Server, client_ctx: ssl.SSLContext, ledger: SqliteLedger
+) -> None:
+    async with raw_tls(server, client_ctx, "10.5.5.5") as stream:
+        lines = p.LineBuffer()
+
+        async def exchange(line: str) -> dict[str, Any]:
+            await stream.send_all(line.encode() + b"\n")
+            while (reply := lines.next_line()) is None:
+                lines.feed(await stream.receive_some())
+            decoded: dict[str, Any] = json.loads(reply)
+            return decoded
+
+        with trio.fail_after(10):
+            assert (await exchange('{"id":1,"op":"hello","version":1}'))["ok"]
+            reg = '{"id":2,"op":"register","name":"payer","password":"long enough"}'
+            assert (await exchange(reg))["ok"]
+            assert (
+                await exchange('{"id":3,"op":"login","name":"payer","password":"long enough"}')
+            )["ok"]
+            pid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0fabcdef12"
+            for i, spelling in enumerate((pid.upper(), pid.replace("-", ""), f"{{{pid}}}")):
+                reply = await exchange(
+                    f'{{"id":{10 + i},"op":"settle","payment_id":"{spelling}",'
+                    f'"payee":"bob","amount":1,"acceptance":"AA=="}}'
+                )
+                assert reply["id"] == 10 + i and reply["error"]["code"] == "bad_request", reply
+                assert "canonical" in reply["error"]["message"]
+    assert (await ledger.audit()).transfers == 0

@@ -17,6 +17,7 @@ from . import __version__
 from .ledger import Limits
 from .limits import ThrottleConfig
 from .passwords import ScryptParams
+from .protocol import MAX_DEPTH_CAP
 from .server import DEFAULT_PORT, ServerConfig, ServerOptions, run_server
 from .shell import PASSWORD_ENV, ClientOptions, run_client
 
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=d.anonymous_idle_timeout,
         help="seconds a connection that has not logged in may stay silent",
+    )
+    s.add_argument(
+        "--max-depth",
+        type=_positive_int,
+        default=d.max_depth,
+        help=f"deepest nesting of JSON arrays and objects in a request (at most {MAX_DEPTH_CAP})",
     )
     s.add_argument("--write-timeout", type=_seconds, default=d.write_timeout)
     s.add_argument("--shutdown-grace", type=_seconds, default=d.shutdown_grace)
@@ -269,10 +276,13 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
     n = args.scrypt_n
     if n < 2 or n & (n - 1):
         raise SystemExit("p2ppay: --scrypt-n must be a power of 2 (at least 2)")
+    if args.max_depth > MAX_DEPTH_CAP:
+        raise SystemExit(f"p2ppay: --max-depth must be at most {MAX_DEPTH_CAP}")
     config = ServerConfig(
         max_line=args.max_line,
         handshake_timeout=args.handshake_timeout,
         anonymous_idle_timeout=args.idle_timeout,
+        max_depth=args.max_depth,
         write_timeout=args.write_timeout,
         shutdown_grace=args.shutdown_grace,
         max_list=args.max_list,

@@ -50,6 +50,8 @@ class PeerConfig:
     answer_timeout: float = 45.0
     connect_timeout: float = 10.0
     max_line: int = 4096
+    #: the deepest nesting of JSON arrays and objects a peer's line may have
+    max_depth: int = p.DEFAULT_MAX_DEPTH
     #: offers one payer may have waiting for a decision at once (the rest are declined)
     max_offers_per_payer: int = 4
     #: payer connections at once (those in the TLS handshake count); more are closed
@@ -193,7 +195,7 @@ class OfferListener:
                     line = await lines.next()
                 if line is None:
                     return  # the payer left, or stayed silent too long
-                message = p.decode_peer_message(line)
+                message = p.decode_peer_message(line, cfg.max_depth)
                 if isinstance(message, p.NotSettled):
                     if self.on_not_settled is not None:
                         self.on_not_settled(payer, message)
@@ -255,10 +257,17 @@ class OfferListener:
 class PeerLink:
     """One TLS connection to one payee, reused for every offer to them (one at a time)."""
 
-    def __init__(self, payee: str, stream: trio.SSLStream[Any], max_line: int) -> None:
+    def __init__(
+        self,
+        payee: str,
+        stream: trio.SSLStream[Any],
+        max_line: int,
+        max_depth: int = p.DEFAULT_MAX_DEPTH,
+    ) -> None:
         self.payee = payee
         self.stream = stream
         self.lines = _Lines(stream, max_line)
+        self.max_depth = max_depth
         self.lock = trio.Lock()
         self.offers_sent = 0
 
@@ -270,7 +279,7 @@ class PeerLink:
             line = await self.lines.next()
             if line is None:
                 raise trio.BrokenResourceError("the payee closed the connection")
-            answer = p.decode_peer_message(line)
+            answer = p.decode_peer_message(line, self.max_depth)
             if isinstance(answer, p.Accept | p.Decline) and answer.payment_id == offer.payment_id:
                 return answer
             if isinstance(answer, p.Decline) and answer.payment_id is None:
@@ -328,7 +337,7 @@ class Dialer:
                 "wrong_peer",
                 f"the peer at {where.ip} port {where.port} is {presented!r}, not {where.name}",
             )
-        return PeerLink(where.name, stream, cfg.max_line)
+        return PeerLink(where.name, stream, cfg.max_line, cfg.max_depth)
 
     async def offer(self, where: p.Presence, offer: p.Offer) -> p.Accept | p.Decline:
         """Ask the payee at ``where``; a broken reused link is replaced once."""

@@ -58,6 +58,8 @@ class ServerConfig:
     """Every limit the server enforces. All of them are settable from the command line."""
 
     max_line: int = p.DEFAULT_MAX_LINE
+    #: the deepest nesting of JSON arrays and objects a request line may have
+    max_depth: int = p.DEFAULT_MAX_DEPTH
     receive_size: int = 16 * 1024
     handshake_timeout: float = 10.0
     #: a connection that has not logged in is closed after this long without a request
@@ -79,6 +81,10 @@ class ServerConfig:
     course_initial_balance: int = 10_000
     course_max_message: int = 1024
     scrypt: ScryptParams = field(default_factory=ScryptParams)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_depth <= p.MAX_DEPTH_CAP:
+            raise ValueError(f"max_depth must be within 1..{p.MAX_DEPTH_CAP}")
 
 
 class RequestFailed(Exception):
@@ -402,7 +408,7 @@ class Session:
         self.server = server
         self.stream = stream
         self.ip = ip
-        self.conn = p.ServerConnection(server.config.max_line)
+        self.conn = p.ServerConnection(server.config.max_line, server.config.max_depth)
         self.user: str | None = None  # as registered
         self.p2p_port: int | None = None
         self.cancel_scope = trio.CancelScope()
