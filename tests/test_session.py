@@ -24,6 +24,7 @@ from .conftest import (
     KEYS,
     SERVER_NAME,
     Connect,
+    acceptance,
     closed_by_peer,
     expect_error,
     login,
@@ -403,6 +404,54 @@ async def test_names_of_punctuation_only_cannot_be_registered(connect: Connect) 
             for name in (".", "..", "-", "_", ".-_", "-rf", ".profile"):
                 err = await expect_error("bad_request", client.register(name, "long enough"))
                 assert "name" in err.message
+
+
+# --- peer keys: only the current session's key accepts ---------------------------------------
+
+
+async def test_logout_revokes_the_sessions_peer_key(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob")
+            pending = uuid.uuid4()
+            signed_before = acceptance(pending, "alice", "bob", 20)
+            await bob.logout()
+            err = await expect_error(
+                "bad_acceptance", alice.settle(pending, "bob", 20, signed_before)
+            )
+            assert "no current peer key" in err.message
+            await login(bob, "bob")  # a new key: the old acceptance still does not count
+            await expect_error("bad_acceptance", alice.settle(pending, "bob", 20, signed_before))
+            assert (await pay(alice, "bob", 20)).balance == 80  # the new key works
+
+
+async def test_a_login_without_a_csr_revokes_the_previous_key(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob_old:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob_old, "bob")
+            pending = uuid.uuid4()
+            signed_before = acceptance(pending, "alice", "bob", 20)
+            async with connect() as bob_new:
+                await bob_new.login("bob", "correct horse")  # no CSR: no key at all
+                await expect_error(
+                    "bad_acceptance", alice.settle(pending, "bob", 20, signed_before)
+                )
+            assert (await alice.list()).balance == 100
+
+
+async def test_a_revoked_key_survives_a_server_restart_revoked(
+    connect: Connect, server: Server, ledger: SqliteLedger
+) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob")
+            await bob.logout()
+    account = await ledger.account("BOB")
+    assert account is not None and account.peer_key is None
+    assert account.peer_key_expires_ms is None
 
 
 # --- payment ids: canonical only -------------------------------------------------------------

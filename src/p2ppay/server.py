@@ -139,9 +139,11 @@ class Server:
         self.ssl_context = ssl_context
         self.issuer = issuer
         self.config = config or ServerConfig()
-        # name -> (public key, expiry in ms) certified for the account's current session;
-        # a cache of what the ledger stores, filled at login and on first use.
-        self._peer_keys: NameMap[tuple[EllipticCurvePublicKey, int]] = NameMap()
+        # name -> (public key, expiry in ms) certified for the account's current session, or
+        # None once revoked; a cache of what the ledger stores, set before every change of a
+        # key is written (so no settle checked after the change uses the old key) and filled
+        # from the ledger on first use.
+        self._peer_keys: NameMap[tuple[EllipticCurvePublicKey, int] | None] = NameMap()
         # Presence, keyed by name regardless of case; sessions hold the name as registered.
         self.online: NameMap[Session] = NameMap()
         self.course_online: NameMap[CourseSession] = NameMap()
@@ -336,18 +338,40 @@ class Server:
             )
             old.close_after(p.SessionReplaced(f"{name} logged in from {session.ip}"))
 
-    async def certify(self, name: str, csr: str) -> PeerCertificate:
-        """Issue ``name`` (as registered) a peer certificate for the CSR's key; it replaces
-        any earlier one."""
+    async def certify(self, name: str, csr: str | None) -> PeerCertificate | None:
+        """Issue ``name`` (as registered) a peer certificate for the CSR's key, which becomes
+        its current key; without a CSR, the account has no current key any more. Either way
+        no earlier session's key is accepted from now on."""
+        if csr is None:
+            await self.revoke_peer_key(name)
+            return None
         lifetime = dt.timedelta(seconds=self.config.peer_cert_lifetime)
         try:
             cert = self.issuer.issue(csr, name, lifetime)
         except IdentityError as exc:
             raise RequestFailed(p.ErrorCode.BAD_CSR, str(exc)) from None
         expires_ms = int(cert.not_after.timestamp() * 1000)
-        await self.ledger.set_peer_key(name, public_key_der(cert.public_key), expires_ms)
-        self._peer_keys[name] = (cert.public_key, expires_ms)
+        await self._set_peer_key(
+            name, (cert.public_key, expires_ms), public_key_der(cert.public_key)
+        )
         return cert
+
+    async def revoke_peer_key(self, name: str) -> None:
+        """Acceptances signed with ``name``'s current key no longer settle (logout)."""
+        await self._set_peer_key(name, None, None)
+
+    async def _set_peer_key(
+        self, name: str, entry: tuple[EllipticCurvePublicKey, int] | None, der: bytes | None
+    ) -> None:
+        # The cache changes first, with no checkpoint before the ledger write is queued: a
+        # settle checked before this point was queued to the ledger before the write, and
+        # every settle checked after it sees the new entry.
+        self._peer_keys[name] = entry
+        try:
+            await self.ledger.set_peer_key(name, der, entry[1] if entry else None)
+        except BaseException:
+            self._peer_keys.pop(name, None)  # the ledger says what holds; read it again
+            raise
 
     async def acceptance_check(
         self, payment_id: uuid.UUID, payer: str, payee: str, amount: int, acceptance: str
@@ -355,13 +379,20 @@ class Server:
         """What the ledger calls to authorise a new payment: is ``acceptance`` the payee's
         signature over this very payment, made with the key certified for the payee's current
         session? (The check itself runs in the ledger's thread, off the event loop.)"""
-        cached = self._peer_keys.get(payee)
-        if cached is None:
+        if payee in self._peer_keys:
+            cached = self._peer_keys[payee]
+        else:
             account = await self.ledger.account(payee)
-            if account is None or account.kind != "native" or account.peer_key is None:
-                return lambda: f"{payee} has no peer key to accept with"
-            expires = account.peer_key_expires_ms or 0
-            cached = self._peer_keys[payee] = (load_public_key_der(account.peer_key), expires)
+            if account is None or account.kind != "native":
+                return lambda: f"{payee} has no peer key to accept with"  # not cached
+            stored = None
+            if account.peer_key is not None:
+                expires = account.peer_key_expires_ms or 0
+                stored = (load_public_key_der(account.peer_key), expires)
+            # A key changed while we read wins over what we read.
+            cached = self._peer_keys.setdefault(account.name, stored)
+        if cached is None:
+            return lambda: f"{payee} has no current peer key to accept with"
         key, expires_ms = cached
         if expires_ms < time.time() * 1000:
             return lambda: f"{payee}'s certificate has expired"
@@ -604,7 +635,7 @@ class Session:
             raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
         throttle.succeeded(req.name)
         name = account.name  # as registered, whatever the letter case of the login
-        cert = await self.server.certify(name, req.csr) if req.csr else None
+        cert = await self.server.certify(name, req.csr)
         self.user = name
         self.p2p_port = req.p2p_port
         self.server.take_over(self, name)
@@ -674,6 +705,8 @@ class Session:
         )
 
     async def _logout(self, req: p.Logout) -> p.LogoutResult:
+        # Acceptances signed with this session's key stop counting: the owner has left.
+        await self.server.revoke_peer_key(self._me())
         log.info("%s: %s logged out", self.ip, self.user)
         self.server._forget(self)
         self.user = None
