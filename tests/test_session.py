@@ -486,3 +486,73 @@ async def test_non_canonical_payment_ids_are_refused(
                 assert reply["id"] == 10 + i and reply["error"]["code"] == "bad_request", reply
                 assert "canonical" in reply["error"]["message"]
     assert (await ledger.audit()).transfers == 0
+
+
+# --- deadlines: totals, not per read ---------------------------------------------------------
+
+
+async def test_a_request_line_dripping_in_is_cut_at_the_line_deadline(
+    autojump_clock: trio.testing.MockClock,
+    connect: Connect,
+    server: Server,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    line_timeout = server.config.line_timeout
+    async with connect(request_timeout=math.inf) as client:
+        await registered(client, "dripper")  # logged in: no idle limit, only the line's
+        stream = client._stream
+        started = trio.current_time()
+        with trio.fail_after(line_timeout * 3):
+            try:
+                await stream.send_all(b'{"id":99,')
+                while not client.closed:
+                    await trio.sleep(1)
+                    await stream.send_all(b" ")  # one byte a second, never the newline
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            with pytest.raises(ConnectionLost):
+                await client.list()
+        took = trio.current_time() - started
+    assert line_timeout <= took <= line_timeout + 2
+    assert any(
+        "timeout" in r.getMessage() and "request line" in r.getMessage() for r in caplog.records
+    )
+
+
+async def test_requests_dripping_in_whole_do_not_trip_the_line_deadline(
+    autojump_clock: trio.testing.MockClock, connect: Connect, server: Server
+) -> None:
+    async with connect(request_timeout=math.inf) as client:
+        await registered(client, "steady")
+        for _ in range(int(server.config.line_timeout)):
+            await trio.sleep(5)
+            assert (await client.list()).online[0].name == "steady"
+
+
+async def test_the_pre_login_timeout_is_a_total(
+    autojump_clock: trio.testing.MockClock, server: Server, client_ctx: ssl.SSLContext
+) -> None:
+    idle = server.config.anonymous_idle_timeout
+    async with raw_tls(server, client_ctx, "10.8.8.8") as stream:
+        client = p.ClientConnection()
+        started = trio.current_time()
+        rid = 1
+        with trio.fail_after(idle * 3):
+            try:
+                await stream.send_all(client.send_request(p.Hello(rid, 1)))
+                while True:
+                    # A request every 10 s, each answered: per read, it would never end.
+                    event = client.next_event()
+                    if event is p.CLOSED:
+                        break
+                    if event is p.NEED_DATA:
+                        with trio.move_on_after(10):
+                            client.receive_data(await stream.receive_some())
+                            continue
+                        rid += 1
+                        await stream.send_all(client.send_request(p.ListOnline(rid)))
+            except trio.BrokenResourceError:
+                pass
+        took = trio.current_time() - started
+    assert idle <= took <= idle + 11
+    assert rid >= idle // 10 - 1

@@ -100,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout",
         type=_seconds,
         default=d.anonymous_idle_timeout,
-        help="seconds a connection that has not logged in may stay silent",
+        help="seconds after connecting (or logging out) within which a connection must log in",
+    )
+    s.add_argument(
+        "--line-timeout",
+        type=_seconds,
+        default=d.line_timeout,
+        help="seconds within which a request line, once begun, must arrive whole",
     )
     s.add_argument(
         "--max-depth",
@@ -282,6 +288,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         max_line=args.max_line,
         handshake_timeout=args.handshake_timeout,
         anonymous_idle_timeout=args.idle_timeout,
+        line_timeout=args.line_timeout,
         max_depth=args.max_depth,
         write_timeout=args.write_timeout,
         shutdown_grace=args.shutdown_grace,

@@ -80,6 +80,8 @@ class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     UNKNOWN_OP = "unknown_op"
     LINE_TOO_LONG = "line_too_long"
+    #: the connection is closed: a request line did not complete in time, or no login in time
+    TIMEOUT = "timeout"
     UNSUPPORTED_VERSION = "unsupported_version"
     # Session state.
     HELLO_REQUIRED = "hello_required"
@@ -652,6 +654,11 @@ class ServerConnection:
         self.max_depth = max_depth
         self._eof = False
         self.state = State.AWAIT_HELLO
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a line has been received but not its end (nor the stream's)."""
+        return self._lines.pending > 0 and not self._eof
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""

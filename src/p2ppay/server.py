@@ -62,8 +62,11 @@ class ServerConfig:
     max_depth: int = p.DEFAULT_MAX_DEPTH
     receive_size: int = 16 * 1024
     handshake_timeout: float = 10.0
-    #: a connection that has not logged in is closed after this long without a request
+    #: a connection is closed if it has not logged in this long after connecting (or after
+    #: logging out): a total, however the bytes trickle in
     anonymous_idle_timeout: float = 60.0
+    #: once a request line has begun, all of it must arrive within this (logged in or not)
+    line_timeout: float = 30.0
     #: a peer that does not take our bytes for this long is disconnected
     write_timeout: float = 10.0
     #: on SIGTERM, how long in-flight requests may take before connections are cut
@@ -441,6 +444,10 @@ class Session:
         self.ip = ip
         self.conn = p.ServerConnection(server.config.max_line, server.config.max_depth)
         self.user: str | None = None  # as registered
+        #: when this connection became anonymous (connected, or logged out)
+        self.anonymous_since = trio.current_time()
+        #: when the first bytes of the request line now arriving were seen
+        self.line_started: float | None = None
         self.p2p_port: int | None = None
         self.cancel_scope = trio.CancelScope()
         self.receive_scope = trio.CancelScope()  # cancelled to stop reading at shutdown
@@ -501,30 +508,54 @@ class Session:
                 return
             if event is p.NEED_DATA:
                 data: bytes | bytearray | None = None
-                # A fresh scope per read: shutdown cancels it to stop reading, and its deadline
-                # is the idle timeout of a connection that has not logged in.
+                # A fresh scope per read: shutdown cancels it to stop reading. Its deadline
+                # is a total, not per read, so bytes that trickle in do not push it back: the
+                # end of the request line now arriving, and the login of an anonymous
+                # connection.
+                if self.conn.partial and self.line_started is None:
+                    self.line_started = trio.current_time()
                 scope = self.receive_scope = trio.CancelScope()
                 if self.user is None:
-                    scope.deadline = trio.current_time() + cfg.anonymous_idle_timeout
+                    scope.deadline = self.anonymous_since + cfg.anonymous_idle_timeout
+                if self.line_started is not None:
+                    scope.deadline = min(scope.deadline, self.line_started + cfg.line_timeout)
                 with scope:
                     data = await self.stream.receive_some(cfg.receive_size)
                 if data is None:
-                    if not self.server.closing:
-                        self.server.limit_log.hit(
-                            "idle-timeout",
-                            f"{self.ip}: {cfg.anonymous_idle_timeout:.0f} s without logging in",
-                        )
-                        return
-                    continue  # woken for shutdown; the loop's first check ends the session
+                    if self.server.closing:
+                        continue  # woken for shutdown; the loop's first check ends the session
+                    await self._timed_out()
+                    return
                 self.conn.receive_data(data)
             elif event is p.CLOSED:
                 return
             elif isinstance(event, p.Rejected):
+                self.line_started = None
                 log.debug("%s: rejected request: %s", self.ip, event.message)
                 await self.send(self.conn.send_error(event.id, event.code, event.message))
             else:
                 assert not isinstance(event, p.Sentinel)
+                self.line_started = None
                 await self.send(await self._answer(event))
+
+    async def _timed_out(self) -> None:
+        cfg = self.server.config
+        if self.line_started is not None and (
+            self.user is not None
+            or self.line_started + cfg.line_timeout
+            <= self.anonymous_since + cfg.anonymous_idle_timeout
+        ):
+            self.server.limit_log.hit(
+                "line-timeout", f"{self.ip}: a request line took over {cfg.line_timeout:g} s"
+            )
+            message = f"a request line took longer than {cfg.line_timeout:g} s; closing"
+            await self.send(self.conn.send_error(None, p.ErrorCode.TIMEOUT, message))
+        else:
+            # Silently, as ever: a client at a person's prompt simply reconnects later.
+            self.server.limit_log.hit(
+                "idle-timeout",
+                f"{self.ip}: not logged in within {cfg.anonymous_idle_timeout:g} s",
+            )
 
     async def _refuse_buffered_requests(self) -> None:
         """At shutdown, tell the client which of its already-sent requests were not done."""
@@ -711,6 +742,7 @@ class Session:
         self.server._forget(self)
         self.user = None
         self.p2p_port = None
+        self.anonymous_since = trio.current_time()
         return p.LogoutResult()
 
 
