@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
 from .limits import LimitLog
-from .names import name_key
+from .names import NameMap, name_key
 from .pki import make_csr, new_peer_key, sign_acceptance
 from .tls import peer_contexts, peer_name
 
@@ -268,6 +268,8 @@ class PeerLink:
         self.stream = stream
         self.lines = _Lines(stream, max_line)
         self.max_depth = max_depth
+        #: where the payee was when we connected (a newer login listens elsewhere)
+        self.address: tuple[str, int | None] | None = None
         self.lock = trio.Lock()
         self.offers_sent = 0
 
@@ -297,16 +299,19 @@ class Dialer:
     def __init__(self, identity: PeerIdentity, config: PeerConfig | None = None) -> None:
         self.identity = identity
         self.config = config or PeerConfig()
-        self.links: dict[str, PeerLink] = {}
-        self._connecting: dict[str, trio.Lock] = {}
+        self.links: NameMap[PeerLink] = NameMap()
+        self._connecting: NameMap[trio.Lock] = NameMap()
 
     async def _link(self, where: p.Presence) -> PeerLink:
         lock = self._connecting.setdefault(where.name, trio.Lock())
         async with lock:
             link = self.links.get(where.name)
-            if link is not None:
+            if link is not None and link.address == (where.ip, where.port):
                 return link
+            if link is not None:  # the payee logged in again elsewhere: that link is stale
+                await self.drop(where.name, link)
             link = await self._connect(where)
+            link.address = (where.ip, where.port)
             self.links[where.name] = link
             return link
 
