@@ -361,6 +361,8 @@ class Server:
 
     async def revoke_peer_key(self, name: str) -> None:
         """Acceptances signed with ``name``'s current key no longer settle (logout)."""
+        if name in self._peer_keys and self._peer_keys[name] is None:
+            return  # no current key already (a login without a CSR, say): no ledger write
         await self._set_peer_key(name, None, None)
 
     async def _set_peer_key(
