@@ -151,7 +151,9 @@ async def run_bank(
                     async with Client.connect(
                         "127.0.0.1", runner.port, ssl_context=ctx, request_timeout=30
                     ) as client:
-                        await client.login(name, PASSWORD)
+                        # With its key, as a wallet does: a login without a CSR would revoke
+                        # the key its payers' acceptances are signed with.
+                        await client.login(name, PASSWORD, None, keys[name].csr(name))
                         while done < len(todo):
                             pid, payee, amount = todo[done]
                             report.attempted[pid] = (name, payee, amount)

@@ -76,6 +76,73 @@ request_like = st.fixed_dictionaries(
 )
 
 
+# What a recursive strategy with a few leaves never reaches: JSON nested hundreds or thousands
+# deep (once a RecursionError in every decoder), never closed, strings of many kilobytes, and
+# numbers far outside 64 bits. Built as bytes: json.dumps itself cannot nest that deep.
+deep_json = st.one_of(
+    st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n),
+    st.integers(1, 3000).map(lambda n: b'{"a":' * n + b"0" + b"}" * n),
+    st.integers(1, 3000).map(lambda n: b"[{" * n),  # never closed
+    st.tuples(st.integers(1, 1500), st.integers(0, 40)).map(
+        lambda t: b'["' + b"[" * t[1] + b'",' + b"[" * t[0] + b"]" * t[0] + b"]"
+    ),
+)
+long_string = st.one_of(
+    st.text(min_size=1000, max_size=20_000).map(lambda t: json.dumps(t).encode()),
+    st.integers(1000, 20_000).map(lambda n: b'"' + b'\\"[' * n),  # never closed
+)
+huge_number = st.one_of(
+    st.integers(min_value=2**64, max_value=10**400).map(lambda n: str(n).encode()),
+    st.integers(20, 6000).map(lambda n: b"-" + b"9" * n),
+    st.sampled_from([b"1e999999", b"-1e999999", b"1e-999999", b"1" + b"0" * 5000 + b".5"]),
+)
+hostile_value = st.one_of(deep_json, long_string, huge_number)
+hostile_line = st.one_of(
+    hostile_value,
+    st.builds(
+        lambda op, field, value: b'{"id":1,"op":"%s","%s":%s}' % (op.encode(), field, value),
+        st.sampled_from(sorted(p.OPS)),
+        st.sampled_from([b"id", b"name", b"amount", b"payment_id", b"version", b"limit"]),
+        hostile_value,
+    ),
+    st.builds(
+        lambda field, value: b'{"%s":%s,"type":"offer"}' % (field, value),
+        st.sampled_from([b"payment_id", b"payer", b"amount", b"reason"]),
+        hostile_value,
+    ),
+    st.builds(
+        lambda field, value: b'{"id":1,"%s":%s,"ok":true}' % (field, value),
+        st.sampled_from([b"result", b"error", b"event", b"id"]),
+        hostile_value,
+    ),
+)
+
+
+@given(line=hostile_line)
+def test_every_json_decoder_answers_hostile_json_with_its_own_error(line: bytes) -> None:
+    request = p.decode_request(line)
+    if isinstance(request, p.Rejected):
+        assert request.code in (p.ErrorCode.BAD_REQUEST, p.ErrorCode.UNKNOWN_OP)
+    conn = p.ServerConnection(max_line=len(line) + 2)
+    conn.receive_data(line + b"\n")
+    assert isinstance(conn.next_event(), p.Rejected | p._Request)
+    codes: list[p.ErrorCode] = []
+    try:
+        p.decode_peer_message(line)
+    except p.RemoteProtocolError as exc:
+        codes.append(exc.code)
+    client = p.ClientConnection(max_line=len(line) + 2)
+    client.send_request(p.ListOnline(1))
+    client.receive_data(line + b"\n")
+    try:
+        client.next_event()
+    except p.RemoteProtocolError as exc:
+        codes.append(exc.code)
+    assert set(codes) <= {p.ErrorCode.BAD_REQUEST, p.ErrorCode.UNKNOWN_OP}
+    for message in course.CourseDecoder().receive_chunk(line):
+        assert isinstance(message, course.CourseMessage)
+
+
 @given(messages=st.lists(request_like, max_size=10))
 def test_request_like_objects_decode_or_get_a_clear_error(
     messages: list[dict[str, object]],
@@ -110,6 +177,7 @@ line = st.one_of(
     request_like.map(lambda m: json.dumps(m).encode() + b"\n"),
     st.binary(max_size=200).map(lambda b: b + b"\n"),
     st.binary(max_size=200),
+    hostile_line.map(lambda b: b + b"\n"),
 )
 
 

@@ -273,3 +273,19 @@ async def test_payee_is_told_when_an_accepted_offer_is_not_settled(open_wallet: 
             assert await bob.balance() == 0
             # the link stays usable for the next offer
             assert (await alice.pay("bob", 30)).balance == 70
+
+
+async def test_names_in_any_letter_case_reach_the_same_payee(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("Bob") as bob:
+            result = await alice.pay("bOB", 30)
+            assert (result.payee, result.balance) == ("Bob", 70)
+            received = await next_of(bob, p.PaymentReceived)
+            assert (received.payment_id, received.payer) == (result.payment_id, "alice")
+            await expect_failure("self_payment", alice, "ALICE", 1)
+            assert bob.listener is not None and bob.listener.connections_accepted == 1
+            # Logging in as "bob" is logging in to Bob's account, named as registered.
+            async with open_wallet("bob", register=False) as again:
+                assert again.user == "Bob"
+                assert (await alice.pay("BOB", 5)).balance == 65
+                assert await again.balance() == 35

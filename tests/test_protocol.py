@@ -357,6 +357,146 @@ def test_client_rejects_garbage_from_the_server() -> None:
         client.next_event()
 
 
+# --- nesting depth, huge values, canonical ids and names ------------------------------------
+
+DEEP = b"[" * 1500 + b"]" * 1500  # once a RecursionError in every decoder
+
+
+def test_deep_nesting_is_refused_by_every_json_decoder_before_decoding() -> None:
+    conn = server_after_hello()
+    event = only_event(conn, DEEP + b"\n")
+    assert event == p.Rejected(None, ErrorCode.BAD_REQUEST, "JSON nested deeper than 32 levels")
+    # the connection stays usable
+    assert isinstance(
+        only_event(conn, req(id=5, op="register", name="a", password="x" * 8)), p.Register
+    )
+    with pytest.raises(p.RemoteProtocolError, match="nested deeper than 32"):
+        p.decode_peer_message(DEEP)
+    client = p.ClientConnection()
+    client.send_request(p.ListOnline(1))
+    client.receive_data(b'{"id":1,"ok":true,"result":' + DEEP + b"}\n")
+    with pytest.raises(p.RemoteProtocolError, match="nested deeper than 32"):
+        client.next_event()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 33 + b"]" * 33,
+        b"{" + b'"a":{' * 32 + b"}" * 33,
+        b"[" * 60_000,  # never closed
+        b'{"id":' + b"[" * 40 + b"]" * 40 + b',"op":"list"}',  # before the tag
+        b"[" * 20 + b'"]]]"' + b"[" * 13 + b"]" * 33,
+    ],
+)
+def test_too_deep(line: bytes) -> None:
+    assert p.too_deep(line, 32)
+    result = p.decode_request(line)
+    assert isinstance(result, p.Rejected) and "nested deeper than 32" in result.message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 32 + b"]" * 32,
+        b'{"a":"' + b"[" * 100 + b'"}',  # brackets inside a string do not count
+        b'{"a":"\\"' + b"[" * 10 + b',"b":"\\"' + b"[" * 100 + b'"}',  # nor after escapes
+        b"[]" * 1000,  # many brackets, shallow
+        b'"' + b'\\"[' * 10_000,  # an unterminated string: linear, not catastrophic
+    ],
+)
+def test_not_too_deep(line: bytes) -> None:
+    assert not p.too_deep(line, 32)
+
+
+def test_max_depth_is_configurable_within_bounds() -> None:
+    conn = p.ServerConnection(max_depth=2)
+    conn.receive_data(b'{"id":1,"op":"hello","version":[[1]]}\n')
+    event = conn.next_event()
+    assert isinstance(event, p.Rejected) and "deeper than 2 levels" in event.message
+    for bad in (0, p.MAX_DEPTH_CAP + 1):
+        with pytest.raises(ValueError, match="max_depth"):
+            p.ServerConnection(max_depth=bad)
+        with pytest.raises(ValueError, match="max_depth"):
+            p.ClientConnection(max_depth=bad)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"id":' + b"9" * 5000 + b',"op":"list"}',
+        b'{"id":1,"op":"deposit","amount":' + b"9" * 5000 + b"}",
+        b'{"id":1,"op":"deposit","amount":1e999999}',
+        b'{"id":1,"op":"deposit","amount":-' + b"9" * 400 + b"}",
+        b'{"id":1,"op":"register","name":"' + b"a" * 60_000 + b'","password":"12345678"}',
+        b'{"id":1,"op":"hello","version":1,"client":"' + b"\\u0000" * 10_000 + b'"}',
+    ],
+)
+def test_huge_numbers_and_long_strings_get_a_clear_error(line: bytes) -> None:
+    result = p.decode_request(line)
+    assert isinstance(result, p.Rejected) and result.code is ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "12345678-1234-5678-1234-56781234567A",  # upper case
+        "0A1B2C3D-4E5F-4A6B-8C7D-9E0FABCDEF12",
+        "12345678123456781234567812345678",  # no dashes
+        "{12345678-1234-5678-1234-567812345678}",
+        "urn:uuid:12345678-1234-5678-1234-567812345678",
+        " 12345678-1234-5678-1234-567812345678",
+    ],
+)
+def test_payment_ids_must_be_canonical(text: str) -> None:
+    settle = req(id=3, op="settle", payment_id=text, payee="bob", amount=1, acceptance="AA==")
+    result = p.decode_request(settle)
+    assert isinstance(result, p.Rejected) and result.code is ErrorCode.BAD_REQUEST
+    assert "canonical" in result.message
+    offer = json.dumps(
+        {"type": "offer", "payment_id": text, "payer": "a", "payee": "b", "amount": 1}
+    ).encode()
+    with pytest.raises(p.RemoteProtocolError, match="canonical"):
+        p.decode_peer_message(offer)
+    client = p.ClientConnection()
+    client.receive_data(
+        json.dumps(
+            {
+                "event": "payment_received",
+                "payment_id": text,
+                "payer": "a",
+                "amount": 1,
+                "balance": 1,
+            }
+        ).encode()
+        + b"\n"
+    )
+    with pytest.raises(p.RemoteProtocolError, match="canonical"):
+        client.next_event()
+
+
+def test_a_canonical_payment_id_decodes_to_an_ordinary_uuid() -> None:
+    settle = req(id=3, op="settle", payment_id=str(PID), payee="bob", amount=1, acceptance="AA==")
+    result = p.decode_request(settle)
+    assert isinstance(result, p.Settle)
+    assert result.payment_id == PID and hash(result.payment_id) == hash(PID)
+    assert isinstance(result.payment_id, uuid.UUID) and str(result.payment_id) == str(PID)
+    assert str(PID).encode() in p.encode_request(result)
+    assert p.decode_request(p.encode_request(result)) == result
+
+
+@pytest.mark.parametrize("name", [".", "..", "-", "_", "._-", "-bob", ".hidden", "_x", "a" * 33])
+def test_names_must_start_with_a_letter_or_digit(name: str) -> None:
+    result = p.decode_request(req(id=1, op="register", name=name, password="long enough"))
+    assert isinstance(result, p.Rejected) and result.code is ErrorCode.BAD_REQUEST
+    assert "name" in result.message
+
+
+@pytest.mark.parametrize("name", ["a", "0day", "Alice", "a.b-c_d", "x" * 32, "9"])
+def test_valid_names(name: str) -> None:
+    assert isinstance(p.decode_request(req(id=1, op="lookup", name=name)), p.Lookup)
+
+
 # --- layering --------------------------------------------------------------------------------
 
 

@@ -409,6 +409,16 @@ def test_an_ipv6_64_counts_as_one_address() -> None:
     assert throttle.admit("alice", "2001:db8:1:3::1") is None
 
 
+def test_the_throttle_counts_names_in_any_letter_case_as_one() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(ThrottleConfig(max_account_failures=2), lambda: now[0])
+    throttle.failed("Alice", "10.0.0.1")
+    throttle.failed("ALICE", "10.0.0.1")
+    assert throttle.admit("alice", "10.0.0.1") is not None  # one account, one count
+    throttle.succeeded("alice", "10.0.0.2")
+    assert throttle.admit("aLiCe", "10.0.0.2") is None
+
+
 async def test_hashing_never_runs_on_the_event_loop(
     connect: Connect, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import ssl
 import uuid
+from typing import Any
 
 import pytest
 import trio
@@ -22,6 +24,7 @@ from .conftest import (
     KEYS,
     SERVER_NAME,
     Connect,
+    acceptance,
     closed_by_peer,
     expect_error,
     login,
@@ -362,3 +365,203 @@ async def test_requests_queued_at_shutdown_are_refused_not_dropped(
     assert isinstance(seen[3], p.ServerClosing)
     assert seen[2] == p.ReplyError(4, "shutting_down", "the server is shutting down; not done")
     assert isinstance(seen[1], p.ReplyOk | p.ReplyError)
+
+
+# --- names: one canonical form, shown as registered ------------------------------------------
+
+
+async def test_names_are_case_insensitive_and_shown_as_registered(
+    connect: Connect, server: Server
+) -> None:
+    with trio.fail_after(10):
+        async with connect("10.0.0.1") as alice, connect("10.0.0.2") as bob:
+            await alice.register("Alice", "alice password")
+            await expect_error("name_taken", bob.register("ALICE", "other password"))
+            me = await login(alice, "alice", "alice password", p2p_port=9001)
+            assert me.name == "Alice"  # as registered, whatever the login said
+            assert alice.user == "Alice"
+            await registered(bob, "bob", deposit=100)
+            assert await bob.lookup("aLiCe") == p.Presence("Alice", "10.0.0.1", 9001)
+            assert [u.name for u in (await bob.list()).online] == ["Alice", "bob"]
+            assert "ALICE" in server.online and server.online["alice"].user == "Alice"
+            # KEYS (the test's record of peer keys) is by name as given: sign as "Alice" did.
+            KEYS["ALICE"] = KEYS["alice"]
+            pid = uuid.uuid4()
+            paid = await pay(bob, "ALICE", 30, payment_id=pid)
+            assert (paid.payer, paid.payee, paid.balance) == ("bob", "Alice", 70)
+            assert await next_event(alice) == p.PaymentReceived(pid, "bob", 30, 30)
+            assert (await pay(bob, "alice", 30, payment_id=pid)) == paid  # the same payment
+            entries = await alice.history()
+            assert [(e.kind, e.counterparty) for e in entries] == [("received", "bob")]
+            await expect_error("self_payment", pay(alice, "ALICE", 1))
+            await expect_error("unknown_user", bob.lookup("Nobody"))
+
+
+async def test_a_login_in_another_letter_case_replaces_the_session(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect("10.0.0.1") as first, connect("10.0.0.2") as second:
+            await first.register("Carol", "correct horse")
+            await login(first, "carol", p2p_port=9001)
+            await login(second, "CAROL", p2p_port=9002)
+            assert isinstance(await next_event(first), p.SessionReplaced)
+            assert (await second.list()).online == [p.Presence("Carol", "10.0.0.2", 9002)]
+
+
+async def test_names_of_punctuation_only_cannot_be_registered(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as client:
+            for name in (".", "..", "-", "_", ".-_", "-rf", ".profile"):
+                err = await expect_error("bad_request", client.register(name, "long enough"))
+                assert "name" in err.message
+
+
+# --- peer keys: only the current session's key accepts ---------------------------------------
+
+
+async def test_logout_revokes_the_sessions_peer_key(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob")
+            pending = uuid.uuid4()
+            signed_before = acceptance(pending, "alice", "bob", 20)
+            await bob.logout()
+            err = await expect_error(
+                "bad_acceptance", alice.settle(pending, "bob", 20, signed_before)
+            )
+            assert "no current peer key" in err.message
+            await login(bob, "bob")  # a new key: the old acceptance still does not count
+            await expect_error("bad_acceptance", alice.settle(pending, "bob", 20, signed_before))
+            assert (await pay(alice, "bob", 20)).balance == 80  # the new key works
+
+
+async def test_a_login_without_a_csr_revokes_the_previous_key(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob_old:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob_old, "bob")
+            pending = uuid.uuid4()
+            signed_before = acceptance(pending, "alice", "bob", 20)
+            async with connect() as bob_new:
+                await bob_new.login("bob", "correct horse")  # no CSR: no key at all
+                await expect_error(
+                    "bad_acceptance", alice.settle(pending, "bob", 20, signed_before)
+                )
+            assert (await alice.list()).balance == 100
+
+
+async def test_a_revoked_key_survives_a_server_restart_revoked(
+    connect: Connect, server: Server, ledger: SqliteLedger
+) -> None:
+    with trio.fail_after(10):
+        async with connect() as alice, connect() as bob:
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob")
+            await bob.logout()
+    account = await ledger.account("BOB")
+    assert account is not None and account.peer_key is None
+    assert account.peer_key_expires_ms is None
+
+
+# --- payment ids: canonical only -------------------------------------------------------------
+
+
+async def test_non_canonical_payment_ids_are_refused(
+    server: Server, client_ctx: ssl.SSLContext, ledger: SqliteLedger
+) -> None:
+    async with raw_tls(server, client_ctx, "10.5.5.5") as stream:
+        lines = p.LineBuffer()
+
+        async def exchange(line: str) -> dict[str, Any]:
+            await stream.send_all(line.encode() + b"\n")
+            while (reply := lines.next_line()) is None:
+                lines.feed(await stream.receive_some())
+            decoded: dict[str, Any] = json.loads(reply)
+            return decoded
+
+        with trio.fail_after(10):
+            assert (await exchange('{"id":1,"op":"hello","version":1}'))["ok"]
+            reg = '{"id":2,"op":"register","name":"payer","password":"long enough"}'
+            assert (await exchange(reg))["ok"]
+            assert (
+                await exchange('{"id":3,"op":"login","name":"payer","password":"long enough"}')
+            )["ok"]
+            pid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0fabcdef12"
+            for i, spelling in enumerate((pid.upper(), pid.replace("-", ""), f"{{{pid}}}")):
+                reply = await exchange(
+                    f'{{"id":{10 + i},"op":"settle","payment_id":"{spelling}",'
+                    f'"payee":"bob","amount":1,"acceptance":"AA=="}}'
+                )
+                assert reply["id"] == 10 + i and reply["error"]["code"] == "bad_request", reply
+                assert "canonical" in reply["error"]["message"]
+    assert (await ledger.audit()).transfers == 0
+
+
+# --- deadlines: totals, not per read ---------------------------------------------------------
+
+
+async def test_a_request_line_dripping_in_is_cut_at_the_line_deadline(
+    autojump_clock: trio.testing.MockClock,
+    connect: Connect,
+    server: Server,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    line_timeout = server.config.line_timeout
+    async with connect(request_timeout=math.inf) as client:
+        await registered(client, "dripper")  # logged in: no idle limit, only the line's
+        stream = client._stream
+        started = trio.current_time()
+        with trio.fail_after(line_timeout * 3):
+            try:
+                await stream.send_all(b'{"id":99,')
+                while not client.closed:
+                    await trio.sleep(1)
+                    await stream.send_all(b" ")  # one byte a second, never the newline
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            with pytest.raises(ConnectionLost):
+                await client.list()
+        took = trio.current_time() - started
+    assert line_timeout <= took <= line_timeout + 2
+    assert any(
+        "timeout" in r.getMessage() and "request line" in r.getMessage() for r in caplog.records
+    )
+
+
+async def test_requests_dripping_in_whole_do_not_trip_the_line_deadline(
+    autojump_clock: trio.testing.MockClock, connect: Connect, server: Server
+) -> None:
+    async with connect(request_timeout=math.inf) as client:
+        await registered(client, "steady")
+        for _ in range(int(server.config.line_timeout)):
+            await trio.sleep(5)
+            assert (await client.list()).online[0].name == "steady"
+
+
+async def test_the_pre_login_timeout_is_a_total(
+    autojump_clock: trio.testing.MockClock, server: Server, client_ctx: ssl.SSLContext
+) -> None:
+    idle = server.config.anonymous_idle_timeout
+    async with raw_tls(server, client_ctx, "10.8.8.8") as stream:
+        client = p.ClientConnection()
+        started = trio.current_time()
+        rid = 1
+        with trio.fail_after(idle * 3):
+            try:
+                await stream.send_all(client.send_request(p.Hello(rid, 1)))
+                while True:
+                    # A request every 10 s, each answered: per read, it would never end.
+                    event = client.next_event()
+                    if event is p.CLOSED:
+                        break
+                    if event is p.NEED_DATA:
+                        with trio.move_on_after(10):
+                            client.receive_data(await stream.receive_some())
+                            continue
+                        rid += 1
+                        await stream.send_all(client.send_request(p.ListOnline(rid)))
+            except trio.BrokenResourceError:
+                pass
+        took = trio.current_time() - started
+    assert idle <= took <= idle + 11
+    assert rid >= idle // 10 - 1

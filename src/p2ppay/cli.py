@@ -22,6 +22,7 @@ from .exitcodes import ExitCode
 from .ledger import Limits
 from .limits import ThrottleConfig
 from .passwords import ScryptParams
+from .protocol import MAX_DEPTH_CAP
 from .server import DEFAULT_PORT, ServerConfig, ServerOptions, StartupError, run_server
 from .shell import PASSWORD_ENV, ClientOptions, run_client
 
@@ -147,7 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout",
         type=_seconds,
         default=d.anonymous_idle_timeout,
-        help="seconds a connection that has not logged in may stay silent",
+        help="seconds after connecting (or logging out) within which a connection must log in",
+    )
+    s.add_argument(
+        "--line-timeout",
+        type=_seconds,
+        default=d.line_timeout,
+        help="seconds within which a request line, once begun, must arrive whole",
+    )
+    s.add_argument(
+        "--max-depth",
+        type=_positive_int,
+        default=d.max_depth,
+        help=f"deepest nesting of JSON arrays and objects in a request (at most {MAX_DEPTH_CAP})",
     )
     s.add_argument(
         "--write-timeout",
@@ -386,10 +399,14 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
     n = args.scrypt_n
     if n < 2 or n & (n - 1):
         _usage("--scrypt-n must be a power of 2 (at least 2)")
+    if args.max_depth > MAX_DEPTH_CAP:
+        _usage(f"--max-depth must be at most {MAX_DEPTH_CAP}")
     config = ServerConfig(
         max_line=args.max_line,
         handshake_timeout=args.handshake_timeout,
         anonymous_idle_timeout=args.idle_timeout,
+        line_timeout=args.line_timeout,
+        max_depth=args.max_depth,
         write_timeout=args.write_timeout,
         shutdown_grace=args.shutdown_grace,
         max_list=args.max_list,

@@ -69,10 +69,14 @@ class Client:
     """A connection to a p2ppay server. Make one with :meth:`connect` or :meth:`over`."""
 
     def __init__(
-        self, stream: trio.abc.Stream, *, request_timeout: float = DEFAULT_TIMEOUT
+        self,
+        stream: trio.abc.Stream,
+        *,
+        request_timeout: float = DEFAULT_TIMEOUT,
+        max_depth: int = p.DEFAULT_MAX_DEPTH,
     ) -> None:
         self._stream = stream
-        self._conn = p.ClientConnection(CLIENT_MAX_LINE)
+        self._conn = p.ClientConnection(CLIENT_MAX_LINE, max_depth)
         self._ids = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
         self._send_lock = trio.Lock()
@@ -119,20 +123,30 @@ class Client:
         client = cls(stream, request_timeout=request_timeout)
         # A failed hello is raised outside the nursery, as itself: callers tell "could not
         # connect" from everything else without unpacking exception groups.
-        failed_hello: ClientError | trio.TooSlowError | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._read_loop)
-                try:
-                    hello = await client._call(
-                        p.Hello(0, p.PROTOCOL_VERSION, f"p2ppay/{__version__}")
-                    )
-                except (ClientError, trio.TooSlowError) as exc:
-                    failed_hello = exc
-                else:
-                    client.server_version = hello.server
-                    yield client
-                nursery.cancel_scope.cancel()
+            failed: BaseException | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client._read_loop)
+                    try:
+                        hello = await client._call(
+                            p.Hello(0, p.PROTOCOL_VERSION, f"p2ppay/{__version__}")
+                        )
+                    except (ClientError, trio.TooSlowError) as exc:
+                        failed = exc  # raised below, outside the nursery: not in a group
+                        nursery.cancel_scope.cancel()
+                    else:
+                        client.server_version = hello.server
+                        yield client
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The reader never raises (it ends the connection instead), so a group holds
+                # what the caller's own block raised: let that through as it was raised.
+                if len(group.exceptions) != 1:
+                    raise
+                failed = group.exceptions[0]
+            if failed is not None:
+                raise failed
         finally:
             client._fail_all(ConnectionLost("the client was closed"))
             with trio.CancelScope(shield=True):
@@ -143,8 +157,6 @@ class Client:
                         pass
                 if polite.cancelled_caught:
                     await trio.aclose_forcefully(stream)
-        if failed_hello is not None:
-            raise failed_hello
 
     @property
     def closed(self) -> bool:

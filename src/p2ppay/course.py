@@ -32,8 +32,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
+from . import names
+
 DEFAULT_MAX_MESSAGE: Final = 1024
-NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+#: names follow the native rule (p2ppay.names), and so compare regardless of letter case
+NAME_RE: Final = names.NAME_RE
 NUMBER_RE: Final = re.compile(r"[0-9]{1,18}")
 #: a transfer's amount: a whole number, which the ledger refuses if it is not positive
 AMOUNT_RE: Final = re.compile(r"-?[0-9]{1,18}")

@@ -34,6 +34,7 @@ from .course import (
     CourseSignUp,
     CourseTransfer,
 )
+from .names import name_key
 from .sending import Outgoing
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ class CourseSession:
         account = await self.server.ledger.account(message.name)
         if account is None or account.kind != "course":
             return self.dialect.auth_fail  # never a native account: they have passwords
-        self._go_online(message.name, message.port)
+        self._go_online(account.name, message.port)  # shown as registered
         return await self._roster()
 
     def _go_online(self, name: str, port: int) -> None:
@@ -209,7 +210,7 @@ class CourseSession:
 
     async def _deposit(self, message: CourseDeposit) -> bytes:
         # Only into the account this connection is logged in as (always a course account).
-        if self.user is None or self.user != message.name:
+        if self.user is None or name_key(self.user) != name_key(message.name):
             return course.DEPOSIT_FAIL
         try:
             await self.server.ledger.deposit(message.name, message.amount)
@@ -226,7 +227,7 @@ class CourseSession:
         client settles on a fresh connection. That trusts the network address, as the
         report's server did; the README says so."""
         if self.user is not None:
-            return self.user == payer
+            return name_key(self.user) == name_key(payer)
         if self.was_online:
             return False  # logged out by a newer login: it speaks for nobody now
         session = self.server.course_online.get(payer)
@@ -251,7 +252,7 @@ class CourseSession:
         # sent it. Only a sender logged in as the payee is heard; the ledger keeps course and
         # native accounts apart. A sender that is not the payee gets Transfer Fail! itself and
         # the payer hears nothing: a stranger must not put lines into the payer's connection.
-        if self.user is None or self.user != message.payee:
+        if self.user is None or name_key(self.user) != name_key(message.payee):
             return course.TRANSFER_FAIL
         try:
             t = await self.server.ledger.settle(

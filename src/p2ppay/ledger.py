@@ -25,6 +25,8 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import trio
 
+from .names import name_key
+
 T = TypeVar("T")
 
 AccountKind = Literal["native", "course"]
@@ -97,7 +99,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Account:
-    name: str
+    name: str  # as registered; looked up by its canonical form (p2ppay.names.name_key)
     kind: AccountKind
     password_hash: str | None
     balance: int
@@ -157,7 +159,9 @@ class Ledger(Protocol):
 
     async def account(self, name: str) -> Account | None: ...
 
-    async def set_peer_key(self, name: str, key_der: bytes, expires_ms: int) -> None: ...
+    async def set_peer_key(
+        self, name: str, key_der: bytes | None, expires_ms: int | None
+    ) -> None: ...
 
     async def deposit(self, name: str, amount: int) -> int: ...
 
@@ -177,9 +181,11 @@ class Ledger(Protocol):
 
 # --- SQLite ----------------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+# Accounts are looked up by ``name_key``, the canonical form of the name (p2ppay.names), and
+# shown by ``name``, as registered. Movements name accounts as registered.
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS accounts (
     name          TEXT PRIMARY KEY,
     kind          TEXT NOT NULL CHECK (kind IN ('native', 'course')),
@@ -213,6 +219,20 @@ CREATE TABLE IF NOT EXISTS movements (
 CREATE INDEX IF NOT EXISTS movements_payer ON movements(payer, seq);
 CREATE INDEX IF NOT EXISTS movements_payee ON movements(payee, seq);
 """
+
+# Version 2: one canonical form of a name, computed by p2ppay.names.name_key (registered as an
+# SQL function for this), replaces SQLite's own NOCASE folding. Existing names keep their
+# spelling; their keys cannot collide, as NOCASE kept them unique under the same folding.
+_SCHEMA_V2 = """
+-- (SQLite can add a NOT NULL column only with a default; create_account always sets it)
+ALTER TABLE accounts ADD COLUMN name_key TEXT NOT NULL DEFAULT '';
+UPDATE accounts SET name_key = p2ppay_name_key(name);
+CREATE UNIQUE INDEX accounts_name_key ON accounts(name_key);
+DROP INDEX IF EXISTS accounts_name_nocase;
+"""
+
+#: version -> the script that brings a ledger from the version before to it
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 
 _INSERT_DEPOSIT = (
@@ -280,8 +300,20 @@ class SqliteLedger:
             raise LedgerUnavailable(
                 f"{self.path} has schema version {version}; this p2ppay knows {SCHEMA_VERSION}"
             )
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.create_function("p2ppay_name_key", 1, name_key, deterministic=True)
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            # Each step in one transaction, its version number included: all of it or none.
+            try:
+                db.executescript(
+                    f"BEGIN IMMEDIATE; {_MIGRATIONS[target]}; PRAGMA user_version={target}; COMMIT;"
+                )
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.rollback()
+                db.close()
+                raise LedgerUnavailable(
+                    f"{self.path}: cannot upgrade the schema to version {target}: {exc}"
+                ) from exc
         self._db = db
 
     async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
@@ -367,9 +399,9 @@ class SqliteLedger:
             now = _now_ms()
             try:
                 db.execute(
-                    "INSERT INTO accounts(name, kind, password_hash, balance, created_ms)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (name, kind, password_hash, initial_deposit, now),
+                    "INSERT INTO accounts(name, name_key, kind, password_hash, balance, created_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, name_key(name), kind, password_hash, initial_deposit, now),
                 )
             except sqlite3.IntegrityError:
                 raise NameTaken(f"the name {name!r} is taken") from None
@@ -383,18 +415,20 @@ class SqliteLedger:
         def op(db: sqlite3.Connection) -> Account | None:
             row = db.execute(
                 "SELECT name, kind, password_hash, balance, peer_key, peer_key_expires_ms"
-                " FROM accounts WHERE name = ?",
-                (name,),
+                " FROM accounts WHERE name_key = ?",
+                (name_key(name),),
             ).fetchone()
             return None if row is None else Account(*row)
 
         return await self._submit(op, write=False)
 
-    async def set_peer_key(self, name: str, key_der: bytes, expires_ms: int) -> None:
+    async def set_peer_key(self, name: str, key_der: bytes | None, expires_ms: int | None) -> None:
+        """Make ``key_der`` the account's current peer key; None revokes the current one."""
+
         def op(db: sqlite3.Connection) -> None:
             cur = db.execute(
-                "UPDATE accounts SET peer_key = ?, peer_key_expires_ms = ? WHERE name = ?",
-                (key_der, expires_ms, name),
+                "UPDATE accounts SET peer_key = ?, peer_key_expires_ms = ? WHERE name_key = ?",
+                (key_der, expires_ms, name_key(name)),
             )
             if cur.rowcount != 1:
                 raise UnknownAccount(f"no account {name!r}")
@@ -425,14 +459,16 @@ class SqliteLedger:
             raise AmountOutOfRange(f"a deposit must be within 1..{limits.max_deposit}")
 
         def op(db: sqlite3.Connection) -> int:
-            row = db.execute("SELECT balance FROM accounts WHERE name = ?", (name,)).fetchone()
+            row = db.execute(
+                "SELECT name, balance FROM accounts WHERE name_key = ?", (name_key(name),)
+            ).fetchone()
             if row is None:
                 raise UnknownAccount(f"no account {name!r}")
-            balance = row[0] + amount
+            registered, balance = row[0], row[1] + amount
             if balance > limits.max_balance:
                 raise BalanceLimit(f"the balance would exceed {limits.max_balance}")
-            db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (balance, name))
-            db.execute(_INSERT_DEPOSIT, (name, amount, balance, _now_ms()))
+            db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (balance, registered))
+            db.execute(_INSERT_DEPOSIT, (registered, amount, balance, _now_ms()))
             return int(balance)
 
         return await self._submit(op)
@@ -454,6 +490,7 @@ class SqliteLedger:
         being authorised again."""
         limits = self.limits
         pid = str(payment_id)
+        payer_key, payee_key = name_key(payer), name_key(payee)
 
         def op(db: sqlite3.Connection) -> Transfer:
             row = db.execute(
@@ -462,27 +499,29 @@ class SqliteLedger:
                 (pid,),
             ).fetchone()
             if row is not None:
-                if (row[0], row[1], row[2]) != (payer, payee, amount):
+                if (name_key(row[0]), name_key(row[1]), row[2]) != (payer_key, payee_key, amount):
                     raise PaymentIdConflict(
                         f"payment {pid} was already used for a different payment"
                     )
-                return Transfer(payment_id, payer, payee, amount, row[3], row[4], row[5], True)
-            if payer == payee:
+                return Transfer(payment_id, row[0], row[1], amount, row[3], row[4], row[5], True)
+            if payer_key == payee_key:
                 raise SelfPayment("you cannot pay yourself")
             if amount < 1 or amount > limits.max_payment:
                 raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
             found = {
-                name: (balance, kind)
-                for name, balance, kind in db.execute(
-                    "SELECT name, balance, kind FROM accounts WHERE name IN (?, ?)", (payer, payee)
+                key: (balance, kind, registered)
+                for key, balance, kind, registered in db.execute(
+                    "SELECT name_key, balance, kind, name FROM accounts WHERE name_key IN (?, ?)",
+                    (payer_key, payee_key),
                 )
             }
-            src, dst = found.get(payer), found.get(payee)
+            src, dst = found.get(payer_key), found.get(payee_key)
             if src is None:
                 raise UnknownAccount(f"no account {payer!r}")
             if dst is None or dst[1] != src[1]:
                 # Course accounts (no password) and native ones never pay each other.
                 raise UnknownPayee(f"no account {payee!r}")
+            src_name, dst_name = src[2], dst[2]  # as registered
             if authorize is not None and (refusal := authorize()) is not None:
                 raise Unauthorized(refusal)
             if src[0] < amount:
@@ -490,15 +529,15 @@ class SqliteLedger:
             payer_after = src[0] - amount
             payee_after = dst[0] + amount
             if payee_after > limits.max_balance:
-                raise BalanceLimit(f"{payee}'s balance would exceed {limits.max_balance}")
+                raise BalanceLimit(f"{dst_name}'s balance would exceed {limits.max_balance}")
             now = _now_ms()
             db.execute(
                 "UPDATE accounts SET balance = CASE name WHEN :payer THEN :payer_after"
                 " ELSE :payee_after END WHERE name IN (:payer, :payee)",
                 {
-                    "payer": payer,
+                    "payer": src_name,
                     "payer_after": payer_after,
-                    "payee": payee,
+                    "payee": dst_name,
                     "payee_after": payee_after,
                 },
             )
@@ -506,22 +545,28 @@ class SqliteLedger:
                 "INSERT INTO movements(kind, payment_id, payer, payee, amount,"
                 " payer_balance_after, payee_balance_after, at_ms)"
                 " VALUES ('transfer', ?, ?, ?, ?, ?, ?, ?)",
-                (pid, payer, payee, amount, payer_after, payee_after, now),
+                (pid, src_name, dst_name, amount, payer_after, payee_after, now),
             )
-            return Transfer(payment_id, payer, payee, amount, payer_after, payee_after, now)
+            return Transfer(payment_id, src_name, dst_name, amount, payer_after, payee_after, now)
 
         return await self._submit(op)
 
     async def history(self, name: str, limit: int) -> list[Entry]:
         def op(db: sqlite3.Connection) -> list[Entry]:
+            found = db.execute(
+                "SELECT name FROM accounts WHERE name_key = ?", (name_key(name),)
+            ).fetchone()
+            if found is None:
+                return []
+            registered = found[0]
             # Newest first from each side's index, then merged: reads about 2 x limit rows
             # however long the account's history is (an OR would sort all of it).
-            rows = db.execute(_HISTORY, {"name": name, "limit": limit}).fetchall()
+            rows = db.execute(_HISTORY, {"name": registered, "limit": limit}).fetchall()
             entries = []
             for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid in rows:
                 if kind == "deposit":
                     entries.append(Entry("deposit", amount, payee_after, at, None, None))
-                elif payer == name:
+                elif payer == registered:
                     entries.append(Entry("sent", amount, payer_after, at, payee, uuid.UUID(pid)))
                 else:
                     entries.append(

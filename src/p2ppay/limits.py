@@ -21,6 +21,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
+from .names import name_key
+
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
@@ -99,7 +101,8 @@ class _Address:
 
 
 class LoginThrottle:
-    """Counts failed logins per (account, address), per account and per source address."""
+    """Counts failed logins per (account, address), per account and per source address.
+    Accounts are keyed by their canonical name: "Alice" and "alice" share one count."""
 
     def __init__(self, config: ThrottleConfig, clock: Callable[[], float]) -> None:
         self.config = config
@@ -112,7 +115,7 @@ class LoginThrottle:
         """None if a login to ``name`` from ``ip`` may be checked now (this takes the account's
         turn for new addresses when it is on guard); else why not, and for how long."""
         now = self.clock()
-        address = address_key(ip)
+        name, address = name_key(name), address_key(ip)
         refusals = []
         pair = self._pairs.get((name, address))
         if pair is not None and pair.locked_until > now:
@@ -150,7 +153,7 @@ class LoginThrottle:
     def failed(self, name: str, ip: str) -> None:
         now = self.clock()
         cfg = self.config
-        address = address_key(ip)
+        name, address = name_key(name), address_key(ip)
         pair = self._remember(self._pairs, (name, address), _Pair)
         pair.failures += 1
         if pair.failures >= cfg.max_account_failures:
@@ -172,7 +175,7 @@ class LoginThrottle:
         """The right password for ``name`` from ``ip``: that pair starts afresh, and the
         address becomes one the account knows (unslowed when the account is on guard). The
         account's own failure count stays: its owner logging in does not end an attack."""
-        address = address_key(ip)
+        name, address = name_key(name), address_key(ip)
         self._pairs.pop((name, address), None)
         known = self._remember(self._accounts, name, _Account).known
         known[address] = None

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
 from .limits import LimitLog
+from .names import NameMap, name_key
 from .pki import make_csr, new_peer_key, sign_acceptance
 from .tls import peer_contexts, peer_name
 
@@ -49,6 +50,8 @@ class PeerConfig:
     answer_timeout: float = 45.0
     connect_timeout: float = 10.0
     max_line: int = 4096
+    #: the deepest nesting of JSON arrays and objects a peer's line may have
+    max_depth: int = p.DEFAULT_MAX_DEPTH
     #: offers one payer may have waiting for a decision at once (the rest are declined)
     max_offers_per_payer: int = 4
     #: payer connections at once (those in the TLS handshake count); more are closed
@@ -192,7 +195,7 @@ class OfferListener:
                     line = await lines.next()
                 if line is None:
                     return  # the payer left, or stayed silent too long
-                message = p.decode_peer_message(line)
+                message = p.decode_peer_message(line, cfg.max_depth)
                 if isinstance(message, p.NotSettled):
                     if self.on_not_settled is not None:
                         self.on_not_settled(payer, message)
@@ -218,9 +221,9 @@ class OfferListener:
             return p.Decline(None, "expected an offer")
         offer = message
         me = self.identity.name
-        if offer.payee != me:
+        if name_key(offer.payee) != name_key(me):
             return p.Decline(offer.payment_id, f"this is {me}, not {offer.payee}")
-        if offer.payer != payer:
+        if name_key(offer.payer) != name_key(payer):
             # The certificate says who is paying; a message cannot claim otherwise.
             return p.Decline(offer.payment_id, f"your certificate names {payer}, not {offer.payer}")
         waiting = self._waiting.get(payer, 0)
@@ -254,10 +257,19 @@ class OfferListener:
 class PeerLink:
     """One TLS connection to one payee, reused for every offer to them (one at a time)."""
 
-    def __init__(self, payee: str, stream: trio.SSLStream[Any], max_line: int) -> None:
+    def __init__(
+        self,
+        payee: str,
+        stream: trio.SSLStream[Any],
+        max_line: int,
+        max_depth: int = p.DEFAULT_MAX_DEPTH,
+    ) -> None:
         self.payee = payee
         self.stream = stream
         self.lines = _Lines(stream, max_line)
+        self.max_depth = max_depth
+        #: where the payee was when we connected (a newer login listens elsewhere)
+        self.address: tuple[str, int | None] | None = None
         self.lock = trio.Lock()
         self.offers_sent = 0
 
@@ -269,7 +281,7 @@ class PeerLink:
             line = await self.lines.next()
             if line is None:
                 raise trio.BrokenResourceError("the payee closed the connection")
-            answer = p.decode_peer_message(line)
+            answer = p.decode_peer_message(line, self.max_depth)
             if isinstance(answer, p.Accept | p.Decline) and answer.payment_id == offer.payment_id:
                 return answer
             if isinstance(answer, p.Decline) and answer.payment_id is None:
@@ -287,16 +299,19 @@ class Dialer:
     def __init__(self, identity: PeerIdentity, config: PeerConfig | None = None) -> None:
         self.identity = identity
         self.config = config or PeerConfig()
-        self.links: dict[str, PeerLink] = {}
-        self._connecting: dict[str, trio.Lock] = {}
+        self.links: NameMap[PeerLink] = NameMap()
+        self._connecting: NameMap[trio.Lock] = NameMap()
 
     async def _link(self, where: p.Presence) -> PeerLink:
         lock = self._connecting.setdefault(where.name, trio.Lock())
         async with lock:
             link = self.links.get(where.name)
-            if link is not None:
+            if link is not None and link.address == (where.ip, where.port):
                 return link
+            if link is not None:  # the payee logged in again elsewhere: that link is stale
+                await self.drop(where.name, link)
             link = await self._connect(where)
+            link.address = (where.ip, where.port)
             self.links[where.name] = link
             return link
 
@@ -321,13 +336,13 @@ class Dialer:
                 "unreachable", f"TLS with {where.name} failed: {exc.__cause__ or exc}"
             ) from None
         presented = peer_name(stream)
-        if presented != where.name:
+        if presented is None or name_key(presented) != name_key(where.name):
             await trio.aclose_forcefully(stream)
             raise PeerError(
                 "wrong_peer",
                 f"the peer at {where.ip} port {where.port} is {presented!r}, not {where.name}",
             )
-        return PeerLink(where.name, stream, cfg.max_line)
+        return PeerLink(where.name, stream, cfg.max_line, cfg.max_depth)
 
     async def offer(self, where: p.Presence, offer: p.Offer) -> p.Accept | p.Decline:
         """Ask the payee at ``where``; a broken reused link is replaced once."""

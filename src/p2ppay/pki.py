@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .names import name_key
+
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
@@ -328,7 +330,9 @@ def load_public_key_der(der: bytes) -> ec.EllipticCurvePublicKey:
 def acceptance_bytes(payment_id: str, payer: str, payee: str, amount: int) -> bytes:
     """The exact bytes a payee signs to accept a payment (see docs/protocol.md).
 
-    Names cannot contain a newline, so the encoding is unambiguous."""
+    Names are signed in their canonical form, so the letter case an offer used does not
+    matter; they cannot contain a newline, so the encoding is unambiguous."""
+    payer, payee = name_key(payer), name_key(payee)
     return ACCEPTANCE_CONTEXT + f"{payment_id}\n{payer}\n{payee}\n{amount}\n".encode("ascii")
 
 

@@ -12,20 +12,28 @@ bytes to :meth:`ServerConnection.receive_data` (or the client twin), pulls event
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from .names import NAME_PATTERN
+
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_LINE: Final = 64 * 1024
+#: The deepest nesting of JSON arrays and objects a line may have (a request needs 1, the
+#: deepest reply 4). Checked before the JSON decoder sees the line; see :func:`too_deep`.
+DEFAULT_MAX_DEPTH: Final = 32
+#: No configuration may raise the limit past this: the decoder recurses once per level.
+MAX_DEPTH_CAP: Final = 256
 
 #: The largest amount the protocol can carry at all. The server's configured limits are lower;
 #: this bound only keeps every sum far away from SQLite's 64-bit integer range.
 MAX_AMOUNT: Final = 10**15
 
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}\Z")]
+Name = Annotated[str, msgspec.Meta(pattern=rf"^{NAME_PATTERN}\Z")]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 NewPassword = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
 Amount = Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
@@ -36,6 +44,34 @@ HistoryLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Pem = Annotated[str, msgspec.Meta(max_length=8192)]
 Signature = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
+#: A payment id on the wire: a UUID in its canonical text form only (36 characters, lower-case
+#: hex, dashes at 8-4-4-4-12), so that one payment has exactly one spelling.
+CANONICAL_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class _CanonicalUUID(uuid.UUID):
+    """What decoding a ``PaymentId`` yields: a :class:`uuid.UUID` (equal to and hashing like
+    any other) that was spelled canonically. msgspec hands its text to :func:`_dec_hook`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"UUID('{self}')"
+
+
+if TYPE_CHECKING:
+    PaymentId: TypeAlias = uuid.UUID
+else:
+    PaymentId = _CanonicalUUID
+
+
+def _dec_hook(type_: type[Any], obj: Any) -> Any:
+    if type_ is _CanonicalUUID:
+        if isinstance(obj, str) and CANONICAL_UUID.fullmatch(obj):
+            return _CanonicalUUID(obj)
+        raise ValueError("a payment id must be a UUID in canonical form (lower case, dashes)")
+    raise NotImplementedError(f"cannot decode {type_!r}")
+
 
 class ErrorCode(enum.StrEnum):
     """Every error the server can report. Clients branch on these, never on the message."""
@@ -44,6 +80,8 @@ class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     UNKNOWN_OP = "unknown_op"
     LINE_TOO_LONG = "line_too_long"
+    #: the connection is closed: a request line did not complete in time, or no login in time
+    TIMEOUT = "timeout"
     UNSUPPORTED_VERSION = "unsupported_version"
     # Session state.
     HELLO_REQUIRED = "hello_required"
@@ -140,6 +178,47 @@ class LineBuffer:
         return line
 
 
+#: A JSON string, its closing quote optional so that an unterminated one is consumed once (no
+#: backtracking, linear time).
+_JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_SQUARE: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def too_deep(line: bytes, max_depth: int) -> bool:
+    """Whether ``line`` nests JSON arrays and objects deeper than ``max_depth``.
+
+    Brackets inside strings do not count. Every step is a C-speed pass over the line, never a
+    recursion: an ordinary line costs two byte counts; one with more brackets than the limit
+    has its strings cut out and its innermost bracket pairs removed, one level per pass. For a
+    line that is not JSON (brackets never closed) the answer counts the open ones as nesting,
+    so the decoder never recurses deeper than the limit before it finds the line bad."""
+    if line.count(b"[") + line.count(b"{") <= max_depth:
+        return False
+    if b'"' in line and b"\\" in line:
+        line = _JSON_STRING.sub(b"", line)
+    elif b'"' in line:  # no escapes: the strings are exactly what lies between pairs of quotes
+        line = b"".join(line.split(b'"')[::2])
+    brackets = line.translate(_SQUARE, _NOT_BRACKETS)
+    depth = 0
+    while b"[]" in brackets:
+        depth += 1
+        if depth > max_depth:
+            return True
+        brackets = brackets.replace(b"[]", b"")
+    # What is left has no pair: closing brackets (not JSON) and brackets never closed.
+    return depth + brackets.count(b"[") > max_depth
+
+
+def _check_max_depth(max_depth: int) -> None:
+    if not 1 <= max_depth <= MAX_DEPTH_CAP:
+        raise ValueError(f"max_depth must be within 1..{MAX_DEPTH_CAP}")
+
+
+def _too_deep_message(max_depth: int) -> str:
+    return f"JSON nested deeper than {max_depth} levels"
+
+
 # --------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------
@@ -180,7 +259,7 @@ class Lookup(_Request, tag="lookup"):
 
 
 class Settle(_Request, tag="settle"):
-    payment_id: uuid.UUID
+    payment_id: PaymentId
     payee: Name
     amount: Amount
     #: the payee's signature over the payment (base64 of DER ECDSA), from its accept message
@@ -253,7 +332,7 @@ class ListResult(msgspec.Struct, frozen=True):
 class SettleResult(msgspec.Struct, frozen=True):
     """The outcome of a settlement; a retry with the same payment id gets it again, unchanged."""
 
-    payment_id: uuid.UUID
+    payment_id: PaymentId
     payer: str
     payee: str
     amount: int
@@ -266,7 +345,7 @@ class HistoryEntry(msgspec.Struct, frozen=True):
     balance: int  # the account's balance right after this entry
     at_ms: int
     counterparty: str | None = None
-    payment_id: uuid.UUID | None = None
+    payment_id: PaymentId | None = None
 
 
 class HistoryResult(msgspec.Struct, frozen=True):
@@ -310,7 +389,7 @@ class _Event(msgspec.Struct, tag_field="event", forbid_unknown_fields=False):
 
 
 class PaymentReceived(_Event, tag="payment_received"):
-    payment_id: uuid.UUID
+    payment_id: PaymentId
     payer: str
     amount: int
     balance: int  # the payee's balance right after this payment
@@ -374,7 +453,7 @@ class _PeerMessage(msgspec.Struct, tag_field="type", forbid_unknown_fields=True)
 class Offer(_PeerMessage, tag="offer"):
     """Payer -> payee: "I would like to pay you this"."""
 
-    payment_id: uuid.UUID
+    payment_id: PaymentId
     payer: Name
     payee: Name
     amount: Amount
@@ -383,14 +462,14 @@ class Offer(_PeerMessage, tag="offer"):
 class Accept(_PeerMessage, tag="accept"):
     """Payee -> payer: yes, with the payee's signature for the server (see docs/protocol.md)."""
 
-    payment_id: uuid.UUID
+    payment_id: PaymentId
     signature: Signature
 
 
 class Decline(_PeerMessage, tag="decline"):
     """Payee -> payer: no (``payment_id`` is null when the offer could not be read)."""
 
-    payment_id: uuid.UUID | None
+    payment_id: PaymentId | None
     reason: Annotated[str, msgspec.Meta(max_length=200)]
 
 
@@ -399,21 +478,25 @@ class NotSettled(_PeerMessage, tag="not_settled"):
 
     Only news: the server's ``payment_received`` event is what tells a payee it was paid."""
 
-    payment_id: uuid.UUID
+    payment_id: PaymentId
     reason: Annotated[str, msgspec.Meta(max_length=200)]
 
 
 PeerMessage: TypeAlias = Offer | Accept | Decline | NotSettled
-_peer_decoder = msgspec.json.Decoder(PeerMessage)
+_peer_decoder = msgspec.json.Decoder(PeerMessage, dec_hook=_dec_hook)
 
 
-def decode_peer_message(line: bytes) -> PeerMessage:
+def decode_peer_message(line: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> PeerMessage:
     """Decode one peer line; raises :class:`RemoteProtocolError` with a clear message."""
+    if too_deep(line, max_depth):
+        raise RemoteProtocolError(ErrorCode.BAD_REQUEST, _too_deep_message(max_depth))
     try:
         message: PeerMessage = _peer_decoder.decode(line)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         explained = _explain_bad_line(line, exc)
         raise RemoteProtocolError(explained.code, explained.message) from None
+    except RecursionError:  # not with a sane max_depth; a backstop all the same
+        raise RemoteProtocolError(ErrorCode.BAD_REQUEST, _too_deep_message(max_depth)) from None
     return message
 
 
@@ -466,8 +549,11 @@ def _illegal(state: State, op: str) -> tuple[ErrorCode, str]:
 # Codecs
 # --------------------------------------------------------------------------------------------
 
-_request_decoder = msgspec.json.Decoder(Request)
-_event_decoder = msgspec.json.Decoder(Event)
+_request_decoder = msgspec.json.Decoder(Request, dec_hook=_dec_hook)
+_event_decoder = msgspec.json.Decoder(Event, dec_hook=_dec_hook)
+_result_decoders: Final[Mapping[str, msgspec.json.Decoder[Any]]] = {
+    op: msgspec.json.Decoder(t, dec_hook=_dec_hook) for op, t in RESULT_TYPES.items()
+}
 _encoder = msgspec.json.Encoder()
 
 
@@ -506,6 +592,8 @@ def _explain_bad_line(line: bytes, exc: Exception) -> Rejected:
         raw = msgspec.json.decode(line)
     except msgspec.DecodeError:
         return Rejected(None, ErrorCode.BAD_REQUEST, f"not a JSON object: {exc}")
+    except RecursionError:  # callers check the depth first; a backstop all the same
+        return Rejected(None, ErrorCode.BAD_REQUEST, "JSON nested too deep")
     if not isinstance(raw, dict):
         return Rejected(None, ErrorCode.BAD_REQUEST, "a request must be a JSON object")
     rid = raw.get("id")
@@ -516,13 +604,17 @@ def _explain_bad_line(line: bytes, exc: Exception) -> Rejected:
     return Rejected(req_id, ErrorCode.BAD_REQUEST, str(exc))
 
 
-def decode_request(line: bytes) -> Request | Rejected:
+def decode_request(line: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | Rejected:
     """Decode one request line (without its terminator)."""
+    if too_deep(line, max_depth):
+        return Rejected(None, ErrorCode.BAD_REQUEST, _too_deep_message(max_depth))
     try:
         request: Request = _request_decoder.decode(line)
         return request
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return _explain_bad_line(line, exc)
+    except RecursionError:  # not with a sane max_depth; a backstop all the same
+        return Rejected(None, ErrorCode.BAD_REQUEST, _too_deep_message(max_depth))
 
 
 def encode_request(request: Request) -> bytes:
@@ -554,10 +646,19 @@ class ServerConnection:
     so the state a request is checked against is the state its predecessors left.
     """
 
-    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(
+        self, max_line: int = DEFAULT_MAX_LINE, max_depth: int = DEFAULT_MAX_DEPTH
+    ) -> None:
+        _check_max_depth(max_depth)
         self._lines = LineBuffer(max_line)
+        self.max_depth = max_depth
         self._eof = False
         self.state = State.AWAIT_HELLO
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a line has been received but not its end (nor the stream's)."""
+        return self._lines.pending > 0 and not self._eof
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
@@ -586,7 +687,7 @@ class ServerConnection:
                 line = line[:-1]
             if not line.strip():
                 continue  # blank lines are keep-alives
-            req = decode_request(line)
+            req = decode_request(line, self.max_depth)
             if isinstance(req, Rejected):
                 return req
             op = op_of(req)
@@ -626,8 +727,12 @@ class ClientConnection:
     second-guess it (the tests rely on seeing the server's own errors).
     """
 
-    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(
+        self, max_line: int = DEFAULT_MAX_LINE, max_depth: int = DEFAULT_MAX_DEPTH
+    ) -> None:
+        _check_max_depth(max_depth)
         self._lines = LineBuffer(max_line)
+        self.max_depth = max_depth
         self._eof = False
         self._pending: dict[int, str] = {}
 
@@ -656,6 +761,11 @@ class ClientConnection:
                 return NEED_DATA
             if not line.strip():
                 continue
+            if too_deep(line, self.max_depth):
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"bad line from server: {_too_deep_message(self.max_depth)}",
+                )
             try:
                 msg = _incoming_decoder.decode(line)
                 if msg.event is not None:
@@ -674,9 +784,13 @@ class ClientConnection:
                 op = self._pending.pop(msg.id, None)
                 if op is None:
                     continue
-                result = msgspec.json.decode(msg.result, type=RESULT_TYPES[op])
+                result = _result_decoders[op].decode(msg.result)
                 return ReplyOk(msg.id, op, result)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise RemoteProtocolError(
                     ErrorCode.BAD_REQUEST, f"bad line from server: {exc}"
                 ) from exc
+            except RecursionError:  # not with a sane max_depth; a backstop all the same
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_REQUEST, "bad line from server: JSON nested too deep"
+                ) from None

@@ -34,6 +34,7 @@ from .course import REFERENCE, Dialect
 from .course_session import CourseSession
 from .hashing import Hasher, HashQueueFull, Work
 from .limits import LimitLog, LoginThrottle, ThrottleConfig, address_key
+from .names import NameMap, name_key
 from .passwords import ScryptParams, hash_password, verify_password
 from .pki import (
     IdentityError,
@@ -58,10 +59,15 @@ class ServerConfig:
     """Every limit the server enforces. All of them are settable from the command line."""
 
     max_line: int = p.DEFAULT_MAX_LINE
+    #: the deepest nesting of JSON arrays and objects a request line may have
+    max_depth: int = p.DEFAULT_MAX_DEPTH
     receive_size: int = 16 * 1024
     handshake_timeout: float = 10.0
-    #: a connection that has not logged in is closed after this long without a request
+    #: a connection is closed if it has not logged in this long after connecting (or after
+    #: logging out): a total, however the bytes trickle in
     anonymous_idle_timeout: float = 60.0
+    #: once a request line has begun, all of it must arrive within this (logged in or not)
+    line_timeout: float = 30.0
     #: a peer that does not take our bytes for this long is disconnected
     write_timeout: float = 10.0
     #: on SIGTERM, how long in-flight requests may take before connections are cut
@@ -88,6 +94,10 @@ class ServerConfig:
     #: then wait for their person.
     course_idle_timeout: float = 4 * 3600.0
     scrypt: ScryptParams = field(default_factory=ScryptParams)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_depth <= p.MAX_DEPTH_CAP:
+            raise ValueError(f"max_depth must be within 1..{p.MAX_DEPTH_CAP}")
 
 
 class RequestFailed(Exception):
@@ -152,11 +162,14 @@ class Server:
         self.ssl_context = ssl_context
         self.issuer = issuer
         self.config = config or ServerConfig()
-        # name -> (public key, expiry in ms) certified for the account's current session;
-        # a cache of what the ledger stores, filled at login and on first use.
-        self._peer_keys: dict[str, tuple[EllipticCurvePublicKey, int]] = {}
-        self.online: dict[str, Session] = {}
-        self.course_online: dict[str, CourseSession] = {}
+        # name -> (public key, expiry in ms) certified for the account's current session, or
+        # None once revoked; a cache of what the ledger stores, set before every change of a
+        # key is written (so no settle checked after the change uses the old key) and filled
+        # from the ledger on first use.
+        self._peer_keys: NameMap[tuple[EllipticCurvePublicKey, int] | None] = NameMap()
+        # Presence, keyed by name regardless of case; sessions hold the name as registered.
+        self.online: NameMap[Session] = NameMap()
+        self.course_online: NameMap[CourseSession] = NameMap()
         self.sessions: set[Session | CourseSession] = set()
         #: the course dialect's login reply names this (base64 DER of the server's key)
         self.server_public_key = server_public_key
@@ -343,7 +356,7 @@ class Server:
     # -- presence --
 
     def _forget(self, session: Session | CourseSession) -> None:
-        online: dict[str, Any] = self.course_online if session.course else self.online
+        online: NameMap[Any] = self.course_online if session.course else self.online
         if session.user is not None and online.get(session.user) is session:
             del online[session.user]
 
@@ -357,17 +370,42 @@ class Server:
             )
             old.close_after(p.SessionReplaced(f"{name} logged in from {session.ip}"))
 
-    async def certify(self, name: str, csr: str) -> PeerCertificate:
-        """Issue ``name`` a peer certificate for the CSR's key; it replaces any earlier one."""
+    async def certify(self, name: str, csr: str | None) -> PeerCertificate | None:
+        """Issue ``name`` (as registered) a peer certificate for the CSR's key, which becomes
+        its current key; without a CSR, the account has no current key any more. Either way
+        no earlier session's key is accepted from now on."""
+        if csr is None:
+            await self.revoke_peer_key(name)
+            return None
         lifetime = dt.timedelta(seconds=self.config.peer_cert_lifetime)
         try:
             cert = self.issuer.issue(csr, name, lifetime)
         except IdentityError as exc:
             raise RequestFailed(p.ErrorCode.BAD_CSR, str(exc)) from None
         expires_ms = int(cert.not_after.timestamp() * 1000)
-        await self.ledger.set_peer_key(name, public_key_der(cert.public_key), expires_ms)
-        self._peer_keys[name] = (cert.public_key, expires_ms)
+        await self._set_peer_key(
+            name, (cert.public_key, expires_ms), public_key_der(cert.public_key)
+        )
         return cert
+
+    async def revoke_peer_key(self, name: str) -> None:
+        """Acceptances signed with ``name``'s current key no longer settle (logout)."""
+        if name in self._peer_keys and self._peer_keys[name] is None:
+            return  # no current key already (a login without a CSR, say): no ledger write
+        await self._set_peer_key(name, None, None)
+
+    async def _set_peer_key(
+        self, name: str, entry: tuple[EllipticCurvePublicKey, int] | None, der: bytes | None
+    ) -> None:
+        # The cache changes first, with no checkpoint before the ledger write is queued: a
+        # settle checked before this point was queued to the ledger before the write, and
+        # every settle checked after it sees the new entry.
+        self._peer_keys[name] = entry
+        try:
+            await self.ledger.set_peer_key(name, der, entry[1] if entry else None)
+        except BaseException:
+            self._peer_keys.pop(name, None)  # the ledger says what holds; read it again
+            raise
 
     async def acceptance_check(
         self, payment_id: uuid.UUID, payer: str, payee: str, amount: int, acceptance: str
@@ -375,13 +413,20 @@ class Server:
         """What the ledger calls to authorise a new payment: is ``acceptance`` the payee's
         signature over this very payment, made with the key certified for the payee's current
         session? (The check itself runs in the ledger's thread, off the event loop.)"""
-        cached = self._peer_keys.get(payee)
-        if cached is None:
+        if payee in self._peer_keys:
+            cached = self._peer_keys[payee]
+        else:
             account = await self.ledger.account(payee)
-            if account is None or account.kind != "native" or account.peer_key is None:
-                return lambda: f"{payee} has no peer key to accept with"
-            expires = account.peer_key_expires_ms or 0
-            cached = self._peer_keys[payee] = (load_public_key_der(account.peer_key), expires)
+            if account is None or account.kind != "native":
+                return lambda: f"{payee} has no peer key to accept with"  # not cached
+            stored = None
+            if account.peer_key is not None:
+                expires = account.peer_key_expires_ms or 0
+                stored = (load_public_key_der(account.peer_key), expires)
+            # A key changed while we read wins over what we read.
+            cached = self._peer_keys.setdefault(account.name, stored)
+        if cached is None:
+            return lambda: f"{payee} has no current peer key to accept with"
         key, expires_ms = cached
         if expires_ms < time.time() * 1000:
             return lambda: f"{payee}'s certificate has expired"
@@ -442,8 +487,12 @@ class Session:
         self.server = server
         self.stream = stream
         self.ip = ip
-        self.conn = p.ServerConnection(server.config.max_line)
-        self.user: str | None = None
+        self.conn = p.ServerConnection(server.config.max_line, server.config.max_depth)
+        self.user: str | None = None  # as registered
+        #: when this connection became anonymous (connected, or logged out)
+        self.anonymous_since = trio.current_time()
+        #: when the first bytes of the request line now arriving were seen
+        self.line_started: float | None = None
         self.p2p_port: int | None = None
         self.cancel_scope = trio.CancelScope()
         self.receive_scope = trio.CancelScope()  # cancelled to stop reading at shutdown
@@ -504,30 +553,54 @@ class Session:
                 return
             if event is p.NEED_DATA:
                 data: bytes | bytearray | None = None
-                # A fresh scope per read: shutdown cancels it to stop reading, and its deadline
-                # is the idle timeout of a connection that has not logged in.
+                # A fresh scope per read: shutdown cancels it to stop reading. Its deadline
+                # is a total, not per read, so bytes that trickle in do not push it back: the
+                # end of the request line now arriving, and the login of an anonymous
+                # connection.
+                if self.conn.partial and self.line_started is None:
+                    self.line_started = trio.current_time()
                 scope = self.receive_scope = trio.CancelScope()
                 if self.user is None:
-                    scope.deadline = trio.current_time() + cfg.anonymous_idle_timeout
+                    scope.deadline = self.anonymous_since + cfg.anonymous_idle_timeout
+                if self.line_started is not None:
+                    scope.deadline = min(scope.deadline, self.line_started + cfg.line_timeout)
                 with scope:
                     data = await self.stream.receive_some(cfg.receive_size)
                 if data is None:
-                    if not self.server.closing:
-                        self.server.limit_log.hit(
-                            "idle-timeout",
-                            f"{self.ip}: {cfg.anonymous_idle_timeout:.0f} s without logging in",
-                        )
-                        return
-                    continue  # woken for shutdown; the loop's first check ends the session
+                    if self.server.closing:
+                        continue  # woken for shutdown; the loop's first check ends the session
+                    await self._timed_out()
+                    return
                 self.conn.receive_data(data)
             elif event is p.CLOSED:
                 return
             elif isinstance(event, p.Rejected):
+                self.line_started = None
                 log.debug("%s: rejected request: %s", self.ip, event.message)
                 await self.send(self.conn.send_error(event.id, event.code, event.message))
             else:
                 assert not isinstance(event, p.Sentinel)
+                self.line_started = None
                 await self.send(await self._answer(event))
+
+    async def _timed_out(self) -> None:
+        cfg = self.server.config
+        if self.line_started is not None and (
+            self.user is not None
+            or self.line_started + cfg.line_timeout
+            <= self.anonymous_since + cfg.anonymous_idle_timeout
+        ):
+            self.server.limit_log.hit(
+                "line-timeout", f"{self.ip}: a request line took over {cfg.line_timeout:g} s"
+            )
+            message = f"a request line took longer than {cfg.line_timeout:g} s; closing"
+            await self.send(self.conn.send_error(None, p.ErrorCode.TIMEOUT, message))
+        else:
+            # Silently, as ever: a client at a person's prompt simply reconnects later.
+            self.server.limit_log.hit(
+                "idle-timeout",
+                f"{self.ip}: not logged in within {cfg.anonymous_idle_timeout:g} s",
+            )
 
     async def _refuse_buffered_requests(self) -> None:
         """At shutdown, tell the client which of its already-sent requests were not done."""
@@ -637,13 +710,14 @@ class Session:
             throttle.failed(req.name, self.ip)
             raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
         throttle.succeeded(req.name, self.ip)
-        cert = await self.server.certify(req.name, req.csr) if req.csr else None
-        self.user = req.name
+        name = account.name  # as registered, whatever the letter case of the login
+        cert = await self.server.certify(name, req.csr)
+        self.user = name
         self.p2p_port = req.p2p_port
-        self.server.take_over(self, req.name)
-        log.info("%s: %s logged in (p2p port %s)", self.ip, req.name, req.p2p_port)
+        self.server.take_over(self, name)
+        log.info("%s: %s logged in (p2p port %s)", self.ip, name, req.p2p_port)
         return p.LoginResult(
-            req.name,
+            name,
             account.balance,
             self.ip,
             req.p2p_port,
@@ -661,22 +735,26 @@ class Session:
     async def _list(self, req: p.ListOnline) -> p.ListResult:
         account = await self.server.ledger.account(self._me())
         balance = account.balance if account else 0
-        online = sorted(self.server.online.items())[: self.server.config.max_list]
-        return p.ListResult(balance, [p.Presence(n, s.ip, s.p2p_port) for n, s in online])
+        max_list = self.server.config.max_list
+        online = sorted(self.server.online.values(), key=lambda s: name_key(s.user or ""))
+        return p.ListResult(
+            balance,
+            [p.Presence(s.user or "", s.ip, s.p2p_port) for s in online[:max_list]],
+        )
 
     async def _lookup(self, req: p.Lookup) -> p.Presence:
         session = self.server.online.get(req.name)
-        if session is not None:
-            return p.Presence(req.name, session.ip, session.p2p_port)
+        if session is not None and session.user is not None:
+            return p.Presence(session.user, session.ip, session.p2p_port)
         account = await self.server.ledger.account(req.name)
         if account is None:
             raise RequestFailed(p.ErrorCode.UNKNOWN_USER, f"no account named {req.name!r}")
-        raise RequestFailed(p.ErrorCode.PAYEE_OFFLINE, f"{req.name} is not online")
+        raise RequestFailed(p.ErrorCode.PAYEE_OFFLINE, f"{account.name} is not online")
 
     async def _settle(self, req: p.Settle) -> p.SettleResult:
         # The payer is always this session's own account: nobody moves money out of another's.
         payer = self._me()
-        if req.payee == payer:
+        if name_key(req.payee) == name_key(payer):
             raise RequestFailed(p.ErrorCode.SELF_PAYMENT, "you cannot pay yourself")
         # The ledger authorises only a new payment: a retry of one settled before (perhaps
         # before the payee's key changed) gets its stored outcome.
@@ -703,10 +781,13 @@ class Session:
         )
 
     async def _logout(self, req: p.Logout) -> p.LogoutResult:
+        # Acceptances signed with this session's key stop counting: the owner has left.
+        await self.server.revoke_peer_key(self._me())
         log.info("%s: %s logged out", self.ip, self.user)
         self.server._forget(self)
         self.user = None
         self.p2p_port = None
+        self.anonymous_since = trio.current_time()
         return p.LogoutResult()
 
 

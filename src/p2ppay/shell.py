@@ -20,6 +20,7 @@ import trio
 from . import protocol as p
 from .client import ClientError, ConnectionLost, ServerError
 from .exitcodes import ExitCode
+from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
 from .terminal import Terminal, make_terminal
 from .tls import MissingCA, client_context
@@ -39,7 +40,6 @@ from .wallet import (
 T = TypeVar("T")
 
 PASSWORD_ENV: Final = "P2PPAY_PASSWORD"
-NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 AMOUNT_RE: Final = re.compile(r"[0-9]{1,16}")
 #: ``history N``: the most movements one command shows
 MAX_HISTORY: Final = 1000
@@ -109,8 +109,11 @@ def parse_amount(text: str) -> int:
 
 
 def parse_name(text: str) -> str:
-    if not NAME_RE.fullmatch(text):
-        raise UsageError(f"{text!r} is not a valid name: 1-32 letters, digits, '_', '.' or '-'")
+    if not is_valid_name(text):
+        raise UsageError(
+            f"{text!r} is not a valid name: 1-{NAME_MAX} letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
     return text
 
 

@@ -25,6 +25,7 @@ import trio
 
 from . import protocol as p
 from .client import Client, ClientError, ConnectionLost, ServerError
+from .names import name_key
 from .peer import (
     Dialer,
     OfferListener,
@@ -521,7 +522,7 @@ class Wallet:
             raise PaymentFailed(
                 "bad_amount", f"the amount must be a positive whole number: {amount!r}"
             )
-        if payee == me:
+        if name_key(payee) == name_key(me):
             raise PaymentFailed("self_payment", "you cannot pay yourself")
         if self.known_balance is not None and amount > self.known_balance:
             # Do not bother the payee with an offer we cannot pay (the server still decides:
