@@ -77,7 +77,7 @@ def checked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         order.append(password)
         return verify_password(password, stored)
 
-    monkeypatch.setattr("p2ppay.server.verify_password", spy)
+    monkeypatch.setattr("p2ppay.server.accounts.verify_password", spy)
     return order
 
 
@@ -129,8 +129,8 @@ async def test_a_quiet_address_is_not_starved_by_a_storm_of_guesses(
             # One guess is being hashed and each address has its queue full (one of them
             # perhaps one short: the guess that runs may have left it after it overflowed);
             # the rest were refused without waiting for any hash.
-            storm_waiting = server.hasher.waiting()
-            assert all(server.hasher.waiting(a) >= QUEUE - 1 for a in addresses)
+            storm_waiting = server.accounts.hasher.waiting()
+            assert all(server.accounts.hasher.waiting(a) >= QUEUE - 1 for a in addresses)
             assert storm_waiting >= QUEUE * len(addresses) - 1
             assert sum(map(len, refused.values())) == 12 * len(addresses) - storm_waiting - 1
             for exc in (e for errors in refused.values() for e in errors):
@@ -145,7 +145,7 @@ async def test_a_quiet_address_is_not_starved_by_a_storm_of_guesses(
                 running = await turns.started()
             assert sorted(c.split()[-1] for c in checked) == sorted(2 * addresses)
             await settled()
-            storm_waiting = server.hasher.waiting()
+            storm_waiting = server.accounts.hasher.waiting()
             assert storm_waiting >= QUEUE * len(addresses) - 1
 
             async with connect("10.0.0.1") as quiet, trio.open_nursery() as nursery:
@@ -156,7 +156,7 @@ async def test_a_quiet_address_is_not_starved_by_a_storm_of_guesses(
 
                 nursery.start_soon(log_in)
                 await settled()
-                assert server.hasher.waiting("10.0.0.1") == 1
+                assert server.accounts.hasher.waiting("10.0.0.1") == 1
                 running.set()  # the storm's guess that was running finishes...
                 (await turns.started()).set()  # ...and the next hash to run is the owner's
             assert logged_in == ["owner"]
@@ -164,7 +164,7 @@ async def test_a_quiet_address_is_not_starved_by_a_storm_of_guesses(
             storm.cancel_scope.cancel()
         # The storm hung up: its waiting checks were taken back, none of them computed.
         await settled()
-        assert server.hasher.waiting() == 0
+        assert server.accounts.hasher.waiting() == 0
         assert len(checked) == 2 * len(addresses) + 2
 
 
@@ -186,7 +186,7 @@ async def test_a_full_queue_is_refused_at_once_and_only_for_that_address(
             for _ in range(QUEUE):  # ...and QUEUE wait
                 waiting.start_soon(login, "10.66.0.1")
             await settled()
-            assert server.hasher.waiting("10.66.0.1") == QUEUE
+            assert server.accounts.hasher.waiting("10.66.0.1") == QUEUE
             # The next login and register from there are answered without any hash finishing.
             async with connect("10.66.0.1") as client:
                 err = await expect_error("rate_limited", client.login("alice", PASSWORD))
@@ -195,17 +195,17 @@ async def test_a_full_queue_is_refused_at_once_and_only_for_that_address(
             # Another address still queues.
             waiting.start_soon(login, "10.1.1.1")
             await settled()
-            assert server.hasher.waiting("10.1.1.1") == 1
-            assert server.hasher.waiting() == QUEUE + 1
+            assert server.accounts.hasher.waiting("10.1.1.1") == 1
+            assert server.accounts.hasher.waiting() == QUEUE + 1
             waiting.cancel_scope.cancel()
         await settled()
-        assert server.hasher.waiting() == 0  # those who hung up took their checks back
+        assert server.accounts.hasher.waiting() == 0  # those who hung up took their checks back
         # The check that was running when its client hung up still holds the one thread: a
         # new check waits for it (abandoned checks cannot pile up in the threads' queue).
         async with connect("10.2.2.2") as client, trio.open_nursery() as nursery:
             nursery.start_soon(expect_error, "auth_failed", client.login("alice", "wrong"))
             await settled()
-            assert server.hasher.waiting("10.2.2.2") == 1
+            assert server.accounts.hasher.waiting("10.2.2.2") == 1
             running.set()
             (await turns.started()).set()
 

@@ -125,7 +125,7 @@ async def test_wallets_reconnect_log_in_again_and_take_payments(
                     back = await next_of(bob, Reconnected)
                     await next_of(al, Reconnected)
                 assert back == Reconnected("bob")
-                assert set(again.server.online) == {"alice", "bob"}
+                assert set(again.server.presence.names()) == {"alice", "bob"}
                 # The offer listener from before the restart takes the payment.
                 assert bob.p2p_port == bob_port
                 paid = await al.pay("bob", 30)

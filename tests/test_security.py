@@ -286,7 +286,7 @@ async def test_connection_limits(
             holders.append(client_side)
             nursery.start_soon(server.handle_connection, server_side, "10.8.8.8")
         await trio.testing.wait_all_tasks_blocked()
-        assert server.connections_per_ip == {"10.8.8.8": 2}
+        assert server.admission.per_ip == {"10.8.8.8": 2}
         third_client, third_server = trio.testing.memory_stream_pair()
         with trio.fail_after(5):
             await server.handle_connection(third_server, "10.8.8.8")  # refused at once
@@ -294,9 +294,9 @@ async def test_connection_limits(
         _other_client, other_server = trio.testing.memory_stream_pair()
         nursery.start_soon(server.handle_connection, other_server, "10.9.9.9")
         await trio.testing.wait_all_tasks_blocked()
-        assert server.connections_per_ip == {"10.8.8.8": 2, "10.9.9.9": 1}
+        assert server.admission.per_ip == {"10.8.8.8": 2, "10.9.9.9": 1}
         nursery.cancel_scope.cancel()
-    assert server.connections == 0 and server.connections_per_ip == {}
+    assert server.admission.connections == 0 and server.admission.per_ip == {}
 
 
 # --- P6: guessing is rate limited -------------------------------------------------------------
@@ -432,7 +432,7 @@ async def test_hashing_never_runs_on_the_event_loop(
         in_thread.append(threading.current_thread() is not threading.main_thread())
         return verify_password(password, stored)
 
-    monkeypatch.setattr("p2ppay.server.verify_password", spy)
+    monkeypatch.setattr("p2ppay.server.accounts.verify_password", spy)
     async with connect() as alice:
         await registered(alice, "alice")
     assert in_thread == [True]

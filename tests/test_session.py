@@ -191,10 +191,10 @@ async def test_abrupt_disconnect_logs_out(connect: Connect, server: Server) -> N
             await registered(watcher, "watcher")
             async with connect() as alice:
                 await registered(alice, "alice")
-                assert set(server.online) == {"watcher", "alice"}
+                assert set(server.presence.names()) == {"watcher", "alice"}
                 await alice._stream.aclose()  # vanish without logging out
                 with trio.fail_after(5):
-                    while "alice" in server.online:
+                    while server.presence.local("alice") is not None:
                         await trio.testing.wait_all_tasks_blocked()
             assert [u.name for u in (await watcher.list()).online] == ["watcher"]
 
@@ -318,16 +318,16 @@ async def test_a_slow_reader_does_not_hold_up_the_payer(
                 await bob.send_all(p.encode_request(request))
                 while lines.next_line() is None:
                     lines.feed(await bob.receive_some())
-            assert "bob" in server.online
+            assert server.presence.local("bob") is not None
             with trio.fail_after(60):
                 for _ in range(5):
                     await pay(alice, "bob", 1)
             # Had alice waited for bob's events, the write timeout would have dropped him by now.
-            assert "bob" in server.online
+            assert server.presence.local("bob") is not None
             assert (await alice.list()).balance == 95
             with trio.fail_after(write_timeout + 10):
                 await bob_gone.wait()
-            assert "bob" not in server.online
+            assert server.presence.local("bob") is None
         nursery.cancel_scope.cancel()
 
 
@@ -383,7 +383,8 @@ async def test_names_are_case_insensitive_and_shown_as_registered(
             await registered(bob, "bob", deposit=100)
             assert await bob.lookup("aLiCe") == p.Presence("Alice", "10.0.0.1", 9001)
             assert [u.name for u in (await bob.list()).online] == ["Alice", "bob"]
-            assert "ALICE" in server.online and server.online["alice"].user == "Alice"
+            current = server.presence.local("ALICE")
+            assert current is not None and current.user == "Alice"
             # KEYS (the test's record of peer keys) is by name as given: sign as "Alice" did.
             KEYS["ALICE"] = KEYS["alice"]
             pid = uuid.uuid4()

@@ -198,14 +198,21 @@ class LoginThrottle:
 class LimitLog:
     """Logs that a limit was hit once, then at most once per ``interval`` with a count."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 60.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.logger = logger
         self.interval = interval
+        self.clock = clock
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
     def hit(self, limit: str, detail: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         last = self._last.get(limit)
         if last is not None and now - last < self.interval:
             self._suppressed[limit] = self._suppressed.get(limit, 0) + 1

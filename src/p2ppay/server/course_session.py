@@ -1,7 +1,7 @@
 """A course-dialect connection: the classic assignment's protocol, answered byte for byte.
 
-The :class:`~p2ppay.server.Server` owns the connection (limits, TLS, presence, shutdown); this
-session reads chunks, lets :mod:`p2ppay.course` parse them with the server's
+The server owns the connection (limits, TLS, presence, shutdown); this session reads chunks,
+lets :mod:`p2ppay.course` parse them with the server's
 :class:`~p2ppay.course.Dialect`, and acts on course accounts only. Each kind of message has
 one handler; the dialect's parser decides which kinds a connection can send (only the seed
 flavour's parser makes a ``CourseDeposit`` or a ``CoursePayment``, only the reference
@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from typing import TYPE_CHECKING, Final, assert_never, final
+from typing import ClassVar, Final, assert_never, final
 
 import trio
 
-from . import course
-from . import ledger as lg
-from .course import (
+from .. import course
+from .. import ledger as lg
+from ..course import (
     CourseBadDeposit,
     CourseBadInput,
     CourseBadRegister,
@@ -34,11 +34,8 @@ from .course import (
     CourseSignUp,
     CourseTransfer,
 )
-from .names import name_key
-from .sending import Outgoing
-
-if TYPE_CHECKING:
-    from .server import Server
+from ..names import name_key
+from .base import Host, SessionBase
 
 log = logging.getLogger("p2ppay.server")
 
@@ -53,46 +50,36 @@ _PAYMENT_REFUSALS: Final[dict[type[lg.LedgerError], bytes]] = {
 
 
 @final
-class CourseSession:
+class CourseSession(SessionBase):
     """One course-dialect connection. It acts on course accounts only and answers exactly as
     the course's server does (see p2ppay.course and the README)."""
 
-    course: Final = True
+    course: ClassVar[bool] = True
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, ip: str, port: int = 0) -> None:
-        self.server = server
-        self.stream = stream
-        self.ip = ip
+    def __init__(self, host: Host, stream: trio.abc.Stream, ip: str, port: int = 0) -> None:
+        super().__init__(host, stream, ip)
         #: the connection's source port (0 if unknown): the seed flavour's REGISTER#name uses it
         self.peer_port = port
-        self.dialect = server.course_dialect
-        self.decoder = CourseDecoder(server.config.course_max_message, self.dialect.parse)
-        self.user: str | None = None
+        self.dialect = host.course_dialect
+        self.decoder = CourseDecoder(host.config.course_max_message, self.dialect.parse)
         self.port: int | None = None
         #: whether this connection has ever been logged in (then it is not a new connection
         #: any more, and the seed flavour's same-address rule does not apply to it)
         self.was_online = False
-        self.cancel_scope = trio.CancelScope()
-        self.receive_scope = trio.CancelScope()
-        self._out = Outgoing(stream)
 
-    async def run(self) -> None:
-        try:
-            with self.cancel_scope:
-                await self._serve()
-        except trio.BrokenResourceError:
-            log.info("%s: course connection lost", self.ip)
-        except trio.ClosedResourceError:
-            pass
-        finally:
-            self.server._forget(self)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.stream)
+    @property
+    def listed_port(self) -> int | None:
+        return self.port
 
-    async def _serve(self) -> None:
-        cfg = self.server.config
+    def replaced(self, by_ip: str) -> None:
+        # Taken over: this connection is logged out, silently (course clients expect nothing).
+        log.info("%s: course user %s logged in again from %s", self.ip, self.user, by_ip)
+        self.user = self.port = None
+
+    async def serve(self) -> None:
+        cfg = self.host.config
         read_size = max(4096, cfg.course_max_message + 2)
-        while not self.server.closing:
+        while not self.host.closing:
             # Not the native idle timeout: a menu-driven course client connects at start-up
             # and then waits for its person, who may take a while to choose "login".
             timeout = math.inf if self.user else cfg.course_idle_timeout
@@ -102,7 +89,7 @@ class CourseSession:
                 data = await self.stream.receive_some(read_size)
             if data is None:
                 if idle.cancelled_caught:
-                    self.server.limit_log.hit(
+                    self.host.limit_log.hit(
                         "course-idle-timeout",
                         f"{self.ip}: course connection silent for {timeout:.0f} s, closed",
                     )
@@ -114,13 +101,6 @@ class CourseSession:
                 log.debug("%s: course %s: %r", self.ip, self.user or "-", message)
                 if not await self._handle(message):
                     return
-
-    async def send(self, data: bytes) -> None:
-        """One reply in one write (course clients often read once per reply)."""
-        with trio.move_on_after(self.server.config.write_timeout) as scope:
-            await self._out.send(data)
-        if scope.cancelled_caught:
-            self.cancel_scope.cancel()
 
     async def _handle(self, message: CourseMessage) -> bool:
         """Answer one message; False ends the connection."""
@@ -160,7 +140,7 @@ class CourseSession:
 
     async def _create(self, name: str, deposit: int) -> bool:
         try:
-            await self.server.ledger.create_account(name, None, "course", deposit)
+            await self.host.ledger.create_account(name, None, "course", deposit)
         except lg.LedgerError as exc:
             log.info("%s: course register %s failed: %s", self.ip, name, exc)
             return False
@@ -168,7 +148,7 @@ class CourseSession:
         return True
 
     async def _register(self, message: CourseRegister) -> bytes:
-        cfg = self.server.config
+        cfg = self.host.config
         deposit = cfg.course_initial_balance if message.deposit is None else message.deposit
         return course.OK if await self._create(message.name, deposit) else self.dialect.fail
 
@@ -181,7 +161,7 @@ class CourseSession:
         return course.OK
 
     async def _login(self, message: CourseLogin) -> bytes:
-        account = await self.server.ledger.account(message.name)
+        account = await self.host.ledger.account(message.name)
         if account is None or account.kind != "course":
             return self.dialect.auth_fail  # never a native account: they have passwords
         self._go_online(account.name, message.port)  # shown as registered
@@ -189,22 +169,18 @@ class CourseSession:
 
     def _go_online(self, name: str, port: int) -> None:
         """Make this connection ``name``'s, at ``port``; an older one is logged out."""
-        online = self.server.course_online
-        self.server._forget(self)
-        old = online.pop(name, None)  # re-inserted: the roster lists by when they came online
-        if old is not None and old is not self:
-            old.user = old.port = None  # taken over: the old connection is logged out
-            log.info("%s: course user %s logged in again from %s", old.ip, name, self.ip)
+        presence = self.host.presence
+        presence.forget(self, course=True)
         self.user, self.port = name, port
         self.was_online = True
-        online[name] = self
+        presence.take_over(self, course=True)
 
     async def _roster(self) -> bytes:
         assert self.user is not None
-        account = await self.server.ledger.account(self.user)
+        account = await self.host.ledger.account(self.user)
         balance = account.balance if account else 0
-        online = [(name, s.ip, s.port or 0) for name, s in self.server.course_online.items()]
-        return self.dialect.roster(balance, self.server.server_public_key, online)
+        roster = self.host.presence.course_roster()
+        return self.dialect.roster(balance, self.host.server_public_key, roster)
 
     # -- money --
 
@@ -213,7 +189,7 @@ class CourseSession:
         if self.user is None or name_key(self.user) != name_key(message.name):
             return course.DEPOSIT_FAIL
         try:
-            await self.server.ledger.deposit(message.name, message.amount)
+            await self.host.ledger.deposit(message.name, message.amount)
         except lg.LedgerError as exc:
             log.info("%s: course deposit %r failed: %s", self.ip, message, exc)
             return course.DEPOSIT_FAIL
@@ -230,7 +206,7 @@ class CourseSession:
             return name_key(self.user) == name_key(payer)
         if self.was_online:
             return False  # logged out by a newer login: it speaks for nobody now
-        session = self.server.course_online.get(payer)
+        session = self.host.presence.local(payer, course=True)
         return session is not None and session.ip == self.ip
 
     async def _pay(self, message: CoursePayment) -> bytes:
@@ -238,7 +214,7 @@ class CourseSession:
             log.info("%s: course payment %r refused: not the payer's", self.ip, message)
             return course.PAY_NOT_YOURS
         try:
-            t = await self.server.ledger.settle(
+            t = await self.host.ledger.settle(
                 uuid.uuid4(), message.payer, message.payee, message.amount
             )
         except lg.LedgerError as exc:
@@ -255,7 +231,7 @@ class CourseSession:
         if self.user is None or name_key(self.user) != name_key(message.payee):
             return course.TRANSFER_FAIL
         try:
-            t = await self.server.ledger.settle(
+            t = await self.host.ledger.settle(
                 uuid.uuid4(), message.payer, message.payee, message.amount
             )
         except lg.LedgerError as exc:
@@ -266,16 +242,9 @@ class CourseSession:
             outcome = course.TRANSFER_OK
         # Success or not, the outcome is the payer's, who waits for it; the payee is told
         # nothing (its client is not reading for a reply).
-        payer = self.server.course_online.get(message.payer)
+        payer = self.host.presence.local(message.payer, course=True)
         if payer is self:
             return outcome  # paying oneself (refused): the answer in line, in order
-        if payer is not None:
-
-            async def tell_payer() -> None:
-                try:
-                    await payer.send(outcome)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-
-            self.server.spawn(tell_payer)
+        if isinstance(payer, CourseSession):
+            payer.send_soon(outcome)
         return None

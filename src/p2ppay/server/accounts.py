@@ -1,0 +1,213 @@
+"""Proving who someone is: password hashing, login throttling, peer certificates, and checking
+a payee's signed acceptance before a payment reaches the ledger.
+
+Hashing runs on the hasher's own low-priority threads, fairly between addresses; a signature is
+checked on a worker thread. Time comes from injected clocks (``clock`` for throttling, a wall
+clock for certificate expiry), so tests run on Trio's mock clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, final
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+
+from .. import ledger as lg
+from .. import protocol as p
+from ..hashing import Hasher, HashQueueFull, Work
+from ..limits import LimitLog, LoginThrottle, Refusal, address_key
+from ..names import NameMap
+from ..passwords import hash_password, verify_password
+from ..pki import (
+    IdentityError,
+    Issuer,
+    PeerCertificate,
+    load_public_key_der,
+    public_key_der,
+    verify_acceptance,
+)
+from .config import ServerConfig
+from .errors import RequestFailed
+
+log = logging.getLogger("p2ppay.server")
+
+
+@final
+class Accounts:
+    """Passwords, throttling, certificates and acceptance checks for one server."""
+
+    def __init__(
+        self,
+        ledger: lg.Ledger,
+        issuer: Issuer,
+        config: ServerConfig,
+        limit_log: LimitLog,
+        *,
+        hash_work: Work | None = None,
+        clock: Callable[[], float] = trio.current_time,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self.issuer = issuer
+        self.config = config
+        self.limit_log = limit_log
+        self.wall_clock = wall_clock
+        self.throttle = LoginThrottle(config.throttle, clock)
+        # name -> (public key, expiry in ms) certified for the account's current session, or
+        # None once revoked; a cache of what the ledger stores, set before every change of a
+        # key is written (so no settle checked after the change uses the old key) and filled
+        # from the ledger on first use.
+        self._peer_keys: NameMap[tuple[EllipticCurvePublicKey, int] | None] = NameMap()
+        self._hash_work = hash_work  # tests: what runs a hash job instead of the threads
+        self._hasher: Hasher | None = None  # its threads run while running() does
+        # A hash to check against when the account does not exist, so that a missing account
+        # costs the same time as a wrong password. Made lazily (it is slow).
+        self._dummy_hash: str | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The hashing threads run while this block does."""
+        cfg = self.config
+        async with Hasher(
+            cfg.hash_threads, cfg.hash_queue_per_address, work=self._hash_work
+        ) as self._hasher:
+            yield
+
+    @property
+    def hasher(self) -> Hasher:
+        assert self._hasher is not None, "running() runs the hashing threads"
+        return self._hasher
+
+    # -- passwords --
+
+    async def _hash_job(self, ip: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on a hashing thread in ``ip``'s turn; a full queue is ``rate_limited``."""
+        try:
+            return await self.hasher.run(address_key(ip), fn)
+        except HashQueueFull:
+            self.limit_log.hit("hash-queue-per-address", f"{ip} has too many logins waiting")
+            raise RequestFailed(
+                p.ErrorCode.RATE_LIMITED,
+                "too many logins from your address are waiting to be checked; try again in 1 s",
+            ) from None
+
+    async def hash_password(self, password: str, ip: str) -> str:
+        digest: str = await self._hash_job(ip, partial(hash_password, password, self.config.scrypt))
+        return digest
+
+    async def verify_password(self, password: str, stored: str | None, ip: str) -> bool:
+        """Whether ``password`` matches ``stored``; with no stored hash (no such account) it
+        costs the same and answers False."""
+        if stored is None:
+            if self._dummy_hash is None:
+                self._dummy_hash = await self.hash_password("no such account", ip)
+            await self._hash_job(ip, partial(verify_password, password, self._dummy_hash))
+            return False
+        ok: bool = await self._hash_job(ip, partial(verify_password, password, stored))
+        return ok
+
+    async def check_login(self, name: str, password: str, ip: str) -> lg.Account:
+        """The account ``name`` if ``password`` is its own; else ``rate_limited`` or the one
+        answer for a missing account and a wrong password, ``auth_failed``."""
+        refusal: Refusal | None = self.throttle.admit(name, ip)
+        if refusal is not None:
+            self.limit_log.hit("login-throttle", f"{name} from {ip}")
+            raise RequestFailed(
+                p.ErrorCode.RATE_LIMITED,
+                f"{refusal.reason}; try again in {math.ceil(refusal.retry_after)} s",
+            )
+        account = await self.ledger.account(name)
+        stored = account.password_hash if account and account.kind == "native" else None
+        # A missing account costs the same hashing as a wrong password, and gets the same
+        # answer: a login does not tell whether a name exists.
+        ok = await self.verify_password(password, stored, ip)
+        if account is None or stored is None or not ok:
+            self.throttle.failed(name, ip)
+            raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
+        self.throttle.succeeded(name, ip)
+        return account
+
+    # -- peer certificates --
+
+    async def certify(self, name: str, csr: str | None) -> PeerCertificate | None:
+        """Issue ``name`` (as registered) a peer certificate for the CSR's key, which becomes
+        its current key; without a CSR, the account has no current key any more. Either way
+        no earlier session's key is accepted from now on."""
+        if csr is None:
+            await self.revoke_peer_key(name)
+            return None
+        lifetime = dt.timedelta(seconds=self.config.peer_cert_lifetime)
+        try:
+            cert = self.issuer.issue(csr, name, lifetime)
+        except IdentityError as exc:
+            raise RequestFailed(p.ErrorCode.BAD_CSR, str(exc)) from None
+        expires_ms = int(cert.not_after.timestamp() * 1000)
+        await self._set_peer_key(
+            name, (cert.public_key, expires_ms), public_key_der(cert.public_key)
+        )
+        return cert
+
+    async def revoke_peer_key(self, name: str) -> None:
+        """Acceptances signed with ``name``'s current key no longer settle (logout)."""
+        if name in self._peer_keys and self._peer_keys[name] is None:
+            return  # no current key already (a login without a CSR, say): no ledger write
+        await self._set_peer_key(name, None, None)
+
+    async def _set_peer_key(
+        self, name: str, entry: tuple[EllipticCurvePublicKey, int] | None, der: bytes | None
+    ) -> None:
+        # The cache changes first, with no checkpoint before the ledger write is queued: a
+        # settle checked before this point was queued to the ledger before the write, and
+        # every settle checked after it sees the new entry.
+        self._peer_keys[name] = entry
+        try:
+            await self.ledger.set_peer_key(name, der, entry[1] if entry else None)
+        except BaseException:
+            self._peer_keys.pop(name, None)  # the ledger says what holds; read it again
+            raise
+
+    async def acceptance_check(
+        self, payment_id: uuid.UUID, payer: str, payee: str, amount: int, acceptance: str
+    ) -> lg.Authorize:
+        """How to authorise a new payment: is ``acceptance`` the payee's signature over this
+        very payment, made with the key certified for the payee's current session? What comes
+        back is run by the ledger for a new payment only (a retry of a settled one gets its
+        stored outcome whatever the key now is)."""
+        if payee in self._peer_keys:
+            cached = self._peer_keys[payee]
+        else:
+            account = await self.ledger.account(payee)
+            if account is None or account.kind != "native":
+                return lambda: f"{payee} has no peer key to accept with"  # not cached
+            stored = None
+            if account.peer_key is not None:
+                expires = account.peer_key_expires_ms or 0
+                stored = (load_public_key_der(account.peer_key), expires)
+            # A key changed while we read wins over what we read.
+            cached = self._peer_keys.setdefault(account.name, stored)
+        if cached is None:
+            return lambda: f"{payee} has no current peer key to accept with"
+        key, expires_ms = cached
+        if expires_ms < self.wall_clock() * 1000:
+            return lambda: f"{payee}'s certificate has expired"
+        try:
+            signature = base64.b64decode(acceptance, validate=True)
+        except ValueError:
+            return lambda: "the acceptance is not base64"
+
+        def check() -> str | None:
+            if verify_acceptance(key, signature, str(payment_id), payer, payee, amount):
+                return None
+            return f"the acceptance is not {payee}'s signature over this payment"
+
+        return check

@@ -1,0 +1,194 @@
+"""The server: owns every connection (one task each, in one nursery), and the order of shutdown.
+
+Transport-agnostic: tests hand it memory streams through :meth:`Server.handle_connection`, the
+real listeners hand it TCP streams. Admission (limits, TLS), who is online, who someone is, and
+each dialect's session are modules of their own; this one wires them together.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any, final
+
+import trio
+
+from .. import ledger as lg
+from ..course import REFERENCE, Dialect
+from ..hashing import Work
+from ..limits import LimitLog
+from ..pki import Issuer
+from .accounts import Accounts
+from .admission import Admission, peer_ip, peer_port
+from .base import SessionBase
+from .config import ServerConfig
+from .course_session import CourseSession
+from .native import Session
+from .presence import LocalPresence
+
+log = logging.getLogger("p2ppay.server")
+
+
+@final
+class Server:
+    """Sessions, presence and shutdown for one ledger."""
+
+    def __init__(
+        self,
+        ledger: lg.Ledger,
+        ssl_context: ssl.SSLContext,
+        issuer: Issuer,
+        config: ServerConfig | None = None,
+        *,
+        server_public_key: str = "",
+        course_tls: bool = False,
+        course_dialect: Dialect = REFERENCE,
+        hash_work: Work | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.config = cfg = config or ServerConfig()
+        self.limit_log = LimitLog(log, clock=trio.current_time)
+        self.admission = Admission(
+            ssl_context,
+            self.limit_log,
+            max_connections=cfg.max_connections,
+            max_per_ip=cfg.max_connections_per_ip,
+            handshake_timeout=cfg.handshake_timeout,
+        )
+        self.accounts = Accounts(ledger, issuer, cfg, self.limit_log, hash_work=hash_work)
+        self.presence = LocalPresence()
+        self.sessions: set[SessionBase] = set()
+        #: the course dialect's login reply names this (base64 DER of the server's key)
+        self.server_public_key = server_public_key
+        self.course_tls = course_tls
+        #: the flavour of the course dialect the course listener speaks
+        self.course_dialect = course_dialect
+        self._closing = False
+        self._nursery: trio.Nursery | None = None
+        self._accept_scope = trio.CancelScope()
+        self._drained = trio.Event()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- running --
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        course_listeners: Sequence[trio.abc.Listener[Any]] = (),
+        *,
+        task_status: trio.TaskStatus[Sequence[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on ``listeners`` (and the course dialect on ``course_listeners``) until
+        :meth:`shutdown`; return when every session is done."""
+        async with self.accounts.running(), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            with self._accept_scope:
+                async with trio.open_nursery() as accepting:
+                    for group, handler in (
+                        (listeners, self._on_accept),
+                        (course_listeners, self._on_course_accept),
+                    ):
+                        if group:
+                            await accepting.start(
+                                partial(
+                                    trio.serve_listeners,
+                                    handler,
+                                    list(group),
+                                    handler_nursery=nursery,
+                                )
+                            )
+                    # No listener at all is in-memory use: connections come through
+                    # handle_connection() and handle_course_connection().
+                    task_status.started([*listeners, *course_listeners])
+                    await trio.sleep_forever()
+            # Accepting has stopped: sessions finish what they are doing and leave.
+            self._wake_sessions()
+            with trio.move_on_after(self.config.shutdown_grace):
+                if self.sessions:
+                    await self._drained.wait()
+            if self.sessions:
+                log.warning(
+                    "cutting %d connection(s) still busy after the grace period", len(self.sessions)
+                )
+            nursery.cancel_scope.cancel()
+
+    async def run_in_memory(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Like :meth:`serve` with no listener: for tests that call :meth:`handle_connection`."""
+        await self.serve([], [], task_status=task_status)  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        """Stop accepting; let in-flight requests finish; close every connection."""
+        if not self._closing:
+            log.info("shutting down: no new connections, finishing in-flight requests")
+        self._closing = True
+        self._accept_scope.cancel()
+        self._wake_sessions()
+
+    def _wake_sessions(self) -> None:
+        for session in list(self.sessions):
+            session.wake()
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a short background job (an event delivery) under the server's nursery."""
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
+    # -- connections --
+
+    async def _on_accept(self, stream: trio.abc.Stream) -> None:
+        await self.handle_connection(stream, peer_ip(stream))
+
+    async def _on_course_accept(self, stream: trio.abc.Stream) -> None:
+        await self.handle_course_connection(stream, peer_ip(stream), peer_port(stream))
+
+    async def handle_connection(self, transport: trio.abc.Stream, ip: str) -> None:
+        """Own one native connection from TLS handshake to close."""
+        if not self.admission.admit(ip):
+            await trio.aclose_forcefully(transport)
+            return
+        try:
+            stream = await self.admission.handshake(transport, ip)
+            if stream is not None:
+                await self._own(Session(self, stream, ip))
+        finally:
+            self.admission.release(ip)
+
+    async def handle_course_connection(
+        self, transport: trio.abc.Stream, ip: str, port: int = 0
+    ) -> None:
+        """Own one course-dialect connection (TLS first if the server was told --course-tls);
+        ``port`` is its source port (0: unknown)."""
+        if not self.admission.admit(ip):
+            await trio.aclose_forcefully(transport)
+            return
+        try:
+            stream: trio.abc.Stream | None = transport
+            if self.course_tls:
+                stream = await self.admission.handshake(transport, ip)
+            if stream is not None:
+                await self._own(CourseSession(self, stream, ip, port))
+        finally:
+            self.admission.release(ip)
+
+    async def _own(self, session: SessionBase) -> None:
+        """Run a session to its end, whatever happens in it."""
+        self.sessions.add(session)
+        log.info("%s: connected%s", session.ip, " (course)" if session.course else "")
+        try:
+            await session.run()
+        except Exception:
+            # A bug in one session must not take the server down with it.
+            log.exception("%s: internal error; connection closed", session.ip)
+        finally:
+            self.sessions.discard(session)
+            self.presence.forget(session, course=session.course)
+            if self._closing and not self.sessions:
+                self._drained.set()
+            log.info("%s: disconnected%s", session.ip, f" ({session.user})" if session.user else "")

@@ -1,0 +1,286 @@
+"""A native-protocol connection: requests read through the sans-I/O
+:class:`~p2ppay.protocol.ServerConnection`, answered one at a time, one handler per op.
+
+The session never parses bytes and never writes SQL: it asks :class:`~.accounts.Accounts` who
+someone is, :class:`~.presence.Presence` who is online, and the ledger to move money. Whether
+it may act for its user (logged in, replaced by a newer login) is its own state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, final
+
+import trio
+
+from .. import __version__
+from .. import ledger as lg
+from .. import protocol as p
+from ..names import name_key
+from .base import Host, SessionBase
+from .errors import LEDGER_CODES, RequestFailed
+
+log = logging.getLogger("p2ppay.server")
+
+
+@final
+class Session(SessionBase):
+    """One client connection: reads requests, answers them in order, and takes pushed events."""
+
+    course: ClassVar[bool] = False
+
+    def __init__(self, host: Host, stream: trio.SSLStream[trio.abc.Stream], ip: str) -> None:
+        super().__init__(host, stream, ip)
+        self.conn = p.ServerConnection(host.config.max_line, host.config.max_depth)
+        #: when this connection became anonymous (connected, or logged out)
+        self.anonymous_since = trio.current_time()
+        #: when the first bytes of the request line now arriving were seen
+        self.line_started: float | None = None
+        self.p2p_port: int | None = None
+        #: a newer login of the same account took over: nothing more is done for the user
+        self.replaced_by: str | None = None
+        self._handlers: dict[str, Callable[[Any], Awaitable[p.Result]]] = {
+            "hello": self._hello,
+            "register": self._register,
+            "login": self._login,
+            "deposit": self._deposit,
+            "list": self._list,
+            "lookup": self._lookup,
+            "settle": self._settle,
+            "history": self._history,
+            "logout": self._logout,
+        }
+
+    @property
+    def listed_port(self) -> int | None:
+        return self.p2p_port
+
+    def replaced(self, by_ip: str) -> None:
+        log.info(
+            "%s: %s logged in again from %s; closing the old session", self.ip, self.user, by_ip
+        )
+        self.replaced_by = by_ip
+        self.send_soon(
+            p.encode_event(p.SessionReplaced(f"{self.user} logged in from {by_ip}")),
+            then_close=True,
+        )
+
+    def push(self, event: p.Event) -> None:
+        """Deliver an event without making the caller wait for this peer."""
+        if self.conn.state is p.State.AUTHENTICATED:
+            self.send_soon(self.conn.send_event(event))
+
+    async def close_stream(self) -> None:
+        # A polite close (TLS close_notify) only if nobody is writing and the peer takes it
+        # promptly; otherwise drop the transport.
+        if self.cancel_scope.cancel_called or self._out.busy:
+            await trio.aclose_forcefully(self.stream)
+            return
+        with trio.move_on_after(1) as scope:
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.stream)
+
+    # -- reading requests --
+
+    async def serve(self) -> None:
+        cfg = self.host.config
+        while True:
+            if self.host.closing:
+                await self._refuse_buffered_requests()
+                await self.send(
+                    self.conn.send_event(p.ServerClosing("the server is shutting down"))
+                )
+                return
+            try:
+                event = self.conn.next_event()
+            except p.RemoteProtocolError as exc:
+                log.info("%s: protocol error: %s", self.ip, exc)
+                await self.send(self.conn.send_error(None, exc.code, exc.message))
+                return
+            if event is p.NEED_DATA:
+                data: bytes | bytearray | None = None
+                # A fresh scope per read: shutdown cancels it to stop reading. Its deadline
+                # is a total, not per read, so bytes that trickle in do not push it back: the
+                # end of the request line now arriving, and the login of an anonymous
+                # connection.
+                if self.conn.partial and self.line_started is None:
+                    self.line_started = trio.current_time()
+                scope = self.receive_scope = trio.CancelScope()
+                if self.user is None:
+                    scope.deadline = self.anonymous_since + cfg.anonymous_idle_timeout
+                if self.line_started is not None:
+                    scope.deadline = min(scope.deadline, self.line_started + cfg.line_timeout)
+                with scope:
+                    data = await self.stream.receive_some(cfg.receive_size)
+                if data is None:
+                    if self.host.closing:
+                        continue  # woken for shutdown; the loop's first check ends the session
+                    await self._timed_out()
+                    return
+                self.conn.receive_data(data)
+            elif event is p.CLOSED:
+                return
+            elif isinstance(event, p.Rejected):
+                self.line_started = None
+                log.debug("%s: rejected request: %s", self.ip, event.message)
+                await self.send(self.conn.send_error(event.id, event.code, event.message))
+            else:
+                assert not isinstance(event, p.Sentinel)
+                self.line_started = None
+                await self.send(await self._answer(event))
+
+    async def _timed_out(self) -> None:
+        cfg = self.host.config
+        if self.line_started is not None and (
+            self.user is not None
+            or self.line_started + cfg.line_timeout
+            <= self.anonymous_since + cfg.anonymous_idle_timeout
+        ):
+            self.host.limit_log.hit(
+                "line-timeout", f"{self.ip}: a request line took over {cfg.line_timeout:g} s"
+            )
+            message = f"a request line took longer than {cfg.line_timeout:g} s; closing"
+            await self.send(self.conn.send_error(None, p.ErrorCode.TIMEOUT, message))
+        else:
+            # Silently, as ever: a client at a person's prompt simply reconnects later.
+            self.host.limit_log.hit(
+                "idle-timeout",
+                f"{self.ip}: not logged in within {cfg.anonymous_idle_timeout:g} s",
+            )
+
+    async def _refuse_buffered_requests(self) -> None:
+        """At shutdown, tell the client which of its already-sent requests were not done."""
+        out = bytearray()
+        while True:
+            try:
+                event = self.conn.next_event()
+            except p.RemoteProtocolError:
+                break
+            if isinstance(event, p.Sentinel):
+                break
+            out += self.conn.send_error(
+                event.id, p.ErrorCode.SHUTTING_DOWN, "the server is shutting down; not done"
+            )
+        if out:
+            await self.send(bytes(out))
+
+    async def _answer(self, request: p.Request) -> bytes:
+        op = p.op_of(request)
+        log.debug("%s: %s %s", self.ip, self.user or "-", op)
+        if self.conn.state is p.State.AUTHENTICATED and self.replaced_by is not None:
+            return self.conn.send_error(
+                request.id, p.ErrorCode.NOT_LOGGED_IN, "this session was replaced by a newer login"
+            )
+        try:
+            result = await self._handlers[op](request)
+        except RequestFailed as exc:
+            return self.conn.send_error(request.id, exc.code, exc.message)
+        except lg.LedgerError as exc:
+            code = LEDGER_CODES.get(type(exc), p.ErrorCode.INTERNAL)
+            if code is p.ErrorCode.INTERNAL:
+                log.error("%s: ledger failure on %s: %s", self.ip, op, exc)
+                return self.conn.send_error(request.id, code, "the ledger is unavailable")
+            return self.conn.send_error(request.id, code, str(exc))
+        return self.conn.send_ok(request, result)
+
+    # -- one handler per op --
+
+    async def _hello(self, req: p.Hello) -> p.HelloResult:
+        if req.version != p.PROTOCOL_VERSION:
+            raise RequestFailed(
+                p.ErrorCode.UNSUPPORTED_VERSION, f"this server speaks version {p.PROTOCOL_VERSION}"
+            )
+        return p.HelloResult(p.PROTOCOL_VERSION, f"p2ppay/{__version__}")
+
+    async def _register(self, req: p.Register) -> p.RegisterResult:
+        ledger = self.host.ledger
+        if await ledger.account(req.name) is not None:  # cheap check before the slow hash
+            raise RequestFailed(p.ErrorCode.NAME_TAKEN, f"the name {req.name!r} is taken")
+        digest = await self.host.accounts.hash_password(req.password, self.ip)
+        await ledger.create_account(req.name, digest)
+        log.info("%s: registered %s", self.ip, req.name)
+        return p.RegisterResult(req.name)
+
+    async def _login(self, req: p.Login) -> p.LoginResult:
+        accounts = self.host.accounts
+        account = await accounts.check_login(req.name, req.password, self.ip)
+        name = account.name  # as registered, whatever the letter case of the login
+        cert = await accounts.certify(name, req.csr)
+        self.user = name
+        self.p2p_port = req.p2p_port
+        self.replaced_by = None
+        self.host.presence.take_over(self)
+        log.info("%s: %s logged in (p2p port %s)", self.ip, name, req.p2p_port)
+        return p.LoginResult(
+            name,
+            account.balance,
+            self.ip,
+            req.p2p_port,
+            cert.pem if cert else None,
+            accounts.issuer.ca_pem if cert else None,
+        )
+
+    def _me(self) -> str:
+        assert self.user is not None
+        return self.user
+
+    async def _deposit(self, req: p.Deposit) -> p.BalanceResult:
+        return p.BalanceResult(await self.host.ledger.deposit(self._me(), req.amount))
+
+    async def _list(self, req: p.ListOnline) -> p.ListResult:
+        account = await self.host.ledger.account(self._me())
+        balance = account.balance if account else 0
+        return p.ListResult(balance, await self.host.presence.listing(self.host.config.max_list))
+
+    async def _lookup(self, req: p.Lookup) -> p.Presence:
+        where = await self.host.presence.lookup(req.name)
+        if where is not None:
+            return where
+        account = await self.host.ledger.account(req.name)
+        if account is None:
+            raise RequestFailed(p.ErrorCode.UNKNOWN_USER, f"no account named {req.name!r}")
+        raise RequestFailed(p.ErrorCode.PAYEE_OFFLINE, f"{account.name} is not online")
+
+    async def _settle(self, req: p.Settle) -> p.SettleResult:
+        # The payer is always this session's own account: nobody moves money out of another's.
+        payer = self._me()
+        if name_key(req.payee) == name_key(payer):
+            raise RequestFailed(p.ErrorCode.SELF_PAYMENT, "you cannot pay yourself")
+        # The ledger authorises only a new payment: a retry of one settled before (perhaps
+        # before the payee's key changed) gets its stored outcome.
+        authorize = await self.host.accounts.acceptance_check(
+            req.payment_id, payer, req.payee, req.amount, req.acceptance
+        )
+        t = await self.host.ledger.settle(req.payment_id, payer, req.payee, req.amount, authorize)
+        if not t.replayed:
+            log.debug(
+                "%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee, t.amount
+            )
+            payee = self.host.presence.local(t.payee)
+            if isinstance(payee, Session):
+                payee.push(p.PaymentReceived(t.payment_id, t.payer, t.amount, t.payee_balance))
+        return p.SettleResult(t.payment_id, t.payer, t.payee, t.amount, t.payer_balance)
+
+    async def _history(self, req: p.History) -> p.HistoryResult:
+        entries = await self.host.ledger.history(self._me(), req.limit)
+        return p.HistoryResult(
+            [
+                p.HistoryEntry(e.kind, e.amount, e.balance, e.at_ms, e.counterparty, e.payment_id)
+                for e in entries
+            ]
+        )
+
+    async def _logout(self, req: p.Logout) -> p.LogoutResult:
+        # Acceptances signed with this session's key stop counting: the owner has left.
+        await self.host.accounts.revoke_peer_key(self._me())
+        log.info("%s: %s logged out", self.ip, self.user)
+        self.host.presence.forget(self)
+        self.user = None
+        self.p2p_port = None
+        self.anonymous_since = trio.current_time()
+        return p.LogoutResult()

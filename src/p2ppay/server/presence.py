@@ -1,0 +1,106 @@
+"""Who is online, where: one registry for both dialects, behind the :class:`Presence` interface.
+
+A login *takes over* its name: an older session of the same account is told it was replaced
+(its own state machine then refuses what only a current session may do) and logs out. The
+in-process :class:`LocalPresence` is the only backend so far; a shared one (several server
+nodes) implements the same interface.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, final
+
+from .. import protocol as p
+from ..names import NameMap, name_key
+
+
+class Member(Protocol):
+    """What presence needs of a session."""
+
+    @property
+    def user(self) -> str | None:
+        """The account it is logged in as (as registered), if any."""
+
+    @property
+    def ip(self) -> str: ...
+
+    @property
+    def listed_port(self) -> int | None:
+        """The port it is listed with (where its payments are taken)."""
+
+    def replaced(self, by_ip: str) -> None:
+        """A newer login of the same account (from ``by_ip``) has taken over."""
+
+
+class Presence(Protocol):
+    """Who is online in each dialect. Keys are account names in any letter case."""
+
+    def take_over(self, member: Member, *, course: bool = False) -> None: ...
+
+    def forget(self, member: Member, *, course: bool = False) -> None: ...
+
+    def is_current(self, member: Member, *, course: bool = False) -> bool: ...
+
+    def local(self, name: str, *, course: bool = False) -> Member | None:
+        """The session of ``name`` connected to this server process, if any."""
+
+    async def lookup(self, name: str) -> p.Presence | None:
+        """Where a native user takes payments, if online."""
+
+    async def listing(self, limit: int) -> list[p.Presence]:
+        """Native users online, by name, at most ``limit``."""
+
+    def course_roster(self) -> list[tuple[str, str, int]]:
+        """Course users online as (name, ip, port), in the order they came online."""
+
+
+@final
+class LocalPresence:
+    """Presence in this process: one name map per dialect."""
+
+    def __init__(self) -> None:
+        self._native: NameMap[Member] = NameMap()
+        self._course: NameMap[Member] = NameMap()
+
+    def _map(self, course: bool) -> NameMap[Member]:
+        return self._course if course else self._native
+
+    def take_over(self, member: Member, *, course: bool = False) -> None:
+        assert member.user is not None
+        online = self._map(course)
+        # Re-inserted, not updated: the course roster lists users by when they came online.
+        old = online.pop(member.user, None)
+        online[member.user] = member
+        if old is not None and old is not member:
+            old.replaced(member.ip)
+
+    def forget(self, member: Member, *, course: bool = False) -> None:
+        online = self._map(course)
+        if member.user is not None and online.get(member.user) is member:
+            del online[member.user]
+
+    def is_current(self, member: Member, *, course: bool = False) -> bool:
+        return member.user is not None and self._map(course).get(member.user) is member
+
+    def local(self, name: str, *, course: bool = False) -> Member | None:
+        return self._map(course).get(name)
+
+    async def lookup(self, name: str) -> p.Presence | None:
+        member = self._native.get(name)
+        if member is None or member.user is None:
+            return None
+        return p.Presence(member.user, member.ip, member.listed_port)
+
+    async def listing(self, limit: int) -> list[p.Presence]:
+        members = sorted(self._native.values(), key=lambda m: name_key(m.user or ""))
+        return [p.Presence(m.user or "", m.ip, m.listed_port) for m in members[:limit]]
+
+    def course_roster(self) -> list[tuple[str, str, int]]:
+        return [(name, m.ip, m.listed_port or 0) for name, m in self._course.items()]
+
+    def __len__(self) -> int:
+        return len(self._native) + len(self._course)
+
+    def names(self, *, course: bool = False) -> list[str]:
+        """Who is online (as registered), for tests and operators."""
+        return list(self._map(course))

@@ -1,0 +1,148 @@
+"""Running a real server process: the state directory, certificates, listeners, the ledger
+file, and SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+
+import trio
+
+from .. import ledger as lg
+from ..pki import Issuer, ensure_server_credentials, public_key_line
+from ..tls import server_context
+from .app import Server
+from .config import LEDGER_FILE, ServerOptions
+
+log = logging.getLogger("p2ppay.server")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why, in one line."""
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create the state directory if needed and check that we can write there and to the
+    ledger: a clear error now rather than a traceback from deep inside SQLite or the CA code."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise StartupError(f"the state directory {state_dir} is not a directory")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the state directory {state_dir}: {exc.strerror or exc}"
+        ) from None
+    probe = state_dir / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot write in the state directory {state_dir}: {exc.strerror}"
+        ) from None
+    for name in (LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm"):
+        path = state_dir / name
+        if path.exists():
+            try:
+                with path.open("r+b"):
+                    pass
+            except OSError as exc:
+                raise StartupError(f"cannot write the ledger file {path}: {exc.strerror}") from None
+
+
+async def _bind(port: int, host: str | None) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        where = f"port {port}" if host is None else f"{host} port {port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"{where} is already in use") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"{where} is not allowed for this user") from None
+        raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
+async def run_server(
+    options: ServerOptions,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses
+    (the native listeners' first, then the course dialect's)."""
+    state_dir = options.state_dir
+    await trio.to_thread.run_sync(prepare_state_dir, state_dir)
+    if options.cert and options.key:
+        cert_path: Path = options.cert
+        try:
+            ctx = server_context(options.cert, options.key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            reason = (
+                "they are not a PEM certificate chain and its private key"
+                if isinstance(exc, ssl.SSLError)
+                else getattr(exc, "strerror", None) or exc
+            )
+            raise StartupError(
+                f"cannot use --cert {options.cert} with --key {options.key}: {reason}"
+            ) from None
+    elif options.cert or options.key:
+        raise StartupError("--cert and --key go together")
+    else:
+        creds = await trio.to_thread.run_sync(ensure_server_credentials, state_dir, options.sans)
+        cert_path = creds.cert_chain
+        ctx = server_context(creds.cert_chain, creds.key)
+    issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
+    key_line = public_key_line(await trio.Path(cert_path).read_bytes())
+
+    # Bind first: a port in use is reported before anything is created or opened.
+    listeners = await _bind(options.port, options.host)
+    course_listeners: list[trio.SocketListener] = []
+    try:
+        if options.course_port is not None:
+            course_listeners = await _bind(options.course_port, options.host)
+        async with lg.open_sqlite_ledger(
+            state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
+        ) as ledger:
+            server = Server(
+                ledger,
+                ctx,
+                issuer,
+                options.config,
+                server_public_key=key_line,
+                course_tls=options.course_tls,
+                course_dialect=options.course_dialect,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, listeners, course_listeners)
+                addresses: list[tuple[str, int]] = []
+                for group, what in ((listeners, "TLS"), (course_listeners, "course dialect")):
+                    if what != "TLS":
+                        what = f"course dialect, {options.course_dialect.name} flavour"
+                        if options.course_tls:
+                            what += ", over TLS"
+                    for listener in group:
+                        host, port = listener.socket.getsockname()[:2]
+                        addresses.append((str(host), int(port)))
+                        log.info("listening on %s port %d (%s)", host, port, what)
+                task_status.started(addresses)
+                if handle_signals:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            log.info("received %s", signal.Signals(signum).name)
+                            server.shutdown()
+                            break
+        log.info(
+            "ledger: %d commits, %d operations (%.1f per commit)",
+            ledger.commits,
+            ledger.ops_committed,
+            ledger.ops_committed / max(ledger.commits, 1),
+        )
+    finally:
+        for listener in [*listeners, *course_listeners]:  # serve() closed those it started
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+    log.info("stopped")
