@@ -13,8 +13,10 @@ import pexpect
 import pytest
 import trio
 
-from p2ppay.cli import build_parser
+from p2ppay.cli import build_parser, server_options
 from p2ppay.exitcodes import ExitCode
+from p2ppay.server import ServerOptions
+from p2ppay.settings import fields_and_flags
 
 from .test_cli_client import client_cmd
 from .test_loopback import server_process
@@ -131,6 +133,46 @@ def test_every_flag_is_explained_once() -> None:
         assert text.count("default") <= 1, (where, text)
         assert "(default: None)" not in text and "(default: False)" not in text, (where, text)
     assert "Parses arguments" not in p2ppay("--help").stdout  # no docstring as description
+
+
+def test_every_server_setting_is_a_flag() -> None:
+    """Each field of the server's options and of every config they hold has its flag, and a
+    value given on the command line reaches its field (so flags and fields cannot drift)."""
+    argv = ["server", "--state-dir", "/tmp/x"]
+    expected: dict[str, object] = {"state_dir": Path("/tmp/x")}
+    for dest, _field, flag in fields_and_flags(ServerOptions):
+        assert flag is not None, f"{dest} has no flag"
+        assert flag.help, f"{flag.name} has no help"
+        if dest == "state_dir":
+            continue
+        if flag.action == "store_true":
+            argv.append(flag.name)
+            expected[dest] = True
+            continue
+        value: object
+        if flag.action == "append":
+            text, value = "example.test", ("example.test",)
+        elif flag.choices is not None:
+            text = flag.choices[-1]
+            value = flag.convert(text) if flag.convert else text
+        else:
+            text = {"--scrypt-n": "64", "--port": "4242", "--course-port": "4243"}.get(
+                flag.name, "7"
+            )
+            parsed = flag.parse(text) if flag.parse else text
+            value = flag.convert(parsed) if flag.convert else parsed
+        argv += [flag.name, text]
+        expected[dest] = value
+    options = server_options(build_parser().parse_args(argv))
+    got: dict[str, object] = {}
+    for dest in expected:
+        obj: object = options
+        for part in dest.split("__"):
+            obj = getattr(obj, part)
+        got[dest] = obj
+    assert got == expected
+    assert len(expected) >= 40
+    assert options.config.peer_cert_lifetime == 7 * 3600  # hours on the command line
 
 
 def test_ctrl_c_at_the_password_prompt_leaves_cleanly(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from p2ppay import course as c
-from p2ppay.cli import _server_options, build_parser
+from p2ppay.cli import build_parser, server_options
 from p2ppay.ledger import SqliteLedger
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
@@ -355,7 +355,7 @@ async def test_course_clients_may_wait_for_their_person(
 def test_the_course_idle_timeout_flag() -> None:
     def options(*flags: str) -> float:
         args = build_parser().parse_args(["server", *flags])
-        return _server_options(args).config.course_idle_timeout
+        return server_options(args).config.course_idle_timeout
 
     assert options() == 4 * 3600
     assert options("--course-idle-timeout", "90") == 90

@@ -211,8 +211,8 @@ async def test_a_full_queue_is_refused_at_once_and_only_for_that_address(
 
 
 def test_the_queue_bound_is_a_server_flag() -> None:
-    from p2ppay.cli import _server_options, build_parser
+    from p2ppay.cli import build_parser, server_options
 
     argv = ["server", "--hash-queue-per-address", "3"]
-    assert _server_options(build_parser().parse_args(argv)).config.hash_queue_per_address == 3
-    assert _server_options(build_parser().parse_args(["server"])).config == ServerConfig()
+    assert server_options(build_parser().parse_args(argv)).config.hash_queue_per_address == 3
+    assert server_options(build_parser().parse_args(["server"])).config == ServerConfig()

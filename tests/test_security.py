@@ -439,13 +439,13 @@ async def test_hashing_never_runs_on_the_event_loop(
 
 
 def test_every_login_limit_is_a_server_flag() -> None:
-    from p2ppay.cli import _server_options, build_parser
+    from p2ppay.cli import build_parser, server_options
 
     flags = ["--login-failures", "--login-lockout", "--address-failures", "--address-window"]
     flags += ["--guard-failures", "--guard-window", "--guard-interval"]
     argv = ["server", *(x for i, flag in enumerate(flags) for x in (flag, str(i + 3)))]
-    assert _server_options(build_parser().parse_args(argv)).config.throttle == ThrottleConfig(
+    assert server_options(build_parser().parse_args(argv)).config.throttle == ThrottleConfig(
         3, 4, 5, 6, 7, 8, 9
     )
-    defaults = _server_options(build_parser().parse_args(["server"])).config.throttle
+    defaults = server_options(build_parser().parse_args(["server"])).config.throttle
     assert defaults == ThrottleConfig()

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2ppay import course as c
-from p2ppay.cli import _server_options, build_parser
+from p2ppay.cli import build_parser, server_options
 from p2ppay.ledger import SqliteLedger
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
@@ -76,9 +76,9 @@ def test_the_seed_decoder_never_crashes(data: bytes) -> None:
 
 
 def test_the_dialect_flag() -> None:
-    default = _server_options(build_parser().parse_args(["server", "--course-port", "8700"]))
+    default = server_options(build_parser().parse_args(["server", "--course-port", "8700"]))
     assert default.course_dialect is c.REFERENCE
-    seed = _server_options(
+    seed = server_options(
         build_parser().parse_args(["server", "--course-dialect", "seed", "--course-tls"])
     )
     assert seed.course_dialect is c.SEED and seed.course_tls

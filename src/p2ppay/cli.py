@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sqlite3
 import sys
@@ -17,13 +16,9 @@ import platformdirs
 import trio
 
 from . import __version__
-from .course import DIALECTS, REFERENCE
 from .exitcodes import ExitCode
-from .ledger import Limits
-from .limits import ThrottleConfig
-from .passwords import ScryptParams
-from .protocol import MAX_DEPTH_CAP
-from .server import DEFAULT_PORT, ServerConfig, ServerOptions, StartupError, run_server
+from .server import DEFAULT_PORT, ServerOptions, StartupError, run_server
+from .settings import add_flags, from_flags, port, seconds
 from .shell import PASSWORD_ENV, ClientOptions, run_client
 
 STATE_ENV = "P2PPAY_STATE_DIR"
@@ -57,46 +52,6 @@ def default_state_dir() -> Path:
     return Path(platformdirs.user_data_dir("p2ppay", appauthor=False))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is not within 0..65535")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
-    return value
-
-
-def _seconds_or_off(text: str) -> float:
-    """Seconds, or 0 for no limit at all."""
-    try:
-        if float(text) == 0:
-            return math.inf
-    except ValueError:
-        pass  # _seconds says what is wrong with it
-    return _seconds(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2ppay", description=DESCRIPTION, formatter_class=_HelpFormatter
@@ -104,21 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"p2ppay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = ServerConfig()
-    lim = Limits()
     s = sub.add_parser(
         "server",
         help="run the payment server",
         description="Run the p2ppay server until Ctrl-C or SIGTERM. Every limit is a flag.",
         formatter_class=_HelpFormatter,
-    )
-    s.add_argument("--host", default=None, help="address to listen on (default: every interface)")
-    s.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TLS port (0: any free one)")
-    s.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help=f"ledger and certificates (default: ${STATE_ENV} or the user data dir)",
     )
     s.add_argument(
         "--log-level",
@@ -126,189 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="debug logs one line per request; info one per connection event",
     )
-    s.add_argument("--cert", type=Path, help="your own server certificate chain (PEM)")
-    s.add_argument("--key", type=Path, help="the private key for --cert (PEM)")
-    s.add_argument(
-        "--san",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="extra host name or IP for the generated certificate (repeatable)",
-    )
-    s.add_argument(
-        "--max-line", type=_positive_int, default=d.max_line, help="longest request line in bytes"
-    )
-    s.add_argument(
-        "--handshake-timeout",
-        type=_seconds,
-        default=d.handshake_timeout,
-        help="seconds a TLS handshake may take",
-    )
-    s.add_argument(
-        "--idle-timeout",
-        type=_seconds,
-        default=d.anonymous_idle_timeout,
-        help="seconds after connecting (or logging out) within which a connection must log in",
-    )
-    s.add_argument(
-        "--line-timeout",
-        type=_seconds,
-        default=d.line_timeout,
-        help="seconds within which a request line, once begun, must arrive whole",
-    )
-    s.add_argument(
-        "--max-depth",
-        type=_positive_int,
-        default=d.max_depth,
-        help=f"deepest nesting of JSON arrays and objects in a request (at most {MAX_DEPTH_CAP})",
-    )
-    s.add_argument(
-        "--write-timeout",
-        type=_seconds,
-        default=d.write_timeout,
-        help="seconds a peer that does not read what the server sends is given",
-    )
-    s.add_argument(
-        "--shutdown-grace",
-        type=_seconds,
-        default=d.shutdown_grace,
-        help="seconds in-flight requests may run after SIGTERM",
-    )
-    s.add_argument(
-        "--max-list",
-        type=_positive_int,
-        default=d.max_list,
-        help="most online users one list reply names",
-    )
-    s.add_argument(
-        "--max-deposit", type=_positive_int, default=lim.max_deposit, help="largest single deposit"
-    )
-    s.add_argument(
-        "--max-payment", type=_positive_int, default=lim.max_payment, help="largest single payment"
-    )
-    s.add_argument(
-        "--max-balance",
-        type=_positive_int,
-        default=lim.max_balance,
-        help="no balance may exceed this",
-    )
-    s.add_argument(
-        "--max-batch", type=_positive_int, default=512, help="most operations in one ledger commit"
-    )
-    s.add_argument(
-        "--hash-threads",
-        type=_positive_int,
-        default=d.hash_threads,
-        help="threads for password hashing (default: cores - 1, at least 1)",
-    )
-    s.add_argument(
-        "--hash-queue-per-address",
-        type=_positive_int,
-        default=d.hash_queue_per_address,
-        help="password checks one address may have waiting for a hashing thread (addresses "
-        "take turns); more are answered rate_limited at once",
-    )
-    s.add_argument(
-        "--scrypt-n",
-        type=_positive_int,
-        default=ScryptParams().n,
-        help="scrypt cost for new password hashes (a power of 2)",
-    )
-    s.add_argument(
-        "--peer-cert-hours",
-        type=_seconds,
-        default=d.peer_cert_lifetime / 3600,
-        help="hours the peer certificate a login gets stays valid",
-    )
-    th = ThrottleConfig()
-    s.add_argument(
-        "--max-connections",
-        type=_positive_int,
-        default=d.max_connections,
-        help="connections at once, in all",
-    )
-    s.add_argument(
-        "--max-connections-per-ip",
-        type=_positive_int,
-        default=d.max_connections_per_ip,
-        help="connections at once from one address",
-    )
-    s.add_argument(
-        "--login-failures",
-        type=_positive_int,
-        default=th.max_account_failures,
-        help="failed logins in a row to one account from one address that lock that address "
-        "out of that account (other addresses are not affected)",
-    )
-    s.add_argument(
-        "--login-lockout",
-        type=_seconds,
-        default=th.account_lockout,
-        help="seconds such an (account, address) lockout lasts",
-    )
-    s.add_argument(
-        "--address-failures",
-        type=_positive_int,
-        default=th.max_address_failures,
-        help="failed logins from one address that block it for --address-window",
-    )
-    s.add_argument(
-        "--address-window",
-        type=_seconds,
-        default=th.address_window,
-        help="seconds over which an address's failed logins are counted",
-    )
-    s.add_argument(
-        "--guard-failures",
-        type=_positive_int,
-        default=th.guard_failures,
-        help="failed logins to one account, from all addresses, within --guard-window that "
-        "put it on guard: addresses it has not logged in from then share one check per "
-        "--guard-interval",
-    )
-    s.add_argument(
-        "--guard-window",
-        type=_seconds,
-        default=th.guard_window,
-        help="seconds over which an account's failed logins are counted; on guard until this "
-        "long passes without one",
-    )
-    s.add_argument(
-        "--guard-interval",
-        type=_seconds,
-        default=th.guard_interval,
-        help="seconds between password checks for an account on guard from addresses it has "
-        "not logged in from",
-    )
-    s.add_argument(
-        "--course-port",
-        type=_port,
-        default=None,
-        help="also serve the course dialect (REGISTER#name, name#port, List, Exit, "
-        "payer#amount#payee) on this port; off unless given",
-    )
-    s.add_argument(
-        "--course-tls", action="store_true", help="serve the course dialect over TLS, not plain TCP"
-    )
-    s.add_argument(
-        "--course-initial-balance",
-        type=int,
-        default=d.course_initial_balance,
-        help="what a new course account starts with (REGISTER#name; reference flavour)",
-    )
-    s.add_argument(
-        "--course-dialect",
-        choices=list(DIALECTS),
-        default=REFERENCE.name,
-        help="flavour of the course dialect: the course's reference one, or the one the seed "
-        "program speaks (REGISTER#name#port, DEPOSIT#name#amount; the payer settles)",
-    )
-    s.add_argument(
-        "--course-idle-timeout",
-        type=_seconds_or_off,
-        default=d.course_idle_timeout,
-        help="seconds a course connection that has not logged in may stay silent (0: forever)",
-    )
+    # Every other flag is a field of ServerOptions or of the config it holds (settings.py).
+    add_flags(s, ServerOptions)
     c = sub.add_parser(
         "client",
         help="the terminal client (interactive, or scripted with -c)",
@@ -317,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     c.add_argument("host", nargs="?", default="localhost", help="the server's host")
-    c.add_argument("port", nargs="?", type=_port, default=DEFAULT_PORT, help="the server's port")
+    c.add_argument("port", nargs="?", type=port, default=DEFAULT_PORT, help="the server's port")
     c.add_argument(
         "--cafile",
         type=Path,
@@ -341,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--listen-port",
-        type=_port,
+        type=port,
         default=None,
         help="port for taking payments (0: any free port, told to the server); asked at an "
         "interactive login when not given",
@@ -354,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--ask-timeout",
-        type=_seconds,
+        type=seconds,
         default=30.0,
         help="seconds to answer an offer before it is declined",
     )
@@ -377,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _client_options(args: argparse.Namespace) -> ClientOptions:
+def client_options(args: argparse.Namespace) -> ClientOptions:
     cafile = args.cafile or (default_state_dir() / "ca.pem")
     return ClientOptions(
         host=args.host,
@@ -395,59 +159,14 @@ def _client_options(args: argparse.Namespace) -> ClientOptions:
     )
 
 
-def _server_options(args: argparse.Namespace) -> ServerOptions:
-    n = args.scrypt_n
-    if n < 2 or n & (n - 1):
-        _usage("--scrypt-n must be a power of 2 (at least 2)")
-    if args.max_depth > MAX_DEPTH_CAP:
-        _usage(f"--max-depth must be at most {MAX_DEPTH_CAP}")
-    config = ServerConfig(
-        max_line=args.max_line,
-        handshake_timeout=args.handshake_timeout,
-        anonymous_idle_timeout=args.idle_timeout,
-        line_timeout=args.line_timeout,
-        max_depth=args.max_depth,
-        write_timeout=args.write_timeout,
-        shutdown_grace=args.shutdown_grace,
-        max_list=args.max_list,
-        hash_threads=args.hash_threads,
-        hash_queue_per_address=args.hash_queue_per_address,
-        scrypt=ScryptParams(n=n),
-        peer_cert_lifetime=args.peer_cert_hours * 3600,
-        course_initial_balance=args.course_initial_balance,
-        course_idle_timeout=args.course_idle_timeout,
-        max_connections=args.max_connections,
-        max_connections_per_ip=args.max_connections_per_ip,
-        throttle=ThrottleConfig(
-            max_account_failures=args.login_failures,
-            account_lockout=args.login_lockout,
-            max_address_failures=args.address_failures,
-            address_window=args.address_window,
-            guard_failures=args.guard_failures,
-            guard_window=args.guard_window,
-            guard_interval=args.guard_interval,
-        ),
-    )
+def server_options(args: argparse.Namespace) -> ServerOptions:
     try:
-        limits = Limits(args.max_deposit, args.max_payment, args.max_balance)
+        options: ServerOptions = from_flags(
+            ServerOptions, args, state_dir=args.state_dir or default_state_dir()
+        )
     except ValueError as exc:
         _usage(str(exc))
-    if not 0 <= args.course_initial_balance <= limits.max_deposit:
-        _usage("--course-initial-balance must be within 0..--max-deposit")
-    return ServerOptions(
-        host=args.host,
-        port=args.port,
-        state_dir=args.state_dir or default_state_dir(),
-        cert=args.cert,
-        key=args.key,
-        sans=tuple(args.san),
-        limits=limits,
-        config=config,
-        max_batch=args.max_batch,
-        course_port=args.course_port,
-        course_tls=args.course_tls,
-        course_dialect=DIALECTS[args.course_dialect],
-    )
+    return options
 
 
 def _usage(message: str) -> NoReturn:
@@ -487,7 +206,7 @@ def _run_server(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    options = _server_options(args)
+    options = server_options(args)
     log.info("state directory: %s", options.state_dir)
     try:
         trio.run(partial(run_server, options, handle_signals=True))
@@ -507,7 +226,7 @@ def _run_client(args: argparse.Namespace) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return trio.run(run_client, _client_options(args))
+        return trio.run(run_client, client_options(args))
     except KeyboardInterrupt:
         # Ctrl-C before the shell was ready to take it (e.g. while connecting).
         print("p2ppay client: interrupted", file=sys.stderr)

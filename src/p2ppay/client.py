@@ -27,6 +27,7 @@ import trio
 
 from . import __version__
 from . import protocol as p
+from .constraints import EVENT_BUFFER
 
 log = logging.getLogger("p2ppay.client")
 
@@ -35,7 +36,6 @@ R = TypeVar("R")
 DEFAULT_TIMEOUT: Final = 30.0
 #: The server's replies (a long ``list``) may be longer than what it accepts from us.
 CLIENT_MAX_LINE: Final = 1024 * 1024
-EVENT_BUFFER: Final = 1000
 
 
 class ClientError(Exception):

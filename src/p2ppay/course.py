@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from . import names
+from .constraints import MAX_PORT, MIN_PORT, is_port
 
 DEFAULT_MAX_MESSAGE: Final = 1024
 #: names follow the native rule (p2ppay.names), and so compare regardless of letter case
@@ -40,8 +41,6 @@ NAME_RE: Final = names.NAME_RE
 NUMBER_RE: Final = re.compile(r"[0-9]{1,18}")
 #: a transfer's amount: a whole number, which the ledger refuses if it is not positive
 AMOUNT_RE: Final = re.compile(r"-?[0-9]{1,18}")
-MIN_PORT: Final = 1024
-MAX_PORT: Final = 65535
 
 # Replies both flavours send with the same words.
 OK: Final = b"100 OK\n"
@@ -175,7 +174,7 @@ def _number(text: str) -> int | None:
 
 def _port(text: str) -> int | None:
     port = _number(text)
-    return port if port is not None and MIN_PORT <= port <= MAX_PORT else None
+    return port if port is not None and is_port(port) else None
 
 
 def _decode(raw: bytes) -> str | CourseBadInput:

@@ -25,7 +25,9 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import trio
 
+from .constraints import MAX_AMOUNT, is_amount
 from .names import name_key
+from .settings import count, setting
 
 T = TypeVar("T")
 
@@ -86,15 +88,17 @@ class LedgerUnavailable(LedgerError):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_deposit: int = 1_000_000
-    max_payment: int = 1_000_000
-    max_balance: int = 1_000_000_000
+    """The ledger's money limits; each field is also the server's command-line flag."""
+
+    max_deposit: int = setting(1_000_000, "--max-deposit", "largest single deposit", count)
+    max_payment: int = setting(1_000_000, "--max-payment", "largest single payment", count)
+    max_balance: int = setting(1_000_000_000, "--max-balance", "no balance may exceed this", count)
 
     def __post_init__(self) -> None:
         for name in ("max_deposit", "max_payment", "max_balance"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1 or value > 10**15:
-                raise ValueError(f"{name} must be an integer in 1..10**15")
+            if not is_amount(value):
+                raise ValueError(f"{name} must be a whole number in 1..{MAX_AMOUNT}")
 
 
 @dataclass(frozen=True, slots=True)

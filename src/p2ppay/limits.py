@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 from .names import name_key
+from .settings import count, seconds, setting
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -51,24 +52,53 @@ def address_key(ip: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ThrottleConfig:
-    #: this many failed logins in a row to one account from one address lock that address out
-    #: of that account...
-    max_account_failures: int = 20
-    #: ...for this many seconds (the right password does not help that address meanwhile;
-    #: every other address, the owner's included, is not affected)
-    account_lockout: float = 300.0
-    #: this many failed logins from one address within ``address_window`` seconds block that
-    #: address's logins until the window ends
-    max_address_failures: int = 100
-    address_window: float = 300.0
-    #: this many failed logins to one account, from all addresses together, within
-    #: ``guard_window`` seconds put the account on guard until ``guard_window`` seconds pass
-    #: without a failure...
-    guard_failures: int = 100
-    guard_window: float = 300.0
-    #: ...during which addresses the account has not logged in from get one password check
-    #: between them per this many seconds (addresses it has logged in from are not limited)
-    guard_interval: float = 15.0
+    """How failed logins are counted; each field is also its command-line flag."""
+
+    #: ...and every other address, the owner's included, is not affected
+    max_account_failures: int = setting(
+        20,
+        "--login-failures",
+        "failed logins in a row to one account from one address that lock that address out "
+        "of that account (other addresses are not affected)",
+        count,
+    )
+    account_lockout: float = setting(
+        300.0, "--login-lockout", "seconds such an (account, address) lockout lasts", seconds
+    )
+    max_address_failures: int = setting(
+        100,
+        "--address-failures",
+        "failed logins from one address that block it for --address-window",
+        count,
+    )
+    address_window: float = setting(
+        300.0,
+        "--address-window",
+        "seconds over which an address's failed logins are counted",
+        seconds,
+    )
+    guard_failures: int = setting(
+        100,
+        "--guard-failures",
+        "failed logins to one account, from all addresses, within --guard-window that put it "
+        "on guard: addresses it has not logged in from then share one check per "
+        "--guard-interval",
+        count,
+    )
+    guard_window: float = setting(
+        300.0,
+        "--guard-window",
+        "seconds over which an account's failed logins are counted; on guard until this long "
+        "passes without one",
+        seconds,
+    )
+    guard_interval: float = setting(
+        15.0,
+        "--guard-interval",
+        "seconds between password checks for an account on guard from addresses it has not "
+        "logged in from",
+        seconds,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ import hmac
 import os
 from dataclasses import dataclass
 
+from .settings import count, setting
+
 _PREFIX = "scrypt"
 
 
@@ -17,9 +19,15 @@ _PREFIX = "scrypt"
 class ScryptParams:
     """scrypt cost. The default costs about 16 MiB and tens of milliseconds per hash."""
 
-    n: int = 2**14
-    r: int = 8
-    p: int = 1
+    n: int = setting(
+        2**14, "--scrypt-n", "scrypt cost for new password hashes (a power of 2)", count
+    )
+    r: int = setting(8, "--scrypt-r", "scrypt block size for new password hashes", count)
+    p: int = setting(1, "--scrypt-p", "scrypt parallelism for new password hashes", count)
+
+    def __post_init__(self) -> None:
+        if self.n < 2 or self.n & (self.n - 1):
+            raise ValueError("--scrypt-n must be a power of 2 (at least 2)")
 
     @property
     def maxmem(self) -> int:

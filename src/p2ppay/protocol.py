@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from .constraints import MAX_AMOUNT, MAX_HISTORY, MAX_PORT, MIN_PORT
 from .names import NAME_PATTERN
 
 PROTOCOL_VERSION: Final = 1
@@ -29,18 +30,15 @@ DEFAULT_MAX_DEPTH: Final = 32
 #: No configuration may raise the limit past this: the decoder recurses once per level.
 MAX_DEPTH_CAP: Final = 256
 
-#: The largest amount the protocol can carry at all. The server's configured limits are lower;
-#: this bound only keeps every sum far away from SQLite's 64-bit integer range.
-MAX_AMOUNT: Final = 10**15
 
 Name = Annotated[str, msgspec.Meta(pattern=rf"^{NAME_PATTERN}\Z")]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 NewPassword = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
 Amount = Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
 Balance = Annotated[int, msgspec.Meta(ge=0)]
-Port = Annotated[int, msgspec.Meta(ge=1024, le=65535)]
+Port = Annotated[int, msgspec.Meta(ge=MIN_PORT, le=MAX_PORT)]
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
-HistoryLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+HistoryLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY)]
 Pem = Annotated[str, msgspec.Meta(max_length=8192)]
 Signature = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 

@@ -19,6 +19,7 @@ import trio
 
 from . import protocol as p
 from .client import ClientError, ConnectionLost, ServerError
+from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port
 from .exitcodes import ExitCode
 from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
@@ -41,8 +42,6 @@ T = TypeVar("T")
 
 PASSWORD_ENV: Final = "P2PPAY_PASSWORD"
 AMOUNT_RE: Final = re.compile(r"[0-9]{1,16}")
-#: ``history N``: the most movements one command shows
-MAX_HISTORY: Final = 1000
 
 HELP: Final = """Commands:
   register [NAME]     create an account (you choose a password)
@@ -130,8 +129,8 @@ def parse_port(text: str) -> int:
     """A P2P port, or 0 for "any free port" when left empty."""
     if not text:
         return 0
-    if not text.isdigit() or not 1024 <= int(text) <= 65535:
-        raise UsageError(f"the port must be a number from 1024 to 65535 (not {text!r})")
+    if not text.isdigit() or not is_port(int(text)):
+        raise UsageError(f"the port must be a number from {MIN_PORT} to {MAX_PORT} (not {text!r})")
     return int(text)
 
 

@@ -25,6 +25,7 @@ import trio
 
 from . import protocol as p
 from .client import Client, ClientError, ConnectionLost, ServerError
+from .constraints import EVENT_BUFFER, is_amount
 from .names import name_key
 from .peer import (
     Dialer,
@@ -43,7 +44,6 @@ log = logging.getLogger("p2ppay.wallet")
 T = TypeVar("T")
 
 SETTLE_ATTEMPTS: Final = 4
-EVENT_BUFFER: Final = 1000
 #: Reconnecting after the server connection drops while logged in: the first wait, and the
 #: most any wait grows to (each wait is drawn at random between half of it and all of it, so
 #: that many clients of a restarted server do not all come back in the same instant).
@@ -518,7 +518,7 @@ class Wallet:
         me = self.user
         if me is None or self.dialer is None:
             raise PaymentFailed("not_logged_in", "log in first")
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
+        if not is_amount(amount):
             raise PaymentFailed(
                 "bad_amount", f"the amount must be a positive whole number: {amount!r}"
             )

@@ -9,9 +9,11 @@ from typing import Final
 
 from .. import ledger as lg
 from .. import protocol as p
-from ..course import REFERENCE, Dialect
+from ..course import DIALECTS, REFERENCE, Dialect
 from ..limits import ThrottleConfig
 from ..passwords import ScryptParams
+from ..settings import count, seconds, seconds_or_off, setting, whole
+from ..settings import port as flag_port
 
 DEFAULT_PORT: Final = 8700
 LEDGER_FILE: Final = "ledger.sqlite3"
@@ -19,63 +21,161 @@ LEDGER_FILE: Final = "ledger.sqlite3"
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """Every limit the server enforces. All of them are settable from the command line."""
+    """Every limit the server enforces; each field is also its command-line flag."""
 
-    max_line: int = p.DEFAULT_MAX_LINE
-    #: the deepest nesting of JSON arrays and objects a request line may have
-    max_depth: int = p.DEFAULT_MAX_DEPTH
-    receive_size: int = 16 * 1024
-    handshake_timeout: float = 10.0
-    #: a connection is closed if it has not logged in this long after connecting (or after
-    #: logging out): a total, however the bytes trickle in
-    anonymous_idle_timeout: float = 60.0
-    #: once a request line has begun, all of it must arrive within this (logged in or not)
-    line_timeout: float = 30.0
-    #: a peer that does not take our bytes for this long is disconnected
-    write_timeout: float = 10.0
-    #: on SIGTERM, how long in-flight requests may take before connections are cut
-    shutdown_grace: float = 10.0
-    max_list: int = 1000
-    #: threads for password hashing: all cores but one, which stays the event loop's
-    hash_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
-    #: password checks one address may have waiting for a hashing thread; more are answered
-    #: ``rate_limited`` at once. Addresses take turns, so a long queue delays only its own
-    #: address: the bound caps that delay, and leaves room for many people behind one NAT (a
-    #: classroom logging in at once).
-    hash_queue_per_address: int = 32
-    #: how long a session's peer certificate is valid
-    peer_cert_lifetime: float = 24 * 3600.0
+    max_line: int = setting(
+        p.DEFAULT_MAX_LINE, "--max-line", "longest request line in bytes", count
+    )
+    max_depth: int = setting(
+        p.DEFAULT_MAX_DEPTH,
+        "--max-depth",
+        f"deepest nesting of JSON arrays and objects in a request (at most {p.MAX_DEPTH_CAP})",
+        count,
+    )
+    receive_size: int = setting(
+        16 * 1024, "--receive-size", "most bytes read from a connection at a time", count
+    )
+    handshake_timeout: float = setting(
+        10.0, "--handshake-timeout", "seconds a TLS handshake may take", seconds
+    )
+    #: a total, however the bytes trickle in
+    anonymous_idle_timeout: float = setting(
+        60.0,
+        "--idle-timeout",
+        "seconds after connecting (or logging out) within which a connection must log in",
+        seconds,
+    )
+    line_timeout: float = setting(
+        30.0,
+        "--line-timeout",
+        "seconds within which a request line, once begun, must arrive whole",
+        seconds,
+    )
+    write_timeout: float = setting(
+        10.0,
+        "--write-timeout",
+        "seconds a peer that does not read what the server sends is given",
+        seconds,
+    )
+    shutdown_grace: float = setting(
+        10.0, "--shutdown-grace", "seconds in-flight requests may run after SIGTERM", seconds
+    )
+    max_list: int = setting(1000, "--max-list", "most online users one list reply names", count)
+    #: all cores but one, which stays the event loop's
+    hash_threads: int = setting(
+        flag="--hash-threads",
+        help="threads for password hashing",
+        parse=count,
+        default_factory=lambda: max(1, (os.cpu_count() or 2) - 1),
+        default_text="cores - 1, at least 1",
+    )
+    #: Addresses take turns, so a long queue delays only its own address: the bound caps that
+    #: delay, and leaves room for many people behind one NAT (a classroom logging in at once).
+    hash_queue_per_address: int = setting(
+        32,
+        "--hash-queue-per-address",
+        "password checks one address may have waiting for a hashing thread (addresses take "
+        "turns); more are answered rate_limited at once",
+        count,
+    )
+    peer_cert_lifetime: float = setting(
+        24 * 3600.0,
+        "--peer-cert-hours",
+        "hours the peer certificate a login gets stays valid",
+        seconds,
+        convert=lambda hours: hours * 3600,
+        shown_default=24.0,
+    )
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
-    #: connections at once, in all and from one address (those in the TLS handshake count)
-    max_connections: int = 20_000
-    max_connections_per_ip: int = 256
-    #: what a new course account starts with (recorded as a deposit)
-    course_initial_balance: int = 10_000
-    course_max_message: int = 1024
-    #: a course connection that has not logged in is closed after this long without a message
-    #: (math.inf: never). Not anonymous_idle_timeout: course clients connect at start-up and
-    #: then wait for their person.
-    course_idle_timeout: float = 4 * 3600.0
+    #: those in the TLS handshake count
+    max_connections: int = setting(
+        20_000, "--max-connections", "connections at once, in all", count
+    )
+    max_connections_per_ip: int = setting(
+        256, "--max-connections-per-ip", "connections at once from one address", count
+    )
+    #: recorded as a deposit
+    course_initial_balance: int = setting(
+        10_000,
+        "--course-initial-balance",
+        "what a new course account starts with (REGISTER#name; reference flavour)",
+        whole,
+    )
+    course_max_message: int = setting(
+        1024,
+        "--course-max-message",
+        "longest course-dialect message in bytes (longer: 230 and the connection is closed)",
+        count,
+    )
+    #: Not anonymous_idle_timeout: course clients connect at start-up and then wait for their
+    #: person.
+    course_idle_timeout: float = setting(
+        4 * 3600.0,
+        "--course-idle-timeout",
+        "seconds a course connection that has not logged in may stay silent (0: forever)",
+        seconds_or_off,
+    )
     scrypt: ScryptParams = field(default_factory=ScryptParams)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_depth <= p.MAX_DEPTH_CAP:
-            raise ValueError(f"max_depth must be within 1..{p.MAX_DEPTH_CAP}")
+            raise ValueError(f"--max-depth must be within 1..{p.MAX_DEPTH_CAP}")
 
 
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
     """How to run a server process: where, with which files, and its :class:`ServerConfig`."""
 
-    host: str | None = None  # None: every interface
-    port: int = DEFAULT_PORT
-    state_dir: Path = Path(".")
-    cert: Path | None = None
-    key: Path | None = None
-    sans: tuple[str, ...] = ()
+    host: str | None = setting(
+        None, "--host", "address to listen on", default_text="every interface"
+    )
+    port: int = setting(DEFAULT_PORT, "--port", "TLS port (0: any free one)", flag_port)
+    state_dir: Path = setting(
+        Path("."),
+        "--state-dir",
+        "ledger and certificates",
+        Path,
+        optional=True,
+        default_text="$P2PPAY_STATE_DIR or the user data dir",
+    )
+    cert: Path | None = setting(None, "--cert", "your own server certificate chain (PEM)", Path)
+    key: Path | None = setting(None, "--key", "the private key for --cert (PEM)", Path)
+    sans: tuple[str, ...] = setting(
+        (),
+        "--san",
+        "extra host name or IP for the generated certificate (repeatable)",
+        action="append",
+        metavar="NAME",
+        convert=tuple,
+    )
     limits: lg.Limits = field(default_factory=lg.Limits)
     config: ServerConfig = field(default_factory=ServerConfig)
-    max_batch: int = 512
-    course_port: int | None = None  # None: no course-dialect listener
-    course_tls: bool = False
-    course_dialect: Dialect = REFERENCE
+    max_batch: int = setting(512, "--max-batch", "most operations in one ledger commit", count)
+    course_port: int | None = setting(
+        None,
+        "--course-port",
+        "also serve the course dialect (REGISTER#name, name#port, List, Exit, "
+        "payer#amount#payee) on this port; off unless given",
+        flag_port,
+    )
+    course_tls: bool = setting(
+        False,
+        "--course-tls",
+        "serve the course dialect over TLS, not plain TCP",
+        action="store_true",
+    )
+    course_dialect: Dialect = setting(
+        REFERENCE,
+        "--course-dialect",
+        "flavour of the course dialect: the course's reference one, or the one the seed "
+        "program speaks (REGISTER#name#port, DEPOSIT#name#amount; the payer settles)",
+        choices=list(DIALECTS),
+        shown_default=REFERENCE.name,
+        convert=DIALECTS.__getitem__,
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.config.course_initial_balance <= self.limits.max_deposit:
+            raise ValueError("--course-initial-balance must be within 0..--max-deposit")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("--cert and --key go together")
