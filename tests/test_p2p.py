@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ import trio.testing
 from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import SqliteLedger
+from p2ppay.outcomes import Outcome
 from p2ppay.peer import PeerConfig, decline_all
 from p2ppay.wallet import NotSettledNews, OfferAnswered, PaymentFailed, Wallet
 
@@ -289,3 +292,11 @@ async def test_names_in_any_letter_case_reach_the_same_payee(open_wallet: Open) 
                 assert again.user == "Bob"
                 assert (await alice.pay("BOB", 5)).balance == 65
                 assert await again.balance() == 35
+
+
+def test_the_readme_lists_every_outcome_of_a_payment() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("A payment ends in one of these outcomes", 1)[1].split("\n\n")[1]
+    listed = re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(o.value for o in Outcome)
+    assert len(listed) == len(set(listed))

@@ -28,6 +28,7 @@ import trio
 from . import __version__
 from . import protocol as p
 from .constraints import EVENT_BUFFER
+from .errors import CodedError
 
 log = logging.getLogger("p2ppay.client")
 
@@ -42,13 +43,8 @@ class ClientError(Exception):
     """Base class for what the client library raises."""
 
 
-class ServerError(ClientError):
-    """The server answered a request with an error."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class ServerError(CodedError, ClientError):
+    """The server answered a request with an error (``code`` is one of ErrorCode's)."""
 
 
 class ConnectionLost(ClientError):

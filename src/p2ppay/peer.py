@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
+from .errors import CodedError
 from .limits import LimitLog
 from .names import NameMap, name_key
+from .outcomes import Outcome
 from .pki import make_csr, new_peer_key, sign_acceptance
 from .tls import peer_contexts, peer_name
 
@@ -58,13 +60,13 @@ class PeerConfig:
     max_connections: int = 64
 
 
-class PeerError(Exception):
+class PeerError(CodedError):
     """The payer could not get an answer from the payee; ``code`` says why."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    code: Outcome
+
+    def __init__(self, code: Outcome, message: str) -> None:
+        super().__init__(code, message)
 
 
 @final
@@ -318,13 +320,14 @@ class Dialer:
     async def _connect(self, where: p.Presence) -> PeerLink:
         cfg = self.config
         if where.port is None:
-            raise PeerError("unreachable", f"{where.name} is online but takes no payments")
+            raise PeerError(Outcome.UNREACHABLE, f"{where.name} is online but takes no payments")
         try:
             with trio.fail_after(cfg.connect_timeout):
                 tcp = await trio.open_tcp_stream(where.ip, where.port)
         except (OSError, trio.TooSlowError) as exc:
             raise PeerError(
-                "unreachable", f"cannot reach {where.name} at {where.ip} port {where.port}: {exc}"
+                Outcome.UNREACHABLE,
+                f"cannot reach {where.name} at {where.ip} port {where.port}: {exc}",
             ) from None
         stream = trio.SSLStream(tcp, self.identity.dialer_context)
         try:
@@ -333,13 +336,13 @@ class Dialer:
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(stream)
             raise PeerError(
-                "unreachable", f"TLS with {where.name} failed: {exc.__cause__ or exc}"
+                Outcome.UNREACHABLE, f"TLS with {where.name} failed: {exc.__cause__ or exc}"
             ) from None
         presented = peer_name(stream)
         if presented is None or name_key(presented) != name_key(where.name):
             await trio.aclose_forcefully(stream)
             raise PeerError(
-                "wrong_peer",
+                Outcome.WRONG_PEER,
                 f"the peer at {where.ip} port {where.port} is {presented!r}, not {where.name}",
             )
         return PeerLink(where.name, stream, cfg.max_line, cfg.max_depth)
@@ -354,16 +357,18 @@ class Dialer:
                         return await link.ask(offer)
             except trio.TooSlowError:
                 await self.drop(where.name, link)
-                raise PeerError("timed_out", f"{where.name} did not answer in time") from None
+                raise PeerError(Outcome.TIMED_OUT, f"{where.name} did not answer in time") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.drop(where.name, link)
                 if attempt == 2:
                     raise PeerError(
-                        "unreachable", f"the connection to {where.name} broke"
+                        Outcome.UNREACHABLE, f"the connection to {where.name} broke"
                     ) from None
             except p.RemoteProtocolError as exc:
                 await self.drop(where.name, link)
-                raise PeerError("bad_answer", f"{where.name} answered garbage: {exc}") from None
+                raise PeerError(
+                    Outcome.BAD_ANSWER, f"{where.name} answered garbage: {exc}"
+                ) from None
         raise AssertionError("unreachable")
 
     async def tell(self, name: str, news: p.NotSettled) -> None:

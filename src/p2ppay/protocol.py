@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias
 import msgspec
 
 from .constraints import MAX_AMOUNT, MAX_HISTORY, MAX_PORT, MIN_PORT
+from .errors import CodedError
 from .names import NAME_PATTERN
 
 PROTOCOL_VERSION: Final = 1
@@ -110,13 +111,13 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal_error"
 
 
-class ProtocolError(Exception):
+class ProtocolError(CodedError):
     """A violation of the protocol, with the code the peer is told."""
 
+    code: ErrorCode
+
     def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
 
 
 class LocalProtocolError(ProtocolError):

@@ -26,7 +26,9 @@ import trio
 from . import protocol as p
 from .client import Client, ClientError, ConnectionLost, ServerError
 from .constraints import EVENT_BUFFER, is_amount
+from .errors import CodedError
 from .names import name_key
+from .outcomes import Outcome
 from .peer import (
     Dialer,
     OfferListener,
@@ -63,13 +65,13 @@ _CONNECT_FAILURES: Final = (
 )
 
 
-class PaymentFailed(ClientError):
-    """A payment did not happen; ``code`` says why (see the README's list of outcomes)."""
+class PaymentFailed(CodedError, ClientError):
+    """A payment did not happen; ``code`` says why (see :class:`~p2ppay.outcomes.Outcome`)."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    code: Outcome
+
+    def __init__(self, code: Outcome, message: str) -> None:
+        super().__init__(code, message)
 
 
 class CannotConnect(ConnectionLost):
@@ -517,25 +519,25 @@ class Wallet:
         that can refuse the payment without asking them)."""
         me = self.user
         if me is None or self.dialer is None:
-            raise PaymentFailed("not_logged_in", "log in first")
+            raise PaymentFailed(Outcome.NOT_LOGGED_IN, "log in first")
         if not is_amount(amount):
             raise PaymentFailed(
-                "bad_amount", f"the amount must be a positive whole number: {amount!r}"
+                Outcome.BAD_AMOUNT, f"the amount must be a positive whole number: {amount!r}"
             )
         if name_key(payee) == name_key(me):
-            raise PaymentFailed("self_payment", "you cannot pay yourself")
+            raise PaymentFailed(Outcome.SELF_PAYMENT, "you cannot pay yourself")
         if self.known_balance is not None and amount > self.known_balance:
             # Do not bother the payee with an offer we cannot pay (the server still decides:
             # this is only asked when our last known balance says it is short).
             balance = await self.balance()
             if amount > balance:
                 raise PaymentFailed(
-                    "insufficient_funds", f"your balance {balance} is less than {amount}"
+                    Outcome.INSUFFICIENT_FUNDS, f"your balance {balance} is less than {amount}"
                 )
         try:
             where = await self._call(lambda c: c.lookup(payee))
         except ServerError as exc:
-            raise PaymentFailed(exc.code, exc.message) from None
+            raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
         offer = p.Offer(payment_id or uuid.uuid4(), me, payee, amount)
         if on_offer is not None:
             on_offer(offer)
@@ -545,11 +547,11 @@ class Wallet:
             raise PaymentFailed(exc.code, exc.message) from None
         if isinstance(answer, p.Decline):
             why = "" if answer.reason == "declined" else f" ({answer.reason})"
-            raise PaymentFailed("declined", f"{payee} declined the payment{why}")
+            raise PaymentFailed(Outcome.DECLINED, f"{payee} declined the payment{why}")
         try:
             result = await self._settle(offer, answer.signature)
         except PaymentFailed as exc:
-            if exc.code != "server_unreachable":  # then it may yet be settled by a retry
+            if exc.code is not Outcome.SERVER_UNREACHABLE:  # then it may yet be settled by a retry
                 await self.dialer.tell(payee, p.NotSettled(offer.payment_id, exc.message[:200]))
             raise
         self.known_balance = result.balance
@@ -562,11 +564,11 @@ class Wallet:
                 client = await self._server()
                 return await client.settle(offer.payment_id, offer.payee, offer.amount, acceptance)
             except ServerError as exc:
-                raise PaymentFailed(exc.code, exc.message) from None
+                raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
             except (ConnectionLost, OSError) as exc:
                 if attempt == SETTLE_ATTEMPTS:
                     raise PaymentFailed(
-                        "server_unreachable",
+                        Outcome.SERVER_UNREACHABLE,
                         f"could not reach the server to settle {offer.payment_id}; "
                         "retry with the same payment id",
                     ) from exc
