@@ -46,7 +46,7 @@ def test_server_decoder_yields_only_defined_outcomes(chunks: list[bytes]) -> Non
                 break
             if event is p.CLOSED:
                 return
-            assert isinstance(event, p.Rejected | p._Request)
+            assert isinstance(event, p.Rejected | p.RequestBase)
             if isinstance(event, p.Rejected):
                 assert isinstance(event.code, p.ErrorCode) and event.message
 
@@ -125,7 +125,7 @@ def test_every_json_decoder_answers_hostile_json_with_its_own_error(line: bytes)
         assert request.code in (p.ErrorCode.BAD_REQUEST, p.ErrorCode.UNKNOWN_OP)
     conn = p.ServerConnection(max_line=len(line) + 2)
     conn.receive_data(line + b"\n")
-    assert isinstance(conn.next_event(), p.Rejected | p._Request)
+    assert isinstance(conn.next_event(), p.Rejected | p.RequestBase)
     codes: list[p.ErrorCode] = []
     try:
         p.decode_peer_message(line)

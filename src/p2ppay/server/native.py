@@ -40,16 +40,9 @@ class Session(SessionBase):
         self.p2p_port: int | None = None
         #: a newer login of the same account took over: nothing more is done for the user
         self.replaced_by: str | None = None
+        # One handler per op, named after it (_hello, _register, ...): a missing one fails here.
         self._handlers: dict[str, Callable[[Any], Awaitable[p.Result]]] = {
-            "hello": self._hello,
-            "register": self._register,
-            "login": self._login,
-            "deposit": self._deposit,
-            "list": self._list,
-            "lookup": self._lookup,
-            "settle": self._settle,
-            "history": self._history,
-            "logout": self._logout,
+            op: getattr(self, f"_{op}") for op in p.OPS
         }
 
     @property

@@ -1,0 +1,290 @@
+"""Every message, typed: requests, their results, server events, and the peer-to-peer
+messages; and what the two ends' ``next_event()`` return besides messages."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal, TypeAlias
+
+import msgspec
+
+from .wire import (
+    Amount,
+    ErrorCode,
+    HistoryLimit,
+    Name,
+    NewPassword,
+    Password,
+    PaymentId,
+    Pem,
+    Port,
+    RequestId,
+    Signature,
+)
+
+# --------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------
+
+
+class RequestBase(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
+    id: RequestId
+
+
+class Hello(RequestBase, tag="hello"):
+    version: int
+    client: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class Register(RequestBase, tag="register"):
+    name: Name
+    password: NewPassword
+
+
+class Login(RequestBase, tag="login"):
+    name: Name
+    password: Password
+    p2p_port: Port | None = None
+    #: PEM certificate signing request for this session's peer key (EC P-256)
+    csr: Pem | None = None
+
+
+class Deposit(RequestBase, tag="deposit"):
+    amount: Amount
+
+
+class ListOnline(RequestBase, tag="list"):
+    pass
+
+
+class Lookup(RequestBase, tag="lookup"):
+    name: Name
+
+
+class Settle(RequestBase, tag="settle"):
+    payment_id: PaymentId
+    payee: Name
+    amount: Amount
+    #: the payee's signature over the payment (base64 of DER ECDSA), from its accept message
+    acceptance: Signature
+
+
+class History(RequestBase, tag="history"):
+    limit: HistoryLimit = 50
+
+
+class Logout(RequestBase, tag="logout"):
+    pass
+
+
+Request: TypeAlias = (
+    Hello | Register | Login | Deposit | ListOnline | Lookup | Settle | History | Logout
+)
+
+
+def op_of(request: Request | type[RequestBase]) -> str:
+    """A request's op (its ``op`` tag); also of a request type."""
+    return str(request.__struct_config__.tag)
+
+
+# Results: the payload of an ``ok: true`` reply, one type per op.
+
+
+class HelloResult(msgspec.Struct, frozen=True):
+    version: int
+    server: str
+
+
+class RegisterResult(msgspec.Struct, frozen=True):
+    name: str
+
+
+class Presence(msgspec.Struct, frozen=True):
+    """Where an online user is: the address the server observed and the port they advertised."""
+
+    name: str
+    ip: str
+    port: int | None
+
+
+class LoginResult(msgspec.Struct, frozen=True):
+    name: str
+    balance: int
+    ip: str
+    port: int | None
+    #: the session's peer certificate (PEM) and the CA that issued it, when a CSR was sent
+    certificate: str | None = None
+    peer_ca: str | None = None
+
+
+class BalanceResult(msgspec.Struct, frozen=True):
+    balance: int
+
+
+class ListResult(msgspec.Struct, frozen=True):
+    balance: int
+    online: list[Presence]
+
+
+class SettleResult(msgspec.Struct, frozen=True):
+    """The outcome of a settlement; a retry with the same payment id gets it again, unchanged."""
+
+    payment_id: PaymentId
+    payer: str
+    payee: str
+    amount: int
+    balance: int  # the payer's balance right after this payment
+
+
+class HistoryEntry(msgspec.Struct, frozen=True):
+    kind: Literal["deposit", "sent", "received"]
+    amount: int
+    balance: int  # the account's balance right after this entry
+    at_ms: int
+    counterparty: str | None = None
+    payment_id: PaymentId | None = None
+
+
+class HistoryResult(msgspec.Struct, frozen=True):
+    entries: list[HistoryEntry]
+
+
+class LogoutResult(msgspec.Struct, frozen=True):
+    pass
+
+
+Result: TypeAlias = (
+    HelloResult
+    | RegisterResult
+    | LoginResult
+    | BalanceResult
+    | ListResult
+    | Presence
+    | SettleResult
+    | HistoryResult
+    | LogoutResult
+)
+
+#: Every op, declared once: its request type and the type of its result. (Which op is legal
+#: when is the state table's business: :data:`~p2ppay.protocol.state.TRANSITIONS`.)
+OP_TYPES: Final[Mapping[str, tuple[type[RequestBase], type[Any]]]] = {
+    op_of(request): (request, result)
+    for request, result in (
+        (Hello, HelloResult),
+        (Register, RegisterResult),
+        (Login, LoginResult),
+        (Deposit, BalanceResult),
+        (ListOnline, ListResult),
+        (Lookup, Presence),
+        (Settle, SettleResult),
+        (History, HistoryResult),
+        (Logout, LogoutResult),
+    )
+}
+OPS: Final[frozenset[str]] = frozenset(OP_TYPES)
+RESULT_TYPES: Final[Mapping[str, type[Any]]] = {op: t for op, (_, t) in OP_TYPES.items()}
+
+
+# Server-pushed events.
+
+
+class EventBase(msgspec.Struct, tag_field="event", forbid_unknown_fields=False):
+    pass
+
+
+class PaymentReceived(EventBase, tag="payment_received"):
+    payment_id: PaymentId
+    payer: str
+    amount: int
+    balance: int  # the payee's balance right after this payment
+
+
+class SessionReplaced(EventBase, tag="session_replaced"):
+    message: str
+
+
+class ServerClosing(EventBase, tag="server_closing"):
+    message: str
+
+
+Event: TypeAlias = PaymentReceived | SessionReplaced | ServerClosing
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+# What the two sides' next_event() return besides messages.
+
+
+class Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    CLOSED = "CLOSED"
+
+
+NEED_DATA: Final = Sentinel.NEED_DATA
+CLOSED: Final = Sentinel.CLOSED
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    """A request line the server must answer with an error; the connection stays usable."""
+
+    id: int | None
+    code: ErrorCode
+    message: str
+
+
+class ReplyOk(msgspec.Struct, frozen=True):
+    id: int
+    op: str
+    result: Any
+
+
+class ReplyError(msgspec.Struct, frozen=True):
+    id: int | None
+    code: str
+    message: str
+
+
+# Peer-to-peer messages (payer <-> payee), on the same framing.
+
+
+class PeerMessageBase(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class Offer(PeerMessageBase, tag="offer"):
+    """Payer -> payee: "I would like to pay you this"."""
+
+    payment_id: PaymentId
+    payer: Name
+    payee: Name
+    amount: Amount
+
+
+class Accept(PeerMessageBase, tag="accept"):
+    """Payee -> payer: yes, with the payee's signature for the server (see docs/protocol.md)."""
+
+    payment_id: PaymentId
+    signature: Signature
+
+
+class Decline(PeerMessageBase, tag="decline"):
+    """Payee -> payer: no (``payment_id`` is null when the offer could not be read)."""
+
+    payment_id: PaymentId | None
+    reason: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class NotSettled(PeerMessageBase, tag="not_settled"):
+    """Payer -> payee, after an accepted offer: the server did not settle it (no reply).
+
+    Only news: the server's ``payment_received`` event is what tells a payee it was paid."""
+
+    payment_id: PaymentId
+    reason: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+PeerMessage: TypeAlias = Offer | Accept | Decline | NotSettled
