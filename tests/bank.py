@@ -22,12 +22,13 @@ from pathlib import Path
 import trio
 
 from p2ppay import protocol as p
-from p2ppay.bench import Proc, spawn
 from p2ppay.client import Client, ConnectionLost, ServerError
 from p2ppay.ledger import open_sqlite_ledger
 from p2ppay.peer import PeerKey
 from p2ppay.pki import sign_acceptance
 from p2ppay.tls import client_context
+
+from .processes import Proc, spawn
 
 PASSWORD = "bank test password"
 DEPOSIT = 1_000

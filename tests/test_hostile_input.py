@@ -122,10 +122,10 @@ async def test_the_payer_survives_a_payee_answering_with_deep_nesting(open_walle
             open_wallet("bob") as bob,
         ):
             # mallory's real listener goes; a hostile one with her certificate takes its port.
-            assert mallory.identity is not None and mallory._listener_scope is not None
+            assert mallory.identity is not None
             port = mallory.p2p_port
             assert port is not None
-            mallory._listener_scope.cancel()
+            mallory.stop_listening()
             await trio.testing.wait_all_tasks_blocked()
             listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
             context = mallory.identity.listener_context

@@ -16,7 +16,6 @@ import pytest
 import trio
 
 from p2ppay import protocol as p
-from p2ppay.bench import Proc, spawn
 from p2ppay.client import Client, ConnectionLost
 from p2ppay.ledger import SqliteLedger, open_sqlite_ledger
 from p2ppay.pki import Issuer
@@ -24,6 +23,7 @@ from p2ppay.server import Server, ServerConfig
 from p2ppay.tls import client_context
 
 from .conftest import FAST_SCRYPT, login, next_event, pay, registered
+from .processes import Proc, spawn
 
 
 async def test_real_listener_observes_loopback_addresses(

@@ -254,8 +254,7 @@ async def test_listener_refuses_misaddressed_and_malformed_offers(open_wallet: O
 async def test_payee_online_but_unreachable(open_wallet: Open) -> None:
     with trio.fail_after(30):
         async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
-            assert bob._listener_scope is not None
-            bob._listener_scope.cancel()  # bob's offer listener is gone; his session is not
+            bob.stop_listening()  # bob's offer listener is gone; his session is not
             await trio.testing.wait_all_tasks_blocked()
             failure = await expect_failure("unreachable", alice, "bob", 10)
             assert "cannot reach bob" in failure.message

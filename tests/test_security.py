@@ -347,13 +347,14 @@ def test_throttle_per_address_and_memory_bound() -> None:
     now[0] = 61
     assert throttle.admit("d", "10.0.0.1") is None
     throttle.succeeded("a", "10.0.0.1")
-    assert ("a", "10.0.0.1") not in throttle._pairs
+    assert throttle.failures_in_a_row("a", "10.0.0.1") == 0
+    assert throttle.failures_in_a_row("b", "10.0.0.1") == 1
     # An attacker cycling through names and addresses cannot grow the tables without bound.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("p2ppay.limits.MAX_TRACKED", 50)
         for i in range(200):
             throttle.failed(f"name{i}", f"10.1.{i // 256}.{i % 256}")
-    assert max(len(throttle._pairs), len(throttle._accounts), len(throttle._addresses)) <= 50
+    assert max(throttle.tracked().values()) <= 50
 
 
 def test_a_guessed_at_account_slows_new_addresses_not_the_owners() -> None:

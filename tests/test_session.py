@@ -192,7 +192,7 @@ async def test_abrupt_disconnect_logs_out(connect: Connect, server: Server) -> N
             async with connect() as alice:
                 await registered(alice, "alice")
                 assert set(server.presence.names()) == {"watcher", "alice"}
-                await alice._stream.aclose()  # vanish without logging out
+                await alice.stream.aclose()  # vanish without logging out
                 with trio.fail_after(5):
                     while server.presence.local("alice") is not None:
                         await trio.testing.wait_all_tasks_blocked()
@@ -510,7 +510,7 @@ async def test_a_request_line_dripping_in_is_cut_at_the_line_deadline(
     line_timeout = server.config.line_timeout
     async with connect(request_timeout=math.inf) as client:
         await registered(client, "dripper")  # logged in: no idle limit, only the line's
-        stream = client._stream
+        stream = client.stream
         started = trio.current_time()
         with trio.fail_after(line_timeout * 3):
             try:

@@ -155,6 +155,11 @@ class Client:
                     await trio.aclose_forcefully(stream)
 
     @property
+    def stream(self) -> trio.abc.Stream:
+        """The stream this client owns (for tools and tests that must write raw bytes)."""
+        return self._stream
+
+    @property
     def closed(self) -> bool:
         """True once the connection has ended (no request can succeed any more)."""
         return self._closed is not None

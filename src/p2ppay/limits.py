@@ -213,6 +213,19 @@ class LoginThrottle:
         if len(known) > KNOWN_ADDRESSES:
             known.popitem(last=False)
 
+    def tracked(self) -> dict[str, int]:
+        """How many (account, address) pairs, accounts and addresses are remembered."""
+        return {
+            "pairs": len(self._pairs),
+            "accounts": len(self._accounts),
+            "addresses": len(self._addresses),
+        }
+
+    def failures_in_a_row(self, name: str, ip: str) -> int:
+        """Failed logins in a row to ``name`` from ``ip`` (0 after a lockout or a success)."""
+        pair = self._pairs.get((name_key(name), address_key(ip)))
+        return 0 if pair is None else pair.failures
+
     @staticmethod
     def _remember(table: OrderedDict[K, T], key: K, make: Callable[[], T]) -> T:
         entry = table.get(key)

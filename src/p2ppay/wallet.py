@@ -467,10 +467,14 @@ class Wallet:
         if client is not None and not client.closed:
             await client.logout()
 
-    async def _stop_peering(self) -> None:
+    def stop_listening(self) -> None:
+        """Stop taking offers, staying logged in (payers then get ``unreachable``)."""
         if self._listener_scope is not None:
             self._listener_scope.cancel()
             self._listener_scope = None
+
+    async def _stop_peering(self) -> None:
+        self.stop_listening()
         if self.dialer is not None:
             await self.dialer.aclose()
         self.dialer = self.listener = self.identity = None
