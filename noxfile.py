@@ -31,7 +31,7 @@ def tests_all(session: nox.Session) -> None:
 @nox.session
 def coverage(session: nox.Session) -> None:
     """The suite under coverage.py: branches, and the CLI subprocesses the tests start."""
-    session.install("-e", ".[test]", "coverage>=7.10")
+    session.install("-e", ".[dev]")
     session.run("coverage", "erase")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "combine", "--quiet")
@@ -72,5 +72,5 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package, the tests and this file."""
-    session.install("-e", ".[test]", "mypy>=1.11", "nox", "types-pexpect")
+    session.install("-e", ".[dev]")
     session.run("mypy", "--strict")

@@ -207,18 +207,30 @@ def _money_move(parts: list[str]) -> tuple[str, int, str] | None:
     return None
 
 
+def _fields(raw: bytes) -> list[str] | CourseBadInput:
+    """A message's ``#``-separated fields (or why it is not text)."""
+    text = _decode(raw)
+    return text if isinstance(text, CourseBadInput) else text.split("#")
+
+
+def _register_name(parts: list[str]) -> str | CourseBadRegister | None:
+    """The name of a ``REGISTER#name[#x]`` message, why it cannot be one, or None if the
+    message is not a register."""
+    if parts[0] != "REGISTER" or len(parts) not in (2, 3):
+        return None
+    if not NAME_RE.fullmatch(parts[1]):
+        return CourseBadRegister(f"invalid name {parts[1][:40]!r}")
+    return parts[1]
+
+
 def parse_message(raw: bytes) -> CourseMessage:
     """One reference-flavour message (without line ending or NUL padding)."""
-    text = _decode(raw)
-    if isinstance(text, CourseBadInput):
-        return text
-    parts = text.split("#")
-    if parts[0] == "REGISTER" and len(parts) in (2, 3):
-        name = parts[1]
-        if not NAME_RE.fullmatch(name):
-            return CourseBadRegister(f"invalid name {name[:40]!r}")
-        if len(parts) == 2:
-            return CourseRegister(name, None)
+    parts = _fields(raw)
+    if isinstance(parts, CourseBadInput):
+        return parts
+    if (name := _register_name(parts)) is not None:
+        if isinstance(name, CourseBadRegister) or len(parts) == 2:
+            return name if isinstance(name, CourseBadRegister) else CourseRegister(name, None)
         deposit = _number(parts[2])
         if deposit is None:
             return CourseBadRegister(f"invalid deposit {parts[2][:40]!r}")
@@ -232,16 +244,12 @@ def parse_message(raw: bytes) -> CourseMessage:
 
 def parse_seed_message(raw: bytes) -> CourseMessage:
     """One seed-flavour message (without line ending or NUL padding)."""
-    text = _decode(raw)
-    if isinstance(text, CourseBadInput):
-        return text
-    parts = text.split("#")
-    if parts[0] == "REGISTER" and len(parts) in (2, 3):
-        name = parts[1]
-        if not NAME_RE.fullmatch(name):
-            return CourseBadRegister(f"invalid name {name[:40]!r}")
-        if len(parts) == 2:
-            return CourseSignUp(name, None)
+    parts = _fields(raw)
+    if isinstance(parts, CourseBadInput):
+        return parts
+    if (name := _register_name(parts)) is not None:
+        if isinstance(name, CourseBadRegister) or len(parts) == 2:
+            return name if isinstance(name, CourseBadRegister) else CourseSignUp(name, None)
         port = _port(parts[2])  # a port in this flavour, not a deposit
         if port is None:
             return CourseBadRegister(f"invalid port {parts[2][:40]!r}")

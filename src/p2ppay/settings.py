@@ -144,36 +144,30 @@ def from_flags(cls: type[Any], args: argparse.Namespace, prefix: str = "", **giv
 # --- how flags' text is read -----------------------------------------------------------------
 
 
-def count(text: str) -> int:
-    """A whole number, at least 1."""
+def _whole_number(text: str, least: int, most: int | None, what: str = "whole number") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+    if value < least or (most is not None and value > most):
+        within = f"at least {least}" if most is None else f"within {least}..{most}"
+        raise argparse.ArgumentTypeError(f"{text} must be {within}")
     return value
+
+
+def count(text: str) -> int:
+    """A whole number, at least 1."""
+    return _whole_number(text, 1, None)
 
 
 def whole(text: str) -> int:
     """A whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must not be negative")
-    return value
+    return _whole_number(text, 0, None)
 
 
 def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is not within 0..65535")
-    return value
+    """A TCP port, or 0 for any free one."""
+    return _whole_number(text, 0, 65535, "port number")
 
 
 def seconds(text: str) -> float:

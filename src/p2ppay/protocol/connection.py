@@ -138,22 +138,14 @@ def encode_event(event: Event) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-class ServerConnection:
-    """The server's view of one native-protocol connection.
+class _Lines:
+    """What both ends share: received bytes split into bounded lines, and the peer's EOF."""
 
-    Requests are handled one at a time: the server takes a request from :meth:`next_event`,
-    answers it with :meth:`send_ok` or :meth:`send_error`, and only then takes the next one,
-    so the state a request is checked against is the state its predecessors left.
-    """
-
-    def __init__(
-        self, max_line: int = DEFAULT_MAX_LINE, max_depth: int = DEFAULT_MAX_DEPTH
-    ) -> None:
+    def __init__(self, max_line: int, max_depth: int) -> None:
         check_max_depth(max_depth)
         self._lines = LineBuffer(max_line)
         self.max_depth = max_depth
         self._eof = False
-        self.state = State.AWAIT_HELLO
 
     @property
     def partial(self) -> bool:
@@ -166,6 +158,21 @@ class ServerConnection:
             self._lines.feed(data)
         else:
             self._eof = True
+
+
+class ServerConnection(_Lines):
+    """The server's view of one native-protocol connection.
+
+    Requests are handled one at a time: the server takes a request from :meth:`next_event`,
+    answers it with :meth:`send_ok` or :meth:`send_error`, and only then takes the next one,
+    so the state a request is checked against is the state its predecessors left.
+    """
+
+    def __init__(
+        self, max_line: int = DEFAULT_MAX_LINE, max_depth: int = DEFAULT_MAX_DEPTH
+    ) -> None:
+        super().__init__(max_line, max_depth)
+        self.state = State.AWAIT_HELLO
 
     def next_event(self) -> Request | Rejected | Sentinel:
         """The next request (legal in the current state), a :class:`Rejected`, or a sentinel.
@@ -219,7 +226,7 @@ class ServerConnection:
         return encode_event(event)
 
 
-class ClientConnection:
+class ClientConnection(_Lines):
     """The client's view: requests out, typed replies and events in.
 
     It remembers which op each outstanding request id was, so a reply's ``result`` decodes into
@@ -230,10 +237,7 @@ class ClientConnection:
     def __init__(
         self, max_line: int = DEFAULT_MAX_LINE, max_depth: int = DEFAULT_MAX_DEPTH
     ) -> None:
-        check_max_depth(max_depth)
-        self._lines = LineBuffer(max_line)
-        self.max_depth = max_depth
-        self._eof = False
+        super().__init__(max_line, max_depth)
         self._pending: dict[int, str] = {}
 
     def send_request(self, request: Request) -> bytes:
@@ -245,12 +249,6 @@ class ClientConnection:
     def forget(self, request_id: int) -> None:
         """Stop waiting for a reply (the caller gave up); a late reply is then dropped."""
         self._pending.pop(request_id, None)
-
-    def receive_data(self, data: bytes | bytearray) -> None:
-        if data:
-            self._lines.feed(data)
-        else:
-            self._eof = True
 
     def next_event(self) -> ReplyOk | ReplyError | Event | Sentinel:
         while True:

@@ -209,18 +209,28 @@ class CourseSession(SessionBase):
         session = self.host.presence.local(payer, course=True)
         return session is not None and session.ip == self.ip
 
-    async def _pay(self, message: CoursePayment) -> bytes:
-        if not self._speaks_for(message.payer):
-            log.info("%s: course payment %r refused: not the payer's", self.ip, message)
-            return course.PAY_NOT_YOURS
+    async def _move(
+        self, what: str, message: CoursePayment | CourseTransfer
+    ) -> lg.Transfer | lg.LedgerError:
+        """Move a course payment's money (a fresh payment id: the dialect has none); the
+        ledger's refusal, if it refuses."""
         try:
             t = await self.host.ledger.settle(
                 uuid.uuid4(), message.payer, message.payee, message.amount
             )
         except lg.LedgerError as exc:
-            log.info("%s: course payment %r failed: %s", self.ip, message, exc)
-            return _PAYMENT_REFUSALS.get(type(exc), course.PAY_FAILED)
-        log.debug("%s: course payment %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
+            log.info("%s: course %s %r failed: %s", self.ip, what, message, exc)
+            return exc
+        log.debug("%s: course %s %s -> %s %d", self.ip, what, t.payer, t.payee, t.amount)
+        return t
+
+    async def _pay(self, message: CoursePayment) -> bytes:
+        if not self._speaks_for(message.payer):
+            log.info("%s: course payment %r refused: not the payer's", self.ip, message)
+            return course.PAY_NOT_YOURS
+        moved = await self._move("payment", message)
+        if isinstance(moved, lg.LedgerError):
+            return _PAYMENT_REFUSALS.get(type(moved), course.PAY_FAILED)
         return course.SUCCESSFUL  # settle() returns once the transfer is committed
 
     async def _transfer(self, message: CourseTransfer) -> bytes | None:
@@ -230,16 +240,8 @@ class CourseSession(SessionBase):
         # the payer hears nothing: a stranger must not put lines into the payer's connection.
         if self.user is None or name_key(self.user) != name_key(message.payee):
             return course.TRANSFER_FAIL
-        try:
-            t = await self.host.ledger.settle(
-                uuid.uuid4(), message.payer, message.payee, message.amount
-            )
-        except lg.LedgerError as exc:
-            log.info("%s: course transfer %r failed: %s", self.ip, message, exc)
-            outcome = course.TRANSFER_FAIL
-        else:
-            log.debug("%s: course transfer %s -> %s %d", self.ip, t.payer, t.payee, t.amount)
-            outcome = course.TRANSFER_OK
+        moved = await self._move("transfer", message)
+        outcome = course.TRANSFER_FAIL if isinstance(moved, lg.LedgerError) else course.TRANSFER_OK
         # Success or not, the outcome is the payer's, who waits for it; the payee is told
         # nothing (its client is not reading for a reply).
         payer = self.host.presence.local(message.payer, course=True)
