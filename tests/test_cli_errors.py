@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,14 @@ def test_every_server_setting_is_a_flag() -> None:
     assert got == expected
     assert len(expected) >= 40
     assert options.config.peer_cert_lifetime == 7 * 3600  # hours on the command line
+
+
+def test_the_readme_lists_every_server_flag() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Configuration", 1)[1].split("\n\n")[2]
+    listed = set(re.findall(r"`(--[a-z-]+)", table))
+    flags = {flag.name for _, _, flag in fields_and_flags(ServerOptions) if flag is not None}
+    assert flags | {"--log-level"} <= listed, sorted(flags - listed)
 
 
 def test_ctrl_c_at_the_password_prompt_leaves_cleanly(tmp_path: Path) -> None:
