@@ -22,18 +22,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, final
+from typing import Any, Final, Literal, final
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
-from . import __version__
+from . import __version__, logs
 from . import ledger as lg
 from . import protocol as p
 from .course import REFERENCE, Dialect
 from .course_session import CourseSession
 from .hashing import Hasher
 from .limits import LimitLog, LoginThrottle, ThrottleConfig
+from .metrics import ServerMetrics, serve_metrics
 from .passwords import ScryptParams, hash_password, verify_password
 from .pki import (
     IdentityError,
@@ -51,6 +52,9 @@ from .tls import server_context
 log = logging.getLogger("p2ppay.server")
 
 DEFAULT_PORT: Final = 8700
+
+#: who may bring money in: every user (``deposit``), or only the operator (``admin credit``)
+DepositPolicy = Literal["open", "operator"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,8 @@ class ServerConfig:
     #: then wait for their person.
     course_idle_timeout: float = 4 * 3600.0
     scrypt: ScryptParams = field(default_factory=ScryptParams)
+    #: "operator": users' deposits are refused (and course accounts start empty)
+    deposits: DepositPolicy = "open"
 
 
 class RequestFailed(Exception):
@@ -104,6 +110,7 @@ _LEDGER_CODES: Final[dict[type[lg.LedgerError], p.ErrorCode]] = {
     lg.SelfPayment: p.ErrorCode.SELF_PAYMENT,
     lg.PaymentIdConflict: p.ErrorCode.PAYMENT_ID_CONFLICT,
     lg.Unauthorized: p.ErrorCode.BAD_ACCEPTANCE,
+    lg.AccountFrozen: p.ErrorCode.ACCOUNT_FROZEN,
     lg.LedgerUnavailable: p.ErrorCode.INTERNAL,
 }
 
@@ -169,6 +176,7 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._accept_scope = trio.CancelScope()
         self._drained = trio.Event()
+        self.metrics = ServerMetrics(self)
 
     # -- connections --
 
@@ -312,6 +320,7 @@ class Server:
     async def _own(self, session: Session | CourseSession) -> None:
         """Run a session to its end, whatever happens in it."""
         self.sessions.add(session)
+        logs.bind_connection(session)  # this task's log lines carry its peer and user
         log.info("%s: connected%s", session.ip, " (course)" if session.course else "")
         try:
             await session.run()
@@ -531,9 +540,11 @@ class Session:
         try:
             result = await self._handlers[op](request)
         except RequestFailed as exc:
+            self.server.metrics.request_failed(op, exc.code)
             return self.conn.send_error(request.id, exc.code, exc.message)
         except lg.LedgerError as exc:
             code = _LEDGER_CODES.get(type(exc), p.ErrorCode.INTERNAL)
+            self.server.metrics.request_failed(op, code)
             if code is p.ErrorCode.INTERNAL:
                 log.error("%s: ledger failure on %s: %s", self.ip, op, exc)
                 return self.conn.send_error(request.id, code, "the ledger is unavailable")
@@ -560,7 +571,7 @@ class Session:
             try:
                 await self.send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+                self.server.metrics.event_dropped()
 
         self.server.spawn(deliver)
 
@@ -617,6 +628,7 @@ class Session:
         self.user = req.name
         self.p2p_port = req.p2p_port
         self.server.take_over(self, req.name)
+        await self.server.ledger.record_login(req.name)
         log.info("%s: %s logged in (p2p port %s)", self.ip, req.name, req.p2p_port)
         return p.LoginResult(
             req.name,
@@ -632,6 +644,10 @@ class Session:
         return self.user
 
     async def _deposit(self, req: p.Deposit) -> p.BalanceResult:
+        if self.server.config.deposits == "operator":
+            raise RequestFailed(
+                p.ErrorCode.DEPOSITS_CLOSED, "on this server only the operator brings money in"
+            )
         return p.BalanceResult(await self.server.ledger.deposit(self._me(), req.amount))
 
     async def _list(self, req: p.ListOnline) -> p.ListResult:
@@ -662,7 +678,13 @@ class Session:
         t = await self.server.ledger.settle(req.payment_id, payer, req.payee, req.amount, authorize)
         if not t.replayed:
             log.debug(
-                "%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee, t.amount
+                "%s: settled %s: %s -> %s %d",
+                self.ip,
+                t.payment_id,
+                t.payer,
+                t.payee,
+                t.amount,
+                extra={"payment_id": str(t.payment_id)},
             )
             payee = self.server.online.get(t.payee)
             if payee is not None:
@@ -705,6 +727,8 @@ class ServerOptions:
     course_port: int | None = None  # None: no course-dialect listener
     course_tls: bool = False
     course_dialect: Dialect = REFERENCE
+    metrics_port: int | None = None  # None: no metrics listener
+    metrics_host: str = "127.0.0.1"
 
 
 LEDGER_FILE: Final = "ledger.sqlite3"
@@ -790,9 +814,12 @@ async def run_server(
     # Bind first: a port in use is reported before anything is created or opened.
     listeners = await _bind(options.port, options.host)
     course_listeners: list[trio.SocketListener] = []
+    metrics_listeners: list[trio.SocketListener] = []
     try:
         if options.course_port is not None:
             course_listeners = await _bind(options.course_port, options.host)
+        if options.metrics_port is not None:
+            metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
         async with lg.open_sqlite_ledger(
             state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
         ) as ledger:
@@ -805,8 +832,11 @@ async def run_server(
                 course_tls=options.course_tls,
                 course_dialect=options.course_dialect,
             )
+            ledger.observer = server.metrics
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners, course_listeners)
+                if metrics_listeners:  # in the server's nursery: it stops when serving does
+                    server.spawn(partial(serve_metrics, server.metrics.render, metrics_listeners))
                 addresses: list[tuple[str, int]] = []
                 for group, what in ((listeners, "TLS"), (course_listeners, "course dialect")):
                     if what != "TLS":
@@ -817,6 +847,9 @@ async def run_server(
                         host, port = listener.socket.getsockname()[:2]
                         addresses.append((str(host), int(port)))
                         log.info("listening on %s port %d (%s)", host, port, what)
+                for listener in metrics_listeners:
+                    host, port = listener.socket.getsockname()[:2]
+                    log.info("listening on %s port %d (metrics, HTTP: /metrics)", host, port)
                 task_status.started(addresses)
                 if handle_signals:
                     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -831,7 +864,8 @@ async def run_server(
             ledger.ops_committed / max(ledger.commits, 1),
         )
     finally:
-        for listener in [*listeners, *course_listeners]:  # serve() closed those it started
+        # serve() and serve_metrics() closed those they started
+        for listener in [*listeners, *course_listeners, *metrics_listeners]:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
     log.info("stopped")
