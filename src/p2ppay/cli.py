@@ -16,7 +16,7 @@ from typing import NoReturn
 import platformdirs
 import trio
 
-from . import __version__
+from . import __version__, admin, logs
 from .course import DIALECTS, REFERENCE
 from .exitcodes import ExitCode
 from .ledger import Limits
@@ -31,6 +31,7 @@ DESCRIPTION = """Secure person-to-person micropayments over TLS.
 
   p2ppay server   run the payment server (accounts, ledger, who is online)
   p2ppay client   the terminal client: register, log in, deposit, list, pay
+  p2ppay admin    the operator's commands: accounts, credit, freeze, audit, backup, ...
 
 Exit status: 0 done; 1 a command failed (client) or the server could not start;
 2 usage error; 3 the client cannot reach the server; 130 interrupted."""
@@ -124,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="debug logs one line per request; info one per connection event",
+    )
+    s.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="text, or json: one JSON object per line (time, level, logger, message, peer, ...)",
+    )
+    s.add_argument(
+        "--deposits",
+        default="open",
+        choices=["open", "operator"],
+        help="who brings money in: every user (deposit), or only the operator (admin credit)",
+    )
+    s.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; off unless given",
+    )
+    s.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address for --metrics-port (the metrics are not secret, but not for everyone)",
     )
     s.add_argument("--cert", type=Path, help="your own server certificate chain (PEM)")
     s.add_argument("--key", type=Path, help="the private key for --cert (PEM)")
@@ -266,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.course_idle_timeout,
         help="seconds a course connection that has not logged in may stay silent (0: forever)",
     )
+    admin.add_parser(
+        sub,
+        _HelpFormatter,
+        f"the server's state directory (default: ${STATE_ENV} or the user data dir)",
+    )
     c = sub.add_parser(
         "client",
         help="the terminal client (interactive, or scripted with -c)",
@@ -368,6 +397,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         peer_cert_lifetime=args.peer_cert_hours * 3600,
         course_initial_balance=args.course_initial_balance,
         course_idle_timeout=args.course_idle_timeout,
+        deposits=args.deposits,
         max_connections=args.max_connections,
         max_connections_per_ip=args.max_connections_per_ip,
         throttle=ThrottleConfig(
@@ -396,6 +426,8 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         course_port=args.course_port,
         course_tls=args.course_tls,
         course_dialect=DIALECTS[args.course_dialect],
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
@@ -431,11 +463,7 @@ def _explain_server_failure(exc: BaseException) -> str:
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     options = _server_options(args)
     log.info("state directory: %s", options.state_dir)
     try:
@@ -450,11 +478,7 @@ def _run_server(args: argparse.Namespace) -> int:
 
 
 def _run_client(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, text_format="%(levelname)s %(name)s: %(message)s")
     try:
         return trio.run(run_client, _client_options(args))
     except KeyboardInterrupt:
@@ -469,4 +493,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_server(args)
     if args.command == "client":
         return _run_client(args)
+    if args.command == "admin":
+        return admin.run_admin(args, args.state_dir or default_state_dir())
     raise AssertionError(args.command)

@@ -87,6 +87,8 @@ class ServerMetrics:
             ["outcome"],
             registry=registry,
         )
+        for outcome in ("ok", "replayed"):  # exported as 0 before the first one
+            self.settles.labels(outcome)
         self.settle_seconds = Histogram(
             "p2ppay_settle_seconds",
             "Seconds from handing a settlement to the ledger to its durable outcome",
