@@ -103,12 +103,12 @@ def add_parser(
 
     common(a, None)
     cmds = a.add_subparsers(dest="admin_command", required=True, metavar="COMMAND")
-    c = cmds.add_parser("accounts", help="list every account")
+    c = cmds.add_parser("accounts", help="list every account", formatter_class=formatter)
     c.add_argument("--json", action="store_true", help="one JSON object per account and line")
     for name, what in (("credit", "bring money into"), ("debit", "take money out of")):
-        c = cmds.add_parser(name, help=f"{what} an account")
-        c.add_argument("name")
-        c.add_argument("amount", type=_amount)
+        c = cmds.add_parser(name, help=f"{what} an account", formatter_class=formatter)
+        c.add_argument("name", help="the account (in any letter case)")
+        c.add_argument("amount", type=_amount, help="a positive whole number")
         c.add_argument(
             "--reference",
             default=None,
@@ -116,10 +116,16 @@ def add_parser(
             "the first outcome (default: a new one, printed)",
         )
     for name, what in (("freeze", "stop"), ("unfreeze", "allow again")):
-        c = cmds.add_parser(name, help=f"{what} payments from and to an account")
-        c.add_argument("name")
-    c = cmds.add_parser("reset-password", help="set an account's password; revoke its keys")
-    c.add_argument("name")
+        c = cmds.add_parser(
+            name, help=f"{what} payments from and to an account", formatter_class=formatter
+        )
+        c.add_argument("name", help="the account (in any letter case)")
+    c = cmds.add_parser(
+        "reset-password",
+        help="set an account's password; revoke its keys",
+        formatter_class=formatter,
+    )
+    c.add_argument("name", help="the account (a native one: course accounts have no password)")
     c.add_argument(
         "--password-file",
         type=Path,
@@ -127,10 +133,16 @@ def add_parser(
         help=f"read the new password from this file's first line (or set ${PASSWORD_ENV}; "
         "else it is asked for)",
     )
-    cmds.add_parser("audit", help="check the books; exit 0 only if everything holds")
-    c = cmds.add_parser("backup", help="a consistent copy of the ledger, while it is in use")
+    cmds.add_parser(
+        "audit", help="check the books; exit 0 only if everything holds", formatter_class=formatter
+    )
+    c = cmds.add_parser(
+        "backup",
+        help="a consistent copy of the ledger, while it is in use",
+        formatter_class=formatter,
+    )
     c.add_argument("dest", type=Path, help="the copy's file name (must not exist)")
-    c = cmds.add_parser("export", help="every movement, oldest first")
+    c = cmds.add_parser("export", help="every movement, oldest first", formatter_class=formatter)
     c.add_argument("--csv", action="store_true", help="CSV with a header instead of JSON lines")
     for parser in cmds.choices.values():
         common(parser, argparse.SUPPRESS)

@@ -312,6 +312,8 @@ def connect_sqlite(path: Path | str, busy_timeout_ms: int = 5000) -> sqlite3.Con
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
+        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return db  # nothing to migrate: no need to wait for the write lock
         db.execute("BEGIN IMMEDIATE")
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
