@@ -359,3 +359,36 @@ async def test_metrics_count_a_payment_and_json_logs_parse(tmp_path: Path) -> No
     assert settled and settled[0]["user"] == "alice" and settled[0]["peer"] == "127.0.0.1"
     assert any(r["message"] == "stopped" for r in records)
     assert isinstance(payment.payment_id, uuid.UUID)
+
+
+async def test_a_server_that_cannot_start_says_why_in_json_too(tmp_path: Path) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    try:
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "p2ppay",
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--state-dir",
+                    str(tmp_path),
+                    "--port",
+                    "0",
+                    "--metrics-port",
+                    str(port),
+                    "--log-format",
+                    "json",
+                ],
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        await listeners[0].aclose()
+    assert done.returncode == 1
+    records = [json.loads(line) for line in done.stderr.decode().splitlines()]
+    assert records[-1]["level"] == "ERROR"
+    assert records[-1]["message"] == f"p2ppay server: 127.0.0.1 port {port} is already in use"

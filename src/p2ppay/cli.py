@@ -469,10 +469,10 @@ def _run_server(args: argparse.Namespace) -> int:
     try:
         trio.run(partial(run_server, options, handle_signals=True))
     except KeyboardInterrupt:
-        print("p2ppay server: interrupted", file=sys.stderr)
+        logs.final_line("p2ppay server: interrupted", args.log_format)
         return ExitCode.INTERRUPTED
     except Exception as exc:
-        print(f"p2ppay server: {_explain_server_failure(exc)}", file=sys.stderr)
+        logs.final_line(f"p2ppay server: {_explain_server_failure(exc)}", args.log_format)
         return ExitCode.FAILED
     return ExitCode.OK
 

@@ -99,3 +99,12 @@ def configure(
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.captureWarnings(fmt == "json")
+
+
+def final_line(text: str, fmt: LogFormat) -> None:
+    """The one line that says why a program stopped: as it is, or with ``json`` as one more
+    JSON log line (so that every line on stderr still parses)."""
+    if fmt == "json":
+        logging.getLogger("p2ppay").error("%s", text)
+    else:
+        print(text, file=sys.stderr)
