@@ -24,7 +24,7 @@ from p2ppay.bench import Proc, spawn
 from p2ppay.client import Client
 from p2ppay.tls import client_context
 
-from .conftest import expect_error, login, pay, registered
+from .conftest import acceptance, expect_error, login, pay, registered
 from .test_cli_client import client_cmd, json_lines, run_client
 from .test_loopback import server_process
 
@@ -392,3 +392,25 @@ async def test_a_server_that_cannot_start_says_why_in_json_too(tmp_path: Path) -
     records = [json.loads(line) for line in done.stderr.decode().splitlines()]
     assert records[-1]["level"] == "ERROR"
     assert records[-1]["message"] == f"p2ppay server: 127.0.0.1 port {port} is already in use"
+
+
+async def test_freeze_stops_a_payment_already_accepted(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with trio.fail_after(120):
+        async with server_process(state) as srv:
+            ctx = client_context(state / "ca.pem")
+            async with (
+                Client.connect("127.0.0.1", srv.port, ssl_context=ctx) as alice,
+                Client.connect("127.0.0.1", srv.port, ssl_context=ctx) as bob,
+            ):
+                await registered(alice, "alice", deposit=100)
+                await registered(bob, "bob")
+                # bob has accepted (signed) the payment; the freeze comes before it settles.
+                pid = uuid.uuid4()
+                signed = acceptance(pid, "alice", "bob", 5)
+                assert (await run_admin(state, "freeze", "bob")).returncode == 0
+                await expect_error("account_frozen", alice.settle(pid, "bob", 5, signed))
+                assert (await alice.list()).balance == 100
+                assert (await run_admin(state, "unfreeze", "bob")).returncode == 0
+                # The refusal stored nothing: the same payment settles now, once.
+                assert (await alice.settle(pid, "bob", 5, signed)).balance == 95

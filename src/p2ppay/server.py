@@ -568,6 +568,7 @@ class Session:
         data = self.conn.send_event(event)
 
         async def deliver() -> None:
+            logs.bind_connection(self)  # spawned by another session's task: about this one
             try:
                 await self.send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -580,6 +581,7 @@ class Session:
         data = p.encode_event(event)
 
         async def deliver_and_close() -> None:
+            logs.bind_connection(self)  # spawned by another session's task: about this one
             try:
                 await self.send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
