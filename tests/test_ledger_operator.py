@@ -240,6 +240,7 @@ async def test_backup_of_a_ledger_in_use_is_consistent(tmp_path: Path) -> None:
         finally:
             admin.close()
     for copy in copies:
+        assert copy.stat().st_mode & 0o777 == 0o600  # it holds the password hashes
         restored = SqliteAdmin(copy)
         try:
             assert restored.audit().ok

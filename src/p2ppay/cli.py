@@ -33,7 +33,7 @@ DESCRIPTION = """Secure person-to-person micropayments over TLS.
   p2ppay client   the terminal client: register, log in, deposit, list, pay
   p2ppay admin    the operator's commands: accounts, credit, freeze, audit, backup, ...
 
-Exit status: 0 done; 1 a command failed (client) or the server could not start;
+Exit status: 0 done; 1 a command failed (client, admin) or the server could not start;
 2 usage error; 3 the client cannot reach the server; 130 interrupted."""
 
 log = logging.getLogger("p2ppay")

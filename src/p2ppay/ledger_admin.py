@@ -14,6 +14,7 @@ command is a short-lived process with nothing else to do meanwhile.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 import uuid
@@ -362,6 +363,9 @@ class SqliteAdmin:
         if dest.exists():
             raise LedgerError(f"{dest} exists; back up to a new file")
         partial = dest.with_name(f".{dest.name}.partial")
+        partial.unlink(missing_ok=True)  # left by a backup that was killed
+        # 0600 from the start, like the ledger: the copy holds the password hashes.
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         target = sqlite3.connect(partial)
         try:
             # One step: the whole copy is read in one transaction, a consistent snapshot,
