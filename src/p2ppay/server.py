@@ -627,10 +627,10 @@ class Session:
             raise RequestFailed(p.ErrorCode.AUTH_FAILED, "unknown user or wrong password")
         throttle.succeeded(req.name)
         cert = await self.server.certify(req.name, req.csr) if req.csr else None
+        await self.server.ledger.record_login(req.name)  # before anything here changes
         self.user = req.name
         self.p2p_port = req.p2p_port
         self.server.take_over(self, req.name)
-        await self.server.ledger.record_login(req.name)
         log.info("%s: %s logged in (p2p port %s)", self.ip, req.name, req.p2p_port)
         return p.LoginResult(
             req.name,
