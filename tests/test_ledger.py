@@ -345,7 +345,7 @@ async def test_a_version_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "v1.sqlite3"
     pid = uuid.uuid4()
     db = sqlite3.connect(path)
-    db.executescript(lg._SCHEMA_V1)
+    db.executescript(lg.SCHEMA_V1)
     db.executescript(
         f"""
         INSERT INTO accounts(name, kind, password_hash, balance, created_ms)
@@ -376,7 +376,7 @@ async def test_a_version_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
         assert audit.conserved and (audit.accounts, audit.transfers) == (3, 1)
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == lg.SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == lg.SCHEMA_VERSION == 3
         keys = dict(db.execute("SELECT name, name_key FROM accounts").fetchall())
         assert keys == {"Alice": "alice", "bob": "bob", "Carol": "carol"}
         indexes = {row[1] for row in db.execute("PRAGMA index_list(accounts)")}
@@ -388,7 +388,7 @@ async def test_a_version_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
 async def test_a_fresh_ledger_and_an_upgraded_one_have_the_same_schema(tmp_path: Path) -> None:
     old = tmp_path / "old.sqlite3"
     db = sqlite3.connect(old)
-    db.executescript(lg._SCHEMA_V1 + "PRAGMA user_version = 1;")
+    db.executescript(lg.SCHEMA_V1 + "PRAGMA user_version = 1;")
     db.close()
     async with open_sqlite_ledger(old), open_sqlite_ledger(tmp_path / "new.sqlite3"):
         pass
@@ -406,7 +406,7 @@ async def test_a_fresh_ledger_and_an_upgraded_one_have_the_same_schema(tmp_path:
 async def test_a_failed_upgrade_leaves_the_ledger_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "v1.sqlite3"
     db = sqlite3.connect(path)
-    db.executescript(lg._SCHEMA_V1)
+    db.executescript(lg.SCHEMA_V1)
     # Two names the same but for case: impossible under version 1's NOCASE index, so forced.
     db.executescript(
         """

@@ -15,7 +15,7 @@ from typing import NoReturn
 import platformdirs
 import trio
 
-from . import __version__
+from . import __version__, admin, logs
 from .exitcodes import ExitCode
 from .server import DEFAULT_PORT, ServerOptions, StartupError, run_server
 from .settings import add_flags, from_flags, port, seconds
@@ -27,8 +27,9 @@ DESCRIPTION = """Secure person-to-person micropayments over TLS.
 
   p2ppay server   run the payment server (accounts, ledger, who is online)
   p2ppay client   the terminal client: register, log in, deposit, list, pay
+  p2ppay admin    the operator's commands: accounts, credit, freeze, audit, backup, ...
 
-Exit status: 0 done; 1 a command failed (client) or the server could not start;
+Exit status: 0 done; 1 a command failed (client, admin) or the server could not start;
 2 usage error; 3 the client cannot reach the server; 130 interrupted."""
 
 log = logging.getLogger("p2ppay")
@@ -71,8 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="debug logs one line per request; info one per connection event",
     )
+    s.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="text, or json: one JSON object per line (time, level, logger, message, peer, ...)",
+    )
     # Every other flag is a field of ServerOptions or of the config it holds (settings.py).
     add_flags(s, ServerOptions)
+    admin.add_parser(
+        sub,
+        _HelpFormatter,
+        f"the server's state directory (default: ${STATE_ENV} or the user data dir)",
+    )
     c = sub.add_parser(
         "client",
         help="the terminal client (interactive, or scripted with -c)",
@@ -201,30 +213,22 @@ def _explain_server_failure(exc: BaseException) -> str:
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     options = server_options(args)
     log.info("state directory: %s", options.state_dir)
     try:
         trio.run(partial(run_server, options, handle_signals=True))
     except KeyboardInterrupt:
-        print("p2ppay server: interrupted", file=sys.stderr)
+        logs.final_line("p2ppay server: interrupted", args.log_format)
         return ExitCode.INTERRUPTED
     except Exception as exc:
-        print(f"p2ppay server: {_explain_server_failure(exc)}", file=sys.stderr)
+        logs.final_line(f"p2ppay server: {_explain_server_failure(exc)}", args.log_format)
         return ExitCode.FAILED
     return ExitCode.OK
 
 
 def _run_client(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, text_format="%(levelname)s %(name)s: %(message)s")
     try:
         return trio.run(run_client, client_options(args))
     except KeyboardInterrupt:
@@ -239,4 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_server(args)
     if args.command == "client":
         return _run_client(args)
+    if args.command == "admin":
+        return admin.run_admin(args, args.state_dir or default_state_dir())
     raise AssertionError(args.command)

@@ -1,4 +1,4 @@
-"""The exit statuses of ``p2ppay server`` and ``p2ppay client`` (the README lists them)."""
+"""The exit statuses of ``p2ppay server``, ``client`` and ``admin`` (the README lists them)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from enum import IntEnum
 class ExitCode(IntEnum):
     #: everything asked was done (for the server: it stopped when told to)
     OK = 0
-    #: a command failed (the server or the payee said no); the server could not start
+    #: a command failed (the server or the payee said no; the ledger refused an admin command,
+    #: or its audit failed); the server could not start
     FAILED = 1
     #: the command line cannot be used: an unknown flag or command, a bad value, no password
     USAGE = 2

@@ -79,6 +79,14 @@ class Unauthorized(LedgerError):
     """The payment's authorisation (the payee's signed acceptance) did not check out."""
 
 
+class AccountFrozen(LedgerError):
+    """The operator froze the payer's or the payee's account: it can neither pay nor be paid."""
+
+
+class ReferenceConflict(LedgerError):
+    """An operator's reference was used before for a different credit or debit."""
+
+
 class LedgerUnavailable(LedgerError):
     """The batch could not be committed (disk full, I/O error, shutting down)."""
 
@@ -136,16 +144,33 @@ class Entry:
 @dataclass(frozen=True, slots=True)
 class Audit:
     total_balances: int
+    #: money issued: every deposit and operator credit, by the movements table
     total_deposits: int
     min_balance: int | None
     accounts: int
     transfers: int
+    #: money taken out by the operator's debits, by the movements table
+    withdrawn: int
+    #: the issuance account's own balance: minus what is issued and not withdrawn
+    issuance_balance: int
 
     @property
     def conserved(self) -> bool:
-        return self.total_balances == self.total_deposits and (
+        """Double entry holds: the balances add up to what was issued less what was withdrawn,
+        and so does the issuance account on its own; no balance is negative."""
+        outstanding = self.total_deposits - self.withdrawn
+        return self.total_balances == outstanding == -self.issuance_balance and (
             self.min_balance is None or self.min_balance >= 0
         )
+
+
+class LedgerObserver(Protocol):
+    """Told how the ledger is doing (the server's metrics); called from the writer's thread."""
+
+    def committed(self, operations: int, seconds: float) -> None: ...
+
+    def settled(self, outcome: str, seconds: float) -> None:
+        """``outcome``: ``ok``, ``replayed``, or the refusal's class name."""
 
 
 class Ledger(Protocol):
@@ -182,14 +207,18 @@ class Ledger(Protocol):
 
     async def audit(self) -> Audit: ...
 
+    async def record_login(self, name: str) -> None: ...
+
 
 # --- SQLite ----------------------------------------------------------------------------------
 
 # Accounts are looked up by ``name_key``, the canonical form of the name (p2ppay.names), and
 # shown by ``name``, as registered. Movements name accounts as registered.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-_SCHEMA_V1 = """
+# The schema as version 1 made it. A new ledger is made at version 1 and then migrated step by
+# step like any old one, so every open exercises the migrations the ledgers on disk need.
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS accounts (
     name          TEXT PRIMARY KEY,
     kind          TEXT NOT NULL CHECK (kind IN ('native', 'course')),
@@ -227,22 +256,122 @@ CREATE INDEX IF NOT EXISTS movements_payee ON movements(payee, seq);
 # Version 2: one canonical form of a name, computed by p2ppay.names.name_key (registered as an
 # SQL function for this), replaces SQLite's own NOCASE folding. Existing names keep their
 # spelling; their keys cannot collide, as NOCASE kept them unique under the same folding.
-_SCHEMA_V2 = """
--- (SQLite can add a NOT NULL column only with a default; create_account always sets it)
-ALTER TABLE accounts ADD COLUMN name_key TEXT NOT NULL DEFAULT '';
-UPDATE accounts SET name_key = p2ppay_name_key(name);
-CREATE UNIQUE INDEX accounts_name_key ON accounts(name_key);
-DROP INDEX IF EXISTS accounts_name_nocase;
-"""
+_TO_V2 = (
+    # (SQLite can add a NOT NULL column only with a default; create_account always sets it)
+    "ALTER TABLE accounts ADD COLUMN name_key TEXT NOT NULL DEFAULT ''",
+    "UPDATE accounts SET name_key = p2ppay_name_key(name)",
+    "CREATE UNIQUE INDEX accounts_name_key ON accounts(name_key)",
+    "DROP INDEX IF EXISTS accounts_name_nocase",
+)
 
-#: version -> the script that brings a ledger from the version before to it
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# Version 3: the operator. Money comes from (and goes back to) an issuance account, so every
+# movement is double entry: a deposit or an operator's credit moves money from the issuance
+# account (payer NULL) to an account, an operator's debit from an account back to it (payee
+# NULL). The issuance account's balance is minus everything issued and not withdrawn, so all
+# balances, its own included, add up to zero. Accounts can be frozen and remember the last
+# login. movements is rebuilt (SQLite cannot change a CHECK in place), keeping every row.
+_TO_V3 = (
+    "ALTER TABLE accounts ADD COLUMN frozen INTEGER NOT NULL DEFAULT 0 CHECK (frozen IN (0, 1))",
+    "ALTER TABLE accounts ADD COLUMN last_login_ms INTEGER",
+    """CREATE TABLE issuance (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        balance INTEGER NOT NULL CHECK (balance <= 0)
+    )""",
+    """INSERT INTO issuance(id, balance)
+        SELECT 1, -COALESCE(SUM(amount), 0) FROM movements WHERE kind = 'deposit'""",
+    """CREATE TABLE movements_v2 (
+        seq                 INTEGER PRIMARY KEY,
+        kind                TEXT NOT NULL
+                            CHECK (kind IN ('deposit', 'credit', 'debit', 'transfer')),
+        payment_id          TEXT UNIQUE,
+        -- the operator's reference of a credit or debit: one reference moves money once
+        reference           TEXT UNIQUE,
+        payer               TEXT REFERENCES accounts(name),  -- NULL: the issuance account
+        payee               TEXT REFERENCES accounts(name),  -- NULL: the issuance account
+        amount              INTEGER NOT NULL CHECK (amount > 0),
+        payer_balance_after INTEGER CHECK (payer_balance_after >= 0),
+        payee_balance_after INTEGER CHECK (payee_balance_after >= 0),
+        at_ms               INTEGER NOT NULL,
+        CHECK ((payer IS NULL) = (payer_balance_after IS NULL)
+            AND (payee IS NULL) = (payee_balance_after IS NULL)),
+        CHECK ((kind = 'deposit' AND payer IS NULL AND payee IS NOT NULL
+                AND payment_id IS NULL AND reference IS NULL)
+            OR (kind = 'credit' AND payer IS NULL AND payee IS NOT NULL
+                AND payment_id IS NULL AND reference IS NOT NULL)
+            OR (kind = 'debit' AND payer IS NOT NULL AND payee IS NULL
+                AND payment_id IS NULL AND reference IS NOT NULL)
+            OR (kind = 'transfer' AND payer IS NOT NULL AND payee IS NOT NULL
+                AND payment_id IS NOT NULL AND reference IS NULL AND payer <> payee))
+    )""",
+    """INSERT INTO movements_v2(seq, kind, payment_id, payer, payee, amount,
+            payer_balance_after, payee_balance_after, at_ms)
+        SELECT seq, kind, payment_id, payer, payee, amount,
+            payer_balance_after, payee_balance_after, at_ms FROM movements""",
+    "DROP TABLE movements",
+    "ALTER TABLE movements_v2 RENAME TO movements",
+    "CREATE INDEX movements_payer ON movements(payer, seq)",
+    "CREATE INDEX movements_payee ON movements(payee, seq)",
+)
+
+#: The statements that take a ledger from version N to N + 1, by N (0: a new file).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    0: tuple(stmt for stmt in SCHEMA_V1.split(";") if stmt.strip()),
+    1: _TO_V2,
+    2: _TO_V3,
+}
+assert sorted(_MIGRATIONS) == list(range(SCHEMA_VERSION))
+
+
+def connect_sqlite(path: Path | str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A connection to the ledger at ``path`` (created if need be) at :data:`SCHEMA_VERSION`:
+    WAL, ``synchronous=FULL``, foreign keys on, autocommit (callers BEGIN themselves).
+
+    Migrating runs in one write transaction, so the server and an admin command opening the
+    same old file at once migrate it once. A file from a newer p2ppay is refused."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.create_function("p2ppay_name_key", 1, name_key, deterministic=True)
+    try:
+        db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return db  # nothing to migrate: no need to wait for the write lock
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LedgerUnavailable(
+                    f"{path} has schema version {version}; this p2ppay knows {SCHEMA_VERSION}"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                try:
+                    for statement in _MIGRATIONS[step]:
+                        db.execute(statement)
+                except sqlite3.Error as exc:
+                    raise LedgerUnavailable(
+                        f"{path}: cannot upgrade the schema to version {step + 1}: {exc}"
+                    ) from exc
+            if version < SCHEMA_VERSION:
+                if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                    raise LedgerUnavailable(f"{path}: a movement names a missing account")
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.rollback()
+            raise
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 _INSERT_DEPOSIT = (
     "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms)"
     " VALUES ('deposit', ?, ?, ?, ?)"
 )
+#: the other half of a deposit: the money comes out of the issuance account
+_ISSUE = "UPDATE issuance SET balance = balance - ? WHERE id = 1"
 
 
 _COLUMNS = (
@@ -289,36 +418,12 @@ class SqliteLedger:
         # Figures for the benchmark: how well group commit is doing.
         self.commits = 0
         self.ops_committed = 0
+        self.observer: LedgerObserver | None = None
 
     # -- lifecycle --
 
     def _open_blocking(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=5000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            db.close()
-            raise LedgerUnavailable(
-                f"{self.path} has schema version {version}; this p2ppay knows {SCHEMA_VERSION}"
-            )
-        db.create_function("p2ppay_name_key", 1, name_key, deterministic=True)
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            # Each step in one transaction, its version number included: all of it or none.
-            try:
-                db.executescript(
-                    f"BEGIN IMMEDIATE; {_MIGRATIONS[target]}; PRAGMA user_version={target}; COMMIT;"
-                )
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    db.rollback()
-                db.close()
-                raise LedgerUnavailable(
-                    f"{self.path}: cannot upgrade the schema to version {target}: {exc}"
-                ) from exc
-        self._db = db
+        self._db = connect_sqlite(self.path)
 
     async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
         await trio.to_thread.run_sync(self._open_blocking, limiter=self._limiter)
@@ -348,6 +453,7 @@ class SqliteLedger:
     def _run_batch(self, batch: list[_Op[Any]]) -> None:
         db = self._db
         assert db is not None
+        started = time.perf_counter()
         try:
             db.execute("BEGIN IMMEDIATE")
             for op in batch:
@@ -371,6 +477,8 @@ class SqliteLedger:
             return
         self.commits += 1
         self.ops_committed += len(batch)
+        if self.observer is not None:
+            self.observer.committed(len(batch), time.perf_counter() - started)
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
         op: _Op[T] = _Op(fn, write)
@@ -411,6 +519,7 @@ class SqliteLedger:
                 raise NameTaken(f"the name {name!r} is taken") from None
             if initial_deposit:
                 db.execute(_INSERT_DEPOSIT, (name, initial_deposit, initial_deposit, now))
+                db.execute(_ISSUE, (initial_deposit,))
             return Account(name, kind, password_hash, initial_deposit)
 
         return await self._submit(op)
@@ -464,15 +573,18 @@ class SqliteLedger:
 
         def op(db: sqlite3.Connection) -> int:
             row = db.execute(
-                "SELECT name, balance FROM accounts WHERE name_key = ?", (name_key(name),)
+                "SELECT name, balance, frozen FROM accounts WHERE name_key = ?", (name_key(name),)
             ).fetchone()
             if row is None:
                 raise UnknownAccount(f"no account {name!r}")
-            registered, balance = row[0], row[1] + amount
+            registered, balance, frozen = row[0], row[1] + amount, row[2]
+            if frozen:
+                raise AccountFrozen(f"the account {registered!r} is frozen")
             if balance > limits.max_balance:
                 raise BalanceLimit(f"the balance would exceed {limits.max_balance}")
             db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (balance, registered))
             db.execute(_INSERT_DEPOSIT, (registered, amount, balance, _now_ms()))
+            db.execute(_ISSUE, (amount,))
             return int(balance)
 
         return await self._submit(op)
@@ -512,10 +624,14 @@ class SqliteLedger:
                 raise SelfPayment("you cannot pay yourself")
             if amount < 1 or amount > limits.max_payment:
                 raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
+            # frozen and the payee's key are read here, inside the transaction, not from a
+            # cache: an operator's freeze or password reset (another process, through this
+            # file) holds from the next batch on.
             found = {
-                key: (balance, kind, registered)
-                for key, balance, kind, registered in db.execute(
-                    "SELECT name_key, balance, kind, name FROM accounts WHERE name_key IN (?, ?)",
+                key: (balance, kind, registered, frozen, revoked)
+                for key, balance, kind, registered, frozen, revoked in db.execute(
+                    "SELECT name_key, balance, kind, name, frozen, peer_key IS NULL"
+                    " FROM accounts WHERE name_key IN (?, ?)",
                     (payer_key, payee_key),
                 )
             }
@@ -526,6 +642,13 @@ class SqliteLedger:
                 # Course accounts (no password) and native ones never pay each other.
                 raise UnknownPayee(f"no account {payee!r}")
             src_name, dst_name = src[2], dst[2]  # as registered
+            for name, (_, _, _, frozen, _) in ((src_name, src), (dst_name, dst)):
+                if frozen:
+                    raise AccountFrozen(f"the account {name!r} is frozen")
+            if authorize is not None and dst[4]:
+                # The payee's key was revoked (an operator's password reset) since the server
+                # cached it: its acceptances stop counting at once.
+                raise Unauthorized(f"{dst_name} has no current peer key")
             if authorize is not None and (refusal := authorize()) is not None:
                 raise Unauthorized(refusal)
             if src[0] < amount:
@@ -553,7 +676,17 @@ class SqliteLedger:
             )
             return Transfer(payment_id, src_name, dst_name, amount, payer_after, payee_after, now)
 
-        return await self._submit(op)
+        started, outcome = time.perf_counter(), "cancelled"
+        try:
+            transfer = await self._submit(op)
+            outcome = "replayed" if transfer.replayed else "ok"
+            return transfer
+        except LedgerError as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            if self.observer is not None:
+                self.observer.settled(outcome, time.perf_counter() - started)
 
     async def history(self, name: str, limit: int) -> list[Entry]:
         def op(db: sqlite3.Connection) -> list[Entry]:
@@ -568,8 +701,10 @@ class SqliteLedger:
             rows = db.execute(_HISTORY, {"name": registered, "limit": limit}).fetchall()
             entries = []
             for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid in rows:
-                if kind == "deposit":
+                if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
                     entries.append(Entry("deposit", amount, payee_after, at, None, None))
+                elif kind == "debit":  # and a debit as money sent to nobody in particular
+                    entries.append(Entry("sent", amount, payer_after, at, None, None))
                 elif payer == registered:
                     entries.append(Entry("sent", amount, payer_after, at, payee, uuid.UUID(pid)))
                 else:
@@ -585,13 +720,26 @@ class SqliteLedger:
             total, low, count = db.execute(
                 "SELECT COALESCE(SUM(balance), 0), MIN(balance), COUNT(*) FROM accounts"
             ).fetchone()
-            deposited, transfers = db.execute(
-                "SELECT COALESCE(SUM(CASE kind WHEN 'deposit' THEN amount END), 0),"
+            issued, withdrawn, transfers = db.execute(
+                "SELECT COALESCE(SUM(CASE WHEN payer IS NULL THEN amount END), 0),"
+                " COALESCE(SUM(CASE WHEN payee IS NULL THEN amount END), 0),"
                 " COUNT(payment_id) FROM movements"
             ).fetchone()
-            return Audit(total, deposited, low, count, transfers)
+            (issuance,) = db.execute("SELECT balance FROM issuance WHERE id = 1").fetchone()
+            return Audit(total, issued, low, count, transfers, withdrawn, issuance)
 
         return await self._submit(op, write=False)
+
+    async def record_login(self, name: str) -> None:
+        """Remember when ``name`` last logged in (for the operator's account list)."""
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE accounts SET last_login_ms = ? WHERE name_key = ?",
+                (_now_ms(), name_key(name)),
+            )
+
+        await self._submit(op)
 
 
 @asynccontextmanager

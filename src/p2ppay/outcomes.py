@@ -27,6 +27,7 @@ class Outcome(enum.StrEnum):
     BALANCE_LIMIT = "balance_limit"
     PAYMENT_ID_CONFLICT = "payment_id_conflict"
     BAD_ACCEPTANCE = "bad_acceptance"
+    ACCOUNT_FROZEN = "account_frozen"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL_ERROR = "internal_error"
     SERVER_UNREACHABLE = "server_unreachable"

@@ -93,6 +93,10 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_PAYEE = "unknown_payee"
     PAYMENT_ID_CONFLICT = "payment_id_conflict"
     BAD_ACCEPTANCE = "bad_acceptance"
+    #: the operator froze the payer's or the payee's account
+    ACCOUNT_FROZEN = "account_frozen"
+    #: deposit: on this server (--deposits operator) only the operator brings money in
+    DEPOSITS_CLOSED = "deposits_closed"
     # Identity.
     BAD_CSR = "bad_csr"
     # Presence.

@@ -88,6 +88,10 @@ class Accounts:
         assert self._hasher is not None, "running() runs the hashing threads"
         return self._hasher
 
+    def hash_jobs_waiting(self) -> int:
+        """Password checks waiting for a hashing thread (0 while the threads do not run)."""
+        return 0 if self._hasher is None else self._hasher.waiting()
+
     # -- passwords --
 
     async def _hash_job(self, ip: str, fn: Callable[[], Any]) -> Any:

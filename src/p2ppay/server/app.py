@@ -16,9 +16,11 @@ from typing import Any, final
 import trio
 
 from .. import ledger as lg
+from .. import logs
 from ..course import REFERENCE, Dialect
 from ..hashing import Work
 from ..limits import LimitLog
+from ..metrics import ServerMetrics
 from ..pki import Issuer
 from .accounts import Accounts
 from .admission import Admission, peer_ip, peer_port
@@ -69,10 +71,22 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._accept_scope = trio.CancelScope()
         self._drained = trio.Event()
+        self.metrics = ServerMetrics(self)
 
     @property
     def closing(self) -> bool:
         return self._closing
+
+    # -- what the metrics read --
+
+    def connections_open(self) -> int:
+        return self.admission.connections
+
+    def sessions_logged_in(self, course: bool) -> int:
+        return len(self.presence.names(course=course))
+
+    def hash_jobs_waiting(self) -> int:
+        return self.accounts.hash_jobs_waiting()
 
     # -- running --
 
@@ -180,6 +194,7 @@ class Server:
     async def _own(self, session: SessionBase) -> None:
         """Run a session to its end, whatever happens in it."""
         self.sessions.add(session)
+        logs.bind_connection(session)  # this task's log lines carry its peer and user
         log.info("%s: connected%s", session.ip, " (course)" if session.course else "")
         try:
             await session.run()

@@ -14,8 +14,10 @@ from typing import ClassVar, Protocol
 import trio
 
 from .. import ledger as lg
+from .. import logs
 from ..course import Dialect
 from ..limits import LimitLog
+from ..metrics import ServerMetrics
 from ..sending import Outgoing
 from .accounts import Accounts
 from .config import ServerConfig
@@ -35,6 +37,7 @@ class Host(Protocol):
     #: the course dialect's login reply names this (base64 DER of the server's key)
     server_public_key: str
     course_dialect: Dialect
+    metrics: ServerMetrics
 
     @property
     def closing(self) -> bool:
@@ -105,10 +108,11 @@ class SessionBase:
         """Send ``data`` (best effort) without making the caller wait for this peer."""
 
         async def deliver() -> None:
+            logs.bind_connection(self)  # spawned by another session's task: about this one
             try:
                 await self.send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+                self.host.metrics.event_dropped()
             if then_close:
                 self.cancel_scope.cancel()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from .. import ledger as lg
 from .. import protocol as p
@@ -16,6 +16,9 @@ from ..settings import count, seconds, seconds_or_off, setting, whole
 from ..settings import port as flag_port
 
 DEFAULT_PORT: Final = 8700
+
+#: who may bring money in: every user (``deposit``), or only the operator (``admin credit``)
+DepositPolicy = Literal["open", "operator"]
 LEDGER_FILE: Final = "ledger.sqlite3"
 
 
@@ -116,6 +119,13 @@ class ServerConfig:
         seconds_or_off,
     )
     scrypt: ScryptParams = field(default_factory=ScryptParams)
+    #: "operator": users' deposits are refused (and course accounts start empty)
+    deposits: DepositPolicy = setting(
+        "open",
+        "--deposits",
+        "who brings money in: every user (deposit), or only the operator (admin credit)",
+        choices=["open", "operator"],
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_depth <= p.MAX_DEPTH_CAP:
@@ -163,6 +173,17 @@ class ServerOptions:
         "--course-tls",
         "serve the course dialect over TLS, not plain TCP",
         action="store_true",
+    )
+    metrics_port: int | None = setting(
+        None,
+        "--metrics-port",
+        "serve Prometheus metrics at http://HOST:PORT/metrics; off unless given",
+        flag_port,
+    )
+    metrics_host: str = setting(
+        "127.0.0.1",
+        "--metrics-host",
+        "address for --metrics-port (the metrics are not secret, but not for everyone)",
     )
     course_dialect: Dialect = setting(
         REFERENCE,

@@ -150,6 +150,10 @@ class CourseSession(SessionBase):
     async def _register(self, message: CourseRegister) -> bytes:
         cfg = self.host.config
         deposit = cfg.course_initial_balance if message.deposit is None else message.deposit
+        if cfg.deposits == "operator":  # money comes only from the operator: start empty
+            if message.deposit:
+                return self.dialect.fail
+            deposit = 0
         return course.OK if await self._create(message.name, deposit) else self.dialect.fail
 
     async def _sign_up(self, message: CourseSignUp) -> bytes:
@@ -158,6 +162,7 @@ class CourseSession(SessionBase):
         if not await self._create(message.name, 0):
             return self.dialect.fail
         self._go_online(message.name, message.port or self.peer_port)
+        await self.host.ledger.record_login(message.name)
         return course.OK
 
     async def _login(self, message: CourseLogin) -> bytes:
@@ -165,6 +170,7 @@ class CourseSession(SessionBase):
         if account is None or account.kind != "course":
             return self.dialect.auth_fail  # never a native account: they have passwords
         self._go_online(account.name, message.port)  # shown as registered
+        await self.host.ledger.record_login(account.name)
         return await self._roster()
 
     def _go_online(self, name: str, port: int) -> None:
@@ -187,6 +193,8 @@ class CourseSession(SessionBase):
     async def _deposit(self, message: CourseDeposit) -> bytes:
         # Only into the account this connection is logged in as (always a course account).
         if self.user is None or name_key(self.user) != name_key(message.name):
+            return course.DEPOSIT_FAIL
+        if self.host.config.deposits == "operator":
             return course.DEPOSIT_FAIL
         try:
             await self.host.ledger.deposit(message.name, message.amount)

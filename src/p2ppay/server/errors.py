@@ -29,5 +29,6 @@ LEDGER_CODES: Final[dict[type[lg.LedgerError], p.ErrorCode]] = {
     lg.SelfPayment: p.ErrorCode.SELF_PAYMENT,
     lg.PaymentIdConflict: p.ErrorCode.PAYMENT_ID_CONFLICT,
     lg.Unauthorized: p.ErrorCode.BAD_ACCEPTANCE,
+    lg.AccountFrozen: p.ErrorCode.ACCOUNT_FROZEN,
     lg.LedgerUnavailable: p.ErrorCode.INTERNAL,
 }

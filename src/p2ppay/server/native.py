@@ -172,9 +172,11 @@ class Session(SessionBase):
         try:
             result = await self._handlers[op](request)
         except RequestFailed as exc:
+            self.host.metrics.request_failed(op, exc.code)
             return self.conn.send_error(request.id, exc.code, exc.message)
         except lg.LedgerError as exc:
             code = LEDGER_CODES.get(type(exc), p.ErrorCode.INTERNAL)
+            self.host.metrics.request_failed(op, code)
             if code is p.ErrorCode.INTERNAL:
                 log.error("%s: ledger failure on %s: %s", self.ip, op, exc)
                 return self.conn.send_error(request.id, code, "the ledger is unavailable")
@@ -204,6 +206,7 @@ class Session(SessionBase):
         account = await accounts.check_login(req.name, req.password, self.ip)
         name = account.name  # as registered, whatever the letter case of the login
         cert = await accounts.certify(name, req.csr)
+        await self.host.ledger.record_login(name)  # before anything here changes
         self.user = name
         self.p2p_port = req.p2p_port
         self.replaced_by = None
@@ -223,6 +226,10 @@ class Session(SessionBase):
         return self.user
 
     async def _deposit(self, req: p.Deposit) -> p.BalanceResult:
+        if self.host.config.deposits == "operator":
+            raise RequestFailed(
+                p.ErrorCode.DEPOSITS_CLOSED, "on this server only the operator brings money in"
+            )
         return p.BalanceResult(await self.host.ledger.deposit(self._me(), req.amount))
 
     async def _list(self, req: p.ListOnline) -> p.ListResult:
@@ -252,7 +259,13 @@ class Session(SessionBase):
         t = await self.host.ledger.settle(req.payment_id, payer, req.payee, req.amount, authorize)
         if not t.replayed:
             log.debug(
-                "%s: settled %s: %s -> %s %d", self.ip, t.payment_id, t.payer, t.payee, t.amount
+                "%s: settled %s: %s -> %s %d",
+                self.ip,
+                t.payment_id,
+                t.payer,
+                t.payee,
+                t.amount,
+                extra={"payment_id": str(t.payment_id)},
             )
             payee = self.host.presence.local(t.payee)
             if isinstance(payee, Session):

@@ -8,11 +8,13 @@ import logging
 import os
 import signal
 import ssl
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from .. import ledger as lg
+from ..metrics import serve_metrics
 from ..pki import Issuer, ensure_server_credentials, public_key_line
 from ..tls import server_context
 from .app import Server
@@ -101,9 +103,12 @@ async def run_server(
     # Bind first: a port in use is reported before anything is created or opened.
     listeners = await _bind(options.port, options.host)
     course_listeners: list[trio.SocketListener] = []
+    metrics_listeners: list[trio.SocketListener] = []
     try:
         if options.course_port is not None:
             course_listeners = await _bind(options.course_port, options.host)
+        if options.metrics_port is not None:
+            metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
         async with lg.open_sqlite_ledger(
             state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
         ) as ledger:
@@ -116,8 +121,11 @@ async def run_server(
                 course_tls=options.course_tls,
                 course_dialect=options.course_dialect,
             )
+            ledger.observer = server.metrics
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners, course_listeners)
+                if metrics_listeners:  # in the server's nursery: it stops when serving does
+                    server.spawn(partial(serve_metrics, server.metrics.render, metrics_listeners))
                 addresses: list[tuple[str, int]] = []
                 for group, what in ((listeners, "TLS"), (course_listeners, "course dialect")):
                     if what != "TLS":
@@ -128,6 +136,9 @@ async def run_server(
                         host, port = listener.socket.getsockname()[:2]
                         addresses.append((str(host), int(port)))
                         log.info("listening on %s port %d (%s)", host, port, what)
+                for listener in metrics_listeners:
+                    host, port = listener.socket.getsockname()[:2]
+                    log.info("listening on %s port %d (metrics, HTTP: /metrics)", host, port)
                 task_status.started(addresses)
                 if handle_signals:
                     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -142,7 +153,8 @@ async def run_server(
             ledger.ops_committed / max(ledger.commits, 1),
         )
     finally:
-        for listener in [*listeners, *course_listeners]:  # serve() closed those it started
+        # serve() and serve_metrics() closed those they started
+        for listener in [*listeners, *course_listeners, *metrics_listeners]:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
     log.info("stopped")
