@@ -107,6 +107,9 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     done = server(tmp_path / "state", "--scrypt-n", "3")
     assert done.returncode == ExitCode.USAGE
     assert last_line(done) == "p2ppay: --scrypt-n must be a power of 2 (at least 2)"
+    done = server(tmp_path / "state", "--port", "8790", "--course-port", "8790")
+    assert done.returncode == ExitCode.USAGE
+    assert last_line(done) == "p2ppay: --port and --course-port are both 8790: give each its own"
     done = p2ppay("client", "--frobnicate")
     assert done.returncode == ExitCode.USAGE
     assert "unrecognized arguments: --frobnicate" in last_line(done)

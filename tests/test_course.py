@@ -39,7 +39,7 @@ KEY = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEserverkey=="
         (b"alice#80", c.CourseBadInput(b"alice#80", "the port must be 1024-65535")),
         (b"alice#-5#bob", c.CourseTransfer("alice", -5, "bob")),  # refused by the ledger
         (b"alice#5#bob#x", c.CourseBadInput(b"alice#5#bob#x", "not a course message")),
-        (b"alice#1.5#bob", c.CourseBadInput(b"alice#1.5#bob", "not a course message")),
+        (b"alice#1.5#bob", c.CourseTransfer("alice", 0, "bob")),  # refused as 0: payer hears
         (b"list", c.CourseBadInput(b"list", "not a course message")),
         (b"hello there", c.CourseBadInput(b"hello there", "not a course message")),
         (b"\xff\xfe", c.CourseBadInput(b"\xff\xfe", "not UTF-8")),
@@ -219,7 +219,7 @@ async def test_transfer_between_course_clients(
         # A failing transfer forwarded by the payee is answered like a success: to the payer,
         # who waits for the outcome, and nothing to the payee. Insufficient funds, zero,
         # negative:
-        for amount in (b"9601", b"0", b"-5"):
+        for amount in (b"9601", b"0", b"-5", b"1.5", b"+5", b" 5", b"1" * 20):
             await bob.send(b"alice#" + amount + b"#bob")
             await alice.expect(b"Transfer Fail!\n")
         # a payer that does not exist: nobody to tell. (Newline-terminated: the next message

@@ -14,8 +14,9 @@ import trio
 import trio.testing
 
 from p2ppay import protocol as p
+from p2ppay.addresses import address_key
 from p2ppay.ledger import SqliteLedger
-from p2ppay.limits import LoginThrottle, Refusal, ThrottleConfig, address_key
+from p2ppay.limits import LoginThrottle, Refusal, ThrottleConfig
 from p2ppay.peer import Dialer, PeerConfig, PeerError, PeerIdentity, PeerKey
 from p2ppay.pki import Issuer, sign_acceptance
 from p2ppay.server import Server, ServerConfig

@@ -46,7 +46,7 @@ from .test_course import CourseClient
         (b"Paid#nancy#300#bill", c.CoursePayment("nancy", 300, "bill")),  # report, figure 5
         (b"Paid#300#bill", c.CoursePayment("Paid", 300, "bill")),  # an account called Paid
         (b"nancy#-3#bill", c.CoursePayment("nancy", -3, "bill")),  # refused by the ledger
-        (b"nancy#1.5#bill", c.CourseBadInput(b"nancy#1.5#bill", "not a course message")),
+        (b"nancy#1.5#bill", c.CoursePayment("nancy", 0, "bill")),  # refused as an amount of 0
         (b"Sent#nancy#3#bill", c.CourseBadInput(b"Sent#nancy#3#bill", "not a course message")),
         (b"\xff", c.CourseBadInput(b"\xff", "not UTF-8")),
     ],
@@ -76,7 +76,7 @@ def test_the_seed_decoder_never_crashes(data: bytes) -> None:
 
 
 def test_the_dialect_flag() -> None:
-    default = server_options(build_parser().parse_args(["server", "--course-port", "8700"]))
+    default = server_options(build_parser().parse_args(["server", "--course-port", "8888"]))
     assert default.course_dialect is c.REFERENCE
     seed = server_options(
         build_parser().parse_args(["server", "--course-dialect", "seed", "--course-tls"])

@@ -14,6 +14,7 @@ interface the server uses, so another backend can stand in without touching the 
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import time
 import uuid
@@ -26,7 +27,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import trio
 
 from .constraints import MAX_AMOUNT, is_amount
-from .names import name_key
+from .names import is_valid_name, name_key
 from .settings import count, setting
 
 T = TypeVar("T")
@@ -328,6 +329,10 @@ def connect_sqlite(path: Path | str, busy_timeout_ms: int = 5000) -> sqlite3.Con
 
     Migrating runs in one write transaction, so the server and an admin command opening the
     same old file at once migrate it once. A file from a newer p2ppay is refused."""
+    if str(path) != ":memory:" and not os.path.exists(path):
+        # It holds password hashes and everyone's movements: readable by its owner only.
+        # (SQLite gives the -wal and -shm files the same permissions.)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.create_function("p2ppay_name_key", 1, name_key, deterministic=True)
     try:
@@ -727,6 +732,16 @@ class SqliteLedger:
             ).fetchone()
             (issuance,) = db.execute("SELECT balance FROM issuance WHERE id = 1").fetchone()
             return Audit(total, issued, low, count, transfers, withdrawn, issuance)
+
+        return await self._submit(op, write=False)
+
+    async def invalid_names(self) -> list[str]:
+        """Accounts whose names the name rule (p2ppay.names) refuses: made by an older p2ppay
+        whose rule was looser, they cannot log in."""
+
+        def op(db: sqlite3.Connection) -> list[str]:
+            names = (row[0] for row in db.execute("SELECT name FROM accounts ORDER BY name"))
+            return [name for name in names if not is_valid_name(name)]
 
         return await self._submit(op, write=False)
 

@@ -12,7 +12,6 @@ per interval, while the addresses its owner has logged in from are not slowed at
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
+from .addresses import address_key
 from .names import name_key
 from .settings import count, seconds, setting
 
@@ -33,21 +33,6 @@ T = TypeVar("T")
 MAX_TRACKED: Final = 100_000
 #: How many addresses an account remembers having logged in from (the most recent ones).
 KNOWN_ADDRESSES: Final = 8
-
-
-def address_key(ip: str) -> str:
-    """What the per-address limits count as one address: an IPv4 address, or an IPv6 /64 (what
-    one subscriber is given: counting its 2^64 addresses apart would make per-address limits
-    moot). An IPv4-mapped IPv6 address counts as its IPv4 address; anything else as itself."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
 
 
 @dataclass(frozen=True, slots=True)

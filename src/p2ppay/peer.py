@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import logging
 import ssl
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, final
@@ -19,12 +21,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
+from .addresses import address_key, peer_ip
 from .errors import CodedError
 from .limits import LimitLog
 from .names import NameMap, name_key
 from .outcomes import Outcome
 from .pki import make_csr, new_peer_key, sign_acceptance
-from .tls import peer_contexts, peer_name
+from .tls import explain_connect_failure, peer_contexts, peer_name
 
 log = logging.getLogger("p2ppay.peer")
 
@@ -58,6 +61,10 @@ class PeerConfig:
     max_offers_per_payer: int = 4
     #: payer connections at once (those in the TLS handshake count); more are closed
     max_connections: int = 64
+    #: ...and from one address, so that one address cannot take all of them
+    max_connections_per_ip: int = 8
+    #: offers accepted lately that a payer may still report as not settled (the oldest go)
+    remembered_offers: int = 1024
 
 
 class PeerError(CodedError):
@@ -150,6 +157,10 @@ class OfferListener:
         self.connections_accepted = 0
         self.connections_open = 0
         self._waiting: dict[str, int] = {}  # payer -> offers awaiting a decision
+        self._per_ip: dict[str, int] = {}  # address -> payer connections open from it
+        # (payer's name key, payment id) of offers we accepted: only those may be reported
+        # as not settled, once each.
+        self._accepted: OrderedDict[tuple[str, uuid.UUID], None] = OrderedDict()
         #: told when a payer reports that an offer we accepted was not settled
         self.on_not_settled: Callable[[str, p.NotSettled], None] | None = None
         self.limit_log = LimitLog(log)
@@ -167,15 +178,26 @@ class OfferListener:
 
     async def handle(self, transport: trio.abc.Stream) -> None:
         """Own one payer connection: handshake, then offers answered one at a time."""
+        ip = address_key(peer_ip(transport))
         if self.connections_open >= self.config.max_connections:
             self.limit_log.hit("payer-connections", f"{self.connections_open} open")
             await trio.aclose_forcefully(transport)
             return
+        if self._per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
+            self.limit_log.hit("payer-connections-per-ip", f"{ip} has too many open")
+            await trio.aclose_forcefully(transport)
+            return
         self.connections_open += 1
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
             await self._handle(transport)
         finally:
             self.connections_open -= 1
+            left = self._per_ip[ip] - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                del self._per_ip[ip]
 
     async def _handle(self, transport: trio.abc.Stream) -> None:
         self.connections_accepted += 1
@@ -199,9 +221,14 @@ class OfferListener:
                     return  # the payer left, or stayed silent too long
                 message = p.decode_peer_message(line, cfg.max_depth)
                 if isinstance(message, p.NotSettled):
-                    if self.on_not_settled is not None:
-                        self.on_not_settled(payer, message)
-                    continue  # news only: no answer
+                    # News only (no answer), and only of an offer this payer made and we
+                    # accepted: nobody else can put words about payments on our screen.
+                    key = (name_key(payer), message.payment_id)
+                    if key in self._accepted:
+                        del self._accepted[key]
+                        if self.on_not_settled is not None:
+                            self.on_not_settled(payer, message)
+                    continue
                 answer = await self._answer(payer, message)
                 with trio.move_on_after(cfg.handshake_timeout) as write:
                     await stream.send_all(p.encode_peer_message(answer))
@@ -247,6 +274,9 @@ class OfferListener:
             return p.Decline(offer.payment_id, "no answer in time")
         if not decision:
             return p.Decline(offer.payment_id, "declined")
+        self._accepted[(name_key(payer), offer.payment_id)] = None
+        if len(self._accepted) > self.config.remembered_offers:
+            self._accepted.popitem(last=False)
         return self.identity.accept(offer)
 
 
@@ -317,6 +347,14 @@ class Dialer:
             self.links[where.name] = link
             return link
 
+    @staticmethod
+    def _explain(where: p.Presence, exc: BaseException) -> str:
+        return explain_connect_failure(
+            exc,
+            untrusted="whoever answered is not a client of this server",
+            closed=f"{where.name}'s client may be busy; try again",
+        )
+
     async def _connect(self, where: p.Presence) -> PeerLink:
         cfg = self.config
         if where.port is None:
@@ -327,7 +365,8 @@ class Dialer:
         except (OSError, trio.TooSlowError) as exc:
             raise PeerError(
                 Outcome.UNREACHABLE,
-                f"cannot reach {where.name} at {where.ip} port {where.port}: {exc}",
+                f"cannot reach {where.name} at {where.ip} port {where.port}: "
+                + self._explain(where, exc),
             ) from None
         stream = trio.SSLStream(tcp, self.identity.dialer_context)
         try:
@@ -336,7 +375,8 @@ class Dialer:
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(stream)
             raise PeerError(
-                Outcome.UNREACHABLE, f"TLS with {where.name} failed: {exc.__cause__ or exc}"
+                Outcome.UNREACHABLE,
+                f"no secure connection to {where.name}: " + self._explain(where, exc),
             ) from None
         presented = peer_name(stream)
         if presented is None or name_key(presented) != name_key(where.name):

@@ -23,7 +23,7 @@ from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port
 from .exitcodes import ExitCode
 from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
-from .terminal import Terminal, make_terminal
+from .terminal import Terminal, make_terminal, printable
 from .tls import MissingCA, client_context
 from .wallet import (
     CannotConnect,
@@ -146,10 +146,11 @@ def format_list(result: p.ListResult) -> str:
     lines = [f"Balance: {result.balance}", f"Online ({len(result.online)}):"]
     if result.online:
         width = max(4, *(len(u.name) for u in result.online))
-        lines.append(f"  {'NAME':<{width}}  {'ADDRESS':<39}  PORT")
+        wide = max(7, *(len(u.ip) for u in result.online))
+        lines.append(f"  {'NAME':<{width}}  {'ADDRESS':<{wide}}  PORT")
         for u in result.online:
             port = "-" if u.port is None else str(u.port)
-            lines.append(f"  {u.name:<{width}}  {u.ip:<39}  {port}")
+            lines.append(f"  {printable(u.name):<{width}}  {printable(u.ip):<{wide}}  {port}")
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -191,8 +192,15 @@ class Shell:
         #: the exit status so far: the first failure decides it
         self.status = ExitCode.OK
         self._serving: trio.CancelScope | None = None
+        #: the last news was that a newer login took this session over
+        self._replaced = False
         #: the payment port chosen at the prompt, kept once a login has worked with it
         self._chosen_port: int | None = None
+
+    @property
+    def serving(self) -> bool:
+        """True while the ``serve`` command runs."""
+        return self._serving is not None
 
     @property
     def failed(self) -> bool:
@@ -220,7 +228,7 @@ class Shell:
                 {"command": command, "ok": False, "error": {"code": code, "message": message}}
             )
         else:
-            self.terminal.write(f"Error ({code}): {message}")
+            self.terminal.write(f"Error ({code}): {printable(message)}")
 
     def _json(self, obj: dict[str, Any]) -> None:
         self.terminal.write(json.dumps(obj, sort_keys=True))
@@ -230,6 +238,10 @@ class Shell:
             self.show_event(event)
 
     def show_event(self, event: WalletEvent) -> None:
+        if isinstance(event, p.SessionReplaced):
+            self._replaced = True
+        elif isinstance(event, Reconnected | OfferAnswered):
+            self._replaced = False
         if isinstance(event, p.SessionReplaced | LoggedOut) and self._serving is not None:
             self._serving.cancel()  # an unattended payee that was logged out is of no use
         if self.options.json:
@@ -292,9 +304,12 @@ class Shell:
             text = f"Logged out: {event.reason}."
         elif event.reconnecting:
             text = "Lost the connection to the server; reconnecting..."
+        elif self._replaced:
+            return  # "This session was closed: ..." said it already
         else:
             text = "Lost the connection to the server; the next command reconnects."
-        self.terminal.write(text)
+        # Payers' reasons, the server's messages: shown, never obeyed (escape sequences...).
+        self.terminal.write(printable(text))
 
     # -- input --
 
@@ -395,10 +410,8 @@ class Shell:
         if command not in NEEDS_LOGIN and command not in ("register", "login"):
             raise UsageError(f"unknown command {command!r}; type help for the list")
         if self.wallet.user is None:
-            if self.options.user and (
-                self.options.password_file or os.environ.get(PASSWORD_ENV) or self.interactive
-            ):
-                await self.login([])
+            if self.options.user:
+                await self.login([])  # says so if there is no password to log in with
             else:
                 raise UsageError("log in first (login NAME)")
         wallet = self.wallet
@@ -459,6 +472,7 @@ class Shell:
         if self.interactive and self.options.listen_port is None and port is None:
             port = await self.ask_value("port for payments (Enter: any free port): ", parse_port)
         result = await self.wallet.login(name, password, listen_port=port)
+        self._replaced = False
         # Asked once per shell, but only once it has worked: a taken port is asked for again.
         self._chosen_port = port
         self.emit(
@@ -553,14 +567,21 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
 
 
 async def _until_signalled(nursery: trio.Nursery, shell: Shell) -> int:
-    """Run the shell; SIGINT/SIGTERM end it cleanly (the wallet then logs out)."""
+    """Run the shell; SIGINT, SIGTERM and SIGHUP end it cleanly (the wallet then logs out).
+
+    Stopping ``serve`` that way is how it is meant to end (exit 0), and so is leaving an
+    interactive session; a script stopped in the middle of anything else exits 130."""
     code: int = ExitCode.OK
+    interrupted = False
     with trio.CancelScope() as scope:
 
         async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nonlocal interrupted
+            signals_ = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            with trio.open_signal_receiver(*signals_) as signals:
                 task_status.started()
                 async for _ in signals:
+                    interrupted = shell.interactive is False and not shell.serving
                     scope.cancel()
                     return
 
@@ -569,4 +590,6 @@ async def _until_signalled(nursery: trio.Nursery, shell: Shell) -> int:
             code = await shell.run_script(shell.options.commands)
         else:
             code = await shell.run_interactive()
+    if interrupted:
+        code = ExitCode.INTERRUPTED
     return code

@@ -27,6 +27,17 @@ from .protocol import LineBuffer
 MAX_INPUT_LINE: Final = 64 * 1024
 
 
+def printable(text: str) -> str:
+    """``text`` safe to show on one line of a terminal: control characters (escape sequences,
+    newlines, bells, bidirectional overrides) are shown as escapes, not obeyed. For whatever a
+    peer or the server says: it must never be able to paint lines of its own on our screen."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Interrupted:
     """A prompt was taken off the screen for a question; ``partial`` is what had been typed."""
@@ -111,13 +122,40 @@ class RichBackend:
 
         self._session: Any = PromptSession()
         self._interrupt_pending = False
+        self._ending = False  # the prompt was cancelled: end it, and any not yet started
 
     async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
-        result: str | Interrupted = await trio.to_thread.run_sync(
-            self._prompt_blocking, message, default, secret
-        )
+        # The prompt blocks its thread until a line is typed. So that a cancellation (SIGTERM,
+        # the end of the client) does not wait for the person, the wait for the thread is
+        # abandoned at once; then the prompt is told to end, and the thread is waited for
+        # (shielded, and promptly): it never outlives this call.
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        results: list[str | Interrupted] = []
+        errors: list[BaseException] = []
+        self._ending = False
+
+        def run() -> None:
+            try:
+                results.append(self._prompt_blocking(message, default, secret))
+            except BaseException as exc:  # EOFError, KeyboardInterrupt: the caller's to see
+                errors.append(exc)
+            finally:
+                token.run_sync_soon(done.set)
+
+        try:
+            await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except trio.Cancelled:
+            self._ending = True
+            self._wake_prompt()
+            with trio.CancelScope(shield=True):
+                await done.wait()
+            raise
+        await done.wait()
         self._interrupt_pending = False
-        return result
+        if errors:
+            raise errors[0]
+        return results[0]
 
     def _prompt_blocking(self, message: str, default: str, secret: bool) -> str | Interrupted:
         result: str | Interrupted = self._session.prompt(
@@ -129,13 +167,20 @@ class RichBackend:
         return result
 
     def _exit_if_interrupted(self) -> None:
-        # Runs in prompt_toolkit's loop: as the prompt starts (pre_run) or when interrupted.
+        # Runs in prompt_toolkit's loop: as the prompt starts (pre_run) or when woken.
         app = self._session.app
-        if self._interrupt_pending and app.is_running and not app.future.done():
+        if not app.is_running or app.future.done():
+            return
+        if self._ending:
+            app.exit(exception=EOFError())  # the client is ending: no more prompting
+        elif self._interrupt_pending:
             app.exit(result=Interrupted(app.current_buffer.text))
 
     def interrupt(self) -> None:
         self._interrupt_pending = True
+        self._wake_prompt()
+
+    def _wake_prompt(self) -> None:
         app = self._session.app
         loop = getattr(app, "loop", None)
         if app.is_running and loop is not None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import trio
 
 
 class MissingCA(FileNotFoundError):
@@ -97,3 +100,33 @@ def peer_name(stream: Any) -> str | None:
             if key == "commonName":
                 return str(value)
     return None
+
+
+def explain_connect_failure(exc: BaseException, *, untrusted: str, closed: str) -> str:
+    """One line saying why a TLS connection could not be made; ``untrusted`` is what to check
+    when the other side's certificate is not trusted, ``closed`` why it may have hung up."""
+    if isinstance(exc, trio.TooSlowError):
+        return "no answer in time"
+    if isinstance(exc, trio.BrokenResourceError):
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"its certificate is not trusted ({cause.verify_message}); {untrusted}"
+        eof = isinstance(cause, ssl.SSLEOFError) or (
+            isinstance(cause, ssl.SSLError) and cause.reason == "UNEXPECTED_EOF_WHILE_READING"
+        )
+        if isinstance(cause, ssl.SSLError) and not eof:
+            reason = (cause.reason or str(cause)).lower().replace("_", " ")
+            return f"TLS failed ({reason}); is this a p2ppay port?"
+        return f"the connection was closed during the TLS handshake ({closed})"
+    if isinstance(exc, OSError):
+        # trio's open_tcp_stream says "all attempts failed" and keeps the reasons in __cause__.
+        cause = exc.__cause__
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            first = cause.exceptions[0]
+            if isinstance(first, OSError) and first.errno:
+                return os.strerror(first.errno).lower()
+        if exc.errno and not isinstance(exc, socket.gaierror):
+            return os.strerror(exc.errno).lower()
+        if exc.strerror:
+            return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import errno
 import logging
-import os
 import random
 import socket
 import ssl
@@ -40,6 +39,7 @@ from .peer import (
     decline_all,
     open_offer_listeners,
 )
+from .tls import explain_connect_failure
 
 log = logging.getLogger("p2ppay.wallet")
 
@@ -84,37 +84,11 @@ class PortUnavailable(ClientError):
 
 def describe_connect_failure(exc: BaseException) -> str:
     """One line saying why a connection to the server could not be made."""
-    if isinstance(exc, trio.TooSlowError):
-        return "no answer in time"
-    if isinstance(exc, trio.BrokenResourceError):
-        cause = exc.__cause__
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return (
-                f"the server's certificate is not trusted ({cause.verify_message}); "
-                "check --cafile and --server-name"
-            )
-        eof = isinstance(cause, ssl.SSLEOFError) or (
-            isinstance(cause, ssl.SSLError) and cause.reason == "UNEXPECTED_EOF_WHILE_READING"
-        )
-        if isinstance(cause, ssl.SSLError) and not eof:
-            reason = (cause.reason or str(cause)).lower().replace("_", " ")
-            return f"TLS failed ({reason}); is this a p2ppay server's port?"
-        return (
-            "the server closed the connection during the TLS handshake (it may be refusing "
-            "connections from your address: too many at once?)"
-        )
-    if isinstance(exc, OSError):
-        # trio's open_tcp_stream says "all attempts failed" and keeps the reasons in __cause__.
-        cause = exc.__cause__
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            first = cause.exceptions[0]
-            if isinstance(first, OSError) and first.errno:
-                return os.strerror(first.errno).lower()
-        if exc.errno and not isinstance(exc, socket.gaierror):
-            return os.strerror(exc.errno).lower()
-        if exc.strerror:
-            return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
+    return explain_connect_failure(
+        exc,
+        untrusted="check --cafile and --server-name",
+        closed="it may be refusing connections from your address: too many at once?",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +388,11 @@ class Wallet:
                 reason = f"port {wanted} is already in use on this machine"
             elif exc.errno == errno.EACCES:
                 reason = f"port {wanted} is not allowed for this user"
+            elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+                raise PortUnavailable(
+                    f"cannot take payments at {self.listen_host}: this machine has no such "
+                    "address; choose another --listen-host"
+                ) from None
             else:
                 reason = f"cannot listen on port {wanted}: {exc.strerror or exc}"
             raise PortUnavailable(f"{reason}; choose another port for payments") from None
@@ -542,7 +521,8 @@ class Wallet:
             where = await self._call(lambda c: c.lookup(payee))
         except ServerError as exc:
             raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
-        offer = p.Offer(payment_id or uuid.uuid4(), me, payee, amount)
+        # The payee's name as registered (it was typed in any letter case).
+        offer = p.Offer(payment_id or uuid.uuid4(), me, where.name, amount)
         if on_offer is not None:
             on_offer(offer)
         try:

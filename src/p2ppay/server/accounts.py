@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from .. import ledger as lg
 from .. import protocol as p
+from ..addresses import address_key
 from ..hashing import Hasher, HashQueueFull, Work
-from ..limits import LimitLog, LoginThrottle, Refusal, address_key
+from ..limits import LimitLog, LoginThrottle, Refusal
 from ..names import NameMap
 from ..passwords import hash_password, verify_password
 from ..pki import (

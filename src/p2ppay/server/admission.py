@@ -13,26 +13,6 @@ from ..limits import LimitLog
 log = logging.getLogger("p2ppay.server")
 
 
-def peer_ip(stream: trio.abc.Stream) -> str:
-    """The remote address of a socket stream ("unknown" for anything else)."""
-    sock = getattr(stream, "socket", None)
-    if sock is None:
-        return "unknown"
-    try:
-        return str(sock.getpeername()[0])
-    except OSError:
-        return "unknown"
-
-
-def peer_port(stream: trio.abc.Stream) -> int:
-    """The remote port of a socket stream (0 for anything else)."""
-    sock = getattr(stream, "socket", None)
-    try:
-        return int(sock.getpeername()[1]) if sock is not None else 0
-    except (OSError, IndexError, TypeError, ValueError):
-        return 0
-
-
 @final
 class Admission:
     """Counts connections in and out, and does the TLS handshake within its deadline."""

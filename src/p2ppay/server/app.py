@@ -17,13 +17,14 @@ import trio
 
 from .. import ledger as lg
 from .. import logs
+from ..addresses import peer_ip, peer_port
 from ..course import REFERENCE, Dialect
 from ..hashing import Work
 from ..limits import LimitLog
 from ..metrics import ServerMetrics
 from ..pki import Issuer
 from .accounts import Accounts
-from .admission import Admission, peer_ip, peer_port
+from .admission import Admission
 from .base import SessionBase
 from .config import ServerConfig
 from .course_session import CourseSession

@@ -200,3 +200,10 @@ class ServerOptions:
             raise ValueError("--course-initial-balance must be within 0..--max-deposit")
         if (self.cert is None) != (self.key is None):
             raise ValueError("--cert and --key go together")
+        ports = [("--port", self.port), ("--course-port", self.course_port)]
+        ports.append(("--metrics-port", self.metrics_port))
+        given = [(flag, port) for flag, port in ports if port]  # None and 0 (any) never clash
+        for i, (flag, port) in enumerate(given):
+            for other, same in given[i + 1 :]:
+                if port == same:
+                    raise ValueError(f"{flag} and {other} are both {port}: give each its own")

@@ -15,7 +15,7 @@ import trio
 
 from .. import ledger as lg
 from ..metrics import serve_metrics
-from ..pki import Issuer, ensure_server_credentials, public_key_line
+from ..pki import IdentityError, Issuer, ensure_server_credentials, public_key_line
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
@@ -93,11 +93,21 @@ async def run_server(
             ) from None
     elif options.cert or options.key:
         raise StartupError("--cert and --key go together")
-    else:
-        creds = await trio.to_thread.run_sync(ensure_server_credentials, state_dir, options.sans)
-        cert_path = creds.cert_chain
-        ctx = server_context(creds.cert_chain, creds.key)
-    issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
+    try:
+        if not (options.cert and options.key):
+            creds = await trio.to_thread.run_sync(
+                ensure_server_credentials, state_dir, options.sans
+            )
+            cert_path = creds.cert_chain
+            ctx = server_context(creds.cert_chain, creds.key)
+        issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
+    except (ValueError, TypeError, IdentityError, ssl.SSLError) as exc:
+        reason = str(exc).split(". ")[0]
+        raise StartupError(
+            f"the certificate files in {state_dir} cannot be used ({reason}); restore them from a "
+            "backup (moving them away makes new ones, and every client then needs the new "
+            "ca.pem)"
+        ) from None
     key_line = public_key_line(await trio.Path(cert_path).read_bytes())
 
     # Bind first: a port in use is reported before anything is created or opened.
@@ -122,6 +132,14 @@ async def run_server(
                 course_dialect=options.course_dialect,
             )
             ledger.observer = server.metrics
+            stranded = await ledger.invalid_names()
+            if stranded:
+                log.warning(
+                    "%d account(s) have names that the name rule now refuses, so they cannot "
+                    "log in: %s (an operator can move their money: p2ppay admin debit/credit)",
+                    len(stranded),
+                    ", ".join(repr(n) for n in stranded[:20]),
+                )
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners, course_listeners)
                 if metrics_listeners:  # in the server's nursery: it stops when serving does
