@@ -187,9 +187,10 @@ async def test_client_errors_are_explained(tmp_path: Path) -> None:
             done = await run_client(srv.port, state, "-c", "list")
             assert done.returncode == 2
             assert b"log in first" in done.stdout
-            done = await run_client(srv.port, state, "--user", "zed", "-c", "register")
-            assert done.returncode == 2
-            assert b"no password" in done.stdout
+            for script in ("register", "balance"):
+                done = await run_client(srv.port, state, "--user", "zed", "-c", script)
+                assert done.returncode == 2
+                assert b"no password: use --password-file" in done.stdout, script
             done = await run_client(
                 srv.port,
                 state,

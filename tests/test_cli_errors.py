@@ -103,6 +103,19 @@ def test_a_certificate_that_is_not_one(tmp_path: Path) -> None:
     )
 
 
+def test_certificate_files_that_cannot_be_read(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    (state / "ca.pem").write_text("garbage\n")
+    (state / "ca.key").write_text("garbage\n")
+    done = server(state)
+    assert done.returncode == ExitCode.FAILED
+    assert last_line(done).startswith(
+        f"p2ppay server: the certificate files in {state} cannot be used ("
+    )
+    assert "restore them from a backup" in last_line(done)
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     done = server(tmp_path / "state", "--scrypt-n", "3")
     assert done.returncode == ExitCode.USAGE

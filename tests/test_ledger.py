@@ -428,3 +428,19 @@ async def test_a_failed_upgrade_leaves_the_ledger_as_it_was(tmp_path: Path) -> N
         assert "name_key" not in columns
     finally:
         db.close()
+
+
+async def test_names_the_rule_now_refuses_are_found(tmp_path: Path) -> None:
+    """An older p2ppay let names like "-" in; such accounts cannot log in any more, and the
+    server names them at start-up."""
+    path = tmp_path / "ledger.sqlite3"
+    async with open_sqlite_ledger(path) as ledger:
+        await ledger.create_account("alice", "h")
+        behind = sqlite3.connect(path)  # as the older p2ppay wrote them
+        behind.executemany(
+            "INSERT INTO accounts(name, name_key, kind, created_ms) VALUES (?, ?, 'course', 1)",
+            [("-", "-"), ("..", ".."), ("_x", "_x")],
+        )
+        behind.commit()
+        behind.close()
+        assert await ledger.invalid_names() == ["-", "..", "_x"]
