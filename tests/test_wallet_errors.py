@@ -8,13 +8,14 @@ import logging
 import math
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+import trustme
 
 from p2ppay import protocol as p
 from p2ppay.client import Client, ServerError
@@ -22,7 +23,7 @@ from p2ppay.ledger import SqliteLedger
 from p2ppay.outcomes import Outcome
 from p2ppay.peer import OfferListener, PeerConfig, PeerIdentity, PeerKey, accept_all
 from p2ppay.server import Server
-from p2ppay.wallet import OfferAnswered, PaymentFailed
+from p2ppay.wallet import CannotConnect, OfferAnswered, PaymentFailed, Wallet
 
 from .conftest import PASSWORD, Connect, Open, closed_by_peer
 from .test_p2p import expect_failure, next_of
@@ -240,3 +241,79 @@ async def test_a_link_that_breaks_twice_is_unreachable(open_wallet: Open) -> Non
             assert offers == 2  # the offer, and once more on a new link
             assert alice.dialer is not None and "mallory" not in alice.dialer.links
             assert await alice.balance() == 100
+
+
+# --- connecting to something that is not (or not trusted as) the server -------------------------
+
+
+@asynccontextmanager
+async def fake_server(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A TCP listener on loopback whose connections ``handler`` takes; yields its port."""
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port: int = listeners[0].socket.getsockname()[1]
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        yield port
+        nursery.cancel_scope.cancel()
+
+
+async def cannot_connect(port: int, ctx: ssl.SSLContext, request_timeout: float = 10) -> str:
+    with pytest.raises(CannotConnect) as info:
+        async with Wallet.open(
+            "127.0.0.1", port, ctx, server_hostname="localhost", request_timeout=request_timeout
+        ):
+            pass
+    message = str(info.value)
+    prefix = f"cannot reach 127.0.0.1 port {port}: "
+    assert message.startswith(prefix), message
+    return message.removeprefix(prefix)
+
+
+async def test_a_port_that_does_not_speak_tls(client_ctx: ssl.SSLContext) -> None:
+    async def http(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with fake_server(http) as port:
+            reason = await cannot_connect(port, client_ctx)
+    assert reason.startswith("TLS failed (")
+    assert reason.endswith("); is this a p2ppay server's port?")
+
+
+async def test_a_server_that_hangs_up_during_the_handshake(client_ctx: ssl.SSLContext) -> None:
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with fake_server(hang_up) as port:
+            reason = await cannot_connect(port, client_ctx)
+    assert reason == (
+        "the server closed the connection during the TLS handshake (it may be refusing "
+        "connections from your address: too many at once?)"
+    )
+
+
+async def test_a_server_whose_certificate_is_not_trusted(server_port: int) -> None:
+    stranger = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    trustme.CA().configure_trust(stranger)
+    with trio.fail_after(10):
+        reason = await cannot_connect(server_port, stranger)
+    assert reason == (
+        "the server's certificate is not trusted (unable to get local issuer certificate); "
+        "check --cafile and --server-name"
+    )
+
+
+async def test_a_server_that_never_answers(
+    autojump_clock: trio.testing.MockClock, client_ctx: ssl.SSLContext
+) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with fake_server(silent) as port:
+        start = trio.current_time()
+        assert await cannot_connect(port, client_ctx, request_timeout=20) == "no answer in time"
+        assert trio.current_time() - start == pytest.approx(20)
