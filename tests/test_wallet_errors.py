@@ -317,3 +317,21 @@ async def test_a_server_that_never_answers(
         start = trio.current_time()
         assert await cannot_connect(port, client_ctx, request_timeout=20) == "no answer in time"
         assert trio.current_time() - start == pytest.approx(20)
+
+
+async def test_what_a_wallet_refuses_before_asking_anyone(open_wallet: Open) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=10) as alice, open_wallet("bob") as bob:
+            with pytest.raises(ServerError) as info:
+                await alice.login("alice", PASSWORD)
+            assert (info.value.code, info.value.message) == (
+                "already_logged_in",
+                "already logged in; log out first",
+            )
+            assert alice.user == "alice"  # still, and still taking offers
+            await bob.logout()
+            await expect_failure(Outcome.NOT_LOGGED_IN, bob, "alice", 5)
+            failure = await expect_failure(Outcome.INSUFFICIENT_FUNDS, alice, "bob", 11)
+            assert failure.message == "your balance 10 is less than 11"
+            # Refused before the lookup (bob is offline, which would say payee_offline).
+            assert alice.dialer is not None and "bob" not in alice.dialer.links
