@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, final
@@ -49,6 +50,7 @@ class Server:
         course_tls: bool = False,
         course_dialect: Dialect = REFERENCE,
         hash_work: Work | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.ledger = ledger
         self.config = cfg = config or ServerConfig()
@@ -60,7 +62,10 @@ class Server:
             max_per_ip=cfg.max_connections_per_ip,
             handshake_timeout=cfg.handshake_timeout,
         )
-        self.accounts = Accounts(ledger, issuer, cfg, self.limit_log, hash_work=hash_work)
+        # wall_clock: what peer certificates' expiry is checked against (tests move it)
+        self.accounts = Accounts(
+            ledger, issuer, cfg, self.limit_log, hash_work=hash_work, wall_clock=wall_clock
+        )
         self.presence = LocalPresence()
         self.sessions: set[SessionBase] = set()
         #: the course dialect's login reply names this (base64 DER of the server's key)
