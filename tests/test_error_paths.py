@@ -20,6 +20,7 @@ from p2ppay import protocol as p
 from p2ppay.client import Client, ConnectionLost
 from p2ppay.course import REFERENCE, Dialect
 from p2ppay.limits import LimitLog
+from p2ppay.metrics import ServerMetrics
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
 from p2ppay.server.accounts import Accounts
@@ -79,6 +80,7 @@ class LaggingHost:
         self.limit_log: LimitLog = server.limit_log
         self.server_public_key = server.server_public_key
         self.course_dialect: Dialect = REFERENCE
+        self.metrics: ServerMetrics = server.metrics
         self.jobs: list[Callable[[], Awaitable[None]]] = []
 
     @property
@@ -143,6 +145,9 @@ class FlakyLedger:
     ) -> lg.Account:
         self._check()
         return await self.inner.create_account(name, password_hash, kind, initial_deposit)
+
+    async def record_login(self, name: str) -> None:
+        pass
 
     async def account(self, name: str) -> lg.Account | None:
         self._check()

@@ -72,6 +72,7 @@ async def test_the_listener_answers_offers_and_takes_news(
             await stream.send_all(p.encode_peer_message(p.NotSettled(pid, "lost")))
             await trio.testing.wait_all_tasks_blocked()
             listener.on_not_settled = lambda payer, message: news.append((payer, message))
+            # News of an offer bob never accepted is not passed on (anyone could send it).
             await stream.send_all(p.encode_peer_message(p.NotSettled(pid, "refused")))
             await stream.send_all(p.encode_peer_message(p.Offer(pid, "alice", "bob", 5)))
             answer = await read_message(stream, lines)
@@ -79,6 +80,11 @@ async def test_the_listener_answers_offers_and_takes_news(
             signature = base64.b64decode(answer.signature)
             public = bob.key.public_key()
             assert verify_acceptance(public, signature, str(pid), "alice", "bob", 5)
+            assert news == []
+            # Of the offer bob did accept, it is, once.
+            await stream.send_all(p.encode_peer_message(p.NotSettled(pid, "refused")) * 2)
+            await stream.send_all(p.encode_peer_message(p.Offer(uuid.uuid4(), "alice", "bob", 6)))
+            assert isinstance(await read_message(stream, lines), p.Accept)
     assert news == [("alice", p.NotSettled(pid, "refused"))]
     assert listener.connections_open == 0
 

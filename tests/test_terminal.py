@@ -332,11 +332,6 @@ async def test_a_question_given_up_before_it_is_asked_is_never_shown() -> None:
         assert backend.written == []  # no "(no answer in time)" for a question never shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Terminal.ask interrupts whatever prompt is on screen, a question too: a second "
-    "offer arriving declines the first one unanswered",
-)
 async def test_a_second_question_waits_for_the_first() -> None:
     backend = Scripted()
     answers: dict[str, bool] = {}
@@ -363,12 +358,6 @@ async def test_a_second_question_waits_for_the_first() -> None:
     assert answers == {"bob": True, "carol": False}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Terminal.ask interrupts the prompt even when none is on screen (serve, or a "
-    "command running); the pending interrupt then takes the question itself off at once, "
-    "and the offer is declined unasked",
-)
 async def test_a_question_asked_while_no_prompt_is_up_waits_for_its_answer(
     pipe: tuple[int, int],
 ) -> None:

@@ -280,7 +280,7 @@ async def test_a_port_that_does_not_speak_tls(client_ctx: ssl.SSLContext) -> Non
         async with fake_server(http) as port:
             reason = await cannot_connect(port, client_ctx)
     assert reason.startswith("TLS failed (")
-    assert reason.endswith("); is this a p2ppay server's port?")
+    assert reason.endswith("); is this a p2ppay port?")
 
 
 async def test_a_server_that_hangs_up_during_the_handshake(client_ctx: ssl.SSLContext) -> None:
@@ -291,7 +291,7 @@ async def test_a_server_that_hangs_up_during_the_handshake(client_ctx: ssl.SSLCo
         async with fake_server(hang_up) as port:
             reason = await cannot_connect(port, client_ctx)
     assert reason == (
-        "the server closed the connection during the TLS handshake (it may be refusing "
+        "the connection was closed during the TLS handshake (it may be refusing "
         "connections from your address: too many at once?)"
     )
 
@@ -302,7 +302,7 @@ async def test_a_server_whose_certificate_is_not_trusted(server_port: int) -> No
     with trio.fail_after(10):
         reason = await cannot_connect(server_port, stranger)
     assert reason == (
-        "the server's certificate is not trusted (unable to get local issuer certificate); "
+        "its certificate is not trusted (unable to get local issuer certificate); "
         "check --cafile and --server-name"
     )
 

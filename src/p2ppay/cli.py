@@ -17,6 +17,7 @@ import trio
 
 from . import __version__, admin, logs
 from .exitcodes import ExitCode
+from .ledger import LedgerUnavailable
 from .server import DEFAULT_PORT, ServerOptions, StartupError, run_server
 from .settings import add_flags, from_flags, port, seconds
 from .shell import PASSWORD_ENV, ClientOptions, run_client
@@ -199,7 +200,7 @@ def _explain_server_failure(exc: BaseException) -> str:
     for leaf in _leaves(exc):
         if isinstance(leaf, StartupError):
             line = str(leaf)
-        elif isinstance(leaf, sqlite3.Error):
+        elif isinstance(leaf, sqlite3.Error | LedgerUnavailable):
             line = f"the ledger cannot be used: {leaf}"
         elif isinstance(leaf, OSError):
             where = f" ({leaf.filename})" if leaf.filename else ""

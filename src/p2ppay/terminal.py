@@ -87,6 +87,8 @@ class PlainBackend:
                         self._lines.feed(b"\n")
                     continue
                 self._lines.feed(data)
+            self._scope = None
+            self._interrupt_pending = False  # came too late: this prompt ended by itself
             return line.decode("utf-8", errors="replace").rstrip("\r")
         self._scope = None
         self._interrupt_pending = False
@@ -211,6 +213,8 @@ class Terminal:
         self._command_done = trio.Event()
         self._current: _Question | None = None
         self._saved = ""
+        #: a command line is on screen (a question arriving takes it off, for a while)
+        self._prompting_command = False
 
     def write(self, text: str) -> None:
         self.backend.write(text)
@@ -237,7 +241,10 @@ class Terminal:
         """Ask a yes/no question; an unanswered question (cancelled) counts as no."""
         q = _Question(question)
         self._questions.append(q)
-        self.backend.interrupt()
+        if self._prompting_command:
+            # Only a command line gives way to a question (it comes back after); a question
+            # on screen is answered first, and with no prompt up there is nothing to take off.
+            self.backend.interrupt()
         self._wake()
         try:
             await q.done.wait()
@@ -270,11 +277,14 @@ class Terminal:
                 continue
             if self._command_wanted is not None:
                 prompt, secret = self._command_wanted
+                self._prompting_command = True
                 try:
                     line = await self.backend.prompt(prompt, "" if secret else self._saved, secret)
                 except (EOFError, KeyboardInterrupt) as exc:
                     self._finish_command(None, exc)
                     continue
+                finally:
+                    self._prompting_command = False
                 if isinstance(line, Interrupted):
                     self._saved = line.partial
                     continue  # a question came: ask it, then prompt again
