@@ -236,28 +236,43 @@ async def audit(state: Path, report: BankReport, names: list[str]) -> None:
 
 
 BROKEN_LEDGER = """
+import sqlite3
 import sys
-import p2ppay.ledger as lg
+from functools import partial
 
-# A deliberately broken ledger: it answers callers before the batch is durable, committing
-# only every 20th batch. A crash then loses payments that were already acknowledged.
-_batches = [0]
-def _run_batch(self, batch):
-    db = self._db
-    if not db.in_transaction:
-        db.execute("BEGIN IMMEDIATE")
-    for op in batch:
-        try:
-            op.result = op.fn(db)
-        except lg.LedgerError as exc:
-            op.error = exc
-    _batches[0] += 1
-    if _batches[0] % 20 == 0:
-        db.execute("COMMIT")
-lg.SqliteLedger._run_batch = _run_batch
+import trio
 
-from p2ppay.cli import main
-sys.exit(main(sys.argv[1:]))
+from p2ppay import logs
+from p2ppay.cli import build_parser, server_options
+from p2ppay.ledger import connect_sqlite, open_sqlite_ledger
+from p2ppay.server import run_server
+
+
+class AcknowledgesBeforeCommit(sqlite3.Connection):
+    \"\"\"A deliberately broken ledger connection: the writer's COMMIT does nothing but on
+    every 20th batch, so callers are answered before their batch is durable; a crash then
+    loses payments that were already acknowledged.\"\"\"
+
+    batches = 0
+
+    def execute(self, sql, *args):
+        if sql == "BEGIN IMMEDIATE" and self.in_transaction:
+            return super().execute("SELECT 1")  # still in the batch before, uncommitted
+        if sql == "COMMIT":
+            type(self).batches += 1
+            if type(self).batches % 20:
+                return super().execute("SELECT 1")
+        return super().execute(sql, *args)
+
+
+args = build_parser().parse_args(sys.argv[1:])
+logs.configure(args.log_level, "text")
+broken = partial(
+    open_sqlite_ledger,
+    connect=partial(connect_sqlite, factory=AcknowledgesBeforeCommit),
+    readers=0,  # reads go through the writer, which sees its own uncommitted batches
+)
+trio.run(partial(run_server, server_options(args), handle_signals=True, open_ledger=broken))
 """
 
 

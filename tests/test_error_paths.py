@@ -167,10 +167,14 @@ class FlakyLedger:
         payer: str,
         payee: str,
         amount: int,
-        authorize: lg.Authorize | None = None,
+        accepted_with: bytes | None = None,
     ) -> lg.Transfer:
         self._check()
-        return await self.inner.settle(payment_id, payer, payee, amount, authorize)
+        return await self.inner.settle(payment_id, payer, payee, amount, accepted_with)
+
+    async def transfer(self, payment_id: uuid.UUID) -> lg.Transfer | None:
+        self._check()
+        return await self.inner.transfer(payment_id)
 
     async def history(self, name: str, limit: int) -> list[lg.Entry]:
         self._check()

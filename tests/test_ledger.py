@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -169,58 +170,54 @@ async def test_everything_survives_reopening(tmp_path: Path) -> None:
         db.close()
 
 
-async def test_the_schema_itself_refuses_negative_balances(ledger: SqliteLedger) -> None:
+async def test_the_schema_itself_refuses_negative_balances(tmp_path: Path) -> None:
     # Defence in depth: even a buggy operation cannot write a negative balance.
-    await funded(ledger, alice=5)
-
-    def bad(db: sqlite3.Connection) -> None:
-        db.execute("UPDATE accounts SET balance = -1 WHERE name = 'alice'")
-
-    with pytest.raises(lg.LedgerUnavailable):
-        await ledger._submit(bad)
-    alice = await ledger.account("alice")
-    assert alice is not None and alice.balance == 5
-
-
-async def test_a_failed_commit_acknowledges_nothing(
-    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await funded(ledger, alice=100, bob=0)
-    real = ledger._run_batch
-
-    def failing_commit(batch: list[lg._Op[object]]) -> None:
-        assert ledger._db is not None
-        db: sqlite3.Connection = ledger._db
-
-        class FailingCommit:
-            """The real connection, except that COMMIT fails as on a full disk."""
-
-            @property
-            def in_transaction(self) -> bool:
-                return db.in_transaction
-
-            def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-                if sql == "COMMIT":
-                    raise sqlite3.OperationalError("disk I/O error")
-                return db.execute(sql, *args)
-
-            def rollback(self) -> None:
-                db.rollback()
-
-        ledger._db = FailingCommit()  # type: ignore[assignment]
+    path = tmp_path / "ledger.sqlite3"
+    async with open_sqlite_ledger(path) as ledger:
+        await funded(ledger, alice=5)
+        db = lg.connect_sqlite(path)
         try:
-            real(batch)
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+                db.execute("UPDATE accounts SET balance = -1 WHERE name = 'alice'")
         finally:
-            ledger._db = db
+            db.close()
+        alice = await ledger.account("alice")
+        assert alice is not None and alice.balance == 5
 
-    monkeypatch.setattr(ledger, "_run_batch", failing_commit)
-    with pytest.raises(lg.LedgerUnavailable, match="commit failed"):
-        await ledger.settle(uuid.uuid4(), "alice", "bob", 10)
-    monkeypatch.undo()
-    audit = await ledger.audit()
-    assert (audit.total_balances, audit.transfers) == (100, 0)
-    alice = await ledger.account("alice")
-    assert alice is not None and alice.balance == 100
+
+class FailingCommit(sqlite3.Connection):
+    """A ledger connection whose COMMIT fails, once told to, as on a full disk."""
+
+    failing = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().execute(sql, *args)
+
+
+async def test_a_failed_commit_acknowledges_nothing(tmp_path: Path) -> None:
+    writers: list[FailingCommit] = []
+
+    def connect(path: str) -> sqlite3.Connection:
+        db = lg.connect_sqlite(path, factory=FailingCommit)
+        assert isinstance(db, FailingCommit)
+        writers.append(db)
+        return db
+
+    async with open_sqlite_ledger(tmp_path / "ledger.sqlite3", connect=connect) as ledger:
+        await funded(ledger, alice=100, bob=0)
+        (writer,) = writers
+        writer.failing = True
+        with pytest.raises(lg.LedgerUnavailable, match="commit failed"):
+            await ledger.settle(uuid.uuid4(), "alice", "bob", 10)
+        writer.failing = False
+        audit = await ledger.audit()
+        assert (audit.total_balances, audit.transfers) == (100, 0)
+        alice = await ledger.account("alice")
+        assert alice is not None and alice.balance == 100
+        # The writer goes on: the next batch commits.
+        assert (await ledger.settle(uuid.uuid4(), "alice", "bob", 10)).payer_balance == 90
 
 
 async def test_closed_ledger_refuses_work(tmp_path: Path) -> None:
@@ -444,3 +441,45 @@ async def test_names_the_rule_now_refuses_are_found(tmp_path: Path) -> None:
         behind.commit()
         behind.close()
         assert await ledger.invalid_names() == ["-", "..", "_x"]
+
+
+class SlowCommit(sqlite3.Connection):
+    """A ledger connection whose COMMIT waits, once told to, until released (a slow disk)."""
+
+    hold: threading.Event | None = None
+    holding = threading.Event()
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.hold is not None:
+            type(self).holding.set()
+            self.hold.wait(10)
+        return super().execute(sql, *args)
+
+
+async def test_reads_do_not_wait_behind_a_commit(tmp_path: Path) -> None:
+    writers: list[SlowCommit] = []
+
+    def connect(path: str) -> sqlite3.Connection:
+        db = lg.connect_sqlite(path, factory=SlowCommit)
+        assert isinstance(db, SlowCommit)
+        writers.append(db)
+        return db
+
+    async with open_sqlite_ledger(tmp_path / "ledger.sqlite3", connect=connect) as ledger:
+        await funded(ledger, alice=100, bob=0)
+        (writer,) = writers
+        writer.hold = release = threading.Event()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ledger.settle, uuid.uuid4(), "alice", "bob", 10)
+                await trio.to_thread.run_sync(SlowCommit.holding.wait, 5)
+                # The commit is stuck on the disk; reads are answered all the same, from what
+                # was committed before it.
+                alice = await ledger.account("alice")
+                assert alice is not None and alice.balance == 100
+                assert [e.kind for e in await ledger.history("alice", 5)] == ["deposit"]
+                assert writer.in_transaction  # (still stuck)
+                release.set()
+            alice = await ledger.account("alice")
+            assert alice is not None and alice.balance == 90
+        writer.hold = None

@@ -12,7 +12,7 @@ import trio
 
 from p2ppay import ledger as lg
 from p2ppay.ledger import SCHEMA_VERSION, connect_sqlite, open_sqlite_ledger
-from p2ppay.ledger_admin import SqliteAdmin
+from p2ppay.ledger.admin import SqliteAdmin
 from p2ppay.names import name_key
 
 
@@ -135,7 +135,7 @@ async def test_a_revoked_payee_key_stops_counting_at_once(tmp_path: Path) -> Non
             await ledger.create_account(name, "h")
         await ledger.deposit("alice", 100)
         await ledger.set_peer_key("bob", b"key", 2**62)
-        await ledger.settle(uuid.uuid4(), "alice", "bob", 1, authorize=lambda: None)
+        await ledger.settle(uuid.uuid4(), "alice", "bob", 1, accepted_with=b"key")
         admin = SqliteAdmin(path)
         try:
             admin.reset_password("bob", "new hash")
@@ -143,7 +143,7 @@ async def test_a_revoked_payee_key_stops_counting_at_once(tmp_path: Path) -> Non
             admin.close()
         # The server's cached key would still say yes: the ledger reads the key's state.
         with pytest.raises(lg.Unauthorized, match="no current peer key"):
-            await ledger.settle(uuid.uuid4(), "alice", "bob", 1, authorize=lambda: None)
+            await ledger.settle(uuid.uuid4(), "alice", "bob", 1, accepted_with=b"key")
         bob = await ledger.account("bob")
         assert bob is not None and bob.password_hash == "new hash" and bob.peer_key is None
 

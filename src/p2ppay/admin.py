@@ -1,7 +1,7 @@
 """``p2ppay admin``: the operator's commands, run beside a running server (or without one).
 
 They work through the ledger file in the state directory (no network port, no extra secret:
-whoever can write the ledger file is the operator). See :mod:`p2ppay.ledger_admin` for why a
+whoever can write the ledger file is the operator). See :mod:`p2ppay.ledger.admin` for why a
 running server honours each change at once. Output goes to stdout; one line on stderr and the
 exit status say what went wrong (see :mod:`p2ppay.exitcodes`), never a traceback.
 """
@@ -27,7 +27,7 @@ from . import logs
 from .constraints import MAX_AMOUNT
 from .exitcodes import ExitCode
 from .ledger import LedgerError, ReferenceConflict, UnknownAccount
-from .ledger_admin import (
+from .ledger.admin import (
     AccountRow,
     Adjustment,
     LedgerAdmin,

@@ -251,12 +251,17 @@ class Session(SessionBase):
         payer = self._me()
         if name_key(req.payee) == name_key(payer):
             raise RequestFailed(p.ErrorCode.SELF_PAYMENT, "you cannot pay yourself")
-        # The ledger authorises only a new payment: a retry of one settled before (perhaps
-        # before the payee's key changed) gets its stored outcome.
-        authorize = await self.host.accounts.acceptance_check(
-            req.payment_id, payer, req.payee, req.amount, req.acceptance
+        # Only a new payment needs the payee's acceptance checked (before the ledger sees it):
+        # a retry of one settled before, perhaps before the payee's key changed, gets its
+        # stored outcome.
+        key = None
+        if await self.host.ledger.transfer(req.payment_id) is None:
+            key = await self.host.accounts.check_acceptance(
+                req.payment_id, payer, req.payee, req.amount, req.acceptance
+            )
+        t = await self.host.ledger.settle(
+            req.payment_id, payer, req.payee, req.amount, accepted_with=key
         )
-        t = await self.host.ledger.settle(req.payment_id, payer, req.payee, req.amount, authorize)
         if not t.replayed:
             log.debug(
                 "%s: settled %s: %s -> %s %d",

@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from .app import Server
 from .config import LEDGER_FILE, ServerOptions
 
 log = logging.getLogger("p2ppay.server")
+
+#: opens the ledger at a path, with the server's limits and batch size
+OpenLedger = Callable[..., AbstractAsyncContextManager[lg.SqliteLedger]]
 
 
 class StartupError(Exception):
@@ -72,10 +77,12 @@ async def run_server(
     options: ServerOptions,
     *,
     handle_signals: bool = False,
+    open_ledger: OpenLedger = lg.open_sqlite_ledger,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses
-    (the native listeners' first, then the course dialect's)."""
+    (the native listeners' first, then the course dialect's). ``open_ledger`` opens the
+    ledger file (a seam: the crash tests run a server whose ledger misbehaves on purpose)."""
     state_dir = options.state_dir
     await trio.to_thread.run_sync(prepare_state_dir, state_dir)
     if options.cert and options.key:
@@ -119,7 +126,7 @@ async def run_server(
             course_listeners = await _bind(options.course_port, options.host)
         if options.metrics_port is not None:
             metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
-        async with lg.open_sqlite_ledger(
+        async with open_ledger(
             state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
         ) as ledger:
             server = Server(

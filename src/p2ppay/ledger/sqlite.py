@@ -7,369 +7,56 @@ commit). An operation refuses (insufficient funds, say) only before it writes an
 refusal leaves the batch intact; any other failure, and a failed commit, roll the whole batch
 back and every caller in it gets :class:`LedgerUnavailable`: nothing of it is acknowledged.
 
-The ledger knows nothing of connections or the wire protocol; :class:`Ledger` is the narrow
-interface the server uses, so another backend can stand in without touching the server.
+Reads (an account, a history, the audit) run on connections of their own, beside the writer
+(WAL lets them), so they never wait behind a commit. The connections come from ``connect``,
+:func:`~p2ppay.ledger.schema.connect_sqlite` by default: the seam where tests put a connection
+that fails (or lies) on purpose.
+
+The ledger knows nothing of connections or the wire protocol, and never calls back up: it is
+handed what it needs (e.g. the payee's key an acceptance was checked with) and checks it against
+what it stores, inside the transaction.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
-from .constraints import MAX_AMOUNT, is_amount
-from .names import is_valid_name, name_key
-from .settings import count, setting
+from ..names import is_valid_name, name_key
+from .interface import (
+    Account,
+    AccountFrozen,
+    AccountKind,
+    AmountOutOfRange,
+    Audit,
+    BalanceLimit,
+    Entry,
+    InsufficientFunds,
+    LedgerError,
+    LedgerObserver,
+    LedgerUnavailable,
+    Limits,
+    NameTaken,
+    PaymentIdConflict,
+    SelfPayment,
+    Transfer,
+    Unauthorized,
+    UnknownAccount,
+    UnknownPayee,
+)
+from .schema import (
+    connect_sqlite,
+)
 
 T = TypeVar("T")
-
-AccountKind = Literal["native", "course"]
-#: Checks a new payment's authorisation; returns None if it holds, else the reason it does not.
-Authorize = Callable[[], "str | None"]
-
-
-# --- errors: each one means "nothing happened" -----------------------------------------------
-
-
-class LedgerError(Exception):
-    """An operation was refused; the ledger is unchanged by it."""
-
-
-class NameTaken(LedgerError):
-    pass
-
-
-class UnknownAccount(LedgerError):
-    pass
-
-
-class UnknownPayee(LedgerError):
-    pass
-
-
-class AmountOutOfRange(LedgerError):
-    pass
-
-
-class BalanceLimit(LedgerError):
-    pass
-
-
-class InsufficientFunds(LedgerError):
-    pass
-
-
-class SelfPayment(LedgerError):
-    pass
-
-
-class PaymentIdConflict(LedgerError):
-    """The payment id was used before for a different payer, payee or amount."""
-
-
-class Unauthorized(LedgerError):
-    """The payment's authorisation (the payee's signed acceptance) did not check out."""
-
-
-class AccountFrozen(LedgerError):
-    """The operator froze the payer's or the payee's account: it can neither pay nor be paid."""
-
-
-class ReferenceConflict(LedgerError):
-    """An operator's reference was used before for a different credit or debit."""
-
-
-class LedgerUnavailable(LedgerError):
-    """The batch could not be committed (disk full, I/O error, shutting down)."""
-
-
-# --- records ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """The ledger's money limits; each field is also the server's command-line flag."""
-
-    max_deposit: int = setting(1_000_000, "--max-deposit", "largest single deposit", count)
-    max_payment: int = setting(1_000_000, "--max-payment", "largest single payment", count)
-    max_balance: int = setting(1_000_000_000, "--max-balance", "no balance may exceed this", count)
-
-    def __post_init__(self) -> None:
-        for name in ("max_deposit", "max_payment", "max_balance"):
-            value = getattr(self, name)
-            if not is_amount(value):
-                raise ValueError(f"{name} must be a whole number in 1..{MAX_AMOUNT}")
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    name: str  # as registered; looked up by its canonical form (p2ppay.names.name_key)
-    kind: AccountKind
-    password_hash: str | None
-    balance: int
-    peer_key: bytes | None = None
-    peer_key_expires_ms: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Transfer:
-    payment_id: uuid.UUID
-    payer: str
-    payee: str
-    amount: int
-    payer_balance: int  # right after the transfer
-    payee_balance: int  # right after the transfer
-    at_ms: int
-    replayed: bool = False  # True when this is the stored outcome of an earlier settle
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    kind: Literal["deposit", "sent", "received"]
-    amount: int
-    balance: int
-    at_ms: int
-    counterparty: str | None
-    payment_id: uuid.UUID | None
-
-
-@dataclass(frozen=True, slots=True)
-class Audit:
-    total_balances: int
-    #: money issued: every deposit and operator credit, by the movements table
-    total_deposits: int
-    min_balance: int | None
-    accounts: int
-    transfers: int
-    #: money taken out by the operator's debits, by the movements table
-    withdrawn: int
-    #: the issuance account's own balance: minus what is issued and not withdrawn
-    issuance_balance: int
-
-    @property
-    def conserved(self) -> bool:
-        """Double entry holds: the balances add up to what was issued less what was withdrawn,
-        and so does the issuance account on its own; no balance is negative."""
-        outstanding = self.total_deposits - self.withdrawn
-        return self.total_balances == outstanding == -self.issuance_balance and (
-            self.min_balance is None or self.min_balance >= 0
-        )
-
-
-class LedgerObserver(Protocol):
-    """Told how the ledger is doing (the server's metrics); called from the writer's thread."""
-
-    def committed(self, operations: int, seconds: float) -> None: ...
-
-    def settled(self, outcome: str, seconds: float) -> None:
-        """``outcome``: ``ok``, ``replayed``, or the refusal's class name."""
-
-
-class Ledger(Protocol):
-    """What the server needs from a ledger, and all of it."""
-
-    limits: Limits
-
-    async def create_account(
-        self,
-        name: str,
-        password_hash: str | None,
-        kind: AccountKind = "native",
-        initial_deposit: int = 0,
-    ) -> Account: ...
-
-    async def account(self, name: str) -> Account | None: ...
-
-    async def set_peer_key(
-        self, name: str, key_der: bytes | None, expires_ms: int | None
-    ) -> None: ...
-
-    async def deposit(self, name: str, amount: int) -> int: ...
-
-    async def settle(
-        self,
-        payment_id: uuid.UUID,
-        payer: str,
-        payee: str,
-        amount: int,
-        authorize: Authorize | None = None,
-    ) -> Transfer: ...
-
-    async def history(self, name: str, limit: int) -> list[Entry]: ...
-
-    async def audit(self) -> Audit: ...
-
-    async def record_login(self, name: str) -> None: ...
-
-
-# --- SQLite ----------------------------------------------------------------------------------
-
-# Accounts are looked up by ``name_key``, the canonical form of the name (p2ppay.names), and
-# shown by ``name``, as registered. Movements name accounts as registered.
-SCHEMA_VERSION = 3
-
-# The schema as version 1 made it. A new ledger is made at version 1 and then migrated step by
-# step like any old one, so every open exercises the migrations the ledgers on disk need.
-SCHEMA_V1 = """
-CREATE TABLE IF NOT EXISTS accounts (
-    name          TEXT PRIMARY KEY,
-    kind          TEXT NOT NULL CHECK (kind IN ('native', 'course')),
-    password_hash TEXT,
-    balance       INTEGER NOT NULL DEFAULT 0 CHECK (balance >= 0),
-    created_ms    INTEGER NOT NULL,
-    -- the public key certified for the account's current session (DER), and until when:
-    -- acceptances are checked against it, so a replaced session's key stops counting
-    peer_key      BLOB,
-    peer_key_expires_ms INTEGER
-);
--- names are unique regardless of case, so nobody can pose as "Alice" beside "alice"
-CREATE UNIQUE INDEX IF NOT EXISTS accounts_name_nocase ON accounts(name COLLATE NOCASE);
--- Every movement of money is one row, in one sequence: a deposit brings money in from outside
--- (no payer), a transfer moves it between two accounts and is keyed by its payment id.
-CREATE TABLE IF NOT EXISTS movements (
-    seq                 INTEGER PRIMARY KEY,
-    kind                TEXT NOT NULL CHECK (kind IN ('deposit', 'transfer')),
-    payment_id          TEXT UNIQUE,
-    payer               TEXT REFERENCES accounts(name),
-    payee               TEXT NOT NULL REFERENCES accounts(name),
-    amount              INTEGER NOT NULL CHECK (amount > 0),
-    payer_balance_after INTEGER CHECK (payer_balance_after >= 0),
-    payee_balance_after INTEGER NOT NULL CHECK (payee_balance_after >= 0),
-    at_ms               INTEGER NOT NULL,
-    CHECK ((kind = 'deposit' AND payer IS NULL AND payment_id IS NULL
-            AND payer_balance_after IS NULL)
-        OR (kind = 'transfer' AND payer IS NOT NULL AND payment_id IS NOT NULL
-            AND payer_balance_after IS NOT NULL AND payer <> payee))
-);
-CREATE INDEX IF NOT EXISTS movements_payer ON movements(payer, seq);
-CREATE INDEX IF NOT EXISTS movements_payee ON movements(payee, seq);
-"""
-
-# Version 2: one canonical form of a name, computed by p2ppay.names.name_key (registered as an
-# SQL function for this), replaces SQLite's own NOCASE folding. Existing names keep their
-# spelling; their keys cannot collide, as NOCASE kept them unique under the same folding.
-_TO_V2 = (
-    # (SQLite can add a NOT NULL column only with a default; create_account always sets it)
-    "ALTER TABLE accounts ADD COLUMN name_key TEXT NOT NULL DEFAULT ''",
-    "UPDATE accounts SET name_key = p2ppay_name_key(name)",
-    "CREATE UNIQUE INDEX accounts_name_key ON accounts(name_key)",
-    "DROP INDEX IF EXISTS accounts_name_nocase",
-)
-
-# Version 3: the operator. Money comes from (and goes back to) an issuance account, so every
-# movement is double entry: a deposit or an operator's credit moves money from the issuance
-# account (payer NULL) to an account, an operator's debit from an account back to it (payee
-# NULL). The issuance account's balance is minus everything issued and not withdrawn, so all
-# balances, its own included, add up to zero. Accounts can be frozen and remember the last
-# login. movements is rebuilt (SQLite cannot change a CHECK in place), keeping every row.
-_TO_V3 = (
-    "ALTER TABLE accounts ADD COLUMN frozen INTEGER NOT NULL DEFAULT 0 CHECK (frozen IN (0, 1))",
-    "ALTER TABLE accounts ADD COLUMN last_login_ms INTEGER",
-    """CREATE TABLE issuance (
-        id      INTEGER PRIMARY KEY CHECK (id = 1),
-        balance INTEGER NOT NULL CHECK (balance <= 0)
-    )""",
-    """INSERT INTO issuance(id, balance)
-        SELECT 1, -COALESCE(SUM(amount), 0) FROM movements WHERE kind = 'deposit'""",
-    """CREATE TABLE movements_v2 (
-        seq                 INTEGER PRIMARY KEY,
-        kind                TEXT NOT NULL
-                            CHECK (kind IN ('deposit', 'credit', 'debit', 'transfer')),
-        payment_id          TEXT UNIQUE,
-        -- the operator's reference of a credit or debit: one reference moves money once
-        reference           TEXT UNIQUE,
-        payer               TEXT REFERENCES accounts(name),  -- NULL: the issuance account
-        payee               TEXT REFERENCES accounts(name),  -- NULL: the issuance account
-        amount              INTEGER NOT NULL CHECK (amount > 0),
-        payer_balance_after INTEGER CHECK (payer_balance_after >= 0),
-        payee_balance_after INTEGER CHECK (payee_balance_after >= 0),
-        at_ms               INTEGER NOT NULL,
-        CHECK ((payer IS NULL) = (payer_balance_after IS NULL)
-            AND (payee IS NULL) = (payee_balance_after IS NULL)),
-        CHECK ((kind = 'deposit' AND payer IS NULL AND payee IS NOT NULL
-                AND payment_id IS NULL AND reference IS NULL)
-            OR (kind = 'credit' AND payer IS NULL AND payee IS NOT NULL
-                AND payment_id IS NULL AND reference IS NOT NULL)
-            OR (kind = 'debit' AND payer IS NOT NULL AND payee IS NULL
-                AND payment_id IS NULL AND reference IS NOT NULL)
-            OR (kind = 'transfer' AND payer IS NOT NULL AND payee IS NOT NULL
-                AND payment_id IS NOT NULL AND reference IS NULL AND payer <> payee))
-    )""",
-    """INSERT INTO movements_v2(seq, kind, payment_id, payer, payee, amount,
-            payer_balance_after, payee_balance_after, at_ms)
-        SELECT seq, kind, payment_id, payer, payee, amount,
-            payer_balance_after, payee_balance_after, at_ms FROM movements""",
-    "DROP TABLE movements",
-    "ALTER TABLE movements_v2 RENAME TO movements",
-    "CREATE INDEX movements_payer ON movements(payer, seq)",
-    "CREATE INDEX movements_payee ON movements(payee, seq)",
-)
-
-#: The statements that take a ledger from version N to N + 1, by N (0: a new file).
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    0: tuple(stmt for stmt in SCHEMA_V1.split(";") if stmt.strip()),
-    1: _TO_V2,
-    2: _TO_V3,
-}
-assert sorted(_MIGRATIONS) == list(range(SCHEMA_VERSION))
-
-
-def connect_sqlite(path: Path | str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
-    """A connection to the ledger at ``path`` (created if need be) at :data:`SCHEMA_VERSION`:
-    WAL, ``synchronous=FULL``, foreign keys on, autocommit (callers BEGIN themselves).
-
-    Migrating runs in one write transaction, so the server and an admin command opening the
-    same old file at once migrate it once. A file from a newer p2ppay is refused."""
-    if str(path) != ":memory:" and not os.path.exists(path):
-        # It holds password hashes and everyone's movements: readable by its owner only.
-        # (SQLite gives the -wal and -shm files the same permissions.)
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.create_function("p2ppay_name_key", 1, name_key, deterministic=True)
-    try:
-        db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
-        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-            return db  # nothing to migrate: no need to wait for the write lock
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise LedgerUnavailable(
-                    f"{path} has schema version {version}; this p2ppay knows {SCHEMA_VERSION}"
-                )
-            for step in range(version, SCHEMA_VERSION):
-                try:
-                    for statement in _MIGRATIONS[step]:
-                        db.execute(statement)
-                except sqlite3.Error as exc:
-                    raise LedgerUnavailable(
-                        f"{path}: cannot upgrade the schema to version {step + 1}: {exc}"
-                    ) from exc
-            if version < SCHEMA_VERSION:
-                if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
-                    raise LedgerUnavailable(f"{path}: a movement names a missing account")
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.rollback()
-            raise
-    except BaseException:
-        db.close()
-        raise
-    return db
-
 
 _INSERT_DEPOSIT = (
     "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms)"
@@ -407,19 +94,48 @@ class _Op(Generic[T]):
         self.error: BaseException | None = None
 
 
+def _reader(path: str) -> sqlite3.Connection:
+    """A read-only connection to an existing ledger (at the current schema)."""
+    db = sqlite3.connect(
+        f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+    )
+    db.execute("PRAGMA busy_timeout=5000")
+    db.execute("PRAGMA query_only=ON")
+    return db
+
+
 class SqliteLedger:
     """The SQLite backend. Use :func:`open_sqlite_ledger`, which owns its writer task."""
 
-    def __init__(self, path: Path | str, limits: Limits, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        limits: Limits,
+        max_batch: int = 512,
+        *,
+        connect: Callable[[str], sqlite3.Connection] = connect_sqlite,
+        readers: int = 2,
+    ) -> None:
+        """``connect`` opens the writer's connection (creating and migrating the file);
+        ``readers`` connections serve reads beside it (0, and always for ``":memory:"``:
+        reads queue with the writes)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if readers < 0:
+            raise ValueError("readers must be 0 or more")
         self.path = str(path)
         self.limits = limits
         self.max_batch = max_batch
+        self._connect = connect
         self._send, self._recv = trio.open_memory_channel[_Op[Any]](math.inf)
         # One dedicated connection, used by one thread at a time.
         self._limiter = trio.CapacityLimiter(1)
         self._db: sqlite3.Connection | None = None
+        # Read-only connections, each used by one thread at a time (the limiter's count).
+        if self.path == ":memory:":
+            readers = 0  # an in-memory database is the writer connection's alone
+        self._read_limiter = trio.CapacityLimiter(readers) if readers else None
+        self._idle_readers: list[sqlite3.Connection] = []
         # Figures for the benchmark: how well group commit is doing.
         self.commits = 0
         self.ops_committed = 0
@@ -428,7 +144,7 @@ class SqliteLedger:
     # -- lifecycle --
 
     def _open_blocking(self) -> None:
-        self._db = connect_sqlite(self.path)
+        self._db = self._connect(self.path)
 
     async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
         await trio.to_thread.run_sync(self._open_blocking, limiter=self._limiter)
@@ -451,6 +167,8 @@ class SqliteLedger:
                 await trio.to_thread.run_sync(self._close_blocking, limiter=self._limiter)
 
     def _close_blocking(self) -> None:
+        while self._idle_readers:
+            self._idle_readers.pop().close()
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -484,6 +202,29 @@ class SqliteLedger:
         self.ops_committed += len(batch)
         if self.observer is not None:
             self.observer.committed(len(batch), time.perf_counter() - started)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # In a worker thread. One read transaction: a consistent snapshot of committed data.
+        db = self._idle_readers.pop() if self._idle_readers else _reader(self.path)
+        try:
+            db.execute("BEGIN")
+            try:
+                return fn(db)
+            finally:
+                db.execute("ROLLBACK")
+        finally:
+            self._idle_readers.append(db)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on a read connection (or, with no readers, in the writer's queue)."""
+        if self._read_limiter is None:
+            return await self._submit(fn, write=False)
+        if self._db is None:
+            raise LedgerUnavailable("the ledger is closed")
+        try:
+            return await trio.to_thread.run_sync(self._run_read, fn, limiter=self._read_limiter)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"read failed: {exc}") from exc
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
         op: _Op[T] = _Op(fn, write)
@@ -538,7 +279,7 @@ class SqliteLedger:
             ).fetchone()
             return None if row is None else Account(*row)
 
-        return await self._submit(op, write=False)
+        return await self._read(op)
 
     async def set_peer_key(self, name: str, key_der: bytes | None, expires_ms: int | None) -> None:
         """Make ``key_der`` the account's current peer key; None revokes the current one."""
@@ -569,7 +310,7 @@ class SqliteLedger:
                 payment_id, payer, payee, amount, payer_after, payee_after, at_ms, replayed=True
             )
 
-        return await self._submit(op, write=False)
+        return await self._read(op)
 
     async def deposit(self, name: str, amount: int) -> int:
         limits = self.limits
@@ -600,15 +341,15 @@ class SqliteLedger:
         payer: str,
         payee: str,
         amount: int,
-        authorize: Authorize | None = None,
+        accepted_with: bytes | None = None,
     ) -> Transfer:
         """Move ``amount`` from ``payer`` to ``payee`` once per ``payment_id``.
 
-        ``authorize`` is called (in the writer's thread, so it may be CPU work that releases
-        the GIL, like checking a signature) only for a payment not settled before, once the
-        accounts are known to exist: it returns None to go ahead, or why not
-        (:class:`Unauthorized`). A retry of a settled payment gets its stored outcome without
-        being authorised again."""
+        For a payment not settled before, with ``accepted_with`` (the DER public key the payee's
+        acceptance was checked against, by the caller, before this call), the payee's current
+        key must still be that one: a key replaced or revoked since (a newer login, a logout,
+        an operator's password reset) refuses it (:class:`Unauthorized`). A retry of a settled
+        payment gets its stored outcome whatever the key now is."""
         limits = self.limits
         pid = str(payment_id)
         payer_key, payee_key = name_key(payer), name_key(payee)
@@ -633,9 +374,9 @@ class SqliteLedger:
             # cache: an operator's freeze or password reset (another process, through this
             # file) holds from the next batch on.
             found = {
-                key: (balance, kind, registered, frozen, revoked)
-                for key, balance, kind, registered, frozen, revoked in db.execute(
-                    "SELECT name_key, balance, kind, name, frozen, peer_key IS NULL"
+                key: (balance, kind, registered, frozen, current_key)
+                for key, balance, kind, registered, frozen, current_key in db.execute(
+                    "SELECT name_key, balance, kind, name, frozen, peer_key"
                     " FROM accounts WHERE name_key IN (?, ?)",
                     (payer_key, payee_key),
                 )
@@ -650,12 +391,12 @@ class SqliteLedger:
             for name, (_, _, _, frozen, _) in ((src_name, src), (dst_name, dst)):
                 if frozen:
                     raise AccountFrozen(f"the account {name!r} is frozen")
-            if authorize is not None and dst[4]:
-                # The payee's key was revoked (an operator's password reset) since the server
-                # cached it: its acceptances stop counting at once.
-                raise Unauthorized(f"{dst_name} has no current peer key")
-            if authorize is not None and (refusal := authorize()) is not None:
-                raise Unauthorized(refusal)
+            if accepted_with is not None and dst[4] != accepted_with:
+                # Read here, not from a cache: a key revoked by an operator's password reset
+                # (another process, through this file) stops counting at once.
+                if dst[4] is None:
+                    raise Unauthorized(f"{dst_name} has no current peer key")
+                raise Unauthorized(f"{dst_name}'s peer key changed since the acceptance")
             if src[0] < amount:
                 raise InsufficientFunds(f"balance {src[0]} is less than {amount}")
             payer_after = src[0] - amount
@@ -718,7 +459,7 @@ class SqliteLedger:
                     )
             return entries
 
-        return await self._submit(op, write=False)
+        return await self._read(op)
 
     async def audit(self) -> Audit:
         def op(db: sqlite3.Connection) -> Audit:
@@ -733,7 +474,7 @@ class SqliteLedger:
             (issuance,) = db.execute("SELECT balance FROM issuance WHERE id = 1").fetchone()
             return Audit(total, issued, low, count, transfers, withdrawn, issuance)
 
-        return await self._submit(op, write=False)
+        return await self._read(op)
 
     async def invalid_names(self) -> list[str]:
         """Accounts whose names the name rule (p2ppay.names) refuses: made by an older p2ppay
@@ -743,7 +484,7 @@ class SqliteLedger:
             names = (row[0] for row in db.execute("SELECT name FROM accounts ORDER BY name"))
             return [name for name in names if not is_valid_name(name)]
 
-        return await self._submit(op, write=False)
+        return await self._read(op)
 
     async def record_login(self, name: str) -> None:
         """Remember when ``name`` last logged in (for the operator's account list)."""
@@ -759,10 +500,15 @@ class SqliteLedger:
 
 @asynccontextmanager
 async def open_sqlite_ledger(
-    path: Path | str, limits: Limits | None = None, *, max_batch: int = 512
+    path: Path | str,
+    limits: Limits | None = None,
+    *,
+    max_batch: int = 512,
+    connect: Callable[[str], sqlite3.Connection] = connect_sqlite,
+    readers: int = 2,
 ) -> AsyncIterator[SqliteLedger]:
     """Open (creating if needed) the ledger at ``path``; on exit, drain queued work and close."""
-    ledger = SqliteLedger(path, limits or Limits(), max_batch)
+    ledger = SqliteLedger(path, limits or Limits(), max_batch, connect=connect, readers=readers)
     async with trio.open_nursery() as nursery:
         await nursery.start(ledger._writer)
         try:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, Protocol, final
 
-from .constraints import MAX_AMOUNT
-from .ledger import (
+from ..constraints import MAX_AMOUNT
+from ..names import name_key
+from .interface import (
     AccountKind,
     AmountOutOfRange,
     BalanceLimit,
@@ -33,9 +34,8 @@ from .ledger import (
     LedgerUnavailable,
     ReferenceConflict,
     UnknownAccount,
-    connect_sqlite,
 )
-from .names import name_key
+from .schema import connect_sqlite
 
 #: how long an admin command waits for the server to let go of the write lock (a batch is
 #: milliseconds; a checkpoint or a big batch on a slow disk may take longer)

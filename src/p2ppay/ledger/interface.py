@@ -1,0 +1,195 @@
+"""What a ledger is, whatever stores it: the refusals (each one means "nothing happened"), the
+records it hands out, its limits, and the :class:`Ledger` interface the server uses."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ..constraints import MAX_AMOUNT, is_amount
+from ..settings import count, setting
+
+AccountKind = Literal["native", "course"]
+
+
+# --- errors: each one means "nothing happened" -----------------------------------------------
+
+
+class LedgerError(Exception):
+    """An operation was refused; the ledger is unchanged by it."""
+
+
+class NameTaken(LedgerError):
+    pass
+
+
+class UnknownAccount(LedgerError):
+    pass
+
+
+class UnknownPayee(LedgerError):
+    pass
+
+
+class AmountOutOfRange(LedgerError):
+    pass
+
+
+class BalanceLimit(LedgerError):
+    pass
+
+
+class InsufficientFunds(LedgerError):
+    pass
+
+
+class SelfPayment(LedgerError):
+    pass
+
+
+class PaymentIdConflict(LedgerError):
+    """The payment id was used before for a different payer, payee or amount."""
+
+
+class Unauthorized(LedgerError):
+    """The payment's authorisation (the payee's signed acceptance) did not check out."""
+
+
+class AccountFrozen(LedgerError):
+    """The operator froze the payer's or the payee's account: it can neither pay nor be paid."""
+
+
+class ReferenceConflict(LedgerError):
+    """An operator's reference was used before for a different credit or debit."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The batch could not be committed (disk full, I/O error, shutting down)."""
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The ledger's money limits; each field is also the server's command-line flag."""
+
+    max_deposit: int = setting(1_000_000, "--max-deposit", "largest single deposit", count)
+    max_payment: int = setting(1_000_000, "--max-payment", "largest single payment", count)
+    max_balance: int = setting(1_000_000_000, "--max-balance", "no balance may exceed this", count)
+
+    def __post_init__(self) -> None:
+        for name in ("max_deposit", "max_payment", "max_balance"):
+            value = getattr(self, name)
+            if not is_amount(value):
+                raise ValueError(f"{name} must be a whole number in 1..{MAX_AMOUNT}")
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str  # as registered; looked up by its canonical form (p2ppay.names.name_key)
+    kind: AccountKind
+    password_hash: str | None
+    balance: int
+    peer_key: bytes | None = None
+    peer_key_expires_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    payment_id: uuid.UUID
+    payer: str
+    payee: str
+    amount: int
+    payer_balance: int  # right after the transfer
+    payee_balance: int  # right after the transfer
+    at_ms: int
+    replayed: bool = False  # True when this is the stored outcome of an earlier settle
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    kind: Literal["deposit", "sent", "received"]
+    amount: int
+    balance: int
+    at_ms: int
+    counterparty: str | None
+    payment_id: uuid.UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    total_balances: int
+    #: money issued: every deposit and operator credit, by the movements table
+    total_deposits: int
+    min_balance: int | None
+    accounts: int
+    transfers: int
+    #: money taken out by the operator's debits, by the movements table
+    withdrawn: int
+    #: the issuance account's own balance: minus what is issued and not withdrawn
+    issuance_balance: int
+
+    @property
+    def conserved(self) -> bool:
+        """Double entry holds: the balances add up to what was issued less what was withdrawn,
+        and so does the issuance account on its own; no balance is negative."""
+        outstanding = self.total_deposits - self.withdrawn
+        return self.total_balances == outstanding == -self.issuance_balance and (
+            self.min_balance is None or self.min_balance >= 0
+        )
+
+
+class LedgerObserver(Protocol):
+    """Told how the ledger is doing (the server's metrics); called from the writer's thread."""
+
+    def committed(self, operations: int, seconds: float) -> None: ...
+
+    def settled(self, outcome: str, seconds: float) -> None:
+        """``outcome``: ``ok``, ``replayed``, or the refusal's class name."""
+
+
+class Ledger(Protocol):
+    """What the server needs from a ledger, and all of it."""
+
+    limits: Limits
+
+    async def create_account(
+        self,
+        name: str,
+        password_hash: str | None,
+        kind: AccountKind = "native",
+        initial_deposit: int = 0,
+    ) -> Account: ...
+
+    async def account(self, name: str) -> Account | None: ...
+
+    async def set_peer_key(
+        self, name: str, key_der: bytes | None, expires_ms: int | None
+    ) -> None: ...
+
+    async def deposit(self, name: str, amount: int) -> int: ...
+
+    async def settle(
+        self,
+        payment_id: uuid.UUID,
+        payer: str,
+        payee: str,
+        amount: int,
+        accepted_with: bytes | None = None,
+    ) -> Transfer:
+        """Move ``amount`` once per ``payment_id``. For a new payment ``accepted_with`` (the
+        key the payee's acceptance was checked against), the payee's current key must still
+        be that one; a retry of a settled payment gets its stored outcome."""
+        ...
+
+    async def transfer(self, payment_id: uuid.UUID) -> Transfer | None:
+        """The settled transfer with this payment id, if any."""
+        ...
+
+    async def history(self, name: str, limit: int) -> list[Entry]: ...
+
+    async def audit(self) -> Audit: ...
+
+    async def record_login(self, name: str) -> None: ...
