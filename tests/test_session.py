@@ -277,7 +277,15 @@ async def test_shutdown_tells_clients_and_ends_sessions(connect: Connect, server
                 await next_event(alice, 5)
 
 
+@pytest.fixture
+def idle_jump_clock() -> trio.testing.MockClock:
+    """Mock time that jumps ahead only once nothing has run for 50 ms of real time: the ledger's
+    threads finish their (real-time) work, and the timeouts then come at once."""
+    return trio.testing.MockClock(autojump_threshold=0.05)
+
+
 async def test_a_slow_reader_does_not_hold_up_the_payer(
+    idle_jump_clock: trio.testing.MockClock,
     ledger: SqliteLedger,
     server_ctx: ssl.SSLContext,
     client_ctx: ssl.SSLContext,
@@ -308,7 +316,7 @@ async def test_a_slow_reader_does_not_hold_up_the_payer(
         alice_stream = await connect_raw("10.0.0.1", trio.testing.memory_stream_pair())
         # bob logs in over a lockstep pipe and then never reads again: pushes to him cannot go.
         bob = await connect_raw("10.3.3.3", trio.testing.lockstep_stream_pair())
-        async with Client.over(alice_stream) as alice:
+        async with Client.over(alice_stream, request_timeout=math.inf) as alice:
             await alice.register("bob", "correct horse")
             await registered(alice, "alice", deposit=100)
             lines = p.LineBuffer()
