@@ -25,7 +25,7 @@ from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
 from p2ppay.server.accounts import Accounts
 from p2ppay.server.native import Session
-from p2ppay.server.presence import LocalPresence
+from p2ppay.server.presence import Presence
 
 from .conftest import (
     FAST_SCRYPT,
@@ -76,7 +76,7 @@ class LaggingHost:
         self.config: ServerConfig = server.config
         self.ledger: lg.Ledger = server.ledger
         self.accounts: Accounts = server.accounts
-        self.presence: LocalPresence = server.presence
+        self.presence: Presence = server.presence
         self.limit_log: LimitLog = server.limit_log
         self.server_public_key = server.server_public_key
         self.course_dialect: Dialect = REFERENCE

@@ -80,21 +80,24 @@ def test_a_ledger_from_a_newer_p2ppay_is_refused(tmp_path: Path) -> None:
         connect_sqlite(path)
 
 
-async def test_deposits_are_double_entry_from_the_issuance_account(
-    ledger: lg.SqliteLedger,
-) -> None:
-    await ledger.create_account("alice", "h")
-    await ledger.create_account("carol", None, "course", initial_deposit=40)
-    await ledger.deposit("alice", 100)
-    audit = await ledger.audit()
-    assert (audit.total_deposits, audit.issuance_balance, audit.total_balances) == (140, -140, 140)
-    assert audit.conserved
-
-    def skew(db: sqlite3.Connection) -> None:  # the issuance account alone disagrees
-        db.execute("UPDATE issuance SET balance = balance - 1")
-
-    await ledger._submit(skew)
-    assert not (await ledger.audit()).conserved
+async def test_deposits_are_double_entry_from_the_issuance_account(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    async with open_sqlite_ledger(path) as ledger:
+        await ledger.create_account("alice", "h")
+        await ledger.create_account("carol", None, "course", initial_deposit=40)
+        await ledger.deposit("alice", 100)
+        audit = await ledger.audit()
+        assert (audit.total_deposits, audit.issuance_balance, audit.total_balances) == (
+            140,
+            -140,
+            140,
+        )
+        assert audit.conserved
+        behind = sqlite3.connect(path)  # the issuance account alone disagrees
+        behind.execute("UPDATE issuance SET balance = balance - 1")
+        behind.commit()
+        behind.close()
+        assert not (await ledger.audit()).conserved
 
 
 async def test_a_frozen_account_can_neither_pay_nor_be_paid(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from .base import SessionBase
 from .config import ServerConfig
 from .course_session import CourseSession
 from .native import Session
-from .presence import LocalPresence
+from .presence import LocalPresence, Presence
 
 log = logging.getLogger("p2ppay.server")
 
@@ -66,7 +66,7 @@ class Server:
         self.accounts = Accounts(
             ledger, issuer, cfg, self.limit_log, hash_work=hash_work, wall_clock=wall_clock
         )
-        self.presence = LocalPresence()
+        self.presence: Presence = LocalPresence()
         self.sessions: set[SessionBase] = set()
         #: the course dialect's login reply names this (base64 DER of the server's key)
         self.server_public_key = server_public_key

@@ -21,7 +21,7 @@ from ..metrics import ServerMetrics
 from ..sending import Outgoing
 from .accounts import Accounts
 from .config import ServerConfig
-from .presence import LocalPresence
+from .presence import Presence
 
 log = logging.getLogger("p2ppay.server")
 
@@ -32,7 +32,7 @@ class Host(Protocol):
     config: ServerConfig
     ledger: lg.Ledger
     accounts: Accounts
-    presence: LocalPresence
+    presence: Presence
     limit_log: LimitLog
     #: the course dialect's login reply names this (base64 DER of the server's key)
     server_public_key: str

@@ -53,6 +53,9 @@ class Presence(Protocol):
     def course_roster(self) -> list[tuple[str, str, int]]:
         """Course users online as (name, ip, port), in the order they came online."""
 
+    def names(self, *, course: bool = False) -> list[str]:
+        """Who is online through this server process (as registered)."""
+
 
 @final
 class LocalPresence:
@@ -102,5 +105,4 @@ class LocalPresence:
         return len(self._native) + len(self._course)
 
     def names(self, *, course: bool = False) -> list[str]:
-        """Who is online (as registered), for tests and operators."""
         return list(self._map(course))
