@@ -219,7 +219,7 @@ async def test_transfer_between_course_clients(
         # A failing transfer forwarded by the payee is answered like a success: to the payer,
         # who waits for the outcome, and nothing to the payee. Insufficient funds, zero,
         # negative:
-        for amount in (b"9601", b"0", b"-5", b"1.5", b"+5", b" 5", b"1" * 20):
+        for amount in (b"9601", b"0", b"-5", b"1.5", b"+5", b" 5", b"1" * 20, b"1e3", "٣".encode()):
             await bob.send(b"alice#" + amount + b"#bob")
             await alice.expect(b"Transfer Fail!\n")
         # a payer that does not exist: nobody to tell. (Newline-terminated: the next message

@@ -102,6 +102,47 @@ async def test_one_address_cannot_take_every_payer_connection(open_wallet: Open)
                 await trio.aclose_forcefully(hog)
 
 
+async def test_many_addresses_that_never_finish_a_handshake_make_way(
+    open_wallet: Open,
+) -> None:
+    """Sockets that never start TLS, from more addresses than the caps reckon with, still
+    cannot keep a payer out: the one whose handshake has taken longest makes way."""
+    config = PeerConfig(max_connections=12, max_connections_per_ip=4, max_handshaking=6)
+    with trio.fail_after(30):
+        async with (
+            open_wallet("bob", peer_config=config) as bob,
+            open_wallet("alice", deposit=10) as alice,
+        ):
+            assert bob.p2p_port is not None and bob.listener is not None
+            hogs = [
+                await trio.open_tcp_stream(
+                    "127.0.0.1", bob.p2p_port, local_address=f"127.0.0.{10 + i // 4}"
+                )
+                for i in range(32)  # 8 addresses x 4
+            ]
+            paid = await alice.pay("bob", 5)
+            assert paid.balance == 5
+            assert bob.listener.connections_open <= config.max_connections + 1
+            for hog in hogs:
+                await trio.aclose_forcefully(hog)
+
+
+async def test_a_payer_cannot_unsay_a_payment_that_reached_the_payee(
+    open_wallet: Open,
+) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("bob") as bob, open_wallet("mallory", deposit=10) as mallory:
+            assert mallory.dialer is not None and bob.p2p_port is not None
+            paid = await mallory.pay("bob", 2)
+            async for event in bob.events:  # the server's word that it arrived
+                if isinstance(event, p.PaymentReceived):
+                    break
+            await mallory.dialer.tell("bob", p.NotSettled(paid.payment_id, "reversed, pay again"))
+            where = p.Presence("bob", "127.0.0.1", bob.p2p_port)
+            await mallory.dialer.offer(where, p.Offer(uuid.uuid4(), "mallory", "bob", 1))
+            assert not [e for e in pending(bob) if isinstance(e, NotSettledNews)]
+
+
 async def test_an_address_the_machine_does_not_have_is_explained(
     server_port: int, client_ctx: ssl.SSLContext
 ) -> None:

@@ -144,14 +144,17 @@ async def test_the_payee_caps_payer_connections(
     connect: Connect, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     bob = await identity_of(connect, "bob")
+    alice = await identity_of(connect, "alice")
     listener = OfferListener(bob, accept_all, PeerConfig(max_connections=2))
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             held = []
-            for _ in range(2):
+            for _ in range(2):  # two payers' connections, their handshakes done
                 payer_side, payee_side = trio.testing.memory_stream_pair()
-                held.append(payer_side)
                 nursery.start_soon(listener.handle, payee_side)
+                tls = trio.SSLStream(payer_side, alice.dialer_context, server_hostname="bob")
+                await tls.do_handshake()
+                held.append(tls)
             await trio.testing.wait_all_tasks_blocked()
             assert listener.connections_open == 2
             refused, payee_side = trio.testing.memory_stream_pair()
@@ -160,13 +163,19 @@ async def test_the_payee_caps_payer_connections(
             assert (listener.connections_open, listener.connections_accepted) == (2, 2)
             assert "limit payer-connections: 2 open" in caplog.text
             # One leaves: there is room again.
-            await held.pop().aclose()
+            await trio.aclose_forcefully(held.pop())
             await trio.testing.wait_all_tasks_blocked()
             assert listener.connections_open == 1
             _, payee_side = trio.testing.memory_stream_pair()
             nursery.start_soon(listener.handle, payee_side)
             await trio.testing.wait_all_tasks_blocked()
             assert (listener.connections_open, listener.connections_accepted) == (2, 3)
+            # At the cap with one still in its handshake: that one makes way for the next.
+            _, payee_side = trio.testing.memory_stream_pair()
+            nursery.start_soon(listener.handle, payee_side)
+            await trio.testing.wait_all_tasks_blocked()
+            assert listener.connections_accepted == 4
+            assert "made way for a new connection" in caplog.text
             nursery.cancel_scope.cancel()
     assert listener.connections_open == 0
 

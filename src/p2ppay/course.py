@@ -41,8 +41,6 @@ NAME_RE: Final = names.NAME_RE
 NUMBER_RE: Final = re.compile(r"[0-9]{1,18}")
 #: a transfer's amount: a whole number, which the ledger refuses if it is not positive
 AMOUNT_RE: Final = re.compile(r"-?[0-9]{1,18}")
-#: what a person or a client may have meant as an amount, though it is not a whole number
-NUMBER_LIKE_RE: Final = re.compile(r"\s*[+-]?\s*[0-9][0-9.,_]*\s*")
 
 # Replies both flavours send with the same words.
 OK: Final = b"100 OK\n"
@@ -203,14 +201,15 @@ def _common(raw: bytes, parts: list[str]) -> CourseMessage | None:
 def _money_move(parts: list[str]) -> tuple[str, int, str] | None:
     """``payer#amount#payee``, the amount any whole number (the ledger judges its value).
 
-    An amount that looks like a number but is not a whole one the ledger can take (``1.5``,
-    ``+5``, twenty digits) is read as 0, which the ledger refuses: the payer then hears that
-    the transfer failed, instead of waiting for an answer that never comes."""
+    An amount with a digit in it that is not a whole number the ledger can take (``1.5``,
+    ``+5``, ``1e3``, twenty digits, a digit of another script) is read as 0, which the ledger
+    refuses: the payer then hears that the transfer failed, instead of waiting for an answer
+    that never comes."""
     if len(parts) != 3 or not (NAME_RE.fullmatch(parts[0]) and NAME_RE.fullmatch(parts[2])):
         return None
     if AMOUNT_RE.fullmatch(parts[1]):
         return parts[0], int(parts[1]), parts[2]
-    if NUMBER_LIKE_RE.fullmatch(parts[1]):
+    if any(ch.isdigit() for ch in parts[1]):  # meant as an amount (no digit: another message)
         return parts[0], 0, parts[2]
     return None
 

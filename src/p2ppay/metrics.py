@@ -45,8 +45,9 @@ class Observed(Protocol):
 MAX_REQUEST: Final = 8192
 #: seconds a scraper has to send its request line, and then to take the answer
 REQUEST_TIMEOUT: Final = 5.0
-#: scrapes answered at once; more wait for their turn (Prometheus sends one at a time)
-MAX_SCRAPES: Final = 8
+#: connections to the metrics port at once; more are closed at once (Prometheus scrapes one
+#: at a time)
+MAX_SCRAPES: Final = 64
 
 _LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -215,11 +216,22 @@ async def _answer(render: Callable[[], bytes], stream: trio.abc.Stream) -> None:
 async def serve_metrics(
     render: Callable[[], bytes], listeners: Sequence[trio.SocketListener]
 ) -> None:
-    """Answer scrapes on ``listeners`` until cancelled (the server's nursery does that)."""
-    limiter = trio.CapacityLimiter(MAX_SCRAPES)
+    """Answer scrapes on ``listeners`` until cancelled (the server's nursery does that).
+
+    Each connection's deadline starts when it is accepted, and past ``MAX_SCRAPES`` at once a
+    connection is turned away at once: silent sockets can neither queue up nor hold a scrape
+    back for longer than one deadline."""
+    open_now = 0
 
     async def handle(stream: trio.SocketStream) -> None:
-        async with limiter:
+        nonlocal open_now
+        if open_now >= MAX_SCRAPES:
+            await trio.aclose_forcefully(stream)
+            return
+        open_now += 1
+        try:
             await _answer(render, stream)
+        finally:
+            open_now -= 1
 
     await trio.serve_listeners(handle, list(listeners))

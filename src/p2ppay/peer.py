@@ -63,6 +63,10 @@ class PeerConfig:
     max_connections: int = 64
     #: ...and from one address, so that one address cannot take all of them
     max_connections_per_ip: int = 8
+    #: connections still in the TLS handshake at once; past this the oldest is dropped, so
+    #: that sockets which never finish one (from however many addresses) cannot fill the
+    #: payee's connections: a payer's handshake takes milliseconds
+    max_handshaking: int = 16
     #: offers accepted lately that a payer may still report as not settled (the oldest go)
     remembered_offers: int = 1024
 
@@ -149,7 +153,12 @@ class OfferListener:
     """Answers offers that payers send to this session's advertised port."""
 
     def __init__(
-        self, identity: PeerIdentity, policy: Policy, config: PeerConfig | None = None
+        self,
+        identity: PeerIdentity,
+        policy: Policy,
+        config: PeerConfig | None = None,
+        *,
+        on_not_settled: Callable[[str, p.NotSettled], None] | None = None,
     ) -> None:
         self.identity = identity
         self.policy = policy
@@ -158,12 +167,28 @@ class OfferListener:
         self.connections_open = 0
         self._waiting: dict[str, int] = {}  # payer -> offers awaiting a decision
         self._per_ip: dict[str, int] = {}  # address -> payer connections open from it
+        self._handshaking: OrderedDict[object, trio.CancelScope] = OrderedDict()
         # (payer's name key, payment id) of offers we accepted: only those may be reported
         # as not settled, once each.
         self._accepted: OrderedDict[tuple[str, uuid.UUID], None] = OrderedDict()
         #: told when a payer reports that an offer we accepted was not settled
-        self.on_not_settled: Callable[[str, p.NotSettled], None] | None = None
+        self.on_not_settled = on_not_settled
         self.limit_log = LimitLog(log)
+
+    def _make_room(self) -> bool:
+        """Drop the connection whose TLS handshake has taken longest (a payer's takes
+        milliseconds; one that lingers is most likely not a payer). False if none is."""
+        if not self._handshaking:
+            return False
+        _, oldest = self._handshaking.popitem(last=False)
+        oldest.cancel()
+        self.limit_log.hit("payer-handshakes", "made way for a new connection")
+        return True
+
+    def settled(self, payment_id: uuid.UUID) -> None:
+        """The server says this payment reached us: no payer may call it unsettled now."""
+        for key in [k for k in self._accepted if k[1] == payment_id]:
+            del self._accepted[key]
 
     async def serve(
         self,
@@ -179,7 +204,7 @@ class OfferListener:
     async def handle(self, transport: trio.abc.Stream) -> None:
         """Own one payer connection: handshake, then offers answered one at a time."""
         ip = address_key(peer_ip(transport))
-        if self.connections_open >= self.config.max_connections:
+        if self.connections_open >= self.config.max_connections and not self._make_room():
             self.limit_log.hit("payer-connections", f"{self.connections_open} open")
             await trio.aclose_forcefully(transport)
             return
@@ -204,10 +229,18 @@ class OfferListener:
         cfg = self.config
         stream = trio.SSLStream(transport, self.identity.listener_context, server_side=True)
         try:
-            with trio.move_on_after(cfg.handshake_timeout) as handshake:
-                await stream.do_handshake()
-            if handshake.cancelled_caught:
-                log.info("payer connection: TLS handshake timed out")
+            token = object()
+            with trio.CancelScope() as evictable:
+                if len(self._handshaking) >= cfg.max_handshaking:
+                    self._make_room()
+                self._handshaking[token] = evictable
+                try:
+                    with trio.move_on_after(cfg.handshake_timeout) as handshake:
+                        await stream.do_handshake()
+                finally:
+                    self._handshaking.pop(token, None)
+            if handshake.cancelled_caught or evictable.cancelled_caught:
+                log.info("payer connection: TLS handshake timed out or made way")
                 return
             payer = peer_name(stream)
             if payer is None:  # cannot happen with CERT_REQUIRED, but never assume a name
@@ -387,10 +420,18 @@ class Dialer:
             )
         return PeerLink(where.name, stream, cfg.max_line, cfg.max_depth)
 
-    async def offer(self, where: p.Presence, offer: p.Offer) -> p.Accept | p.Decline:
-        """Ask the payee at ``where``; a broken reused link is replaced once."""
+    async def offer(
+        self,
+        where: p.Presence,
+        offer: p.Offer,
+        on_sent: Callable[[p.Offer], None] | None = None,
+    ) -> p.Accept | p.Decline:
+        """Ask the payee at ``where``; a broken reused link is replaced once. ``on_sent`` is
+        called once a secure connection to the payee is there and the offer goes out."""
         for attempt in (1, 2):
             link = await self._link(where)
+            if on_sent is not None and attempt == 1:
+                on_sent(offer)
             try:
                 async with link.lock:
                     with trio.fail_after(self.config.answer_timeout):

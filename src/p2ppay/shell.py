@@ -29,6 +29,7 @@ from .wallet import (
     CannotConnect,
     Disconnected,
     LoggedOut,
+    NoSuchAddress,
     NotSettledNews,
     OfferAnswered,
     PaymentFailed,
@@ -377,7 +378,8 @@ class Shell:
         except ServerError as exc:
             self.emit_error(command, exc.code, exc.message)
         except PortUnavailable as exc:
-            self.emit_error(command, "port_unavailable", str(exc))
+            status = ExitCode.USAGE if isinstance(exc, NoSuchAddress) else ExitCode.FAILED
+            self.emit_error(command, "port_unavailable", str(exc), status)
         except CannotConnect as exc:
             self.emit_error(command, "server_unreachable", str(exc), ExitCode.UNREACHABLE)
         except (ConnectionLost, OSError, trio.TooSlowError) as exc:
@@ -556,6 +558,15 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                     shell = Shell(wallet, terminal, options, out)
                     nursery.start_soon(shell.show_events)
                     code = await _until_signalled(nursery, shell)
+                    if code == ExitCode.INTERRUPTED:
+                        message = (
+                            "interrupted; the command under way may or may not have been done "
+                            "(history tells)"
+                        )
+                        if options.json:
+                            error = {"code": "interrupted", "message": message}
+                            print(json.dumps({"ok": False, "error": error}), file=out, flush=True)
+                        print(f"p2ppay client: {message}", file=sys.stderr)
             except CannotConnect as exc:
                 if options.json:
                     error = {"code": "server_unreachable", "message": str(exc)}

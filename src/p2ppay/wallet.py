@@ -15,6 +15,7 @@ import random
 import socket
 import ssl
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ SETTLE_ATTEMPTS: Final = 4
 #: that many clients of a restarted server do not all come back in the same instant).
 RECONNECT_FIRST_DELAY: Final = 0.25
 RECONNECT_MAX_DELAY: Final = 4.0
+#: how many payments received lately a wallet remembers
+RECEIVED_REMEMBERED: Final = 1024
 
 #: Refusals of a login again after a reconnect that retrying will not change.
 _FINAL_LOGIN_REFUSALS: Final = frozenset({"auth_failed", "unknown_user", "bad_csr"})
@@ -80,6 +83,10 @@ class CannotConnect(ConnectionLost):
 
 class PortUnavailable(ClientError):
     """The port for taking payments cannot be listened on (taken, or not allowed)."""
+
+
+class NoSuchAddress(PortUnavailable):
+    """The address given for taking payments is not one of this machine's."""
 
 
 def describe_connect_failure(exc: BaseException) -> str:
@@ -159,6 +166,8 @@ class Wallet:
         self.reconnect_delays = reconnect_delays
         self._reviving = False
         self._closing = False
+        #: payments the server said reached us lately (a payer cannot call them unsettled)
+        self._received: OrderedDict[uuid.UUID, None] = OrderedDict()
         self.policy = policy
         self.peer_config = peer_config
         self.listen_host = listen_host
@@ -322,9 +331,20 @@ class Wallet:
             self._credentials = None
             self._nursery.start_soon(self._stop_peering)
 
+    def _not_settled(self, payer: str, news: p.NotSettled) -> None:
+        # A payer's word, about an offer we accepted: the server's own word (the payment
+        # reached us) outranks it.
+        if news.payment_id not in self._received:
+            self._emit(NotSettledNews(payer, news))
+
     def _emit(self, event: WalletEvent) -> None:
         if isinstance(event, p.PaymentReceived):
             self.known_balance = event.balance
+            self._received[event.payment_id] = None
+            if len(self._received) > RECEIVED_REMEMBERED:
+                self._received.popitem(last=False)
+            if self.listener is not None:
+                self.listener.settled(event.payment_id)
         try:
             self._event_send.send_nowait(event)
         except trio.WouldBlock:
@@ -389,7 +409,7 @@ class Wallet:
             elif exc.errno == errno.EACCES:
                 reason = f"port {wanted} is not allowed for this user"
             elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
-                raise PortUnavailable(
+                raise NoSuchAddress(
                     f"cannot take payments at {self.listen_host}: this machine has no such "
                     "address; choose another --listen-host"
                 ) from None
@@ -418,8 +438,9 @@ class Wallet:
             port,
         )
         self.dialer = Dialer(identity, self.peer_config)
-        self.listener = OfferListener(identity, self._decide, self.peer_config)
-        self.listener.on_not_settled = lambda payer, news: self._emit(NotSettledNews(payer, news))
+        self.listener = OfferListener(
+            identity, self._decide, self.peer_config, on_not_settled=self._not_settled
+        )
         await self._nursery.start(self._serve_offers, self.listener, listeners)
         log.info("logged in as %s; taking offers on port %d", result.name, port)
         return result
@@ -498,8 +519,8 @@ class Wallet:
     ) -> p.SettleResult:
         """Pay ``payee`` directly: offer, their signed acceptance, then settlement (once).
 
-        ``on_offer`` is called just before the offer goes to the payee (after every check
-        that can refuse the payment without asking them)."""
+        ``on_offer`` is called as the offer goes to the payee (after every check that can
+        refuse the payment without asking them, and once a secure connection is there)."""
         me = self.user
         if me is None or self.dialer is None:
             raise PaymentFailed(Outcome.NOT_LOGGED_IN, "log in first")
@@ -523,15 +544,13 @@ class Wallet:
             raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
         # The payee's name as registered (it was typed in any letter case).
         offer = p.Offer(payment_id or uuid.uuid4(), me, where.name, amount)
-        if on_offer is not None:
-            on_offer(offer)
         try:
-            answer = await self.dialer.offer(where, offer)
+            answer = await self.dialer.offer(where, offer, on_sent=on_offer)
         except PeerError as exc:
             raise PaymentFailed(exc.code, exc.message) from None
         if isinstance(answer, p.Decline):
             why = "" if answer.reason == "declined" else f" ({answer.reason})"
-            raise PaymentFailed(Outcome.DECLINED, f"{payee} declined the payment{why}")
+            raise PaymentFailed(Outcome.DECLINED, f"{where.name} declined the payment{why}")
         try:
             result = await self._settle(offer, answer.signature)
         except PaymentFailed as exc:

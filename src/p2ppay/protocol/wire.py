@@ -25,7 +25,11 @@ MAX_DEPTH_CAP: Final = 256
 
 Name = Annotated[str, msgspec.Meta(pattern=rf"^{NAME_PATTERN}\Z")]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
-NewPassword = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
+#: A new password's length, in characters (register, an operator's reset).
+NEW_PASSWORD_LENGTH: Final = (8, 1024)
+NewPassword = Annotated[
+    str, msgspec.Meta(min_length=NEW_PASSWORD_LENGTH[0], max_length=NEW_PASSWORD_LENGTH[1])
+]
 Amount = Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
 Balance = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=MIN_PORT, le=MAX_PORT)]

@@ -196,7 +196,10 @@ class ServerOptions:
     )
 
     def __post_init__(self) -> None:
-        if not 0 <= self.config.course_initial_balance <= self.limits.max_deposit:
+        # (With --deposits operator course accounts start empty: the check does not apply.)
+        if self.config.deposits == "open" and not (
+            0 <= self.config.course_initial_balance <= self.limits.max_deposit
+        ):
             raise ValueError("--course-initial-balance must be within 0..--max-deposit")
         if (self.cert is None) != (self.key is None):
             raise ValueError("--cert and --key go together")
