@@ -73,13 +73,16 @@ async def test_a_payee_hears_not_settled_only_about_offers_it_accepted(open_wall
 
 
 async def test_one_address_cannot_take_every_payer_connection(open_wallet: Open) -> None:
-    config = PeerConfig(max_connections=10, max_connections_per_ip=8)
+    """Sockets that never start TLS fill the payee's connections: the one whose handshake has
+    taken longest makes way for each newcomer, so a payer still gets in (and many people
+    paying from one address, a classroom behind a NAT, are not turned away for it)."""
+    config = PeerConfig(max_connections=10, max_handshaking=6)
     with trio.fail_after(30):
         async with (
             open_wallet("bob", peer_config=config) as bob,
             open_wallet("alice", deposit=10) as alice,
         ):
-            assert bob.p2p_port is not None
+            assert bob.p2p_port is not None and bob.listener is not None
             hogs = [
                 await trio.open_tcp_stream("127.0.0.1", bob.p2p_port, local_address="127.0.0.2")
                 for _ in range(10)
@@ -87,15 +90,12 @@ async def test_one_address_cannot_take_every_payer_connection(open_wallet: Open)
             closed: list[bool] = []
 
             async def watch(stream: trio.SocketStream) -> None:
-                closed.append(await closed_by_peer(stream, within=2))
+                closed.append(await closed_by_peer(stream, within=1))
 
             async with trio.open_nursery() as nursery:
                 for hog in hogs:
                     nursery.start_soon(watch, hog)
-            # Eight from that address are let in (and held until their handshake times out);
-            # the other two are closed at once. Without the per-address cap, all ten slots
-            # would be theirs and alice's connection the one refused.
-            assert sorted(closed) == [False] * 8 + [True] * 2
+            assert closed.count(False) == config.max_handshaking  # the newest six are held
             paid = await alice.pay("bob", 5)
             assert paid.balance == 5
             for hog in hogs:
@@ -107,7 +107,7 @@ async def test_many_addresses_that_never_finish_a_handshake_make_way(
 ) -> None:
     """Sockets that never start TLS, from more addresses than the caps reckon with, still
     cannot keep a payer out: the one whose handshake has taken longest makes way."""
-    config = PeerConfig(max_connections=12, max_connections_per_ip=4, max_handshaking=6)
+    config = PeerConfig(max_connections=12, max_handshaking=6)
     with trio.fail_after(30):
         async with (
             open_wallet("bob", peer_config=config) as bob,

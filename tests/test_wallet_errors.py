@@ -140,6 +140,29 @@ async def identity_of(connect: Connect, name: str) -> PeerIdentity:
     )
 
 
+async def test_one_payer_has_at_most_so_many_connections_to_a_payee(
+    connect: Connect, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    bob = await identity_of(connect, "bob")
+    mallory = await identity_of(connect, "mallory")
+    listener = OfferListener(bob, accept_all, PeerConfig(max_connections_per_payer=2))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            links = []
+            for _ in range(3):
+                payer_side, payee_side = trio.testing.memory_stream_pair()
+                nursery.start_soon(listener.handle, payee_side)
+                tls = trio.SSLStream(payer_side, mallory.dialer_context, server_hostname="bob")
+                await tls.do_handshake()
+                links.append(tls)
+            await trio.testing.wait_all_tasks_blocked()
+            # The third, past mallory's two, is closed once her certificate says it is her.
+            assert await closed_by_peer(links[2], within=1)
+            assert not await closed_by_peer(links[0], within=0.1)
+            assert "limit payer-connections-per-payer: mallory has enough open" in caplog.text
+            nursery.cancel_scope.cancel()
+
+
 async def test_the_payee_caps_payer_connections(
     connect: Connect, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
-from .addresses import address_key, peer_ip
 from .errors import CodedError
 from .limits import LimitLog
 from .names import NameMap, name_key
@@ -61,8 +60,8 @@ class PeerConfig:
     max_offers_per_payer: int = 4
     #: payer connections at once (those in the TLS handshake count); more are closed
     max_connections: int = 64
-    #: ...and from one address, so that one address cannot take all of them
-    max_connections_per_ip: int = 8
+    #: ...and from one payer (by its certificate): a payer needs one link to a payee
+    max_connections_per_payer: int = 4
     #: connections still in the TLS handshake at once; past this the oldest is dropped, so
     #: that sockets which never finish one (from however many addresses) cannot fill the
     #: payee's connections: a payer's handshake takes milliseconds
@@ -166,7 +165,7 @@ class OfferListener:
         self.connections_accepted = 0
         self.connections_open = 0
         self._waiting: dict[str, int] = {}  # payer -> offers awaiting a decision
-        self._per_ip: dict[str, int] = {}  # address -> payer connections open from it
+        self._per_payer: dict[str, int] = {}  # payer's name key -> its connections open
         self._handshaking: OrderedDict[object, trio.CancelScope] = OrderedDict()
         # (payer's name key, payment id) of offers we accepted: only those may be reported
         # as not settled, once each.
@@ -203,26 +202,15 @@ class OfferListener:
 
     async def handle(self, transport: trio.abc.Stream) -> None:
         """Own one payer connection: handshake, then offers answered one at a time."""
-        ip = address_key(peer_ip(transport))
         if self.connections_open >= self.config.max_connections and not self._make_room():
             self.limit_log.hit("payer-connections", f"{self.connections_open} open")
             await trio.aclose_forcefully(transport)
             return
-        if self._per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
-            self.limit_log.hit("payer-connections-per-ip", f"{ip} has too many open")
-            await trio.aclose_forcefully(transport)
-            return
         self.connections_open += 1
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
             await self._handle(transport)
         finally:
             self.connections_open -= 1
-            left = self._per_ip[ip] - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                del self._per_ip[ip]
 
     async def _handle(self, transport: trio.abc.Stream) -> None:
         self.connections_accepted += 1
@@ -245,6 +233,30 @@ class OfferListener:
             payer = peer_name(stream)
             if payer is None:  # cannot happen with CERT_REQUIRED, but never assume a name
                 return
+            # Many people may pay from one address (a classroom, a NAT): the per-source
+            # limit is per payer, whose certificate says who it is.
+            key = name_key(payer)
+            if self._per_payer.get(key, 0) >= cfg.max_connections_per_payer:
+                self.limit_log.hit("payer-connections-per-payer", f"{payer} has enough open")
+                return
+            self._per_payer[key] = self._per_payer.get(key, 0) + 1
+            try:
+                await self._serve_payer(stream, payer)
+            finally:
+                left = self._per_payer[key] - 1
+                if left:
+                    self._per_payer[key] = left
+                else:
+                    del self._per_payer[key]
+        except trio.BrokenResourceError as exc:
+            log.info("payer connection failed: %s", exc.__cause__ or exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_payer(self, stream: trio.SSLStream[Any], payer: str) -> None:
+        """Offers from ``payer``, answered one at a time, until it leaves or falls silent."""
+        cfg = self.config
+        try:
             lines = _Lines(stream, cfg.max_line)
             while True:
                 line = None
@@ -275,8 +287,6 @@ class OfferListener:
                 await stream.send_all(p.encode_peer_message(p.Decline(None, exc.message[:200])))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-        finally:
-            await trio.aclose_forcefully(stream)
 
     async def _answer(self, payer: str, message: p.PeerMessage) -> p.Accept | p.Decline:
         if not isinstance(message, p.Offer):
