@@ -69,8 +69,10 @@ class Accounts:
         # key is written (so no settle checked after the change uses the old key) and filled
         # from the ledger on first use.
         self._peer_keys: NameMap[tuple[EllipticCurvePublicKey, int, bytes] | None] = NameMap()
-        # Checking a signature takes ~65 us of CPU (the GIL released): off the event loop.
-        self._verify_limiter = trio.CapacityLimiter(2)
+        # Checking a signature takes ~65 us of CPU (the GIL released): off the event loop, in
+        # batches like the ledger's commits (one thread hop for all the checks waiting, not
+        # one each: a hop costs more than the check).
+        self._checks_in, self._checks = trio.open_memory_channel[_Check](math.inf)
         self._hash_work = hash_work  # tests: what runs a hash job instead of the threads
         self._hasher: Hasher | None = None  # its threads run while running() does
         # A hash to check against when the account does not exist, so that a missing account
@@ -79,12 +81,31 @@ class Accounts:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """The hashing threads run while this block does."""
+        """The hashing threads, and the signature checker, run while this block does."""
         cfg = self.config
-        async with Hasher(
-            cfg.hash_threads, cfg.hash_queue_per_address, work=self._hash_work
-        ) as self._hasher:
-            yield
+        async with (
+            Hasher(cfg.hash_threads, cfg.hash_queue_per_address, work=self._hash_work) as hasher,
+            trio.open_nursery() as nursery,
+        ):
+            self._hasher = hasher
+            nursery.start_soon(self._check_signatures)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _check_signatures(self) -> None:
+        """Check every signature waiting, in one worker-thread call per batch."""
+        async for first in self._checks:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._checks.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await trio.to_thread.run_sync(_run_checks, batch)
+            for check in batch:
+                check.done.set()
 
     @property
     def hasher(self) -> Hasher:
@@ -213,19 +234,33 @@ class Accounts:
             signature = base64.b64decode(acceptance, validate=True)
         except ValueError:
             raise _refused("the acceptance is not base64") from None
-        good = await trio.to_thread.run_sync(
-            verify_acceptance,
-            key,
-            signature,
-            str(payment_id),
-            payer,
-            payee,
-            amount,
-            limiter=self._verify_limiter,
+        check = _Check(
+            partial(verify_acceptance, key, signature, str(payment_id), payer, payee, amount)
         )
-        if not good:
+        self._checks_in.send_nowait(check)
+        await check.done.wait()
+        if not check.good:
             raise _refused(f"the acceptance is not {payee}'s signature over this payment")
         return der
+
+
+class _Check:
+    """One signature to check, and its verdict."""
+
+    __slots__ = ("done", "good", "verify")
+
+    def __init__(self, verify: Callable[[], bool]) -> None:
+        self.verify = verify
+        self.done = trio.Event()
+        self.good = False
+
+
+def _run_checks(batch: list[_Check]) -> None:
+    for check in batch:
+        try:
+            check.good = check.verify()
+        except Exception:  # a signature that cannot even be parsed is no good
+            check.good = False
 
 
 def _refused(why: str) -> RequestFailed:

@@ -251,14 +251,19 @@ class Session(SessionBase):
         payer = self._me()
         if name_key(req.payee) == name_key(payer):
             raise RequestFailed(p.ErrorCode.SELF_PAYMENT, "you cannot pay yourself")
-        # Only a new payment needs the payee's acceptance checked (before the ledger sees it):
-        # a retry of one settled before, perhaps before the payee's key changed, gets its
-        # stored outcome.
-        key = None
-        if await self.host.ledger.transfer(req.payment_id) is None:
+        # The payee's acceptance is checked before the ledger sees the payment. Only a new
+        # payment needs it: a retry of one settled before (perhaps before the payee's key
+        # changed, so that the check now fails) gets its stored outcome; that is looked up
+        # only when the check fails, which keeps it off the common path.
+        key: bytes | None
+        try:
             key = await self.host.accounts.check_acceptance(
                 req.payment_id, payer, req.payee, req.amount, req.acceptance
             )
+        except RequestFailed:
+            if await self.host.ledger.transfer(req.payment_id) is None:
+                raise
+            key = None  # settled before: the ledger answers with what it stored
         t = await self.host.ledger.settle(
             req.payment_id, payer, req.payee, req.amount, accepted_with=key
         )
