@@ -167,9 +167,9 @@ class OfferListener:
         self._waiting: dict[str, int] = {}  # payer -> offers awaiting a decision
         self._per_payer: dict[str, int] = {}  # payer's name key -> its connections open
         self._handshaking: OrderedDict[object, trio.CancelScope] = OrderedDict()
-        # (payer's name key, payment id) of offers we accepted: only those may be reported
-        # as not settled, once each.
-        self._accepted: OrderedDict[tuple[str, uuid.UUID], None] = OrderedDict()
+        # Offers we accepted (payment id -> the payer's name key): only those may be reported
+        # as not settled, by that payer, once each.
+        self._accepted: OrderedDict[uuid.UUID, str] = OrderedDict()
         #: told when a payer reports that an offer we accepted was not settled
         self.on_not_settled = on_not_settled
         self.limit_log = LimitLog(log)
@@ -186,8 +186,7 @@ class OfferListener:
 
     def settled(self, payment_id: uuid.UUID) -> None:
         """The server says this payment reached us: no payer may call it unsettled now."""
-        for key in [k for k in self._accepted if k[1] == payment_id]:
-            del self._accepted[key]
+        self._accepted.pop(payment_id, None)
 
     async def serve(
         self,
@@ -268,9 +267,8 @@ class OfferListener:
                 if isinstance(message, p.NotSettled):
                     # News only (no answer), and only of an offer this payer made and we
                     # accepted: nobody else can put words about payments on our screen.
-                    key = (name_key(payer), message.payment_id)
-                    if key in self._accepted:
-                        del self._accepted[key]
+                    if self._accepted.get(message.payment_id) == name_key(payer):
+                        del self._accepted[message.payment_id]
                         if self.on_not_settled is not None:
                             self.on_not_settled(payer, message)
                     continue
@@ -317,7 +315,7 @@ class OfferListener:
             return p.Decline(offer.payment_id, "no answer in time")
         if not decision:
             return p.Decline(offer.payment_id, "declined")
-        self._accepted[(name_key(payer), offer.payment_id)] = None
+        self._accepted[offer.payment_id] = name_key(payer)
         if len(self._accepted) > self.config.remembered_offers:
             self._accepted.popitem(last=False)
         return self.identity.accept(offer)
