@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -196,15 +197,25 @@ class FailingCommit(sqlite3.Connection):
         return super().execute(sql, *args)
 
 
-async def test_a_failed_commit_acknowledges_nothing(tmp_path: Path) -> None:
-    writers: list[FailingCommit] = []
+C = TypeVar("C", bound=sqlite3.Connection)
+
+
+def writer_of(factory: type[C]) -> tuple[list[C], Callable[[str], sqlite3.Connection]]:
+    """A ledger's ``connect=`` that makes its writer connection a ``factory``, and the list
+    it will be in (so that the test can tell it what to do)."""
+    writers: list[C] = []
 
     def connect(path: str) -> sqlite3.Connection:
-        db = lg.connect_sqlite(path, factory=FailingCommit)
-        assert isinstance(db, FailingCommit)
+        db = lg.connect_sqlite(path, factory=factory)
+        assert isinstance(db, factory)
         writers.append(db)
         return db
 
+    return writers, connect
+
+
+async def test_a_failed_commit_acknowledges_nothing(tmp_path: Path) -> None:
+    writers, connect = writer_of(FailingCommit)
     async with open_sqlite_ledger(tmp_path / "ledger.sqlite3", connect=connect) as ledger:
         await funded(ledger, alice=100, bob=0)
         (writer,) = writers
@@ -457,14 +468,7 @@ class SlowCommit(sqlite3.Connection):
 
 
 async def test_reads_do_not_wait_behind_a_commit(tmp_path: Path) -> None:
-    writers: list[SlowCommit] = []
-
-    def connect(path: str) -> sqlite3.Connection:
-        db = lg.connect_sqlite(path, factory=SlowCommit)
-        assert isinstance(db, SlowCommit)
-        writers.append(db)
-        return db
-
+    writers, connect = writer_of(SlowCommit)
     async with open_sqlite_ledger(tmp_path / "ledger.sqlite3", connect=connect) as ledger:
         await funded(ledger, alice=100, bob=0)
         (writer,) = writers

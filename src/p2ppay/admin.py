@@ -316,7 +316,7 @@ _COMMANDS: Final[dict[str, Callable[[LedgerAdmin, argparse.Namespace, TextIO], i
 
 
 def open_backend(state_dir: Path) -> LedgerAdmin:
-    """The ledger the server in ``state_dir`` uses (``--ledger`` for PostgreSQL goes here)."""
+    """The ledger the server in ``state_dir`` uses (a PostgreSQL option would go here)."""
     return SqliteAdmin(state_dir / LEDGER_FILE)
 
 
