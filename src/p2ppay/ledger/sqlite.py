@@ -84,11 +84,10 @@ def _now_ms() -> int:
 
 
 class _Op(Generic[T]):
-    __slots__ = ("done", "error", "fn", "result", "write")
+    __slots__ = ("done", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], T]) -> None:
         self.fn = fn
-        self.write = write
         self.done = trio.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
@@ -218,7 +217,7 @@ class SqliteLedger:
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on a read connection (or, with no readers, in the writer's queue)."""
         if self._read_limiter is None:
-            return await self._submit(fn, write=False)
+            return await self._submit(fn)
         if self._db is None:
             raise LedgerUnavailable("the ledger is closed")
         try:
@@ -226,8 +225,8 @@ class SqliteLedger:
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"read failed: {exc}") from exc
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
-        op: _Op[T] = _Op(fn, write)
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        op: _Op[T] = _Op(fn)
         try:
             self._send.send_nowait(op)
         except (trio.ClosedResourceError, trio.BrokenResourceError):

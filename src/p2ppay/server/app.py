@@ -208,8 +208,7 @@ class Server:
             # A bug in one session must not take the server down with it.
             log.exception("%s: internal error; connection closed", session.ip)
         finally:
-            self.sessions.discard(session)
-            self.presence.forget(session, course=session.course)
+            self.sessions.discard(session)  # (run() has taken it off the presence list)
             if self._closing and not self.sessions:
                 self._drained.set()
             log.info("%s: disconnected%s", session.ip, f" ({session.user})" if session.user else "")
