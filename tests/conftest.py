@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -235,3 +236,33 @@ async def raw_tls(
         nursery.start_soon(server.handle_connection, server_side, ip)
         yield trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
         nursery.cancel_scope.cancel()
+
+
+class SettleCutter(trio.abc.Stream):
+    """A TLS stream to the server that, once ``armed``, cuts the connection at the next settle
+    request: ``after`` it is sent (the request may be done, its reply is lost; then it disarms),
+    or instead of sending it (the request never reaches the server; it stays armed)."""
+
+    def __init__(self, inner: trio.SSLStream[Any], *, after: bool) -> None:
+        self.inner = inner
+        self.after = after
+        self.armed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        settle = self.armed and b'"op":"settle"' in bytes(data)
+        if settle and not self.after:
+            await trio.aclose_forcefully(self.inner.transport_stream)
+            raise trio.BrokenResourceError("severed")
+        await self.inner.send_all(data)
+        if settle:
+            self.armed = False
+            await trio.aclose_forcefully(self.inner.transport_stream)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -21,7 +21,7 @@ from p2ppay.outcomes import Outcome
 from p2ppay.peer import PeerConfig, decline_all
 from p2ppay.wallet import NotSettledNews, OfferAnswered, PaymentFailed, Wallet
 
-from .conftest import Open
+from .conftest import Open, SettleCutter
 
 
 async def next_of(wallet: Wallet, kind: type[Any]) -> Any:
@@ -158,41 +158,17 @@ async def test_paying_twice_reuses_one_connection(open_wallet: Open) -> None:
             assert await bob.balance() == 25
 
 
-class Cuttable(trio.abc.Stream):
-    """A TLS stream that, once armed, delivers the next settle request and then cuts the
-    connection, so that the request may be done but its reply is lost."""
-
-    def __init__(self, inner: trio.SSLStream[Any]) -> None:
-        self.inner = inner
-        self.armed = False
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-        if self.armed and b'"op":"settle"' in bytes(data):
-            self.armed = False
-            await trio.aclose_forcefully(self.inner.transport_stream)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 async def test_settle_retried_after_the_server_connection_is_cut(
     open_wallet: Open, server_port: int, client_ctx: ssl.SSLContext, ledger: SqliteLedger
 ) -> None:
-    streams: list[Cuttable] = []
+    streams: list[SettleCutter] = []
 
     @asynccontextmanager
     async def cuttable_connect() -> AsyncIterator[Client]:
         tcp = await trio.open_tcp_stream("127.0.0.1", server_port)
         tls = trio.SSLStream(tcp, client_ctx, server_hostname="localhost")
         await tls.do_handshake()
-        stream = Cuttable(tls)
+        stream = SettleCutter(tls, after=True)
         streams.append(stream)
         async with Client.over(stream, request_timeout=math.inf) as client:
             yield client

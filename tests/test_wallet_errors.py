@@ -10,7 +10,6 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
 import trio
@@ -25,38 +24,14 @@ from p2ppay.peer import OfferListener, PeerConfig, PeerIdentity, PeerKey, accept
 from p2ppay.server import Server
 from p2ppay.wallet import CannotConnect, OfferAnswered, PaymentFailed, Wallet
 
-from .conftest import PASSWORD, Connect, Open, closed_by_peer
+from .conftest import PASSWORD, Connect, Open, SettleCutter, closed_by_peer
 from .test_p2p import expect_failure, next_of
-
-
-class Severable(trio.abc.Stream):
-    """A TLS stream to the server that, once ``sever`` is set, drops the connection instead of
-    sending a settle request: the request never reaches the server."""
-
-    def __init__(self, inner: trio.SSLStream[Any]) -> None:
-        self.inner = inner
-        self.sever = False
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.sever and b'"op":"settle"' in bytes(data):
-            await trio.aclose_forcefully(self.inner.transport_stream)
-            raise trio.BrokenResourceError("severed")
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_settling_gives_up_when_the_server_stays_unreachable(
     open_wallet: Open, server_port: int, client_ctx: ssl.SSLContext, ledger: SqliteLedger
 ) -> None:
-    streams: list[Severable] = []
+    streams: list[SettleCutter] = []
     attempts: list[str] = []
     server_down = False
 
@@ -68,7 +43,7 @@ async def test_settling_gives_up_when_the_server_stays_unreachable(
         tcp = await trio.open_tcp_stream("127.0.0.1", server_port)
         tls = trio.SSLStream(tcp, client_ctx, server_hostname="localhost")
         await tls.do_handshake()
-        stream = Severable(tls)
+        stream = SettleCutter(tls, after=False)
         streams.append(stream)
         async with Client.over(stream, request_timeout=math.inf) as client:
             yield client
@@ -78,7 +53,7 @@ async def test_settling_gives_up_when_the_server_stays_unreachable(
             open_wallet("alice", deposit=100, connect=connect) as alice,
             open_wallet("bob") as bob,
         ):
-            streams[-1].sever = True
+            streams[-1].armed = True
 
             def server_goes_down(offer: p.Offer) -> None:
                 nonlocal server_down
