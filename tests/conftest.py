@@ -6,7 +6,7 @@ import base64
 import os
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from p2ppay.peer import PeerConfig, PeerKey, Policy, accept_all
 from p2ppay.pki import Issuer, sign_acceptance
 from p2ppay.server import Server, ServerConfig
 from p2ppay.wallet import Wallet
+
+from .pgdb import SKIP_REASON, admin_dsn, fresh_database
 
 # Bounded examples in the normal suite; `nox -s fuzz` sets HYPOTHESIS_PROFILE=fuzz.
 settings.register_profile("default", max_examples=60, deadline=None)
@@ -266,3 +268,14 @@ class SettleCutter(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (its URL), dropped after the test; skipped without
+    ``P2PPAY_TEST_POSTGRES``."""
+    dsn = admin_dsn()
+    if dsn is None:
+        pytest.skip(SKIP_REASON)
+    with fresh_database(dsn) as url:
+        yield url
