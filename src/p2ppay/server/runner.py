@@ -17,7 +17,13 @@ import trio
 
 from .. import ledger as lg
 from ..metrics import serve_metrics
-from ..pki import IdentityError, Issuer, ensure_server_credentials, public_key_line
+from ..pki import (
+    IdentityError,
+    Issuer,
+    ensure_server_credentials,
+    public_key_line,
+    state_lock,
+)
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
@@ -61,6 +67,14 @@ def prepare_state_dir(state_dir: Path) -> None:
                 raise StartupError(f"cannot write the ledger file {path}: {exc.strerror}") from None
 
 
+def _generated_context(state_dir: Path, sans: tuple[str, ...]) -> tuple[ssl.SSLContext, Path]:
+    """The TLS context on the state directory's generated certificate, loaded under its lock:
+    another process sharing the directory may be renewing the files (see pki.state_lock)."""
+    with state_lock(state_dir):
+        creds = ensure_server_credentials(state_dir, sans)
+        return server_context(creds.cert_chain, creds.key), creds.cert_chain
+
+
 async def _bind(port: int, host: str | None) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
@@ -102,11 +116,9 @@ async def run_server(
         raise StartupError("--cert and --key go together")
     try:
         if not (options.cert and options.key):
-            creds = await trio.to_thread.run_sync(
-                ensure_server_credentials, state_dir, options.sans
+            ctx, cert_path = await trio.to_thread.run_sync(
+                _generated_context, state_dir, options.sans
             )
-            cert_path = creds.cert_chain
-            ctx = server_context(creds.cert_chain, creds.key)
         issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
     except (ValueError, TypeError, IdentityError, ssl.SSLError) as exc:
         reason = str(exc).split(". ")[0]
