@@ -3,7 +3,6 @@ file, and SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from ..pki import (
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
+from .ports import bind_error, reuseport_listeners
 
 log = logging.getLogger("p2ppay.server")
 
@@ -75,28 +75,29 @@ def _generated_context(state_dir: Path, sans: tuple[str, ...]) -> tuple[ssl.SSLC
         return server_context(creds.cert_chain, creds.key), creds.cert_chain
 
 
-async def _bind(port: int, host: str | None) -> list[trio.SocketListener]:
+async def _bind(
+    port: int, host: str | None, *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
     try:
+        if reuse_port:  # one of several workers on this port (see ports.py)
+            return await reuseport_listeners(port, host)
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        where = f"port {port}" if host is None else f"{host} port {port}"
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{where} is already in use") from None
-        if exc.errno == errno.EACCES:
-            raise StartupError(f"{where} is not allowed for this user") from None
-        raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise StartupError(str(bind_error(exc, port, host))) from None
 
 
 async def run_server(
     options: ServerOptions,
     *,
     handle_signals: bool = False,
+    reuse_port: bool = False,
     open_ledger: OpenLedger = lg.open_sqlite_ledger,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses
     (the native listeners' first, then the course dialect's). ``open_ledger`` opens the
-    ledger file (a seam: the crash tests run a server whose ledger misbehaves on purpose)."""
+    ledger file (a seam: the crash tests run a server whose ledger misbehaves on purpose).
+    ``reuse_port``: the native and course ports are shared with other workers (SO_REUSEPORT)."""
     state_dir = options.state_dir
     await trio.to_thread.run_sync(prepare_state_dir, state_dir)
     if options.cert and options.key:
@@ -130,12 +131,12 @@ async def run_server(
     key_line = public_key_line(await trio.Path(cert_path).read_bytes())
 
     # Bind first: a port in use is reported before anything is created or opened.
-    listeners = await _bind(options.port, options.host)
+    listeners = await _bind(options.port, options.host, reuse_port=reuse_port)
     course_listeners: list[trio.SocketListener] = []
     metrics_listeners: list[trio.SocketListener] = []
     try:
         if options.course_port is not None:
-            course_listeners = await _bind(options.course_port, options.host)
+            course_listeners = await _bind(options.course_port, options.host, reuse_port=reuse_port)
         if options.metrics_port is not None:
             metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
         async with open_ledger(
