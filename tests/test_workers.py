@@ -152,7 +152,7 @@ async def test_two_workers_serve_a_payment_across_them_and_stop_on_sigterm(
                 wallet = await stack.enter_async_context(
                     Wallet.open(
                         "127.0.0.1", proc.port, ctx, policy=accept_all, listen_host="127.0.0.1"
-                    )  # fmt: skip
+                    )
                 )
                 if register:
                     await wallet.register(name, PASSWORD)
