@@ -70,7 +70,7 @@ class Server:
         self.accounts = Accounts(
             ledger, issuer, cfg, self.limit_log, hash_work=hash_work, wall_clock=wall_clock
         )
-        self.presence: Presence = presence or LocalPresence()
+        self.presence: Presence = presence if presence is not None else LocalPresence()
         if isinstance(presence, PgPresence):  # a login elsewhere may have changed a key
             presence.logged_in_elsewhere = self.accounts.forget_peer_key
         self.sessions: set[SessionBase] = set()
