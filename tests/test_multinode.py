@@ -360,6 +360,29 @@ async def test_a_lost_take_over_notification_is_made_good_by_the_heartbeat(
             assert n1.server.presence.local("alice") is None
 
 
+async def test_logins_at_once_on_two_nodes_leave_exactly_one_session(postgres_url: str) -> None:
+    """Two logins of one name at the same moment on two nodes: the one with the higher login
+    number keeps the name on both nodes (its row, its session); the other is replaced, and
+    never both."""
+    with trio.fail_after(60):
+        async with (
+            open_pg_presence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY) as a,
+            open_pg_presence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY) as b,
+        ):
+            for attempt in range(8):
+                on_a = _Member("alice", "10.0.0.1", attempt)
+                on_b = _Member("alice", "10.0.0.2", attempt)
+                a.take_over(on_a)
+                b.take_over(on_b)
+                await eventually(lambda: on_a.user is None or on_b.user is None)  # noqa: B023
+                survivor, node = (on_b, b) if on_a.user is None else (on_a, a)
+                await eventually(lambda: _holder(postgres_url, "alice") == node.node_id)  # noqa: B023
+                await trio.sleep(0.3)  # room for a wrong second replacement to arrive
+                assert survivor.user == "alice", f"attempt {attempt}: both were replaced"
+                assert node.local("alice") is survivor
+                assert (a if node is b else b).local("alice") is None
+
+
 async def test_course_transfer_outcome_reaches_the_payer_on_its_node(
     postgres_url: str, server_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:
@@ -419,6 +442,15 @@ class _Member:
 
     def told(self, line: bytes) -> None:
         pass
+
+
+def _holder(url: str, name: str) -> str | None:
+    """The node whose row ``name`` is (native), if any."""
+    with psycopg.connect(url) as db:
+        row = db.execute(
+            "SELECT node_id FROM presence WHERE name_key = %s AND NOT course", (name,)
+        ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _rows(url: str, node_id: str) -> int:
