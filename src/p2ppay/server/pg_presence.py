@@ -102,10 +102,12 @@ WHERE presence.login_seq < excluded.login_seq
 RETURNING login_seq
 """
 #: a row put back after this node was taken for dead: only if no other login took the name
+#: (a row already put back, the same login's, counts as put back)
 _RESTORE_SQL: Final = f"""
 INSERT INTO presence (name_key, course, name, node_id, ip, port, since_ms, login_seq)
 VALUES (%s, %s, %s, %s, %s, %s, {_NOW_MS}, %s)
-ON CONFLICT (name_key, course) DO NOTHING
+ON CONFLICT (name_key, course) DO UPDATE SET login_seq = excluded.login_seq
+WHERE presence.node_id = excluded.node_id AND presence.login_seq = excluded.login_seq
 RETURNING login_seq
 """
 _LIVE: Final = f"n.heartbeat_ms >= {_NOW_MS} - %s"
@@ -474,9 +476,9 @@ class PgPresence:
     def _written(self, written: _Written) -> None:
         """Back in Trio after a commit: what the writes decided for the sessions here."""
         for w in written.publishes:
+            newer = self._newer.pop(w.slot, None)
             if self._map(w.course).get(w.name) is not w.member:
                 continue  # gone (or replaced here) meanwhile
-            newer = self._newer.pop(w.slot, None)
             if w.seq is None:  # a newer login elsewhere holds the name
                 self._replace_local(w.course, w.name, newer[1] if newer else "another node")
             elif newer is not None and newer[0] > w.seq:
