@@ -53,12 +53,17 @@ class Node:
 
 @asynccontextmanager
 async def pg_node(
-    url: str, server_ctx: ssl.SSLContext, issuer: Issuer, *, expiry: float = EXPIRY
+    url: str,
+    server_ctx: ssl.SSLContext,
+    issuer: Issuer,
+    *,
+    heartbeat: float = HEARTBEAT,
+    expiry: float = EXPIRY,
 ) -> AsyncIterator[Node]:
     """A server node on the database at ``url``, listening on a loopback port."""
     async with (
         open_ledger(url) as ledger,
-        open_pg_presence(url, heartbeat=HEARTBEAT, expiry=expiry) as presence,
+        open_pg_presence(url, heartbeat=heartbeat, expiry=expiry) as presence,
     ):
         server = Server(
             ledger,
@@ -274,6 +279,33 @@ async def test_a_login_on_node_2_closes_the_session_on_node_1(
             # The new session is unharmed: it settles with its new key from node 1's view too.
             await new.deposit(5)
             assert (await pay(new, "watcher", 5)).balance == 0
+
+
+async def test_logins_and_logouts_elsewhere_are_seen_at_once_despite_the_list_cache(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """A node keeps what it read of the others until something changes: every login and
+    logout is announced, so the cache is dropped at once, not after a heartbeat (long here)."""
+    slow = {"heartbeat": 30.0, "expiry": 90.0}
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer, **slow) as n1,
+            pg_node(postgres_url, server_ctx, issuer, **slow) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n2, client_ctx) as bob,
+        ):
+            await registered(alice, "alice")
+            assert [u.name for u in (await alice.list()).online] == ["alice"]  # now cached
+            await registered(bob, "bob", p2p_port=9002)
+            await listed(alice, "bob")
+            assert await alice.lookup("bob") == p.Presence("bob", "127.0.0.1", 9002)
+            await bob.logout()
+
+            async def bob_gone() -> bool:
+                return [u.name for u in (await alice.list()).online] == ["alice"]
+
+            await eventually(bob_gone, within=5)
+            await expect_error("payee_offline", alice.lookup("bob"))
 
 
 async def test_lookup_and_list_see_every_live_node_and_forget_a_dead_one(

@@ -59,8 +59,8 @@ log = logging.getLogger("p2ppay.server")
 
 #: a login (and a course line for a user on another node) is announced here
 PRESENCE_CHANNEL: Final = "p2ppay_presence"
-#: the PostgreSQL ledger announces each new transfer here, inside its settle transaction
-SETTLED_CHANNEL: Final = "p2ppay_settled"
+#: (the PostgreSQL ledger announces each new transfer on lg.SETTLED_CHANNEL, inside its settle
+#: transaction: every node listens there too)
 #: PostgreSQL's clock, not each node's: nodes on several machines judge heartbeats alike
 _NOW_MS: Final = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 #: nodes starting together create the tables once (CREATE ... IF NOT EXISTS can still race)
@@ -111,11 +111,6 @@ WHERE presence.node_id = excluded.node_id AND presence.login_seq = excluded.logi
 RETURNING login_seq
 """
 _LIVE: Final = f"n.heartbeat_ms >= {_NOW_MS} - %s"
-
-
-def is_postgres_url(target: str) -> bool:
-    """Whether ``--ledger`` names a PostgreSQL database (else it is an SQLite file)."""
-    return target.startswith(("postgresql://", "postgres://"))
 
 
 def redacted(url: str) -> str:
@@ -197,6 +192,21 @@ class _Written:
     publishes: list[_Publish] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    name: str
+    node_id: str
+    ip: str
+    port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    read_at: float
+    #: by name key, in the order of their login numbers
+    by_key: dict[str, _Row]
+
+
 @final
 class PgPresence:
     """Presence in PostgreSQL, for the nodes that share its ledger. Open with
@@ -234,6 +244,10 @@ class PgPresence:
         self.logged_in_elsewhere: Callable[[str], None] | None = None
         #: notifications handled (tests and metrics)
         self.notifications = 0
+        #: bumped at every change of presence seen here (a login, a logout, anywhere)
+        self.generation = 0
+        self._live_rows: dict[bool, _Rows] = {}
+        self._listings: dict[int, tuple[float, list[p.Presence]]] = {}
 
     # -- the local maps (what a session asks of its own node) --
 
@@ -248,6 +262,7 @@ class PgPresence:
         self._seqs.pop((course, name_key(member.user)), None)  # this login's row is not written
         if old is not None and old is not member:
             old.replaced(member.ip)
+        self._changed()
         self._writes_in.send_nowait(
             _Publish(member, course, member.user, member.ip, member.listed_port)
         )
@@ -257,6 +272,7 @@ class PgPresence:
         if member.user is not None and online.get(member.user) is member:
             del online[member.user]
             self._seqs.pop((course, name_key(member.user)), None)
+            self._changed()
             self._writes_in.send_nowait(_Withdraw(course, member.user))
 
     def is_current(self, member: Member, *, course: bool = False) -> bool:
@@ -275,6 +291,7 @@ class PgPresence:
         """A newer login on another node holds ``name``: the session here is replaced."""
         member = self._map(course).pop(name, None)
         self._seqs.pop((course, name_key(name)), None)
+        self._changed()
         if member is not None:
             member.replaced(by_ip)
 
@@ -293,42 +310,79 @@ class PgPresence:
 
     # -- reads: every live node's rows --
 
+    def _changed(self) -> None:
+        """Presence changed here or on another node: what was read is stale."""
+        self.generation += 1
+        self._live_rows.clear()
+        self._listings.clear()
+
+    async def _live(self, course: bool) -> _Rows:
+        """Every live node's rows of one dialect: read again after any change anywhere (every
+        change is announced), and at least every heartbeat."""
+        now = trio.current_time()
+        cached = self._live_rows.get(course)
+        if cached is not None and now - cached.read_at < self.heartbeat:
+            return cached
+        generation = self.generation
+        found = await self._read(
+            "SELECT r.name_key, r.name, r.node_id, r.ip, r.port FROM presence r "
+            f"JOIN nodes n USING (node_id) WHERE r.course = %s AND {_LIVE} ORDER BY r.login_seq",
+            (course, self._expiry_ms),
+        )
+        rows = _Rows(now, {key: _Row(*row) for key, *row in found})
+        if self.generation == generation:  # (else a change came meanwhile: not kept)
+            self._live_rows[course] = rows
+        return rows
+
     async def lookup(self, name: str) -> p.Presence | None:
         member = self._native.get(name)
         if member is not None and member.user is not None:
             return p.Presence(member.user, member.ip, member.listed_port)
-        rows = await self._read(
-            "SELECT r.name, r.ip, r.port FROM presence r JOIN nodes n USING (node_id) "
-            f"WHERE r.name_key = %s AND NOT r.course AND {_LIVE}",
-            (name_key(name), self._expiry_ms),
-        )
-        return p.Presence(rows[0][0], rows[0][1], rows[0][2]) if rows else None
+        row = (await self._live(False)).by_key.get(name_key(name))
+        if row is None or row.node_id == self.node_id:  # (not here any more)
+            return None
+        return p.Presence(row.name, row.ip, row.port)
 
     async def listing(self, limit: int) -> list[p.Presence]:
-        # COLLATE "C": by code point, as this process sorts its own (LocalPresence too)
-        rows = await self._read(
-            "SELECT r.name_key, r.name, r.ip, r.port FROM presence r JOIN nodes n USING "
-            f'(node_id) WHERE NOT r.course AND {_LIVE} ORDER BY r.name_key COLLATE "C" '
-            "LIMIT %s",
-            (self._expiry_ms, limit),
-        )
-        found = {key: p.Presence(name, ip, port) for key, name, ip, port in rows}
-        for name, member in self._native.items():  # fresher than this node's queued writes
+        cached = self._listings.get(limit)
+        if cached is not None and trio.current_time() - cached[0] < self.heartbeat:
+            return cached[1]
+        generation = self.generation
+        live = await self._live(False)
+        found = {
+            key: p.Presence(row.name, row.ip, row.port)
+            for key, row in live.by_key.items()
+            if row.node_id != self.node_id
+        }
+        for name, member in self._native.items():  # this node's own: fresher than its rows
             found[name_key(name)] = p.Presence(name, member.ip, member.listed_port)
-        return [found[key] for key in sorted(found)[:limit]]
+        # by code point of the name key, as LocalPresence sorts
+        listing = [found[key] for key in sorted(found)[:limit]]
+        if self.generation == generation:
+            self._listings[limit] = (live.read_at, listing)
+        return listing
 
     async def course_roster(self) -> list[tuple[str, str, int]]:
-        rows = await self._read(
-            "SELECT r.name_key, r.name, r.ip, r.port FROM presence r JOIN nodes n USING "
-            f"(node_id) WHERE r.course AND {_LIVE} ORDER BY r.login_seq",
-            (self._expiry_ms,),
-        )
-        roster = {key: (name, ip, port or 0) for key, name, ip, port in rows}
-        for name, member in self._course.items():  # (a login not yet written comes last)
-            if (key := name_key(name)) not in roster or (True, key) not in self._seqs:
-                roster.pop(key, None)
-                roster[key] = (name, member.ip, member.listed_port or 0)
-        return list(roster.values())
+        live = await self._live(True)
+        # In the order they came online: rows by login number; this node's own sessions as
+        # it knows them (fresher than its rows), those not written yet last.
+        order = {key: i for i, key in enumerate(live.by_key)}
+        roster = [
+            (order[key], (row.name, row.ip, row.port or 0))
+            for key, row in live.by_key.items()
+            if row.node_id != self.node_id and key not in self._course
+        ]
+        tail = len(order)
+        for name, member in self._course.items():
+            key = name_key(name)
+            row = live.by_key.get(key)
+            if (True, key) in self._seqs and row is not None and row.node_id == self.node_id:
+                place = order[key]
+            else:
+                tail += 1
+                place = tail
+            roster.append((place, (name, member.ip, member.listed_port or 0)))
+        return [entry for _, entry in sorted(roster, key=lambda e: e[0])]
 
     @property
     def _expiry_ms(self) -> int:
@@ -424,11 +478,13 @@ class PgPresence:
                         self._publish_blocking(conn, w)
                         written.publishes.append(w)
                     elif isinstance(w, _Withdraw):
-                        conn.execute(
+                        gone = conn.execute(
                             "DELETE FROM presence WHERE name_key = %s AND course = %s "
-                            "AND node_id = %s",
+                            "AND node_id = %s RETURNING 1",
                             (name_key(w.name), w.course, self.node_id),
-                        )
+                        ).fetchone()
+                        if gone:
+                            self._notify(conn, {"kind": "logout"})
                     elif isinstance(w, _Line):
                         line = w.line.decode()
                         self._notify(conn, {"kind": "line", "name": w.name, "line": line})
@@ -436,12 +492,15 @@ class PgPresence:
                         check = True
                     else:
                         conn.execute("DELETE FROM nodes WHERE node_id = %s", (self.node_id,))
+                        self._notify(conn, {"kind": "left"})
                         written.left = True
                 if check and not written.left:
-                    conn.execute(
-                        f"DELETE FROM nodes WHERE heartbeat_ms < {_NOW_MS} - %s",
+                    dead = conn.execute(
+                        f"DELETE FROM nodes WHERE heartbeat_ms < {_NOW_MS} - %s RETURNING 1",
                         (self._expiry_ms,),
-                    )
+                    ).fetchall()
+                    if dead:
+                        self._notify(conn, {"kind": "expired"})
                     rows = conn.execute(
                         "SELECT course, name_key, login_seq FROM presence WHERE node_id = %s",
                         (self.node_id,),
@@ -463,11 +522,15 @@ class PgPresence:
                 _RESTORE_SQL, (key, w.course, w.name, self.node_id, w.ip, w.port, w.restore)
             ).fetchone()
         w.seq = None if row is None else int(row[0])
-        if w.seq is not None and w.restore is None:
+        if w.seq is None:
+            return
+        if w.restore is None:
             self._notify(
                 conn,
                 {"kind": "login", "name": w.name, "course": w.course, "seq": w.seq, "ip": w.ip},
             )
+        else:
+            self._notify(conn, {"kind": "restored"})
 
     def _notify(self, conn: psycopg.Connection[Any], payload: dict[str, Any]) -> None:
         payload.setdefault("node", self.node_id)
@@ -514,6 +577,7 @@ class PgPresence:
 
         def connected() -> None:
             if listening.is_set():  # reconnected: notifications may have been lost
+                self._changed()
                 self._writes_in.send_nowait(_Heartbeat())  # (it checks every row)
             listening.set()
 
@@ -528,7 +592,7 @@ class PgPresence:
             try:
                 with self._connect() as conn:
                     conn.execute(f"LISTEN {PRESENCE_CHANNEL}")
-                    conn.execute(f"LISTEN {SETTLED_CHANNEL}")
+                    conn.execute(f"LISTEN {lg.SETTLED_CHANNEL}")
                     trio.from_thread.run_sync(started)
                     delay = 0.1
                     while not self._stop.is_set():
@@ -556,9 +620,11 @@ class PgPresence:
             self.notifications += 1
             try:
                 data = json.loads(payload)
-                if channel == SETTLED_CHANNEL:
+                if channel == lg.SETTLED_CHANNEL:
                     self._on_settled(data)
                 elif data.get("node") != self.node_id:
+                    if data["kind"] != "line":  # a login, logout, restore, node gone
+                        self._changed()
                     if data["kind"] == "login":
                         course, seq = bool(data["course"]), int(data["seq"])
                         self._on_login(str(data["name"]), course, seq, str(data["ip"]))
