@@ -321,6 +321,7 @@ async def test_lookup_and_list_see_every_live_node_and_forget_a_dead_one(
             await registered(alice, "alice", p2p_port=9001)
             await n1.ledger.create_account("bob", None)
             crashed = PgPresence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY)
+            await crashed.start()
             async with trio.open_nursery() as nursery:
                 await nursery.start(crashed._writer)
                 await nursery.start(crashed._listener)

@@ -415,10 +415,13 @@ class PgPresence:
 
     # -- the writer --
 
-    async def _writer(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Create the tables, heartbeat once (so this node's rows can refer to it), then commit
-        what is queued, a batch per transaction, until :class:`_Leave`."""
+    async def start(self) -> None:
+        """Create the tables if missing and heartbeat once (this node's rows refer to it);
+        psycopg's error, as it is, if PostgreSQL refuses."""
         await trio.to_thread.run_sync(self._start_blocking, limiter=self._write_limiter)
+
+    async def _writer(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit what is queued, a batch per transaction, until :class:`_Leave`."""
         task_status.started()
         while True:
             batch = [await self._writes.receive()]
@@ -674,6 +677,7 @@ async def open_pg_presence(
     reached within a few seconds; otherwise they expire)."""
     presence = PgPresence(url, heartbeat=heartbeat, expiry=expiry, readers=readers)
     try:
+        await presence.start()  # (outside the nursery: its error is not wrapped in a group)
         async with trio.open_nursery() as nursery:
             await nursery.start(presence._writer)
             await nursery.start(presence._listener)

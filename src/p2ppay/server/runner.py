@@ -150,11 +150,17 @@ async def run_server(
             )
             presence: PgPresence | None = None
             if postgres:  # who is online is shared by the nodes of that database too
-                presence = await opened.enter_async_context(
-                    open_pg_presence(
-                        str(target), heartbeat=options.node_heartbeat, expiry=options.node_expiry
+                url = str(target)
+                try:
+                    presence = await opened.enter_async_context(
+                        open_pg_presence(
+                            url, heartbeat=options.node_heartbeat, expiry=options.node_expiry
+                        )
                     )
-                )
+                except psycopg.Error as exc:
+                    raise StartupError(
+                        f"cannot keep who is online in {redacted(url)}: {one_line(exc)}"
+                    ) from None
             server = Server(
                 ledger,
                 ctx,
