@@ -370,6 +370,47 @@ async def test_a_node_taken_for_dead_puts_its_users_back(
             assert await alice.lookup("bob") == p.Presence("bob", "127.0.0.1", 9002)
 
 
+async def test_presence_reconnects_when_its_connections_are_cut(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """Every presence connection of node 2 is cut (as a PostgreSQL restart or a network blip
+    would): its writer and its listener connect again, and the nodes work together again."""
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n2, client_ctx) as bob,
+        ):
+            await registered(alice, "alice", deposit=50)
+            await registered(bob, "bob")
+            await listed(alice, "bob")
+            await listed(bob, "alice")  # (node 2 has a reader connection now)
+            app = f"p2ppay presence {n2.presence.node_id}"[:63]
+            cut = _cut(postgres_url, app)
+            assert len(cut) == 3  # the writer, the listener, a reader
+
+            def listening_again() -> bool:
+                with psycopg.connect(postgres_url) as db:
+                    rows = db.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                        "AND query LIKE 'LISTEN%%'",
+                        (app,),
+                    ).fetchall()
+                return any(pid not in cut for (pid,) in rows)
+
+            await eventually(listening_again)
+            result = await pay(alice, "bob", 20)
+            event = await next_event(bob)  # through node 2's new listening connection
+            assert isinstance(event, p.PaymentReceived)
+            assert event.payment_id == result.payment_id
+            async with client_on(n2, client_ctx) as carol:
+                await registered(carol, "carol")  # written by node 2's new connection
+                await listed(alice, "carol")
+            # node 2's readers were cut too: its first read connects anew, not a failure
+            assert await bob.lookup("alice") == p.Presence("alice", "127.0.0.1", None)
+
+
 async def test_a_lost_take_over_notification_is_made_good_by_the_heartbeat(
     postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:
@@ -484,6 +525,17 @@ def _holder(url: str, name: str) -> str | None:
             "SELECT node_id FROM presence WHERE name_key = %s AND NOT course", (name,)
         ).fetchone()
     return None if row is None else str(row[0])
+
+
+def _cut(url: str, application_name: str) -> set[int]:
+    """Terminate the connections named so; their server process ids."""
+    with psycopg.connect(url, autocommit=True) as db:
+        cut = db.execute(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (application_name,),
+        ).fetchall()
+    return {int(pid) for pid, _ in cut}
 
 
 def _rows(url: str, node_id: str) -> int:

@@ -402,8 +402,12 @@ class PgPresence:
     def _query(
         self, conn: psycopg.Connection[Any] | None, sql: str, params: Sequence[object]
     ) -> tuple[psycopg.Connection[Any], list[tuple[Any, ...]]]:
-        if conn is None:
-            conn = self._connect()
+        if conn is not None:
+            try:
+                return conn, conn.execute(sql, params).fetchall()
+            except psycopg.OperationalError:
+                conn.close()  # cut while idle (a restart, a blip): once more, connected anew
+        conn = self._connect()
         try:
             return conn, conn.execute(sql, params).fetchall()
         except psycopg.OperationalError:
@@ -411,7 +415,13 @@ class PgPresence:
             raise
 
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        # Named, so that pg_stat_activity shows which node each connection is.
+        return psycopg.connect(
+            self.url,
+            autocommit=True,
+            connect_timeout=10,
+            application_name=f"p2ppay presence {self.node_id}"[:63],
+        )
 
     # -- the writer --
 
