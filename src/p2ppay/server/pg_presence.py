@@ -188,6 +188,8 @@ class _Written:
     #: the batch did not read them
     own_rows: dict[tuple[bool, str], int] | None = None
     left: bool = False
+    #: this batch deleted dead nodes (their users are gone from what this node read)
+    expired: bool = False
     #: written in order; rows of this batch whose seq the thread set
     publishes: list[_Publish] = field(default_factory=list)
 
@@ -514,6 +516,7 @@ class PgPresence:
                     ).fetchall()
                     if dead:
                         self._notify(conn, {"kind": "expired"})
+                        written.expired = True
                     rows = conn.execute(
                         "SELECT course, name_key, login_seq FROM presence WHERE node_id = %s",
                         (self.node_id,),
@@ -551,6 +554,8 @@ class PgPresence:
 
     def _written(self, written: _Written) -> None:
         """Back in Trio after a commit: what the writes decided for the sessions here."""
+        if written.expired:  # (the others hear of it; this node skips its own announcements)
+            self._changed()
         for w in written.publishes:
             newer = self._newer.pop(w.slot, None)
             if self._map(w.course).get(w.name) is not w.member:
