@@ -252,3 +252,56 @@ async def test_a_lost_connection_fails_one_batch_then_the_writer_reconnects(
             await ledger.settle(pid, "alice", "bob", 10)
         assert (await ledger.audit()).transfers == 0
         assert (await ledger.settle(pid, "alice", "bob", 10)).payer_balance == 90
+
+
+async def test_a_deadlocked_batch_is_retried_whole(postgres_url: str) -> None:
+    """Operations other than settles lock accounts in queue order, so two nodes' batches can
+    deadlock; PostgreSQL aborts one of them, which the ledger tries again, whole, without
+    bothering its callers. (Logins here: deposits would also queue on the issuance row.)"""
+    async with (
+        open_postgres_ledger(postgres_url) as a,
+        open_postgres_ledger(postgres_url) as b,
+    ):
+        await funded(a, x=0, y=0, gate_a=0, gate_b=0, busy_a=0, busy_b=0)
+        with psycopg.connect(postgres_url) as gates, psycopg.connect(postgres_url) as busy:
+            gates.execute("SELECT 1 FROM accounts WHERE name LIKE 'gate%' FOR UPDATE")
+            busy.execute("SELECT 1 FROM accounts WHERE name LIKE 'busy%' FOR UPDATE")
+            busy_done = [trio.Event(), trio.Event()]
+
+            async def login_then(node: PostgresLedger, name: str, done: trio.Event) -> None:
+                await node.record_login(name)
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                # Each writer waits on its busy row, while its next batch queues up behind:
+                # a locks y then waits on its gate then wants x; b the other way round.
+                for node, first, gate, then, done in (
+                    (a, "y", "gate_a", "x", busy_done[0]),
+                    (b, "x", "gate_b", "y", busy_done[1]),
+                ):
+                    nursery.start_soon(login_then, node, "busy_" + gate[-1], done)
+                    await trio.testing.wait_all_tasks_blocked()
+                    for name in (first, gate, then):
+                        nursery.start_soon(node.record_login, name)
+                        await trio.testing.wait_all_tasks_blocked()
+                busy.commit()  # both next batches start, and stop at their gates
+                with trio.fail_after(10):
+                    for done in busy_done:
+                        await done.wait()
+                    # (PostgreSQL has no event to wait for: its activity view is polled)
+                    while await trio.to_thread.run_sync(_waiting_on_locks, busy) < 2:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                gates.commit()  # now a waits for x (b has it) and b for y (a has it)
+        assert a.retries + b.retries == 1
+    with psycopg.connect(postgres_url) as db:
+        logged = db.execute("SELECT name FROM accounts WHERE last_login_ms IS NOT NULL").fetchall()
+    assert sorted(row[0] for row in logged) == ["busy_a", "busy_b", "gate_a", "gate_b", "x", "y"]
+
+
+def _waiting_on_locks(db: psycopg.Connection[tuple[object, ...]]) -> int:
+    row = db.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()
+    db.rollback()
+    return 0 if row is None else int(str(row[0]))
