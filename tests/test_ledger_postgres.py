@@ -292,7 +292,9 @@ async def test_a_deadlocked_batch_is_retried_whole(postgres_url: str) -> None:
                     while await trio.to_thread.run_sync(_waiting_on_locks, busy) < 2:  # noqa: ASYNC110
                         await trio.sleep(0.02)
                 gates.commit()  # now a waits for x (b has it) and b for y (a has it)
-        assert a.retries + b.retries == 1
+        # At least once; maybe more, when the victim's retry takes a row back before the
+        # survivor gets it. Every caller was answered without an error all the same.
+        assert 1 <= a.retries + b.retries < lg.postgres.RETRIES
     with psycopg.connect(postgres_url) as db:
         logged = db.execute("SELECT name FROM accounts WHERE last_login_ms IS NOT NULL").fetchall()
     assert sorted(row[0] for row in logged) == ["busy_a", "busy_b", "gate_a", "gate_b", "x", "y"]

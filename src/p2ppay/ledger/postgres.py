@@ -35,6 +35,7 @@ if it rolls back, so an event can never announce money that was not committed.
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 import uuid
@@ -237,7 +238,7 @@ class PostgresLedger:
     def _run_batch(self, batch: list[_Op[Any]]) -> None:
         started = time.perf_counter()
         failure: BaseException | None = None
-        for _attempt in range(RETRIES):
+        for attempt in range(RETRIES):
             for op in batch:
                 op.result, op.error = None, None
             try:
@@ -255,6 +256,9 @@ class PostgresLedger:
                 self._rollback()
                 self.retries += 1
                 failure = exc
+                # A little, growing, random pause: the other node's batch, which won, can
+                # take the rows back before this one does it again.
+                time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
             except BaseException as exc:
                 # Anything else (a lost connection, a constraint that should have been
                 # impossible) may have left a half-done operation: none of it is kept.
