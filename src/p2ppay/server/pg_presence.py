@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import socket
 import threading
@@ -45,13 +44,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, final
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import trio
 
 from .. import ledger as lg
 from .. import protocol as p
+from ..ledger.pgschema import describe
 from ..names import NameMap, name_key
 from .presence import Member
 
@@ -111,18 +110,6 @@ WHERE presence.node_id = excluded.node_id AND presence.login_seq = excluded.logi
 RETURNING login_seq
 """
 _LIVE: Final = f"n.heartbeat_ms >= {_NOW_MS} - %s"
-
-
-def redacted(url: str) -> str:
-    """``url`` with any password replaced by ``***``: what logs and errors may show."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def one_line(exc: BaseException) -> str:
@@ -455,7 +442,7 @@ class PgPresence:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             conn.execute(SCHEMA)
             conn.execute(_HEARTBEAT_SQL, (self.node_id,))
-        log.info("presence: node %s on PostgreSQL %s", self.node_id, redacted(self.url))
+        log.info("presence: node %s on PostgreSQL at %s", self.node_id, describe(self.url))
 
     async def _commit(self, batch: list[_Write]) -> _Written | None:
         """Commit ``batch``, retrying while PostgreSQL is unreachable (every write is safe to

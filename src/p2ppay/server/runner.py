@@ -17,12 +17,13 @@ import psycopg
 import trio
 
 from .. import ledger as lg
+from ..ledger.pgschema import describe, open_connection
 from ..metrics import serve_metrics
 from ..pki import IdentityError, Issuer, ensure_server_credentials, public_key_line
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
-from .pg_presence import PgPresence, one_line, open_pg_presence, redacted
+from .pg_presence import PgPresence, one_line, open_pg_presence
 
 log = logging.getLogger("p2ppay.server")
 
@@ -64,15 +65,12 @@ def prepare_state_dir(state_dir: Path) -> None:
 
 
 def check_postgres(url: str) -> None:
-    """Connect once to the PostgreSQL ledger: an unreachable server is one clear line at start,
-    its URL shown without a password."""
+    """Connect once to the PostgreSQL ledger: an unreachable server is one clear line at start
+    (naming the server, never the password)."""
     try:
-        psycopg.connect(url, connect_timeout=10).close()
-    except psycopg.Error as exc:
-        raise StartupError(
-            f"cannot reach the PostgreSQL ledger {redacted(url)}: "
-            + one_line(exc).replace(url, redacted(url))
-        ) from None
+        open_connection(url).close()
+    except lg.LedgerUnavailable as exc:
+        raise StartupError(f"the ledger cannot be used: {exc}") from None
 
 
 async def _bind(port: int, host: str | None) -> list[trio.SocketListener]:
@@ -159,7 +157,8 @@ async def run_server(
                     )
                 except psycopg.Error as exc:
                     raise StartupError(
-                        f"cannot keep who is online in {redacted(url)}: {one_line(exc)}"
+                        f"cannot keep who is online in PostgreSQL at {describe(url)}: "
+                        + one_line(exc)
                     ) from None
             server = Server(
                 ledger,
