@@ -343,7 +343,7 @@ async def test_lookup_and_list_see_every_live_node_and_forget_a_dead_one(
                 return [u.name for u in (await alice.list()).online] == ["alice"]
 
             await eventually(only_alice)
-            assert trio.current_time() - gone_at <= EXPIRY + 3
+            assert trio.current_time() - gone_at <= EXPIRY + 5  # (a loaded machine)
             await expect_error("payee_offline", alice.lookup("bob"))
             # and its rows are gone from the table (another node's heartbeat deleted them)
             await eventually(lambda: _rows(postgres_url, crashed.node_id) == 0, within=5)
