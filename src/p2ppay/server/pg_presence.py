@@ -609,7 +609,7 @@ class PgPresence:
                             more = list(conn.notifies(timeout=0.0))
                             notes = [(n.channel, n.payload) for n in first + more]
                             trio.from_thread.run_sync(self._on_notifies, notes)
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:  # (a lost connection, mostly: connect again)
                 if self._stop.is_set():
                     return
                 log.warning(
