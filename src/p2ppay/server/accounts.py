@@ -190,6 +190,12 @@ class Accounts:
             return  # no current key already (a login without a CSR, say): no ledger write
         await self._set_peer_key(name, None)
 
+    def forget_peer_key(self, name: str) -> None:
+        """Drop what this process knows of ``name``'s key (another node logged it in with a new
+        one): the next check reads the ledger. Never unsafe: the ledger settles only with the
+        key it holds."""
+        self._peer_keys.pop(name, None)
+
     async def _set_peer_key(
         self, name: str, entry: tuple[EllipticCurvePublicKey, int, bytes] | None
     ) -> None:

@@ -30,6 +30,7 @@ from .base import SessionBase
 from .config import ServerConfig
 from .course_session import CourseSession
 from .native import Session
+from .pg_presence import PgPresence
 from .presence import LocalPresence, Presence
 
 log = logging.getLogger("p2ppay.server")
@@ -51,7 +52,10 @@ class Server:
         course_dialect: Dialect = REFERENCE,
         hash_work: Work | None = None,
         wall_clock: Callable[[], float] = time.time,
+        presence: Presence | None = None,
     ) -> None:
+        """``presence``: who is online (default: this process only; several nodes share a
+        :class:`~.pg_presence.PgPresence`)."""
         self.ledger = ledger
         self.config = cfg = config or ServerConfig()
         self.limit_log = LimitLog(log, clock=trio.current_time)
@@ -66,7 +70,9 @@ class Server:
         self.accounts = Accounts(
             ledger, issuer, cfg, self.limit_log, hash_work=hash_work, wall_clock=wall_clock
         )
-        self.presence: Presence = LocalPresence()
+        self.presence: Presence = presence if presence is not None else LocalPresence()
+        if isinstance(presence, PgPresence):  # a login elsewhere may have changed a key
+            presence.logged_in_elsewhere = self.accounts.forget_peer_key
         self.sessions: set[SessionBase] = set()
         #: the course dialect's login reply names this (base64 DER of the server's key)
         self.server_public_key = server_public_key

@@ -71,6 +71,13 @@ class SessionBase:
         """A newer login of the same account took over (see :mod:`.presence`)."""
         raise NotImplementedError
 
+    def paid(self, transfer: lg.Transfer) -> None:
+        """A payment to this session's account was settled (only native sessions are told)."""
+
+    def told(self, line: bytes) -> None:
+        """A line for this session's client from elsewhere (a course transfer's outcome)."""
+        self.send_soon(line)
+
     async def serve(self) -> None:
         """Answer the peer until the conversation is over."""
         raise NotImplementedError

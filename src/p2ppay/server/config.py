@@ -19,7 +19,7 @@ DEFAULT_PORT: Final = 8700
 
 #: who may bring money in: every user (``deposit``), or only the operator (``admin credit``)
 DepositPolicy = Literal["open", "operator"]
-LEDGER_FILE: Final = "ledger.sqlite3"
+LEDGER_FILE: Final = "ledger.sqlite3"  # in the state directory, unless --ledger says else
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +158,29 @@ class ServerOptions:
         metavar="NAME",
         convert=tuple,
     )
+    #: a str, not a Path: a URL must keep its "//"
+    ledger: str | None = setting(
+        None,
+        "--ledger",
+        "where the ledger is: an SQLite file, or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB "
+        "(several nodes may share one PostgreSQL database; see docs/scaling.md)",
+        metavar="PATH_OR_URL",
+        default_text=f"{LEDGER_FILE} in the state directory",
+    )
+    #: only with a PostgreSQL ledger (presence is shared then)
+    node_heartbeat: float = setting(
+        5.0,
+        "--node-heartbeat",
+        "seconds between this node's heartbeats in PostgreSQL (with a postgresql:// ledger)",
+        seconds,
+    )
+    node_expiry: float = setting(
+        15.0,
+        "--node-expiry",
+        "seconds without a heartbeat after which a node counts as dead and its users as gone "
+        "(with a postgresql:// ledger)",
+        seconds,
+    )
     limits: lg.Limits = field(default_factory=lg.Limits)
     config: ServerConfig = field(default_factory=ServerConfig)
     max_batch: int = setting(512, "--max-batch", "most operations in one ledger commit", count)
@@ -201,6 +224,8 @@ class ServerOptions:
             0 <= self.config.course_initial_balance <= self.limits.max_deposit
         ):
             raise ValueError("--course-initial-balance must be within 0..--max-deposit")
+        if self.node_heartbeat >= self.node_expiry:
+            raise ValueError("--node-heartbeat must be shorter than --node-expiry")
         if (self.cert is None) != (self.key is None):
             raise ValueError("--cert and --key go together")
         ports = [("--port", self.port), ("--course-port", self.course_port)]

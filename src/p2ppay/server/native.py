@@ -59,6 +59,10 @@ class Session(SessionBase):
             then_close=True,
         )
 
+    def paid(self, transfer: lg.Transfer) -> None:
+        t = transfer
+        self.push(p.PaymentReceived(t.payment_id, t.payer, t.amount, t.payee_balance))
+
     def push(self, event: p.Event) -> None:
         """Deliver an event without making the caller wait for this peer."""
         if self.conn.state is p.State.AUTHENTICATED:
@@ -277,9 +281,8 @@ class Session(SessionBase):
                 t.amount,
                 extra={"payment_id": str(t.payment_id)},
             )
-            payee = self.host.presence.local(t.payee)
-            if isinstance(payee, Session):
-                payee.push(p.PaymentReceived(t.payment_id, t.payer, t.amount, t.payee_balance))
+            # The payee's event, on whichever node it is online (presence knows how).
+            self.host.presence.settled(t)
         return p.SettleResult(t.payment_id, t.payer, t.payee, t.amount, t.payer_balance)
 
     async def _history(self, req: p.History) -> p.HistoryResult:
