@@ -278,10 +278,12 @@ class Ledger(Protocol):
         at most ``limit`` of each."""
         ...
 
-    async def pay_request(self, request_id: uuid.UUID, payer: str) -> Transfer:
+    async def pay_request(
+        self, request_id: uuid.UUID, payer: str
+    ) -> tuple[Transfer, PaymentRequest]:
         """Pay the open request (``payer`` must be the one asked), exactly once: the transfer's
         payment id is the request id; a retry by the payer after it was paid gets the stored
-        outcome. Refused if expired, declined or cancelled."""
+        outcome. Refused if expired, declined or cancelled. The request as it is now."""
         ...
 
     async def close_request(

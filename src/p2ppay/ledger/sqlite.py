@@ -19,6 +19,7 @@ what it stores, inside the transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sqlite3
 import time
@@ -640,10 +641,12 @@ class SqliteLedger:
 
         return await self._read(op)
 
-    async def pay_request(self, request_id: uuid.UUID, payer: str) -> Transfer:
+    async def pay_request(
+        self, request_id: uuid.UUID, payer: str
+    ) -> tuple[Transfer, PaymentRequest]:
         limits = self.limits
 
-        def op(db: sqlite3.Connection) -> Transfer:
+        def op(db: sqlite3.Connection) -> tuple[Transfer, PaymentRequest]:
             row = db.execute(
                 f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = ?",
                 (str(request_id),),
@@ -654,7 +657,7 @@ class SqliteLedger:
                 raise UnknownRequest(f"no request {request_id} asks you to pay")
             stored = _stored_transfer(db, request_id)
             if request.state == "paid" and stored is not None:
-                return stored  # a retry: the first outcome, nothing moves
+                return stored, request  # a retry: the first outcome, nothing moves
             if request.state != "open":
                 raise _not_open(request)
             if stored is not None:  # the payer used the request's id for another payment
@@ -673,7 +676,7 @@ class SqliteLedger:
                 "UPDATE payment_requests SET state = 'paid', closed_ms = ?, told = 0 WHERE id = ?",
                 (transfer.at_ms, str(request_id)),
             )
-            return transfer
+            return transfer, dataclasses.replace(request, state="paid", closed_ms=transfer.at_ms)
 
         return await self._submit(op)
 
@@ -700,17 +703,7 @@ class SqliteLedger:
                 "UPDATE payment_requests SET state = ?, closed_ms = ?, told = ? WHERE id = ?",
                 (state, now, 0 if state == "declined" else 1, str(request_id)),
             )
-            return PaymentRequest(
-                request.request_id,
-                request.requester,
-                request.payer,
-                request.amount,
-                request.memo,
-                request.created_ms,
-                request.expires_ms,
-                state,
-                now,
-            )
+            return dataclasses.replace(request, state=state, closed_ms=now)
 
         return await self._submit(op)
 

@@ -18,6 +18,7 @@ import trio
 from .. import ledger as lg
 from ..metrics import serve_metrics
 from ..pki import IdentityError, Issuer, ensure_server_credentials, public_key_line
+from ..receipts import ReceiptSigner
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
@@ -108,6 +109,7 @@ async def run_server(
             cert_path = creds.cert_chain
             ctx = server_context(creds.cert_chain, creds.key)
         issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
+        receipts = await trio.to_thread.run_sync(ReceiptSigner.ensure, state_dir)
     except (ValueError, TypeError, IdentityError, ssl.SSLError) as exc:
         reason = str(exc).split(". ")[0]
         raise StartupError(
@@ -137,6 +139,7 @@ async def run_server(
                 server_public_key=key_line,
                 course_tls=options.course_tls,
                 course_dialect=options.course_dialect,
+                receipts=receipts,
             )
             ledger.observer = server.metrics
             stranded = await ledger.invalid_names()
