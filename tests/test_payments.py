@@ -4,7 +4,11 @@ acceptance, payment requests and their events and limits, idempotent deposits, p
 from __future__ import annotations
 
 import base64
+import math
+import ssl
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -13,12 +17,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from p2ppay import ledger as lg
 from p2ppay import protocol as p
+from p2ppay.client import Client
 from p2ppay.constraints import is_memo, parse_duration
 from p2ppay.ledger import SqliteLedger
 from p2ppay.pki import acceptance_bytes_v1, sign_acceptance
 from p2ppay.server import ServerConfig
 
-from .conftest import FAST_SCRYPT, KEYS, Connect, expect_error, login, next_event, registered
+from .conftest import (
+    FAST_SCRYPT,
+    KEYS,
+    Connect,
+    Open,
+    SettleCutter,
+    expect_error,
+    login,
+    next_event,
+    registered,
+)
 
 
 def signed(payee: str, pid: uuid.UUID, payer: str, amount: int, memo: str | None) -> str:
@@ -88,10 +103,12 @@ async def test_requests_tell_both_sides_while_online(connect: Connect) -> None:
                 "rent",
                 70,
             )
-            received = await next_event(bob)
-            assert isinstance(received, p.PaymentReceived) and received.memo == "rent"
-            closed = await next_event(bob)
-            assert isinstance(closed, p.RequestClosed) and closed.request.state == "paid"
+            # Two events, each sent on its own (in either order).
+            two = [await next_event(bob), await next_event(bob)]
+            received = next(e for e in two if isinstance(e, p.PaymentReceived))
+            assert received.memo == "rent" and received.payment_id == made.request_id
+            closed = next(e for e in two if isinstance(e, p.RequestClosed))
+            assert closed.request.state == "paid" and closed.request.request_id == made.request_id
             await expect_error("request_paid", alice.decline_request(made.request_id))
             # Told live: the next login has no news of it.
             await bob.logout()
@@ -203,3 +220,41 @@ def test_memos_and_durations() -> None:
     for bad in ("", "10", "m", "0s", "-1h", "1.5h", "1e3s", "\uff11h"):
         with pytest.raises(ValueError, match="duration"):
             parse_duration(bad)
+
+
+@pytest.mark.parametrize("op", ["deposit", "pay_request"])
+async def test_a_lost_reply_is_retried_with_the_same_id(
+    open_wallet: Open,
+    server_port: int,
+    client_ctx: ssl.SSLContext,
+    ledger: SqliteLedger,
+    op: str,
+) -> None:
+    streams: list[SettleCutter] = []
+
+    @asynccontextmanager
+    async def cuttable_connect() -> AsyncIterator[Client]:
+        tcp = await trio.open_tcp_stream("127.0.0.1", server_port)
+        tls = trio.SSLStream(tcp, client_ctx, server_hostname="localhost")
+        await tls.do_handshake()
+        stream = SettleCutter(tls, after=True, op=op)
+        streams.append(stream)
+        async with Client.over(stream, request_timeout=math.inf) as client:
+            yield client
+
+    with trio.fail_after(30):
+        async with (
+            open_wallet("alice", deposit=100, connect=cuttable_connect) as alice,
+            open_wallet("bob") as bob,
+        ):
+            streams[-1].armed = True
+            if op == "deposit":
+                assert await alice.deposit(50) == 150  # done, reply lost, retried: once
+            else:
+                made = await bob.request("alice", 30, "rent")
+                paid = await alice.pay_request(made.request_id)
+                assert (paid.payment_id, paid.balance) == (made.request_id, 70)
+            assert len(streams) == 2  # the request went out, the line was cut, then a retry
+            assert await alice.balance() == (150 if op == "deposit" else 70)
+    audit = await ledger.audit()
+    assert audit.conserved and audit.total_deposits == (150 if op == "deposit" else 100)
