@@ -117,13 +117,14 @@ async def test_requests_tell_both_sides_while_online(connect: Connect) -> None:
             second = await bob.request("alice", 1)
             await next_event(alice)
             await alice.decline_request(second.request_id)
-            closed = await next_event(bob)
-            assert isinstance(closed, p.RequestClosed) and closed.request.state == "declined"
+            declined = await next_event(bob)
+            assert isinstance(declined, p.RequestClosed) and declined.request.state == "declined"
             third = await bob.request("alice", 2)
             await next_event(alice)
             await bob.cancel_request(third.request_id)
-            closed = await next_event(alice)
-            assert isinstance(closed, p.RequestClosed) and closed.request.state == "cancelled"
+            cancelled = await next_event(alice)
+            assert isinstance(cancelled, p.RequestClosed)
+            assert cancelled.request.state == "cancelled"
             # Nobody can ask themselves, or someone who does not exist, or for too long.
             await expect_error("self_payment", bob.request("bob", 1))
             await expect_error("unknown_user", bob.request("nobody", 1))
