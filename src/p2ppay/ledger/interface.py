@@ -171,6 +171,16 @@ class PaymentRequest:
     state: RequestState
     closed_ms: int | None = None
 
+    def refusal(self) -> RequestNotOpen:
+        """Why this request (not open) cannot be paid, declined or cancelled."""
+        kinds: dict[str, type[RequestNotOpen]] = {
+            "paid": RequestPaid,
+            "declined": RequestDeclined,
+            "cancelled": RequestCancelled,
+            "expired": RequestExpired,
+        }
+        return kinds[self.state](f"the request {self.request_id} is {self.state}")
+
 
 @dataclass(frozen=True, slots=True)
 class Audit:

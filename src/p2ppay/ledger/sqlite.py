@@ -49,10 +49,6 @@ from .interface import (
     NameTaken,
     PaymentIdConflict,
     PaymentRequest,
-    RequestCancelled,
-    RequestDeclined,
-    RequestExpired,
-    RequestPaid,
     SelfPayment,
     TooManyRequests,
     Transfer,
@@ -208,18 +204,6 @@ def _request(row: tuple[Any, ...], now_ms: int) -> PaymentRequest:
     return PaymentRequest(
         uuid.UUID(rid), requester, payer, amount, memo, created, expires, state, closed
     )
-
-
-_NOT_OPEN: dict[str, type[LedgerError]] = {
-    "paid": RequestPaid,
-    "declined": RequestDeclined,
-    "cancelled": RequestCancelled,
-    "expired": RequestExpired,
-}
-
-
-def _not_open(request: PaymentRequest) -> LedgerError:
-    return _NOT_OPEN[request.state](f"the request {request.request_id} is {request.state}")
 
 
 class SqliteLedger:
@@ -659,7 +643,7 @@ class SqliteLedger:
             if request.state == "paid" and stored is not None:
                 return stored, request  # a retry: the first outcome, nothing moves
             if request.state != "open":
-                raise _not_open(request)
+                raise request.refusal()
             if stored is not None:  # the payer used the request's id for another payment
                 raise PaymentIdConflict(f"payment {request_id} was already used")
             transfer = _move(
@@ -697,7 +681,7 @@ class SqliteLedger:
                 who = "asks you to pay" if state == "declined" else "is yours"
                 raise UnknownRequest(f"no request {request_id} {who}")
             if request.state != "open":
-                raise _not_open(request)
+                raise request.refusal()
             # A declined request is news for its requester; a cancelled one is not.
             db.execute(
                 "UPDATE payment_requests SET state = ?, closed_ms = ?, told = ? WHERE id = ?",
