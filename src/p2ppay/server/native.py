@@ -211,13 +211,14 @@ class Session(SessionBase):
         name = account.name  # as registered, whatever the letter case of the login
         cert = await accounts.certify(name, req.csr)
         await self.host.ledger.record_login(name)  # before anything here changes
+        # What happened to this account's payment requests while it was away (from now on
+        # they count as told: the reply below tells them).
+        news = await self.host.ledger.request_news(name)
         self.user = name
         self.p2p_port = req.p2p_port
         self.replaced_by = None
         self.host.presence.take_over(self)
         log.info("%s: %s logged in (p2p port %s)", self.ip, name, req.p2p_port)
-        # What happened to this account's payment requests while it was away.
-        news = await self.host.ledger.request_news(name)
         return p.LoginResult(
             name,
             account.balance,
