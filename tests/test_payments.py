@@ -4,12 +4,15 @@ acceptance, payment requests and their events and limits, idempotent deposits, p
 from __future__ import annotations
 
 import base64
+import io
+import json
 import math
 import ssl
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import msgspec
 import pytest
 import trio
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +25,8 @@ from p2ppay.constraints import is_memo, parse_duration
 from p2ppay.ledger import SqliteLedger
 from p2ppay.pki import acceptance_bytes_v1, sign_acceptance
 from p2ppay.server import ServerConfig
+from p2ppay.shell import Shell
+from p2ppay.terminal import Terminal
 
 from .conftest import (
     FAST_SCRYPT,
@@ -34,6 +39,7 @@ from .conftest import (
     next_event,
     registered,
 )
+from .test_shell import Typist, options
 
 
 def signed(payee: str, pid: uuid.UUID, payer: str, amount: int, memo: str | None) -> str:
@@ -259,3 +265,46 @@ async def test_a_lost_reply_is_retried_with_the_same_id(
             assert await alice.balance() == (150 if op == "deposit" else 70)
     audit = await ledger.audit()
     assert audit.conserved and audit.total_deposits == (150 if op == "deposit" else 100)
+
+
+REQUEST = p.RequestInfo(
+    uuid.UUID("00000000-0000-0000-0000-000000000009"),
+    "bob",
+    "alice",
+    30,
+    "rent\x1b[2J",  # (the server refuses such a memo; shown escaped all the same)
+    0,
+    1_700_000_000_000,
+    "open",
+)
+
+
+@pytest.mark.parametrize(
+    ("event", "text"),
+    [
+        (p.PaymentRequested(REQUEST), 'bob asks you to pay 30 for "rent\\x1b[2J" by '),
+        (
+            p.RequestClosed(msgspec.structs.replace(REQUEST, state="paid", memo=None)),
+            "alice paid your request 00000000-0000-0000-0000-000000000009 for 30.",
+        ),
+        (
+            p.RequestClosed(msgspec.structs.replace(REQUEST, state="declined", memo="x")),
+            'alice declined your request 00000000-0000-0000-0000-000000000009 for 30 for "x".',
+        ),
+        (
+            p.PaymentReceived(REQUEST.request_id, "alice", 30, 30, "lunch"),
+            'alice paid you 30 for "lunch" (payment 00000000-0000-0000-0000-000000000009).',
+        ),
+    ],
+)
+async def test_how_request_events_and_memos_are_shown(
+    open_wallet: Open, event: p.Event, text: str
+) -> None:
+    with trio.fail_after(10):
+        async with open_wallet("zed") as wallet:
+            human, machine = Typist(), Typist()
+            Shell(wallet, Terminal(human), options(), io.StringIO()).show_event(event)
+            Shell(wallet, Terminal(machine), options(json=True), io.StringIO()).show_event(event)
+    assert len(human.written) == 1 and human.written[0].startswith(text), human.written
+    assert "\x1b" not in human.written[0]
+    assert [json.loads(line) for line in machine.written] == [msgspec.to_builtins(event)]
