@@ -711,6 +711,17 @@ class SqliteLedger:
                 )
             return [_request(row, now) for row in rows]
 
+        def any_news(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM payment_requests WHERE told = 0 AND requester ="
+                " (SELECT name FROM accounts WHERE name_key = ?) LIMIT 1",
+                (name_key(name),),
+            ).fetchone()
+            return row is not None
+
+        # Most logins have no news: a read beside the writer, not a place in its queue.
+        if not await self._read(any_news):
+            return []
         return await self._submit(op)
 
     async def told(self, request_id: uuid.UUID) -> None:
