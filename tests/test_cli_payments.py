@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pexpect
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -315,3 +316,55 @@ async def test_passwd_changes_the_password_and_ends_the_other_session(tmp_path: 
             env={"P2PPAY_PASSWORD": "a new password", "P2PPAY_NEW_PASSWORD": "short"},
         )
         assert (code, error_code(lines)) == (2, "usage")
+
+
+async def test_the_payee_is_asked_with_the_memo_and_changes_its_password_at_a_terminal(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    async with server_process(state) as srv:
+        await register(srv.port, state, "bob")
+        await register(srv.port, state, "alice", deposit=100)
+        cmd = client_cmd(srv.port, state, "--user", "bob", "--listen-port", "0")
+        env = {k: v for k, v in os.environ.items() if k != "P2PPAY_PASSWORD"}
+        shell = pexpect.spawn(
+            cmd[0], cmd[1:], env=env, encoding="utf-8", timeout=30, dimensions=(40, 160)
+        )
+        try:
+
+            def answer(expected: str, reply: str) -> None:
+                shell.expect_exact(expected.rstrip())
+                shell.sendline(reply)
+
+            await trio.to_thread.run_sync(answer, "password: ", PASSWORDS["bob"])
+            await trio.to_thread.run_sync(shell.expect_exact, "Logged in as bob")
+            await trio.to_thread.run_sync(shell.expect_exact, "bob>")
+            async with trio.open_nursery() as nursery:
+                paid: list[tuple[int, list[dict[str, Any]], str]] = []
+
+                async def pay_bob() -> None:
+                    paid.append(
+                        await client(srv.port, state, "alice", "pay bob 30 --memo 'lunch at noon'")
+                    )
+
+                nursery.start_soon(pay_bob)
+                await trio.to_thread.run_sync(
+                    answer, 'alice wants to pay you 30 for "lunch at noon". Accept? [y/N] ', "y"
+                )
+                await trio.to_thread.run_sync(
+                    shell.expect_exact, 'alice paid you 30 for "lunch at noon"'
+                )
+            assert paid[0][0] == 0, paid
+            shell.sendline("passwd")
+            await trio.to_thread.run_sync(answer, "current password: ", PASSWORDS["bob"])
+            await trio.to_thread.run_sync(answer, "new password: ", "bob's new password")
+            await trio.to_thread.run_sync(answer, "again: ", "bob's new password")
+            await trio.to_thread.run_sync(shell.expect_exact, "Password changed")
+            shell.sendline("exit")
+            await trio.to_thread.run_sync(shell.expect, pexpect.EOF)
+        finally:
+            shell.close(force=True)
+        code, lines, _ = await client(
+            srv.port, state, "bob", "balance", env={"P2PPAY_PASSWORD": "bob's new password"}
+        )
+        assert code == 0 and result(lines, "balance") == {"balance": 30}
