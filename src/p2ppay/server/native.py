@@ -337,18 +337,16 @@ class Session(SessionBase):
                 f"a request may stay open at most {cfg.max_request_expiry:g} s",
             )
         expires_ms = int((time.time() + lifetime) * 1000)
-        try:
-            made = await self.host.ledger.create_request(
-                uuid.uuid4(),
-                self._me(),
-                req.payer,
-                req.amount,
-                req.memo,
-                expires_ms,
-                cfg.max_open_requests,
-            )
-        except lg.UnknownAccount as exc:
-            raise RequestFailed(p.ErrorCode.UNKNOWN_USER, str(exc)) from None
+        # (no such payer: UnknownAccount, answered unknown_user)
+        made = await self.host.ledger.create_request(
+            uuid.uuid4(),
+            self._me(),
+            req.payer,
+            req.amount,
+            req.memo,
+            expires_ms,
+            cfg.max_open_requests,
+        )
         info = _request_info(made)
         payer = self._local(made.payer)
         if payer is not None:
