@@ -210,7 +210,13 @@ class Accounts:
             raise
 
     async def check_acceptance(
-        self, payment_id: uuid.UUID, payer: str, payee: str, amount: int, acceptance: str
+        self,
+        payment_id: uuid.UUID,
+        payer: str,
+        payee: str,
+        amount: int,
+        acceptance: str,
+        memo: str | None = None,
     ) -> bytes:
         """The payee's current key (DER) if ``acceptance`` is the payee's signature over this
         very payment, made with the key certified for the payee's current session; else
@@ -241,7 +247,7 @@ class Accounts:
         except ValueError:
             raise _refused("the acceptance is not base64") from None
         check = _Check(
-            partial(verify_acceptance, key, signature, str(payment_id), payer, payee, amount)
+            partial(verify_acceptance, key, signature, str(payment_id), payer, payee, amount, memo)
         )
         self._checks_in.send_nowait(check)
         await check.done.wait()

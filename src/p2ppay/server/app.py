@@ -23,7 +23,8 @@ from ..course import REFERENCE, Dialect
 from ..hashing import Work
 from ..limits import LimitLog
 from ..metrics import ServerMetrics
-from ..pki import Issuer
+from ..pki import Issuer, create_ca
+from ..receipts import ReceiptSigner
 from .accounts import Accounts
 from .admission import Admission
 from .base import SessionBase
@@ -53,10 +54,13 @@ class Server:
         hash_work: Work | None = None,
         wall_clock: Callable[[], float] = time.time,
         presence: Presence | None = None,
+        receipts: ReceiptSigner | None = None,
     ) -> None:
         """``presence``: who is online (default: this process only; several nodes share a
         :class:`~.pg_presence.PgPresence`)."""
         self.ledger = ledger
+        #: signs receipts (without one: a throwaway signer, for tests that do not check them)
+        self.receipts = receipts or ReceiptSigner.ephemeral(create_ca("p2ppay throwaway CA"))
         self.config = cfg = config or ServerConfig()
         self.limit_log = LimitLog(log, clock=trio.current_time)
         self.admission = Admission(

@@ -18,6 +18,7 @@ from .. import logs
 from ..course import Dialect
 from ..limits import LimitLog
 from ..metrics import ServerMetrics
+from ..receipts import ReceiptSigner
 from ..sending import Outgoing
 from .accounts import Accounts
 from .config import ServerConfig
@@ -38,6 +39,8 @@ class Host(Protocol):
     server_public_key: str
     course_dialect: Dialect
     metrics: ServerMetrics
+    #: signs receipts of settlements
+    receipts: ReceiptSigner
 
     @property
     def closing(self) -> bool:

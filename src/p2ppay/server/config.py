@@ -119,6 +119,25 @@ class ServerConfig:
         seconds_or_off,
     )
     scrypt: ScryptParams = field(default_factory=ScryptParams)
+    request_expiry: float = setting(
+        24 * 3600.0,
+        "--request-expiry",
+        "seconds a payment request stays open when its requester gives no --expires",
+        seconds,
+    )
+    max_request_expiry: float = setting(
+        30 * 24 * 3600.0,
+        "--max-request-expiry",
+        "the longest a payment request may stay open, in seconds",
+        seconds,
+    )
+    #: so that nobody can flood someone with requests (nor keep unbounded state here)
+    max_open_requests: int = setting(
+        100,
+        "--max-open-requests",
+        "open payment requests one account may have made, and may have waiting for it",
+        count,
+    )
     #: "operator": users' deposits are refused (and course accounts start empty)
     deposits: DepositPolicy = setting(
         "open",
@@ -130,6 +149,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_depth <= p.MAX_DEPTH_CAP:
             raise ValueError(f"--max-depth must be within 1..{p.MAX_DEPTH_CAP}")
+        if not 1 <= self.request_expiry <= self.max_request_expiry:
+            raise ValueError("--request-expiry must be within 1 s..--max-request-expiry")
 
 
 @dataclass(frozen=True, slots=True)

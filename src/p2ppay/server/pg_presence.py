@@ -653,6 +653,7 @@ class PgPresence:
                 int(data["payer_balance"]),
                 int(data["payee_balance"]),
                 int(data["at_ms"]),
+                memo=None if data.get("memo") is None else str(data["memo"]),
             )
         )
 

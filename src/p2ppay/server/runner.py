@@ -20,6 +20,7 @@ from .. import ledger as lg
 from ..ledger.pgschema import describe, open_connection
 from ..metrics import serve_metrics
 from ..pki import IdentityError, Issuer, ensure_server_credentials, public_key_line
+from ..receipts import ReceiptSigner
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
@@ -124,6 +125,7 @@ async def run_server(
             cert_path = creds.cert_chain
             ctx = server_context(creds.cert_chain, creds.key)
         issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
+        receipts = await trio.to_thread.run_sync(ReceiptSigner.ensure, state_dir)
     except (ValueError, TypeError, IdentityError, ssl.SSLError) as exc:
         reason = str(exc).split(". ")[0]
         raise StartupError(
@@ -169,6 +171,7 @@ async def run_server(
                 course_tls=options.course_tls,
                 course_dialect=options.course_dialect,
                 presence=presence,
+                receipts=receipts,
             )
             ledger.observer = server.metrics
             stranded = await ledger.invalid_names()
