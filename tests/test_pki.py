@@ -27,6 +27,7 @@ from p2ppay.pki import (
     ensure_server_credentials,
     state_lock,
 )
+from p2ppay.receipts import RECEIPT_CERT, ReceiptSigner
 from p2ppay.tls import MissingCA, client_context, server_context
 
 
@@ -125,7 +126,15 @@ def _ensure_in_child(state: str, barrier: Any, out: Any) -> None:
     barrier.wait(timeout=60)
     creds = ensure_server_credentials(Path(state))
     issuer = Issuer.ensure(Path(state))
-    out.put((creds.ca_cert.read_bytes(), issuer.ca_pem, creds.cert_chain.read_bytes()))
+    receipts = ReceiptSigner.ensure(Path(state))
+    out.put(
+        (
+            creds.ca_cert.read_bytes(),
+            issuer.ca_pem,
+            creds.cert_chain.read_bytes(),
+            receipts.certificate_pem,
+        )
+    )
 
 
 def test_processes_starting_on_one_empty_state_dir_share_one_pki(tmp_path: Path) -> None:
@@ -145,10 +154,11 @@ def test_processes_starting_on_one_empty_state_dir_share_one_pki(tmp_path: Path)
         child.join(timeout=60)
         assert child.exitcode == 0
     assert len(set(got)) == 1, "the processes ended with different CAs or certificates"
-    ca, peer_ca, chain = got[0]
+    ca, peer_ca, chain, receipt = got[0]
     assert ca == (state / CA_CERT).read_bytes()
     assert peer_ca.encode() == (state / PEER_CA_CERT).read_bytes()
     assert chain == (state / SERVER_CERT).read_bytes()
+    assert receipt.encode() == (state / RECEIPT_CERT).read_bytes()
     assert not [p.name for p in state.iterdir() if p.name.endswith(".tmp")]
 
 

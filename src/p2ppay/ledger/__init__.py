@@ -3,10 +3,17 @@
 - :mod:`.interface`: the refusals, the records, the limits and the :class:`Ledger` interface
 - :mod:`.schema`: the SQLite tables and their migrations (:func:`connect_sqlite`)
 - :mod:`.sqlite`: the SQLite ledger (group commit on one writer thread, reads beside it)
+- :mod:`.pgschema`, :mod:`.postgres`: the PostgreSQL ledger, shared by several nodes
 - :mod:`.admin`: the operator's view of a ledger file (``p2ppay admin``)
+
+:func:`open_ledger` opens either: a ``postgresql://`` (or ``postgres://``) URL is PostgreSQL,
+anything else the path of an SQLite file.
 """
 
 from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 from .interface import (
     Account,
@@ -15,6 +22,7 @@ from .interface import (
     AmountOutOfRange,
     Audit,
     BalanceLimit,
+    DepositIdConflict,
     Entry,
     InsufficientFunds,
     Ledger,
@@ -24,25 +32,61 @@ from .interface import (
     Limits,
     NameTaken,
     PaymentIdConflict,
+    PaymentRequest,
     ReferenceConflict,
+    RequestCancelled,
+    RequestDeclined,
+    RequestExpired,
+    RequestNotOpen,
+    RequestPaid,
+    RequestState,
     SelfPayment,
+    TooManyRequests,
     Transfer,
     Unauthorized,
     UnknownAccount,
     UnknownPayee,
+    UnknownRequest,
 )
+from .pgschema import PG_SCHEMA_VERSION, connect_postgres
+from .postgres import SETTLED_CHANNEL, PostgresLedger, open_postgres_ledger
 from .schema import SCHEMA_V1, SCHEMA_VERSION, connect_sqlite
 from .sqlite import SqliteLedger, open_sqlite_ledger
 
+#: Either backend, with what the server's runner uses beside the :class:`Ledger` interface
+#: (``observer``, ``commits``, ``ops_committed``, ``invalid_names()``, ``max_batch``).
+AnyLedger = SqliteLedger | PostgresLedger
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)
+
+
+def open_ledger(
+    target: str | Path, limits: Limits | None = None, *, max_batch: int = 512
+) -> AbstractAsyncContextManager[AnyLedger]:
+    """The ledger at ``target``: a PostgreSQL URL, or else the path of an SQLite file."""
+    if is_postgres_url(target):
+        return open_postgres_ledger(str(target), limits, max_batch=max_batch)
+    return open_sqlite_ledger(target, limits, max_batch=max_batch)
+
+
 __all__ = [
+    "PG_SCHEMA_VERSION",
+    "POSTGRES_SCHEMES",
     "SCHEMA_V1",
     "SCHEMA_VERSION",
+    "SETTLED_CHANNEL",
     "Account",
     "AccountFrozen",
     "AccountKind",
     "AmountOutOfRange",
+    "AnyLedger",
     "Audit",
     "BalanceLimit",
+    "DepositIdConflict",
     "Entry",
     "InsufficientFunds",
     "Ledger",
@@ -52,13 +96,27 @@ __all__ = [
     "Limits",
     "NameTaken",
     "PaymentIdConflict",
+    "PaymentRequest",
+    "PostgresLedger",
     "ReferenceConflict",
+    "RequestCancelled",
+    "RequestDeclined",
+    "RequestExpired",
+    "RequestNotOpen",
+    "RequestPaid",
+    "RequestState",
     "SelfPayment",
     "SqliteLedger",
+    "TooManyRequests",
     "Transfer",
     "Unauthorized",
     "UnknownAccount",
     "UnknownPayee",
+    "UnknownRequest",
+    "connect_postgres",
     "connect_sqlite",
+    "is_postgres_url",
+    "open_ledger",
+    "open_postgres_ledger",
     "open_sqlite_ledger",
 ]

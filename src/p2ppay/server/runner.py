@@ -1,5 +1,5 @@
 """Running a real server process: the state directory, certificates, listeners, the ledger
-file, and SIGINT/SIGTERM."""
+(a file, or a PostgreSQL database shared with other nodes), and SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
 from pathlib import Path
 
+import psycopg
 import trio
 
 from .. import ledger as lg
+from ..ledger.pgschema import describe, open_connection
 from ..metrics import serve_metrics
 from ..pki import (
     IdentityError,
@@ -23,15 +25,17 @@ from ..pki import (
     public_key_line,
     state_lock,
 )
+from ..receipts import ReceiptSigner
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
+from .pg_presence import PgPresence, one_line, open_pg_presence
 from .ports import bind_error, reuseport_listeners
 
 log = logging.getLogger("p2ppay.server")
 
-#: opens the ledger at a path, with the server's limits and batch size
-OpenLedger = Callable[..., AbstractAsyncContextManager[lg.SqliteLedger]]
+#: opens the ledger at a path or URL, with the server's limits and batch size
+OpenLedger = Callable[..., AbstractAsyncContextManager[lg.AnyLedger]]
 
 
 class StartupError(Exception):
@@ -67,6 +71,15 @@ def prepare_state_dir(state_dir: Path) -> None:
                 raise StartupError(f"cannot write the ledger file {path}: {exc.strerror}") from None
 
 
+def check_postgres(url: str) -> None:
+    """Connect once to the PostgreSQL ledger: an unreachable server is one clear line at start
+    (naming the server, never the password)."""
+    try:
+        open_connection(url).close()
+    except lg.LedgerUnavailable as exc:
+        raise StartupError(f"the ledger cannot be used: {exc}") from None
+
+
 def _generated_context(state_dir: Path, sans: tuple[str, ...]) -> tuple[ssl.SSLContext, Path]:
     """The TLS context on the state directory's generated certificate, loaded under its lock:
     another process sharing the directory may be renewing the files (see pki.state_lock)."""
@@ -91,15 +104,19 @@ async def run_server(
     *,
     handle_signals: bool = False,
     reuse_port: bool = False,
-    open_ledger: OpenLedger = lg.open_sqlite_ledger,
+    open_ledger: OpenLedger = lg.open_ledger,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses
     (the native listeners' first, then the course dialect's). ``open_ledger`` opens the
-    ledger file (a seam: the crash tests run a server whose ledger misbehaves on purpose).
+    ledger (a seam: the crash tests run a server whose ledger misbehaves on purpose).
     ``reuse_port``: the native and course ports are shared with other workers (SO_REUSEPORT)."""
     state_dir = options.state_dir
     await trio.to_thread.run_sync(prepare_state_dir, state_dir)
+    target: Path | str = options.ledger or state_dir / LEDGER_FILE
+    postgres = isinstance(target, str) and lg.is_postgres_url(target)
+    if postgres:
+        await trio.to_thread.run_sync(check_postgres, str(target))
     if options.cert and options.key:
         cert_path: Path = options.cert
         try:
@@ -121,6 +138,7 @@ async def run_server(
                 _generated_context, state_dir, options.sans
             )
         issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
+        receipts = await trio.to_thread.run_sync(ReceiptSigner.ensure, state_dir)
     except (ValueError, TypeError, IdentityError, ssl.SSLError) as exc:
         reason = str(exc).split(". ")[0]
         raise StartupError(
@@ -139,9 +157,24 @@ async def run_server(
             course_listeners = await _bind(options.course_port, options.host, reuse_port=reuse_port)
         if options.metrics_port is not None:
             metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
-        async with open_ledger(
-            state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
-        ) as ledger:
+        async with AsyncExitStack() as opened:
+            ledger = await opened.enter_async_context(
+                open_ledger(target, options.limits, max_batch=options.max_batch)
+            )
+            presence: PgPresence | None = None
+            if postgres:  # who is online is shared by the nodes of that database too
+                url = str(target)
+                try:
+                    presence = await opened.enter_async_context(
+                        open_pg_presence(
+                            url, heartbeat=options.node_heartbeat, expiry=options.node_expiry
+                        )
+                    )
+                except psycopg.Error as exc:
+                    raise StartupError(
+                        f"cannot keep who is online in PostgreSQL at {describe(url)}: "
+                        + one_line(exc)
+                    ) from None
             server = Server(
                 ledger,
                 ctx,
@@ -150,6 +183,8 @@ async def run_server(
                 server_public_key=key_line,
                 course_tls=options.course_tls,
                 course_dialect=options.course_dialect,
+                presence=presence,
+                receipts=receipts,
             )
             ledger.observer = server.metrics
             stranded = await ledger.invalid_names()
