@@ -19,7 +19,9 @@ import trio
 from p2ppay import protocol as p
 from p2ppay.exitcodes import ExitCode
 from p2ppay.peer import accept_all
+from p2ppay.server import ServerOptions
 from p2ppay.server.ports import BindError, reserve, reuseport_listeners
+from p2ppay.server.workers import worker_command
 from p2ppay.tls import client_context
 from p2ppay.wallet import Wallet
 
@@ -241,3 +243,37 @@ def test_a_port_in_use_is_said_once_before_any_worker_starts(
     assert done.returncode == ExitCode.FAILED
     assert one_line(done) == f"p2ppay server: 127.0.0.1 port {port} is already in use"
     assert "started" not in done.stderr
+
+
+def test_each_worker_gets_its_own_metrics_port_and_the_shared_ports() -> None:
+    options = ServerOptions(
+        ledger="postgresql://p2ppay@db/p2ppay", workers=3, port=0, metrics_port=9100
+    )
+    commands = [worker_command(["server"], options, i, 7, 8700, 8800) for i in range(3)]
+    for i, cmd in enumerate(commands):
+        assert cmd[3] == "server"  # the supervisor's own flags, then what differs (the last wins)
+        assert cmd[cmd.index("--port") + 1] == "8700"  # the port the supervisor resolved
+        assert cmd[cmd.index("--course-port") + 1] == "8800"
+        assert cmd[cmd.index("--metrics-port") + 1] == str(9100 + i)
+        assert cmd[-4:] == ["--worker-index", str(i), "--worker-fd", "7"]
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"port": 9101}, "--port 9101 is among the workers' metrics ports 9100..9102"),
+        ({"metrics_port": 65534}, "--metrics-port 65534 with --workers 3 needs ports up to 65536"),
+        ({"ledger": None}, "--workers 3 needs a PostgreSQL ledger"),
+    ],
+)
+def test_worker_settings_that_cannot_work_are_refused(
+    given: dict[str, object], message: str
+) -> None:
+    values: dict[str, object] = {
+        "ledger": "postgresql://p2ppay@db/p2ppay",
+        "workers": 3,
+        "metrics_port": 9100,
+    }
+    values.update(given)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerOptions(**values)  # type: ignore[arg-type]
