@@ -145,7 +145,7 @@ def _pair_present(cert_path: Path, key_path: Path) -> bool:
     """Whether a certificate and its key are both there (False: neither is). One without the
     other is an error, not a reason to make a new CA over it: a node given only ``ca.pem``
     would otherwise replace the CA every other node and client trusts."""
-    cert, key = cert_path.exists(), key_path.exists()
+    cert, key = cert_path.is_file(), key_path.is_file()  # (a directory in the way: an error later)
     if cert != key:
         have, lack = (cert_path, key_path) if cert else (key_path, cert_path)
         raise ValueError(f"{have.name} is there but {lack.name} is not: copy both, or neither")
