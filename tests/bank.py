@@ -14,8 +14,8 @@ import random
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import trio
 
 from p2ppay import protocol as p
 from p2ppay.client import Client, ConnectionLost, ServerError
-from p2ppay.ledger import open_sqlite_ledger
+from p2ppay.ledger import open_ledger
 from p2ppay.peer import PeerKey
 from p2ppay.pki import sign_acceptance
 from p2ppay.tls import client_context
@@ -44,11 +44,13 @@ class BankReport:
 
 
 class ServerRunner:
-    """Starts, SIGKILLs and restarts one server process on one state dir."""
+    """Starts, SIGKILLs and restarts one server process on one state dir (``extra``: more
+    flags, e.g. ``--ledger URL``)."""
 
-    def __init__(self, state: Path, command: list[str]) -> None:
+    def __init__(self, state: Path, command: list[str], extra: Sequence[str] = ()) -> None:
         self.state = state
         self.command = command
+        self.extra = list(extra)
         self.port = 0
         self.up = trio.Event()
         self.process: trio.Process | None = None
@@ -66,7 +68,7 @@ class ServerRunner:
 
     async def start(self) -> None:
         cmd = [*self.command, "server", "--host", "127.0.0.1", "--port", "0", "--state-dir",
-               str(self.state), "--scrypt-n", "16"]  # fmt: skip
+               str(self.state), "--scrypt-n", "16", *self.extra]  # fmt: skip
 
         async def run(task_status: trio.TaskStatus[Proc]) -> None:
             async with spawn(cmd, "listening on 127.0.0.1") as proc:
@@ -99,12 +101,20 @@ async def run_bank(
     payments_per_client: int,
     kills: int,
     server_command: list[str] | None = None,
+    ledger: str | None = None,
+    nodes: int = 1,
 ) -> BankReport:
-    """Run the bank; return what happened (the caller checks it with :func:`audit`)."""
+    """Run the bank; return what happened (the caller checks it with :func:`audit`).
+
+    With ``nodes`` > 1 (which needs a PostgreSQL ``ledger``), that many servers share the
+    ledger and the state dir; client i starts on node i % nodes and, each time its connection
+    fails, retries its payment on the next node (so a payment whose answer a crash lost is
+    retried on another node, by the same payment id); each crash kills one node, at random."""
     rng = random.Random(seed)
     state = tmp / "state"
     command = server_command or [sys.executable, "-m", "p2ppay"]
-    runner = ServerRunner(state, command)
+    extra = ["--ledger", ledger] if ledger is not None else []
+    runners = [ServerRunner(state, command, extra) for _ in range(nodes)]
     report = BankReport()
     names = [f"acct{i:02d}" for i in range(clients)]
     keys = {name: PeerKey() for name in names}
@@ -121,32 +131,43 @@ async def run_bank(
     }
     # Crash points, as counts of answered payments: spread over the run, seeded.
     total = clients * payments_per_client
-    crash_at = sorted(random.Random(seed + 1).sample(range(total // 10, total * 9 // 10), kills))
+    crash_rng = random.Random(seed + 1)
+    crash_at = sorted(crash_rng.sample(range(total // 10, total * 9 // 10), kills))
     answered = [0]
     crash_due = trio.Event()
+    # While a node restarts, the payers on the others go on, but only so far: a restart takes
+    # seconds, and they would otherwise finish before the next crash is due.
+    restarted: list[trio.Event | None] = [None]
+    pause_at = [0]
 
     def one_more_answered() -> None:
         answered[0] += 1
         if crash_at and answered[0] >= crash_at[0]:
             crash_due.set()
 
-    async with runner.running():
+    async with AsyncExitStack() as stack:
+        for runner in runners:
+            await stack.enter_async_context(runner.running())
         ctx = client_context(state / "ca.pem")
 
-        async def setup(name: str) -> None:
-            async with Client.connect("127.0.0.1", runner.port, ssl_context=ctx) as client:
+        async def setup(i: int, name: str) -> None:
+            port = runners[i % nodes].port
+            async with Client.connect("127.0.0.1", port, ssl_context=ctx) as client:
                 await client.register(name, PASSWORD)
                 await client.login(name, PASSWORD, None, keys[name].csr(name))
                 await client.deposit(DEPOSIT)
 
         async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(setup, name)
+            for i, name in enumerate(names):
+                nursery.start_soon(setup, i, name)
 
-        async def pay_all(name: str) -> None:
+        async def pay_all(i: int, name: str) -> None:
             todo = plans[name]
             done = 0
+            node = i % nodes
             while done < len(todo):
+                runner = runners[node]
+                node = (node + 1) % nodes  # the next try goes to the next node
                 await runner.up.wait()
                 try:
                     async with Client.connect(
@@ -156,6 +177,9 @@ async def run_bank(
                         # the key its payers' acceptances are signed with.
                         await client.login(name, PASSWORD, None, keys[name].csr(name))
                         while done < len(todo):
+                            waiting = restarted[0]
+                            if waiting is not None and answered[0] >= pause_at[0]:
+                                await waiting.wait()
                             pid, payee, amount = todo[done]
                             report.attempted[pid] = (name, payee, amount)
                             signature = sign_acceptance(
@@ -178,7 +202,7 @@ async def run_bank(
                     pass  # no server yet (or it died during the login): try again
                 await trio.sleep(0.02)
 
-        async def killer(done: trio.Event) -> None:
+        async def killer() -> None:
             nonlocal crash_due
             while crash_at:
                 await crash_due.wait()
@@ -186,24 +210,30 @@ async def run_bank(
                 crash_due = trio.Event()
                 if crash_at and answered[0] >= crash_at[0]:
                     crash_due.set()
-                await runner.crash_and_restart()
+                back = restarted[0] = trio.Event()
+                pause_at[0] = answered[0] + 2 * clients
+                # Whole, even if the payers finish meanwhile: a server left half-started would
+                # outlive the test.
+                with trio.CancelScope(shield=True):
+                    await runners[crash_rng.randrange(nodes)].crash_and_restart()
                 report.kills += 1
+                restarted[0] = None
+                back.set()
 
-        done = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(killer, done)
+            nursery.start_soon(killer)
             async with trio.open_nursery() as payers:
-                for name in names:
-                    payers.start_soon(pay_all, name)
-            done.set()
+                for i, name in enumerate(names):
+                    payers.start_soon(pay_all, i, name)
             nursery.cancel_scope.cancel()
-    await audit(state, report, names)
+    await audit(state, report, names, ledger)
     return report
 
 
-async def audit(state: Path, report: BankReport, names: list[str]) -> None:
-    """Compare what was acknowledged with what the ledger holds; append to report.problems."""
-    async with open_sqlite_ledger(state / "ledger.sqlite3") as ledger:
+async def audit(state: Path, report: BankReport, names: list[str], url: str | None = None) -> None:
+    """Compare what was acknowledged with what the ledger holds (the SQLite file in ``state``,
+    or the PostgreSQL ledger at ``url``); append to report.problems."""
+    async with open_ledger(url or state / "ledger.sqlite3") as ledger:
         facts = await ledger.audit()
         stored = {}
         for pid in report.attempted:

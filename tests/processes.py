@@ -57,5 +57,7 @@ async def spawn(
                 if process.returncode is None:
                     process.kill()
     finally:
+        if process.returncode is None:  # cancelled (or failed) before it was ready
+            process.kill()
         with trio.CancelScope(shield=True):
             await process.wait()

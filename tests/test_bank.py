@@ -29,6 +29,42 @@ async def test_bank_soak(tmp_path: Path, seed: int) -> None:
     assert report.kills == 30
 
 
+async def test_bank_across_two_nodes_survives_crashes(tmp_path: Path, postgres_url: str) -> None:
+    """Two server processes on one PostgreSQL ledger, clients split over them and moving to
+    the other node when theirs fails, nodes SIGKILLed at random: nothing acknowledged is lost,
+    nothing is applied twice (a payment whose answer a crash lost is retried on the other
+    node, by its id), and the money adds up."""
+    report = await run_bank(
+        tmp_path,
+        seed=21,
+        clients=6,
+        payments_per_client=40,
+        kills=4,
+        ledger=postgres_url,
+        nodes=2,
+    )
+    assert report.problems == []
+    assert report.kills == 4
+    assert len(report.acknowledged) + len(report.refused) == 6 * 40
+    assert len(report.acknowledged) > 100
+
+
+@pytest.mark.skipif(not soak_enabled(), reason="long; run with nox -s soak (P2PPAY_SOAK=1)")
+@pytest.mark.parametrize("seed", [31, 32])
+async def test_bank_soak_across_two_nodes(tmp_path: Path, postgres_url: str, seed: int) -> None:
+    report = await run_bank(
+        tmp_path,
+        seed=seed,
+        clients=32,
+        payments_per_client=400,
+        kills=20,
+        ledger=postgres_url,
+        nodes=2,
+    )
+    assert report.problems == []
+    assert report.kills == 20
+
+
 async def test_the_bank_test_catches_a_ledger_that_acknowledges_before_commit(
     tmp_path: Path,
 ) -> None:

@@ -178,6 +178,7 @@ def test_every_server_setting_is_a_flag() -> None:
                 "--port": "4242",
                 "--course-port": "4243",
                 "--node-expiry": "70",  # longer than the heartbeat (7), as it must be
+                "--ledger": "postgresql://p2ppay@db/p2ppay",  # --workers 7 needs PostgreSQL
             }.get(flag.name, "7")
             parsed = flag.parse(text) if flag.parse else text
             value = flag.convert(parsed) if flag.convert else parsed

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import ssl
 import stat
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -12,7 +15,19 @@ import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from p2ppay.pki import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, ensure_server_credentials
+from p2ppay.pki import (
+    CA_CERT,
+    CA_KEY,
+    PEER_CA_CERT,
+    PEER_CA_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    IdentityError,
+    Issuer,
+    ensure_server_credentials,
+    state_lock,
+)
+from p2ppay.receipts import RECEIPT_CERT, ReceiptSigner
 from p2ppay.tls import MissingCA, client_context, server_context
 
 
@@ -104,3 +119,85 @@ async def test_a_certificate_from_another_ca_is_refused(tmp_path: Path) -> None:
         assert not await handshake(
             client_ctx, server_context(theirs.cert_chain, theirs.key), "localhost"
         )
+
+
+def _ensure_in_child(state: str, barrier: Any, out: Any) -> None:
+    """One process of the race below: wait for all, then ensure the PKI; report what it got."""
+    barrier.wait(timeout=60)
+    creds = ensure_server_credentials(Path(state))
+    issuer = Issuer.ensure(Path(state))
+    receipts = ReceiptSigner.ensure(Path(state))
+    out.put(
+        (
+            creds.ca_cert.read_bytes(),
+            issuer.ca_pem,
+            creds.cert_chain.read_bytes(),
+            receipts.certificate_pem,
+        )
+    )
+
+
+def test_processes_starting_on_one_empty_state_dir_share_one_pki(tmp_path: Path) -> None:
+    """Several nodes started at once on one state directory: exactly one creates the CAs and
+    the server certificate; every one ends with the same files (none half-written)."""
+    state = tmp_path / "state"
+    spawn = multiprocessing.get_context("spawn")
+    n = 6
+    barrier, out = spawn.Barrier(n), spawn.Queue()
+    children = [
+        spawn.Process(target=_ensure_in_child, args=(str(state), barrier, out)) for _ in range(n)
+    ]
+    for child in children:
+        child.start()
+    got = [out.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    assert len(set(got)) == 1, "the processes ended with different CAs or certificates"
+    ca, peer_ca, chain, receipt = got[0]
+    assert ca == (state / CA_CERT).read_bytes()
+    assert peer_ca.encode() == (state / PEER_CA_CERT).read_bytes()
+    assert chain == (state / SERVER_CERT).read_bytes()
+    assert receipt.encode() == (state / RECEIPT_CERT).read_bytes()
+    assert not [p.name for p in state.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_threads_starting_on_one_empty_state_dir_share_one_pki(tmp_path: Path) -> None:
+    """The lock is per process too: threads of one process (the server's own to_thread calls)
+    are kept apart as well, and a thread that holds it may take it again."""
+    barrier = threading.Barrier(8)
+    got: list[tuple[bytes, str]] = []
+
+    def one() -> None:
+        barrier.wait(timeout=30)
+        with state_lock(tmp_path):  # re-entrant: ensure takes it again inside
+            creds = ensure_server_credentials(tmp_path)
+            got.append((creds.ca_cert.read_bytes(), Issuer.ensure(tmp_path).ca_pem))
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(got) == 8 and len(set(got)) == 1
+
+
+@pytest.mark.parametrize(("present", "missing"), [(CA_CERT, CA_KEY), (CA_KEY, CA_CERT)])
+def test_a_ca_without_its_key_is_an_error_not_a_new_ca(
+    tmp_path: Path, present: str, missing: str
+) -> None:
+    """A node given only ca.pem must not quietly make a CA of its own over it (every other
+    node's clients trust the one it would replace)."""
+    ensure_server_credentials(tmp_path)
+    before = (tmp_path / present).read_bytes()
+    (tmp_path / missing).unlink()
+    with pytest.raises(ValueError, match=f"{present} is there but {missing} is not"):
+        ensure_server_credentials(tmp_path)
+    assert (tmp_path / present).read_bytes() == before
+
+
+def test_a_peer_ca_without_its_key_is_an_error(tmp_path: Path) -> None:
+    Issuer.ensure(tmp_path)
+    (tmp_path / PEER_CA_KEY).unlink()
+    with pytest.raises(IdentityError, match="is there but"):
+        Issuer.ensure(tmp_path)

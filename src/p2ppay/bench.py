@@ -736,7 +736,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="longer runs, 10,000 sessions")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--serve-echo", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--phase",
+        choices=["all", "scale"],
+        default="all",
+        help="scale: one node against two on PostgreSQL (p2ppay.benchscale; --ledger URL)",
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.phase == "scale" or any(a.startswith("--ledger") for a in rest):
+        from . import benchscale
+
+        return benchscale.main([*rest, "--out", str(args.out)])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.serve_echo:
         trio.run(serve_echo, args.serve_echo)
         return 0

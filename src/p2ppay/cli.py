@@ -19,7 +19,7 @@ import trio
 from . import __version__, admin, logs
 from .exitcodes import ExitCode
 from .ledger import LedgerUnavailable
-from .server import DEFAULT_PORT, ServerOptions, StartupError, run_server
+from .server import DEFAULT_PORT, ServerOptions, StartupError, run_server, workers
 from .settings import add_flags, from_flags, port, seconds
 from .shell import PASSWORD_ENV, ClientOptions, run_client
 
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Every other flag is a field of ServerOptions or of the config it holds (settings.py).
     add_flags(s, ServerOptions)
+    # What the --workers supervisor tells each worker process (server/workers.py).
+    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
     admin.add_parser(
         sub,
         _HelpFormatter,
@@ -231,17 +234,43 @@ def _explain_server_failure(exc: BaseException) -> str:
     return "; ".join(lines)
 
 
-def _run_server(args: argparse.Namespace) -> int:
+def _run_server(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.worker_index is not None:
+        return _run_worker(args)
     logs.configure(args.log_level, args.log_format)
     options = server_options(args)
     log.info("state directory: %s", options.state_dir)
     try:
-        trio.run(partial(run_server, options, handle_signals=True))
+        if options.workers > 1:
+            trio.run(workers.supervise, options, argv)
+        else:
+            trio.run(partial(run_server, options, handle_signals=True))
     except KeyboardInterrupt:
         logs.final_line("p2ppay server: interrupted", args.log_format)
         return ExitCode.INTERRUPTED
     except Exception as exc:
         logs.final_line(f"p2ppay server: {_explain_server_failure(exc)}", args.log_format)
+        return ExitCode.FAILED
+    return ExitCode.OK
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    """One of the processes ``--workers`` starts: its failure line goes to the supervisor,
+    which says it once for all of them."""
+    index = args.worker_index
+    logs.configure(args.log_level, args.log_format, worker=index)
+    if args.worker_fd is None:
+        _usage("--worker-index goes with --worker-fd (both are the supervisor's business)")
+    link = workers.SupervisorLink(args.worker_fd)
+    options = server_options(args)
+    try:
+        trio.run(workers.run_worker, options, link)
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except Exception as exc:
+        line = _explain_server_failure(exc)
+        if not link.failed(line):
+            logs.final_line(f"p2ppay server: worker {index}: {line}", args.log_format)
         return ExitCode.FAILED
     return ExitCode.OK
 
@@ -288,9 +317,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "server":
-        return _run_server(args)
+        return _run_server(args, argv)
     if args.command == "client":
         return _run_client(args)
     if args.command == "admin":

@@ -55,6 +55,18 @@ class ConnectionFields(logging.Filter):
         return True
 
 
+class WorkerField(logging.Filter):
+    """Adds ``worker``: which of the server's worker processes (``--workers``) logged this."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
 #: a LogRecord's own attributes; everything else on a record came from ``extra=`` or a filter
 _STANDARD: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -86,12 +98,17 @@ def configure(
     *,
     text_format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s",
     stream: TextIO | None = None,
+    worker: int | None = None,
 ) -> None:
     """Send every log record at ``level`` or above to ``stream`` (stderr) in ``fmt``; replaces
     whatever handlers the root logger had. Python warnings are logged too, so that with
-    ``json`` every line on stderr is JSON."""
+    ``json`` every line on stderr is JSON. A ``worker`` (its index) is named on every line:
+    ``[worker 1]`` before the logger's name, or a ``worker`` field."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(ConnectionFields())
+    if worker is not None:
+        handler.addFilter(WorkerField(worker))
+        text_format = text_format.replace("%(name)s", "[worker %(worker)s] %(name)s", 1)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text_format))
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -3,14 +3,24 @@
 On first start the server makes, in its state directory, a CA (EC P-256) and a server
 certificate signed by it for localhost, 127.0.0.1, ::1, the host's name and any extra names.
 Clients on the same machine trust ``ca.pem`` from the same directory with no flags.
+
+Several server processes may share one state directory (``--workers``, or several nodes started
+at once): whoever comes first creates the CAs and the server certificate under an exclusive
+lock on ``.pki.lock`` (:func:`state_lock`), and the others then find and use them. Every file is
+written to a temporary name and renamed into place, so nobody ever reads half a file.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import os
+import secrets
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +38,8 @@ SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
 PEER_CA_CERT = "peer-ca.pem"
 PEER_CA_KEY = "peer-ca.key"
+#: the lock file in the state directory that serialises creating and renewing the files above
+LOCK_FILE = ".pki.lock"
 
 CA_LIFETIME = dt.timedelta(days=3650)
 SERVER_LIFETIME = dt.timedelta(days=397)
@@ -59,22 +71,85 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
+@contextmanager
+def _atomic(path: Path, mode: int) -> Iterator[int]:
+    """A file descriptor to write ``path``'s new content to; renamed into place (atomically)
+    only when the block ends without an error. The temporary name is unique, so processes that
+    write at once never write into each other's file."""
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            yield fd
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only, atomically; never world-readable, even briefly."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _atomic(path, 0o600) as fd:
+        _write_all(fd, data)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with _atomic(path, 0o644) as fd:
+        _write_all(fd, data)
+
+
+#: state directories this process holds the lock of, with how deeply (the lock is re-entrant)
+_HELD: dict[str, int] = {}
+#: one thread of this process at a time (flock alone would not keep two threads apart, and
+#: would deadlock a thread that takes it again through another file descriptor)
+_LOCAL = threading.RLock()
+
+
+@contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the state directory's PKI lock: an exclusive ``flock`` on ``.pki.lock`` there, so
+    that of several processes (or threads) starting on one empty directory exactly one creates
+    the CAs and the others wait and then load them. Re-entrant within a thread."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = str(state_dir.resolve())
+    with _LOCAL:
+        if key in _HELD:
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or the process dies
+            _HELD[key] = 1
+            try:
+                yield
+            finally:
+                del _HELD[key]
+        finally:
+            os.close(fd)
+
+
+def _pair_present(cert_path: Path, key_path: Path) -> bool:
+    """Whether a certificate and its key are both there (False: neither is). One without the
+    other is an error, not a reason to make a new CA over it: a node given only ``ca.pem``
+    would otherwise replace the CA every other node and client trusts."""
+    cert, key = cert_path.is_file(), key_path.is_file()  # (a directory in the way: an error later)
+    if cert != key:
+        have, lack = (cert_path, key_path) if cert else (key_path, cert_path)
+        raise ValueError(f"{have.name} is there but {lack.name} is not: copy both, or neither")
+    return cert
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -170,26 +245,32 @@ def _normalise(name: str) -> str:
 def load_or_create_ca(
     state_dir: Path,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bool]:
-    """The state directory's CA (``ca.pem``, ``ca.key``), made if missing; True if just made."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ca_path, ca_key_path = state_dir / CA_CERT, state_dir / CA_KEY
-    if ca_path.exists() and ca_key_path.exists():
-        ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
-        loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{ca_key_path} is not an EC private key")
-        return ca_cert, loaded, False
-    ca_cert, ca_key = create_ca()
-    write_private(ca_key_path, key_pem(ca_key))
-    write_public(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
-    return ca_cert, ca_key, True
+    """The state directory's CA (``ca.pem``, ``ca.key``), made if missing; True if just made
+    (under the state directory's lock: several processes may start on it at once)."""
+    with state_lock(state_dir):
+        ca_path, ca_key_path = state_dir / CA_CERT, state_dir / CA_KEY
+        if _pair_present(ca_path, ca_key_path):
+            ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
+            loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{ca_key_path} is not an EC private key")
+            return ca_cert, loaded, False
+        ca_cert, ca_key = create_ca()
+        write_private(ca_key_path, key_pem(ca_key))
+        write_public(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+        return ca_cert, ca_key, True
 
 
 def ensure_server_credentials(
     state_dir: Path, extra_sans: tuple[str, ...] = ()
 ) -> ServerCredentials:
-    """Create the CA and the server certificate if missing, expiring, or lacking a name."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create the CA and the server certificate if missing, expiring, or lacking a name (under
+    the state directory's lock: several processes may start on it at once)."""
+    with state_lock(state_dir):
+        return _ensure_server_credentials(state_dir, extra_sans)
+
+
+def _ensure_server_credentials(state_dir: Path, extra_sans: tuple[str, ...]) -> ServerCredentials:
     ca_path = state_dir / CA_CERT
     cert_path, key_path = state_dir / SERVER_CERT, state_dir / SERVER_KEY
 
@@ -269,18 +350,22 @@ class Issuer:
         It is a CA of its own, apart from the one that signs the server's certificate: a peer
         certificate (whose name an account holder chooses) can then never pass for the server.
         """
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cert_path, key_path = state_dir / PEER_CA_CERT, state_dir / PEER_CA_KEY
-        if cert_path.exists() and key_path.exists():
-            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise IdentityError(f"{key_path} is not an EC private key")
+        with state_lock(state_dir):
+            cert_path, key_path = state_dir / PEER_CA_CERT, state_dir / PEER_CA_KEY
+            try:
+                present = _pair_present(cert_path, key_path)
+            except ValueError as exc:
+                raise IdentityError(str(exc)) from None
+            if present:
+                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+                key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+                if not isinstance(key, ec.EllipticCurvePrivateKey):
+                    raise IdentityError(f"{key_path} is not an EC private key")
+                return cls(cert, key)
+            cert, key = create_ca(PEER_CA_NAME)
+            write_private(key_path, key_pem(key))
+            write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
             return cls(cert, key)
-        cert, key = create_ca(PEER_CA_NAME)
-        write_private(key_path, key_pem(key))
-        write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-        return cls(cert, key)
 
     @classmethod
     def ephemeral(cls) -> Issuer:

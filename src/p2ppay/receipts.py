@@ -33,6 +33,7 @@ from .pki import (
     RENEW_BEFORE,
     key_pem,
     load_or_create_ca,
+    state_lock,
     utc_now,
     write_private,
     write_public,
@@ -142,7 +143,12 @@ class ReceiptSigner:
     def ensure(cls, state_dir: Path) -> ReceiptSigner:
         """Load the receipt key from ``state_dir``; make it (and the CA, if missing) on first
         start, and certify it again when the CA changed or the certificate nears its end.
-        Blocking."""
+        Blocking; under the state directory's lock (nodes sharing it may start at once)."""
+        with state_lock(state_dir):
+            return cls._ensure(state_dir)
+
+    @classmethod
+    def _ensure(cls, state_dir: Path) -> ReceiptSigner:
         ca_cert, ca_key, _ = load_or_create_ca(state_dir)
         cert_path, key_path = state_dir / RECEIPT_CERT, state_dir / RECEIPT_KEY
         if cert_path.exists() and key_path.exists():

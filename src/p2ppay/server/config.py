@@ -239,7 +239,16 @@ class ServerOptions:
         convert=DIALECTS.__getitem__,
     )
 
+    workers: int = setting(
+        1,
+        "--workers",
+        "processes serving the same port(s) on this machine (SO_REUSEPORT); more than 1 "
+        "needs a PostgreSQL --ledger, and gives worker i --metrics-port PORT+i",
+        count,
+    )
+
     def __post_init__(self) -> None:
+        self._check_workers()
         # (With --deposits operator course accounts start empty: the check does not apply.)
         if self.config.deposits == "open" and not (
             0 <= self.config.course_initial_balance <= self.limits.max_deposit
@@ -256,3 +265,25 @@ class ServerOptions:
             for other, same in given[i + 1 :]:
                 if port == same:
                     raise ValueError(f"{flag} and {other} are both {port}: give each its own")
+
+    def _check_workers(self) -> None:
+        if self.workers == 1:
+            return
+        if self.ledger is None or not lg.is_postgres_url(self.ledger):
+            raise ValueError(
+                f"--workers {self.workers} needs a PostgreSQL ledger (--ledger postgresql://...): "
+                "the SQLite ledger file takes one process"
+            )
+        if self.metrics_port:  # worker i serves its own metrics on --metrics-port + i
+            last = self.metrics_port + self.workers - 1
+            if last > 65535:
+                raise ValueError(
+                    f"--metrics-port {self.metrics_port} with --workers {self.workers} needs "
+                    f"ports up to {last}: give a lower one"
+                )
+            for flag, port in (("--port", self.port), ("--course-port", self.course_port)):
+                if port and self.metrics_port <= port <= last:
+                    raise ValueError(
+                        f"{flag} {port} is among the workers' metrics ports "
+                        f"{self.metrics_port}..{last}"
+                    )

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -19,12 +18,19 @@ import trio
 from .. import ledger as lg
 from ..ledger.pgschema import describe, open_connection
 from ..metrics import serve_metrics
-from ..pki import IdentityError, Issuer, ensure_server_credentials, public_key_line
+from ..pki import (
+    IdentityError,
+    Issuer,
+    ensure_server_credentials,
+    public_key_line,
+    state_lock,
+)
 from ..receipts import ReceiptSigner
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
 from .pg_presence import PgPresence, one_line, open_pg_presence
+from .ports import bind_error, reuseport_listeners
 
 log = logging.getLogger("p2ppay.server")
 
@@ -74,28 +80,37 @@ def check_postgres(url: str) -> None:
         raise StartupError(f"the ledger cannot be used: {exc}") from None
 
 
-async def _bind(port: int, host: str | None) -> list[trio.SocketListener]:
+def _generated_context(state_dir: Path, sans: tuple[str, ...]) -> tuple[ssl.SSLContext, Path]:
+    """The TLS context on the state directory's generated certificate, loaded under its lock:
+    another process sharing the directory may be renewing the files (see pki.state_lock)."""
+    with state_lock(state_dir):
+        creds = ensure_server_credentials(state_dir, sans)
+        return server_context(creds.cert_chain, creds.key), creds.cert_chain
+
+
+async def _bind(
+    port: int, host: str | None, *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
     try:
+        if reuse_port:  # one of several workers on this port (see ports.py)
+            return await reuseport_listeners(port, host)
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        where = f"port {port}" if host is None else f"{host} port {port}"
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{where} is already in use") from None
-        if exc.errno == errno.EACCES:
-            raise StartupError(f"{where} is not allowed for this user") from None
-        raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise StartupError(str(bind_error(exc, port, host))) from None
 
 
 async def run_server(
     options: ServerOptions,
     *,
     handle_signals: bool = False,
+    reuse_port: bool = False,
     open_ledger: OpenLedger = lg.open_ledger,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses
     (the native listeners' first, then the course dialect's). ``open_ledger`` opens the
-    ledger (a seam: the crash tests run a server whose ledger misbehaves on purpose)."""
+    ledger (a seam: the crash tests run a server whose ledger misbehaves on purpose).
+    ``reuse_port``: the native and course ports are shared with other workers (SO_REUSEPORT)."""
     state_dir = options.state_dir
     await trio.to_thread.run_sync(prepare_state_dir, state_dir)
     target: Path | str = options.ledger or state_dir / LEDGER_FILE
@@ -119,11 +134,9 @@ async def run_server(
         raise StartupError("--cert and --key go together")
     try:
         if not (options.cert and options.key):
-            creds = await trio.to_thread.run_sync(
-                ensure_server_credentials, state_dir, options.sans
+            ctx, cert_path = await trio.to_thread.run_sync(
+                _generated_context, state_dir, options.sans
             )
-            cert_path = creds.cert_chain
-            ctx = server_context(creds.cert_chain, creds.key)
         issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
         receipts = await trio.to_thread.run_sync(ReceiptSigner.ensure, state_dir)
     except (ValueError, TypeError, IdentityError, ssl.SSLError) as exc:
@@ -136,12 +149,12 @@ async def run_server(
     key_line = public_key_line(await trio.Path(cert_path).read_bytes())
 
     # Bind first: a port in use is reported before anything is created or opened.
-    listeners = await _bind(options.port, options.host)
+    listeners = await _bind(options.port, options.host, reuse_port=reuse_port)
     course_listeners: list[trio.SocketListener] = []
     metrics_listeners: list[trio.SocketListener] = []
     try:
         if options.course_port is not None:
-            course_listeners = await _bind(options.course_port, options.host)
+            course_listeners = await _bind(options.course_port, options.host, reuse_port=reuse_port)
         if options.metrics_port is not None:
             metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
         async with AsyncExitStack() as opened:
