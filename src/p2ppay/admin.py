@@ -4,7 +4,8 @@ They work through the ledger file in the state directory (no network port, no ex
 whoever can write the ledger file is the operator), or through the PostgreSQL database that
 ``--ledger postgresql://...`` names (whoever may write that database is the operator). See
 :mod:`p2ppay.ledger.admin` for why a running server honours each change at once. Output goes
-to stdout; one line on stderr and the exit status say what went wrong (see :mod:`p2ppay.exitcodes`), never a traceback.
+to stdout; one line on stderr and the exit status say what went wrong (see
+:mod:`p2ppay.exitcodes`), never a traceback.
 """
 
 from __future__ import annotations
