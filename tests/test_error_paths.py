@@ -7,6 +7,7 @@ import logging
 import sqlite3
 import ssl
 import uuid
+from typing import Any
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -176,9 +177,9 @@ class FlakyLedger:
         self._check()
         return await self.inner.transfer(payment_id)
 
-    async def history(self, name: str, limit: int) -> list[lg.Entry]:
+    async def history(self, name: str, limit: int, **filters: Any) -> list[lg.Entry]:
         self._check()
-        return await self.inner.history(name, limit)
+        return await self.inner.history(name, limit, **filters)
 
     async def audit(self) -> lg.Audit:
         self._check()

@@ -487,3 +487,69 @@ async def test_reads_do_not_wait_behind_a_commit(tmp_path: Path) -> None:
             alice = await ledger.account("alice")
             assert alice is not None and alice.balance == 90
         writer.hold = None
+
+
+# --- history: cursor paging and filters --------------------------------------------------------
+
+
+async def _mixed_history(ledger: SqliteLedger) -> None:
+    """alice: a deposit, then 30 movements with bob, carol and deposits, in turn."""
+    await funded(ledger, alice=1000, bob=1000, carol=1000)
+    for i in range(1, 31):
+        if i % 5 == 0:
+            await ledger.deposit("alice", i)
+        elif i % 2:
+            await ledger.settle(uuid.uuid4(), "alice", "bob" if i % 3 else "carol", i)
+        else:
+            await ledger.settle(uuid.uuid4(), "carol" if i % 4 else "bob", "alice", i)
+
+
+async def test_history_pages_cover_everything_once(ledger: SqliteLedger) -> None:
+    await _mixed_history(ledger)
+    whole = await ledger.history("alice", 1000)
+    assert len(whole) == 31
+    assert [e.seq for e in whole] == sorted((e.seq for e in whole), reverse=True)
+    for size in (1, 4, 7, 31):
+        pages: list[lg.Entry] = []
+        before: int | None = None
+        while page := await ledger.history("alice", size, before=before):
+            assert len(page) <= size
+            pages += page
+            before = page[-1].seq
+        assert pages == whole
+
+
+async def test_history_filters(ledger: SqliteLedger) -> None:
+    await _mixed_history(ledger)
+    whole = await ledger.history("alice", 1000)
+    with_bob = await ledger.history("alice", 1000, counterparty="BOB")
+    assert with_bob == [e for e in whole if e.counterparty == "bob"]
+    assert {e.kind for e in with_bob} == {"sent", "received"}
+    assert await ledger.history("alice", 1000, counterparty="nobody") == []
+    # Time bounds: since inclusive, until exclusive; together with a cursor and a counterparty.
+    times = sorted({e.at_ms for e in whole})
+    middle = times[len(times) // 2]
+    assert await ledger.history("alice", 1000, since_ms=middle) == [
+        e for e in whole if e.at_ms >= middle
+    ]
+    assert await ledger.history("alice", 1000, until_ms=middle) == [
+        e for e in whole if e.at_ms < middle
+    ]
+    cursor = with_bob[2].seq
+    assert await ledger.history("alice", 2, counterparty="bob", before=cursor) == with_bob[3:5]
+
+
+async def test_history_reads_one_account_through_the_indexes(ledger: SqliteLedger) -> None:
+    from p2ppay.ledger.sqlite import _HISTORY
+
+    await _mixed_history(ledger)
+
+    def plan(db: sqlite3.Connection) -> list[str]:
+        params = {"name": "alice", "limit": 5, "before": 99, "other": "bob", "since": 0}
+        rows = db.execute(f"EXPLAIN QUERY PLAN {_HISTORY}", {**params, "until": 2**62})
+        return [row[3] for row in rows]
+
+    details = await ledger._read(plan)
+    assert any("USING INDEX movements_payer (payer=? AND seq<?)" in d for d in details), details
+    assert any("USING INDEX movements_payee (payee=? AND seq<?)" in d for d in details), details
+    assert not any(d.startswith("SCAN movements") for d in details), details
