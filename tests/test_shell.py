@@ -165,7 +165,7 @@ async def test_an_interactive_session(wallet_at: WalletAt, open_wallet: Open) ->
     assert "port for payments (Enter: any free port): " in typist.prompts
     assert "carol> " in typist.prompts
     history = typist.written[typist.written.index("Balance: 50") + 1]
-    assert history.splitlines()[0].split() == ["WHEN", "KIND", "AMOUNT", "BALANCE", "WITH"]
+    assert history.splitlines()[0].split() == ["WHEN", "(UTC)", "KIND", "AMOUNT", "BALANCE", "WITH"]
     assert "deposit" in history.splitlines()[1]
     listing = typist.written[typist.written.index("Balance: 50") + 2]
     assert listing.splitlines()[:2] == ["Balance: 50", "Online (2):"]
@@ -216,6 +216,9 @@ async def test_a_script_in_json(wallet_at: WalletAt, open_wallet: Open, tmp_path
     assert by_command["balance"]["result"] == {"balance": 10}
     assert [u["name"] for u in by_command["list"]["result"]["online"]] == ["dave", "erin"]
     assert by_command["history"]["result"]["entries"][0]["kind"] == "deposit"
+    # Every pay outcome carries its payment id, a refusal before anyone was asked too.
+    pid = by_command["pay"]["error"].pop("payment_id")
+    assert uuid.UUID(pid) and str(uuid.UUID(pid)) == pid
     assert by_command["pay"] == {
         "command": "pay",
         "ok": False,

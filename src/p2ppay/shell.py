@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import os
 import re
+import shlex
 import signal
 import ssl
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,18 +54,26 @@ HELP: Final = """Commands:
   deposit AMOUNT      add money to your account
   balance             show your balance
   list                your balance and who is online
-  pay NAME AMOUNT     pay NAME directly; they accept or decline
-  history [N]         your last N movements (default 20)
+  pay NAME AMOUNT [--id UUID]
+                      pay NAME directly; they accept or decline. With --id, safe to
+                      repeat: a payment already settled is not paid again
+  status ID           whether payment ID is settled (yours to see: you paid or were paid)
+  history [N] [--with NAME] [--since DATE] [--until DATE] [--limit N] [--csv]
+                      your movements, newest first (default the last 20; with --csv all);
+                      DATE is in UTC: 2026-11-29 (the whole day) or 2026-11-29T14:30
   logout              log out (stop taking payments)
   serve               stay online taking offers until Ctrl-C or SIGTERM
   help                this text
   exit                log out and leave (also Ctrl-D)
+Words are split like a shell's: quote a word with spaces ("..." or '...').
 The seed program's menu works too: 1 register, 2 login, 3 list, 4 pay, 5 exit.
 Amounts are whole numbers."""
 
 MENU: Final = {"1": "register", "2": "login", "3": "list", "4": "pay", "5": "exit"}
-NEEDS_LOGIN: Final = frozenset({"deposit", "balance", "list", "pay", "history", "logout", "serve"})
-#: the most words each command takes after its name
+NEEDS_LOGIN: Final = frozenset(
+    {"deposit", "balance", "list", "pay", "status", "history", "logout", "serve"}
+)
+#: the most words (besides options) each command takes after its name
 MAX_ARGS: Final = {
     "register": 1,
     "login": 1,
@@ -69,6 +81,7 @@ MAX_ARGS: Final = {
     "balance": 0,
     "list": 0,
     "pay": 2,
+    "status": 1,
     "history": 1,
     "logout": 0,
     "serve": 0,
@@ -76,6 +89,11 @@ MAX_ARGS: Final = {
     "exit": 0,
     "quit": 0,
 }
+#: history rows shown when no number is asked for (``--csv`` exports everything)
+DEFAULT_HISTORY: Final = 20
+#: the most movements one ``history`` may ask for (it is fetched in pages of MAX_HISTORY)
+MAX_HISTORY_ASKED: Final = 10**9
+CSV_HEADER: Final = ("time", "at_ms", "kind", "amount", "balance", "counterparty", "payment_id")
 
 
 class UsageError(Exception):
@@ -118,12 +136,105 @@ def parse_name(text: str) -> str:
 
 
 def parse_count(text: str) -> int:
-    """How many movements ``history`` shows."""
-    if not text.isdigit() or not 1 <= int(text) <= MAX_HISTORY:
+    """How many movements ``history`` shows (more than a page are fetched page by page)."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_HISTORY_ASKED:
         raise UsageError(
-            f"the number of movements must be a whole number from 1 to {MAX_HISTORY} (not {text!r})"
+            f"the number of movements must be a whole number from 1 to {MAX_HISTORY_ASKED} "
+            f"(not {text!r})"
         )
     return int(text)
+
+
+def parse_payment_id(text: str) -> uuid.UUID:
+    """A payment id as typed: a UUID with its dashes (any letter case)."""
+    if not p.CANONICAL_UUID.fullmatch(text.lower()):
+        raise UsageError(
+            f"{text!r} is not a payment id: a UUID like 12345678-1234-5678-1234-567812345678"
+        )
+    return uuid.UUID(text.lower())
+
+
+def _parse_moment(text: str, option: str) -> tuple[dt.datetime, bool]:
+    """A date or date-time in UTC (an explicit offset is honoured); True if a date alone."""
+    try:
+        if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+            day = dt.date.fromisoformat(text)
+            return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC), True
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"{option} takes a date or a date and time in UTC, like 2026-11-29 or "
+            f"2026-11-29T14:30 (not {text!r})"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment, False
+
+
+def _ms(moment: dt.datetime) -> int:
+    ms = int(moment.timestamp() * 1000)
+    if not 0 <= ms <= 2**53:
+        raise UsageError(f"{moment.isoformat()} is out of range")
+    return ms
+
+
+def parse_since(text: str) -> int:
+    """``--since``: from this moment on (a date alone: from its first instant), Unix ms."""
+    return _ms(_parse_moment(text, "--since")[0])
+
+
+def parse_until(text: str) -> int:
+    """``--until``: before this moment (a date alone: up to its end, the whole day in),
+    Unix ms, exclusive."""
+    moment, whole_day = _parse_moment(text, "--until")
+    return _ms(moment + dt.timedelta(days=1) if whole_day else moment)
+
+
+#: Each command's options: the parser of its value, or None for a flag without one.
+OPTIONS: Final[dict[str, dict[str, Callable[[str], Any] | None]]] = {
+    "pay": {"--id": parse_payment_id},
+    "history": {
+        "--with": parse_name,
+        "--since": parse_since,
+        "--until": parse_until,
+        "--limit": parse_count,
+        "--csv": None,
+    },
+}
+
+
+def parse_args(command: str, args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """A command's words: its positional arguments, and its options parsed (``--opt VALUE``
+    or ``--opt=VALUE``). An unknown option, one given twice, or a word too many is refused."""
+    known = OPTIONS.get(command, {})
+    positional: list[str] = []
+    options: dict[str, Any] = {}
+    words = iter(args)
+    for word in words:
+        if not word.startswith("--"):
+            positional.append(word)
+            continue
+        name, has_value, value = word.partition("=")
+        if name not in known:
+            raise UsageError(f"{command} does not take {word!r}; type help for the usage")
+        if name in options:
+            raise UsageError(f"{command}: {name} is given twice")
+        parse = known[name]
+        if parse is None:
+            if has_value:
+                raise UsageError(f"{command}: {name} takes no value")
+            options[name] = True
+            continue
+        if not has_value:
+            value = next(words, None)  # type: ignore[assignment]
+            if value is None:
+                raise UsageError(f"{command}: {name} needs a value")
+        options[name] = parse(value)
+    most = MAX_ARGS.get(command, len(positional))
+    if len(positional) > most:
+        extra = " ".join(positional[most:])
+        raise UsageError(f"{command} does not take {extra!r}; type help for the usage")
+    return positional, options
 
 
 def parse_port(text: str) -> int:
@@ -136,11 +247,87 @@ def parse_port(text: str) -> int:
 
 
 def split_commands(script: str) -> list[str]:
-    return [part.strip() for part in re.split(r"[;\n]", script) if part.strip()]
+    """A ``-c`` script's commands: separated by ``;`` or a new line, except inside quotes
+    (quoted as in :func:`split_words`; the quotes stay for it to remove)."""
+    commands: list[str] = []
+    current: list[str] = []
+    quote: str | None = None
+    chars = iter(script)
+    for ch in chars:
+        if quote is None and ch in ";\n":
+            commands.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+        if ch == "\\" and quote != "'":
+            current.append(next(chars, ""))  # an escaped character is never a separator
+        elif quote is None and ch in "'\"":
+            quote = ch
+        elif ch == quote:
+            quote = None
+    commands.append("".join(current))
+    return [command.strip() for command in commands if command.strip()]
+
+
+def split_words(line: str) -> list[str]:
+    """A command line's words, split like a POSIX shell's: quotes group, backslash escapes."""
+    try:
+        return shlex.split(line)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        reason = "a quote is not closed" if "quotation" in str(exc) else "it ends with \\"
+        raise UsageError(f"cannot read {line!r}: {reason}") from None
+
+
+def complete(before_cursor: str, names: list[str]) -> list[str]:
+    """What may follow at the end of ``before_cursor``: a command, an option of the command,
+    or an online name (from the last ``list``) where a name goes."""
+    words = before_cursor.split(" ")
+    current = words[-1]
+    if len(words) == 1:
+        candidates: list[str] = [c for c in MAX_ARGS if c != "quit"]
+    else:
+        command = words[0].lower()
+        previous = words[-2] if len(words) > 2 else ""
+        options = OPTIONS.get(command, {})
+        if current.startswith("-"):
+            candidates = list(options)
+        elif previous == "--with" or (
+            command == "pay" and [w for w in words[1:-1] if w] == []
+        ):
+            candidates = names
+        else:
+            candidates = []
+    return sorted(c for c in candidates if c.startswith(current))
 
 
 def _when(at_ms: int) -> str:
-    return dt.datetime.fromtimestamp(at_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    """A moment as shown and exported: UTC, like the dates ``history`` takes."""
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(at_ms: int) -> str:
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def csv_rows(entries: list[p.HistoryEntry], header: bool = False) -> str:
+    """History entries as RFC 4180 CSV (CRLF line ends, quoted where needed)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if header:
+        writer.writerow(CSV_HEADER)
+    for e in entries:
+        writer.writerow(
+            (
+                _iso(e.at_ms),
+                e.at_ms,
+                e.kind,
+                e.amount,
+                e.balance,
+                e.counterparty or "",
+                e.payment_id or "",
+            )
+        )
+    return out.getvalue()
 
 
 def format_list(result: p.ListResult) -> str:
@@ -158,13 +345,27 @@ def format_list(result: p.ListResult) -> str:
 def format_history(entries: list[p.HistoryEntry]) -> str:
     if not entries:
         return "No movements yet."
-    lines = [f"  {'WHEN':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  WITH"]
+    lines = [f"  {'WHEN (UTC)':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  WITH"]
     for e in entries:
         lines.append(
             f"  {_when(e.at_ms):<19}  {e.kind:<8}  {e.amount:>10}  {e.balance:>10}  "
             f"{e.counterparty or ''}".rstrip()
         )
     return "\n".join(lines)
+
+
+def format_status(status: p.PaymentStatusResult) -> str:
+    if not status.settled:
+        return (
+            f"Payment {status.payment_id}: not settled (or not yours to see: only its payer "
+            "and payee are told)"
+        )
+    assert status.at_ms is not None
+    return (
+        f"Payment {status.payment_id}: settled: {status.payer} paid {status.payee} "
+        f"{status.amount} at {_when(status.at_ms)} UTC. Your balance right after: "
+        f"{status.balance}"
+    )
 
 
 def read_password_file(path: Path) -> str:
@@ -197,6 +398,10 @@ class Shell:
         self._replaced = False
         #: the payment port chosen at the prompt, kept once a login has worked with it
         self._chosen_port: int | None = None
+        #: who was online at the last ``list`` (for completion)
+        self.online_names: list[str] = []
+        #: the payment the command under way is making (its id goes with every outcome)
+        self.payment_id: uuid.UUID | None = None
 
     @property
     def serving(self) -> bool:
@@ -224,12 +429,26 @@ class Shell:
     ) -> None:
         if self.status is ExitCode.OK:
             self.status = status
+        error: dict[str, Any] = {"code": code, "message": message}
+        if command == "pay":  # its id, so that it can be checked (status) or retried (--id)
+            error["payment_id"] = None if self.payment_id is None else str(self.payment_id)
         if self.options.json:
-            self._json(
-                {"command": command, "ok": False, "error": {"code": code, "message": message}}
-            )
-        else:
-            self.terminal.write(f"Error ({code}): {printable(message)}")
+            self._json({"command": command, "ok": False, "error": error})
+            return
+        if command == "pay" and self.payment_id is not None and code == "server_unreachable":
+            message += f" (payment {self.payment_id}: status tells, pay ... --id retries it)"
+        self.terminal.write(f"Error ({code}): {printable(message)}")
+
+    def toolbar(self) -> str:
+        """The line under the prompt: who is logged in, and the balance as last seen."""
+        user = self.wallet.user
+        if user is None:
+            return "not logged in"
+        balance = self.wallet.known_balance
+        return f"{user}  balance: {'?' if balance is None else balance}"
+
+    def complete(self, before_cursor: str) -> list[str]:
+        return complete(before_cursor, self.online_names)
 
     def _json(self, obj: dict[str, Any]) -> None:
         self.terminal.write(json.dumps(obj, sort_keys=True))
@@ -360,16 +579,17 @@ class Shell:
 
     async def execute(self, line: str) -> bool:
         """Run one command line; False when the shell should end."""
-        words = line.split()
-        if not words:
-            return True
-        command, args = words[0].lower(), words[1:]
-        command = MENU.get(command, command)
+        self.payment_id = None
+        first = line.split(maxsplit=1)
+        command = MENU.get(first[0].lower(), first[0].lower()) if first else ""
         try:
-            if len(args) > MAX_ARGS.get(command, len(args)):
-                extra = " ".join(args[MAX_ARGS[command] :])
-                raise UsageError(f"{command} does not take {extra!r}; type help for the usage")
-            return await self._execute(command, args)
+            words = split_words(line)
+            if not words:
+                return True
+            command, args = words[0].lower(), words[1:]
+            command = MENU.get(command, command)
+            positional, options = parse_args(command, args)
+            return await self._execute(command, positional, options)
         except UsageError as exc:
             self.emit_error(command, "usage", str(exc), ExitCode.USAGE)
         except PaymentFailed as exc:
@@ -395,7 +615,7 @@ class Shell:
             self.say("(cancelled)")
         return True
 
-    async def _execute(self, command: str, args: list[str]) -> bool:
+    async def _execute(self, command: str, args: list[str], options: dict[str, Any]) -> bool:
         if command in ("exit", "quit"):
             return False
         if command == "help":
@@ -426,12 +646,18 @@ class Shell:
             self.emit("balance", {"balance": balance}, f"Balance: {balance}")
         elif command == "list":
             result = await wallet.list()
+            self.online_names = [u.name for u in result.online]
             self.emit("list", result, format_list(result))
         elif command == "pay":
+            # The id is chosen here, before anything can fail, so that every outcome names it.
+            self.payment_id = options.get("--id") or uuid.uuid4()
             payee = parse_name(args[0]) if args else await self._prompted("payee: ", parse_name)
             amount = await self._amount(args, 1)
             paid = await wallet.pay(
-                payee, amount, on_offer=lambda o: self.say(f"Offering {o.amount} to {o.payee}...")
+                payee,
+                amount,
+                self.payment_id,
+                on_offer=lambda o: self.say(f"Offering {o.amount} to {o.payee}..."),
             )
             self.emit(
                 "pay",
@@ -439,10 +665,13 @@ class Shell:
                 f"Paid {paid.amount} to {paid.payee} (payment "
                 f"{paid.payment_id}). Your balance: {paid.balance}",
             )
+        elif command == "status":
+            if not args:
+                raise UsageError("status needs a payment id")
+            status = await wallet.payment_status(parse_payment_id(args[0]))
+            self.emit("status", status, format_status(status))
         elif command == "history":
-            limit = parse_count(args[0]) if args else 20
-            entries = await wallet.history(limit)
-            self.emit("history", {"entries": entries}, format_history(entries))
+            await self._history(args, options)
         elif command == "logout":
             await wallet.logout()
             self.emit("logout", {}, "Logged out.")
@@ -456,6 +685,54 @@ class Shell:
             self._serving = None
             self.emit_error("serve", "session_replaced", "logged in elsewhere; stopped serving")
         return True
+
+    async def _history(self, args: list[str], options: dict[str, Any]) -> None:
+        if args and "--limit" in options:
+            raise UsageError("history: give the number of movements once (N or --limit N)")
+        csv_out = bool(options.get("--csv"))
+        limit: int | None = parse_count(args[0]) if args else options.get("--limit")
+        if limit is None and not csv_out:
+            limit = DEFAULT_HISTORY
+        since, until = options.get("--since"), options.get("--until")
+        if since is not None and until is not None and since >= until:
+            raise UsageError("history: --since must be before --until")
+        # Page by page (each at most a page of the protocol's) until done or enough; a CSV
+        # export is written as it comes, so a long history never sits in memory whole.
+        entries: list[p.HistoryEntry] = []
+        before: int | None = None
+        count = 0
+        text = csv_rows([], header=True) if csv_out else ""
+        if csv_out and not self.options.json:
+            self._write_csv(text)
+        while True:
+            size = MAX_HISTORY if limit is None else min(MAX_HISTORY, limit - count)
+            page = await self.wallet.history_page(
+                size,
+                before=before,
+                counterparty=options.get("--with"),
+                since_ms=since,
+                until_ms=until,
+            )
+            count += len(page.entries)
+            before = page.next
+            if csv_out and not self.options.json:
+                self._write_csv(csv_rows(page.entries))
+            elif csv_out:
+                text += csv_rows(page.entries)
+            else:
+                entries += page.entries
+            if before is None or (limit is not None and count >= limit):
+                break
+        if csv_out:
+            if self.options.json:
+                self._json({"command": "history", "ok": True, "result": {"csv": text}})
+            return
+        self.emit("history", {"entries": entries, "next": before}, format_history(entries))
+
+    def _write_csv(self, text: str) -> None:
+        # Written as it is, CRLF line ends included (the terminal adds the last "\n").
+        if text:
+            self.terminal.write(text.removesuffix("\n"))
 
     async def _prompted(self, prompt: str, parse: Callable[[str], T]) -> T:
         if not self.interactive:
