@@ -7,10 +7,10 @@ import logging
 import sqlite3
 import ssl
 import uuid
-from typing import Any
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio

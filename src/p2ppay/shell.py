@@ -291,9 +291,7 @@ def complete(before_cursor: str, names: list[str]) -> list[str]:
         options = OPTIONS.get(command, {})
         if current.startswith("-"):
             candidates = list(options)
-        elif previous == "--with" or (
-            command == "pay" and [w for w in words[1:-1] if w] == []
-        ):
+        elif previous == "--with" or (command == "pay" and [w for w in words[1:-1] if w] == []):
             candidates = names
         else:
             candidates = []
