@@ -44,7 +44,9 @@ class Typist:
         self.prompts: list[str] = []
         self.written: list[str] = []
 
-    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
+    async def prompt(
+        self, message: str, default: str, secret: bool, *, remember: bool = False
+    ) -> str | Interrupted:
         await trio.lowlevel.checkpoint()
         self.prompts.append(message + ("(secret)" if secret else ""))
         if not self.lines:

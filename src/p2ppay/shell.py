@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TextIO, TypeVar, final
 
 import msgspec
+import platformdirs
 import trio
 
 from . import protocol as p
@@ -27,7 +28,7 @@ from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port
 from .exitcodes import ExitCode
 from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
-from .terminal import Terminal, make_terminal, printable
+from .terminal import RichBackend, Terminal, make_terminal, printable
 from .tls import MissingCA, client_context
 from .wallet import (
     CannotConnect,
@@ -118,6 +119,12 @@ class ClientOptions:
     ask_timeout: float = 30.0
     commands: str | None = None
     json: bool = False
+
+
+def command_history_path() -> Path:
+    """Where the interactive client keeps typed commands across runs: the user's state
+    directory (``~/.local/state/p2ppay`` on Linux), mode 0600."""
+    return Path(platformdirs.user_state_dir("p2ppay", appauthor=False)) / "client-history"
 
 
 def parse_amount(text: str) -> int:
@@ -811,7 +818,9 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
     except MissingCA as exc:
         print(f"p2ppay client: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    terminal, holding = make_terminal(interactive=options.commands is None)
+    terminal, holding = make_terminal(
+        interactive=options.commands is None, history_file=command_history_path()
+    )
     peer_config = PeerConfig(
         decide_timeout=options.ask_timeout, answer_timeout=options.ask_timeout + 15
     )
@@ -831,6 +840,9 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                     peer_config=peer_config,
                 ) as wallet:
                     shell = Shell(wallet, terminal, options, out)
+                    if isinstance(terminal.backend, RichBackend):
+                        terminal.backend.complete = shell.complete
+                        terminal.backend.toolbar = shell.toolbar
                     nursery.start_soon(shell.show_events)
                     code = await _until_signalled(nursery, shell)
                     if code == ExitCode.INTERRUPTED:
