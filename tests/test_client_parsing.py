@@ -264,3 +264,15 @@ def test_the_client_command_reads_them(
     assert (options.host, options.port, options.user) == ("e.example", 4321, "flag")
     options = client_options(parse(["client", "f.example"]))
     assert (options.host, options.port) == ("f.example", 8700)
+
+
+def test_the_readme_lists_every_command_and_option() -> None:
+    from p2ppay.shell import MAX_ARGS, OPTIONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### The client's commands", 1)[1].split("\n\n")[1]
+    rows = {line.split("`")[1].split()[0]: line for line in table.splitlines()[2:]}
+    assert set(MAX_ARGS) - {"quit", "exit"} <= set(rows), sorted(set(MAX_ARGS) - set(rows))
+    for command, options in OPTIONS.items():
+        for option in options:
+            assert f"{option}" in rows[command].split("|")[1], (command, option)

@@ -850,14 +850,19 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                             "interrupted; the command under way may or may not have been done "
                             "(history tells)"
                         )
+                        error: dict[str, Any] = {"code": "interrupted", "message": message}
+                        if shell.payment_id is not None:  # a payment was under way: which
+                            message += f"; payment {shell.payment_id}: status tells"
+                            error.update(message=message, payment_id=str(shell.payment_id))
                         if options.json:
-                            error = {"code": "interrupted", "message": message}
                             print(json.dumps({"ok": False, "error": error}), file=out, flush=True)
                         print(f"p2ppay client: {message}", file=sys.stderr)
             except CannotConnect as exc:
                 if options.json:
-                    error = {"code": "server_unreachable", "message": str(exc)}
-                    print(json.dumps({"command": "connect", "ok": False, "error": error}), file=out)
+                    failure = {"code": "server_unreachable", "message": str(exc)}
+                    print(
+                        json.dumps({"command": "connect", "ok": False, "error": failure}), file=out
+                    )
                 print(f"p2ppay client: {exc}", file=sys.stderr)
                 code = ExitCode.UNREACHABLE
             nursery.cancel_scope.cancel()
