@@ -232,7 +232,16 @@ async def test_a_whole_history_exported_as_csv(tmp_path: Path) -> None:
                     csv.DictReader(io.StringIO(text[text.index("time,at_ms") :], newline=""))
                 )
 
-            every = rows(await alice("history --csv"))
+            # --out: a file with the CSV only; written whole, through a name of its own.
+            exported = tmp_path / "alice history.csv"
+            done = await alice(f"history --csv --out '{exported}'")
+            assert done.stdout.decode().splitlines()[-1] == f"Wrote 1236 movements to {exported}."
+            assert sorted(os.listdir(tmp_path)) == ["alice history.csv", "state"]
+            with exported.open(newline="", encoding="utf-8") as f:
+                every = list(csv.DictReader(f))
+            assert exported.read_bytes().startswith(b"time,at_ms,kind,amount,")
+            assert exported.read_bytes().count(b"\r\n") == 1237
+            assert rows(await alice("history --csv")) == every  # the same on stdout
             assert len(every) == 1234 + 2  # the payments, carol's, the deposit: no 1,000 cap
             assert [r["kind"] for r in every[-1:]] == ["deposit"]
             assert every[0]["counterparty"] == "carol" and every[0]["kind"] == "received"

@@ -93,6 +93,7 @@ def test_command_options() -> None:
         ("pay", ["bob", "5", "--id", PID.replace("-", "")], "is not a payment id"),
         ("pay", ["bob", "5", "--id", PID, "--id", PID], "--id is given twice"),
         ("history", ["--csv=yes"], "--csv takes no value"),
+        ("history", ["--out="], "the file name is empty"),
         ("history", ["--limit", "0"], "from 1 to"),
         ("history", ["--with", "no one"], "not a valid name"),
         ("balance", ["now"], "balance does not take 'now'"),

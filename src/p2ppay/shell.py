@@ -13,7 +13,7 @@ import signal
 import ssl
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO, TypeVar, final
@@ -59,7 +59,7 @@ HELP: Final = """Commands:
                       pay NAME directly; they accept or decline. With --id, safe to
                       repeat: a payment already settled is not paid again
   status ID           whether payment ID is settled (yours to see: you paid or were paid)
-  history [N] [--with NAME] [--since DATE] [--until DATE] [--limit N] [--csv]
+  history [N] [--with NAME] [--since DATE] [--until DATE] [--limit N] [--csv [--out FILE]]
                       your movements, newest first (default the last 20; with --csv all);
                       DATE is in UTC: 2026-11-29 (the whole day) or 2026-11-29T14:30
   logout              log out (stop taking payments)
@@ -197,6 +197,13 @@ def parse_until(text: str) -> int:
     return _ms(moment + dt.timedelta(days=1) if whole_day else moment)
 
 
+def parse_path(text: str) -> Path:
+    """A file to write (``~`` is the home directory)."""
+    if not text:
+        raise UsageError("the file name is empty")
+    return Path(text).expanduser()
+
+
 #: Each command's options: the parser of its value, or None for a flag without one.
 OPTIONS: Final[dict[str, dict[str, Callable[[str], Any] | None]]] = {
     "pay": {"--id": parse_payment_id},
@@ -206,6 +213,7 @@ OPTIONS: Final[dict[str, dict[str, Callable[[str], Any] | None]]] = {
         "--until": parse_until,
         "--limit": parse_count,
         "--csv": None,
+        "--out": parse_path,
     },
 }
 
@@ -357,6 +365,33 @@ def format_history(entries: list[p.HistoryEntry]) -> str:
             f"{e.counterparty or ''}".rstrip()
         )
     return "\n".join(lines)
+
+
+async def _export_csv(
+    path: Path, each_page: Callable[[Callable[[p.HistoryResult], Awaitable[None]]], Awaitable[None]]
+) -> int:
+    """Write the pages as CSV to ``path``; returns the number of movements. The file is
+    written beside it under another name and renamed at the end: an export that fails
+    half-way leaves no half file (and whatever was at ``path`` stays)."""
+    partial = trio.Path(path.parent / f".{path.name}.partial")
+    count = 0
+    try:
+        async with await trio.open_file(partial, "w", encoding="utf-8", newline="") as f:
+            await f.write(csv_rows([], header=True))
+
+            async def take(page: p.HistoryResult) -> None:
+                nonlocal count
+                await f.write(csv_rows(page.entries))
+                count += len(page.entries)
+
+            await each_page(take)
+        await partial.replace(path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if await partial.exists():
+            await partial.unlink()
+    return count
 
 
 def format_status(status: p.PaymentStatusResult) -> str:
@@ -695,44 +730,66 @@ class Shell:
         if args and "--limit" in options:
             raise UsageError("history: give the number of movements once (N or --limit N)")
         csv_out = bool(options.get("--csv"))
+        out: Path | None = options.get("--out")
+        if out is not None and not csv_out:
+            raise UsageError("history: --out goes with --csv")
         limit: int | None = parse_count(args[0]) if args else options.get("--limit")
         if limit is None and not csv_out:
             limit = DEFAULT_HISTORY
         since, until = options.get("--since"), options.get("--until")
         if since is not None and until is not None and since >= until:
             raise UsageError("history: --since must be before --until")
-        # Page by page (each at most a page of the protocol's) until done or enough; a CSV
-        # export is written as it comes, so a long history never sits in memory whole.
-        entries: list[p.HistoryEntry] = []
-        before: int | None = None
-        count = 0
-        text = csv_rows([], header=True) if csv_out else ""
-        if csv_out and not self.options.json:
-            self._write_csv(text)
-        while True:
-            size = MAX_HISTORY if limit is None else min(MAX_HISTORY, limit - count)
-            page = await self.wallet.history_page(
-                size,
-                before=before,
-                counterparty=options.get("--with"),
-                since_ms=since,
-                until_ms=until,
+
+        async def each_page(take: Callable[[p.HistoryResult], Awaitable[None]]) -> None:
+            # Page by page (each at most the protocol's page) until done or enough: an export
+            # is written as it comes, so a long history never sits in memory whole.
+            before: int | None = None
+            count = 0
+            while True:
+                size = MAX_HISTORY if limit is None else min(MAX_HISTORY, limit - count)
+                page = await self.wallet.history_page(
+                    size,
+                    before=before,
+                    counterparty=options.get("--with"),
+                    since_ms=since,
+                    until_ms=until,
+                )
+                await take(page)
+                count += len(page.entries)
+                before = page.next
+                if before is None or (limit is not None and count >= limit):
+                    return
+
+        if out is not None:
+            count = await _export_csv(out, each_page)
+            self.emit(
+                "history",
+                {"file": str(out), "movements": count},
+                f"Wrote {count} movements to {out}.",
             )
-            count += len(page.entries)
-            before = page.next
+            return
+        chunks: list[str] = [csv_rows([], header=True)] if csv_out else []
+        entries: list[p.HistoryEntry] = []
+        last: list[int | None] = [None]
+
+        async def take(page: p.HistoryResult) -> None:
+            last[0] = page.next
             if csv_out and not self.options.json:
+                if chunks:  # the header, once
+                    self._write_csv(chunks.pop())
                 self._write_csv(csv_rows(page.entries))
             elif csv_out:
-                text += csv_rows(page.entries)
+                chunks.append(csv_rows(page.entries))
             else:
-                entries += page.entries
-            if before is None or (limit is not None and count >= limit):
-                break
+                entries.extend(page.entries)
+            await trio.lowlevel.checkpoint()
+
+        await each_page(take)
         if csv_out:
             if self.options.json:
-                self._json({"command": "history", "ok": True, "result": {"csv": text}})
+                self._json({"command": "history", "ok": True, "result": {"csv": "".join(chunks)}})
             return
-        self.emit("history", {"entries": entries, "next": before}, format_history(entries))
+        self.emit("history", {"entries": entries, "next": last[0]}, format_history(entries))
 
     def _write_csv(self, text: str) -> None:
         # Written as it is, CRLF line ends included (the terminal adds the last "\n").
