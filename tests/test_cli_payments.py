@@ -24,7 +24,7 @@ import trio
 import trustme
 
 from p2ppay import __version__
-from p2ppay.ledger import SqliteLedger, Transfer, open_sqlite_ledger
+from p2ppay.ledger import AnyLedger, Transfer, open_sqlite_ledger
 from p2ppay.passwords import ScryptParams, hash_password
 
 from .test_cli_client import client_cmd, json_lines, run_client
@@ -79,7 +79,7 @@ class CuttingProxy:
 
 
 async def test_a_retry_with_the_same_id_after_a_cut_connection_moves_money_once(
-    tmp_path: Path, ledger: SqliteLedger, server_port: int, ca: trustme.CA
+    tmp_path: Path, ledger: AnyLedger, server_port: int, ca: trustme.CA
 ) -> None:
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
 
