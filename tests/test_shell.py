@@ -236,6 +236,8 @@ async def test_a_script_in_json(wallet_at: WalletAt, open_wallet: Open, tmp_path
         ("deposit 5", "usage", "log in first (login NAME)"),
         ("login bob", "usage", f"no password: use --password-file or set {PASSWORD_ENV}"),
         ("frobnicate", "usage", "unknown command 'frobnicate'; type help for the list"),
+        ("frob --x", "usage", "unknown command 'frob'; type help for the list"),
+        ("pay 'bob", "usage", 'cannot read "pay \'bob": a quote is not closed'),
         ("exit now", "usage", "exit does not take 'now'; type help for the usage"),
     ],
 )

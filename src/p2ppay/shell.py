@@ -628,6 +628,8 @@ class Shell:
                 return True
             command, args = words[0].lower(), words[1:]
             command = MENU.get(command, command)
+            if command not in MAX_ARGS:
+                raise UsageError(f"unknown command {command!r}; type help for the list")
             positional, options = parse_args(command, args)
             return await self._execute(command, positional, options)
         except UsageError as exc:
