@@ -1,15 +1,11 @@
-"""The real ``p2ppay client`` for what people expect of payments: a safe retry with ``--id``
-after a cut connection, ``status``, history exported whole as CSV, settings from the
-environment and a profile, ``--version``, and the interactive shell's help (completion,
-history kept across runs, the balance toolbar)."""
+"""Issue 13 through the real ``p2ppay client`` and ``p2ppay verify-receipt`` processes: memos,
+payment requests, signed receipts, idempotent deposits and ``passwd``."""
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
+import json
 import os
-import stat
+import signal
 import subprocess
 import sys
 import uuid
@@ -21,371 +17,367 @@ from typing import Any
 import pexpect
 import pytest
 import trio
-import trustme
+from cryptography.hazmat.primitives import serialization
 
-from p2ppay import __version__
-from p2ppay.ledger import AnyLedger, Transfer, open_sqlite_ledger
-from p2ppay.passwords import ScryptParams, hash_password
+from p2ppay.pki import create_ca
 
-from .test_cli_client import client_cmd, json_lines, run_client
+from .test_cli_client import client_cmd, json_lines
 from .test_loopback import server_process
 
 pytestmark = pytest.mark.slow
 
-
-class CuttingProxy:
-    """A TCP relay in front of the server. :meth:`cut` severs every connection through it
-    and stops listening, so that clients can reach the server through it no more."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = 0
-        self._listener: trio.SocketListener | None = None
-        self._streams: list[trio.SocketStream] = []
-
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        (self._listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = self._listener.socket.getsockname()[1]
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            try:
-                while True:
-                    down = await self._listener.accept()
-                    nursery.start_soon(self._relay, down)
-            except trio.ClosedResourceError:
-                pass
-
-    async def _relay(self, down: trio.SocketStream) -> None:
-        up = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
-        self._streams += [down, up]
-
-        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-            try:
-                while data := await source.receive_some():
-                    await sink.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            await trio.aclose_forcefully(sink)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, down, up)
-            nursery.start_soon(pump, up, down)
-
-    async def cut(self) -> None:
-        assert self._listener is not None
-        await self._listener.aclose()
-        for stream in self._streams:
-            await trio.aclose_forcefully(stream)
+PASSWORDS = {"alice": "alice's password", "bob": "bob's password", "carol": "carol's password"}
 
 
-async def test_a_retry_with_the_same_id_after_a_cut_connection_moves_money_once(
-    tmp_path: Path, ledger: AnyLedger, server_port: int, ca: trustme.CA
-) -> None:
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-
-    async def client(*args: str, port: int = server_port) -> subprocess.CompletedProcess[bytes]:
-        return await run_client(port, tmp_path, "--json", *args, password="the password")
-
-    proxy = CuttingProxy(server_port)
-    # The first settlement of alice's commits, then her connection is cut before the reply
-    # reaches her, and the server cannot be reached through the proxy any more.
-    real_settle = ledger.settle
-    settled: list[Transfer] = []
-
-    async def settle_then_cut(*args: Any, **kwargs: Any) -> Transfer:
-        transfer = await real_settle(*args, **kwargs)
-        if not settled:
-            settled.append(transfer)
-            await proxy.cut()
-        return transfer
-
-    ledger.settle = settle_then_cut  # type: ignore[method-assign]
-    with trio.fail_after(120):
-        for name, script in (("bob", "register"), ("eve", "register"), ("alice", "register")):
-            assert (await client("--user", name, "-c", script)).returncode == 0
-        assert (await client("--user", "alice", "-c", "deposit 500")).returncode == 0
-        async with trio.open_nursery() as nursery:
-            await nursery.start(proxy.serve)
-            bob = await trio.lowlevel.open_process(
-                [
-                    *client_cmd(server_port, tmp_path, "--user", "bob", "--accept", "all"),
-                    *("--json", "-c", "serve"),
-                ],
-                stdout=subprocess.PIPE,
-                stdin=subprocess.DEVNULL,
-                env=dict(os.environ, P2PPAY_PASSWORD="the password"),
-            )
-            bob_out = bytearray()
-
-            async def read_bob(until: bytes) -> None:
-                assert bob.stdout is not None
-                while until not in bob_out:
-                    chunk = await bob.stdout.receive_some()
-                    assert chunk, bytes(bob_out)
-                    bob_out.extend(chunk)
-
-            await read_bob(b'"command": "login"')
-            pid = str(uuid.uuid4())
-            cut = await client("--user", "alice", "-c", f"pay bob 30 --id {pid}", port=proxy.port)
-            assert cut.returncode == 3, cut
-            (failure,) = [x for x in json_lines(cut.stdout) if x.get("command") == "pay"]
-            assert failure["error"]["code"] == "server_unreachable"
-            assert failure["error"]["payment_id"] == pid
-            assert len(settled) == 1 and str(settled[0].payment_id) == pid  # it did settle
-
-            # The same payment again, straight to the server: its first outcome, nothing moves.
-            again = await client("--user", "alice", "-c", f"pay bob 30 --id {pid}; balance")
-            assert again.returncode == 0, again
-            lines = json_lines(again.stdout)
-            assert lines[-2] == {
-                "command": "pay",
-                "ok": True,
-                "result": {
-                    "payment_id": pid,
-                    "payer": "alice",
-                    "payee": "bob",
-                    "amount": 30,
-                    "balance": 470,
-                },
-            }
-            assert lines[-1]["result"] == {"balance": 470}
-            # The same id for another payment is refused, and names the id.
-            other = await client("--user", "alice", "-c", f"pay bob 31 --id {pid}")
-            assert other.returncode == 1
-            assert json_lines(other.stdout)[-1]["error"] == {
-                "code": "payment_id_conflict",
-                "message": f"payment {pid} was settled before as another payment",
-                "payment_id": pid,
-            }
-            bob.terminate()
-            assert bob.stdout is not None
-            while chunk := await bob.stdout.receive_some():  # what bob printed till he stopped
-                bob_out.extend(chunk)
-            await bob.wait()
-            nursery.cancel_scope.cancel()
-        assert bytes(bob_out).count(b'"event": "offer_answered"') == 1  # asked once only
-
-        # status: the payer and the payee see the payment; anyone else, not even that.
-        status = [
-            json_lines((await client("--user", name, "-c", f"status {pid}")).stdout)[-1]
-            for name in ("alice", "bob", "eve")
-        ]
-        assert status[0]["result"]["settled"] is True
-        assert {k: status[0]["result"][k] for k in ("payer", "payee", "amount", "balance")} == {
-            "payer": "alice",
-            "payee": "bob",
-            "amount": 30,
-            "balance": 470,
-        }
-        assert status[1]["result"]["balance"] == 30
-        unknown = str(uuid.uuid4())
-        nobody = json_lines((await client("--user", "eve", "-c", f"status {unknown}")).stdout)
-        assert status[2]["result"] == {**nobody[-1]["result"], "payment_id": pid}
-        assert status[2]["result"]["settled"] is False
-        plain = await run_client(
-            server_port, tmp_path, "--user", "alice", "-c", f"status {pid}", password="the password"
+async def client(
+    port: int, state: Path, user: str, script: str, *, env: dict[str, str] | None = None
+) -> tuple[int, list[dict[str, Any]], str]:
+    """Run ``script`` as ``user`` with --json: (exit status, JSON lines, stderr)."""
+    environ = dict(os.environ)
+    environ["P2PPAY_PASSWORD"] = PASSWORDS[user]
+    environ.update(env or {})
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            client_cmd(port, state, "--user", user, "--json", "-c", script),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=environ,
+            stdin=subprocess.DEVNULL,
         )
-        assert "settled: alice paid bob 30 at " in plain.stdout.decode()
+    return done.returncode, json_lines(done.stdout), done.stderr.decode()
 
 
-async def _seed(path: Path, payments: int) -> list[str]:
-    """A ledger with alice and bob (password "the password") and ``payments`` payments from
-    alice to bob; returns the payment ids."""
-    digest = hash_password("the password", ScryptParams(n=16, r=8, p=1))
-    ids = [uuid.uuid4() for _ in range(payments)]
-    async with open_sqlite_ledger(path) as ledger:
-        for name in ("alice", "bob", "carol"):
-            await ledger.create_account(name, digest)
-        await ledger.deposit("alice", 1_000_000)
-        await ledger.deposit("carol", 10)
-        async with trio.open_nursery() as nursery:  # concurrent: a few group commits
-            for i, pid in enumerate(ids):
-                nursery.start_soon(ledger.settle, pid, "alice", "bob", 1 + i % 7)
-        await ledger.settle(uuid.uuid4(), "carol", "alice", 3)
-    return [str(pid) for pid in ids]
+def result(lines: list[dict[str, Any]], command: str) -> Any:
+    """The result of the last ``command`` in a script's JSON lines (it must have worked)."""
+    found = [line for line in lines if line.get("command") == command]
+    assert found and found[-1]["ok"], lines
+    return found[-1]["result"]
 
 
-async def test_a_whole_history_exported_as_csv(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    ids = await _seed(state / "ledger.sqlite3", 1234)
-    with trio.fail_after(120):
-        async with server_process(state) as srv:
-
-            async def alice(script: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
-                done = await run_client(
-                    srv.port,
-                    state,
-                    "--user",
-                    "alice",
-                    *extra,
-                    "-c",
-                    script,
-                    password="the password",
-                )
-                assert done.returncode == 0, done
-                return done
-
-            def rows(done: subprocess.CompletedProcess[bytes]) -> list[dict[str, str]]:
-                text = done.stdout.decode()
-                return list(
-                    csv.DictReader(io.StringIO(text[text.index("time,at_ms") :], newline=""))
-                )
-
-            # --out: a file with the CSV only; written whole, through a name of its own.
-            exported = tmp_path / "alice history.csv"
-            done = await alice(f"history --csv --out '{exported}'")
-            assert done.stdout.decode().splitlines()[-1] == f"Wrote 1236 movements to {exported}."
-            assert sorted(os.listdir(tmp_path)) == ["alice history.csv", "state"]
-            with exported.open(newline="", encoding="utf-8") as f:
-                every = list(csv.DictReader(f))
-            assert exported.read_bytes().startswith(b"time,at_ms,kind,amount,")
-            assert exported.read_bytes().count(b"\r\n") == 1237
-            assert rows(await alice("history --csv")) == every  # the same on stdout
-            assert len(every) == 1234 + 2  # the payments, carol's, the deposit: no 1,000 cap
-            assert [r["kind"] for r in every[-1:]] == ["deposit"]
-            assert every[0]["counterparty"] == "carol" and every[0]["kind"] == "received"
-            sent = [r for r in every if r["kind"] == "sent"]
-            assert sorted(r["payment_id"] for r in sent) == sorted(ids)
-            assert [int(r["at_ms"]) for r in every] == sorted(
-                (int(r["at_ms"]) for r in every), reverse=True
-            )
-            # Balances read back add up: each row's balance is the one after it.
-            for newer, older in itertools.pairwise(every):
-                change = int(newer["amount"]) * (1 if newer["kind"] != "sent" else -1)
-                assert int(newer["balance"]) == int(older["balance"]) + change
-            assert all(r["time"].endswith("Z") for r in every)
-
-            with_bob = rows(await alice("history --with BOB --limit 1100 --csv"))
-            assert with_bob == sent[:1100]
-            assert rows(await alice("history --csv --since 2999-01-01")) == []
-            assert rows(await alice("history --csv --until 2000-01-01")) == []
-            # JSON: a limit beyond a page is fetched page by page too.
-            done = await alice("history 1500", "--json")
-            result = json_lines(done.stdout)[-1]["result"]
-            assert len(result["entries"]) == 1236 and result["next"] is None
-            done = await alice("history --limit 1001", "--json")
-            result = json_lines(done.stdout)[-1]["result"]
-            assert len(result["entries"]) == 1001 and result["next"] is not None
-            done = await alice('history --csv --with "carol"', "--json")
-            (line,) = [x for x in json_lines(done.stdout) if x.get("command") == "history"]
-            assert [r["amount"] for r in csv.DictReader(io.StringIO(line["result"]["csv"]))] == [
-                "3"
-            ]
+def error_code(lines: list[dict[str, Any]]) -> str:
+    failed = [line for line in lines if line.get("ok") is False]
+    assert failed, lines
+    return str(failed[-1]["error"]["code"])
 
 
-async def test_settings_from_the_environment_and_a_profile(
-    tmp_path: Path, own_client_settings: Path
-) -> None:
-    state = tmp_path / "state"
-    version = await trio.run_process(
-        [sys.executable, "-m", "p2ppay", "client", "--version"], capture_stdout=True
-    )
-    assert version.stdout.decode().strip() == f"p2ppay {__version__}"
-
-    async def bare(*args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
-        """The client with no HOST, PORT or --cafile: from the environment or the profile."""
-        with trio.fail_after(60):
-            return await trio.run_process(
-                [sys.executable, "-m", "p2ppay", "client", *args],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                stdin=subprocess.DEVNULL,
-                env=dict(os.environ, P2PPAY_PASSWORD="pat's password", **env),
-            )
-
-    await trio.Path(own_client_settings).mkdir(parents=True)
-    profile = own_client_settings / "client.toml"
-    async with server_process(state) as srv:
-        # The profile names the classroom server, its CA (relative to the profile) and the
-        # user; a student types only the commands.
-        (own_client_settings / "class-ca.pem").write_bytes((state / "ca.pem").read_bytes())
-        profile.write_text(
-            f'server = "127.0.0.1:{srv.port}"\ncafile = "class-ca.pem"\nuser = "pat"\n'
-        )
-        done = await bare("--json", "-c", "register; deposit 7")
-        assert done.returncode == 0, done
-        assert json_lines(done.stdout)[-1]["result"] == {"balance": 7}
-        # The environment beats the profile...
-        wrong = {"P2PPAY_SERVER": "127.0.0.1:1", "P2PPAY_CAFILE": str(state / "ca.pem")}
-        done = await bare("-c", "balance", **wrong)
-        assert done.returncode == 3
-        assert (
-            done.stderr.decode()
-            == "p2ppay client: cannot reach 127.0.0.1 port 1: connection refused\n"
-        )
-        done = await bare("-c", "balance", P2PPAY_USER="nobody")
-        assert done.returncode == 1 and b"auth_failed" in done.stdout
-        # ...and the flags beat the environment.
-        done = await bare("127.0.0.1", str(srv.port), "--user", "pat", "-c", "balance", **wrong)
-        assert done.returncode == 0, done
-        assert done.stdout.decode().splitlines()[-1] == "Balance: 7"
-    # A profile that cannot be used: one line naming it, exit 2.
-    profile.write_text('server = "127.0.0.1\n')
-    done = await bare("-c", "balance")
-    assert done.returncode == 2
-    (line,) = done.stderr.decode().splitlines()
-    assert line.startswith(f"p2ppay client: {profile}: not valid TOML")
-    await trio.Path(profile).unlink()
-    done = await bare("-c", "balance", P2PPAY_SERVER="[::1")
-    assert done.returncode == 2 and done.stderr.startswith(b"p2ppay client: P2PPAY_SERVER:")
+async def verify(state: Path, receipt: Path, cafile: Path | None = None) -> tuple[int, str, str]:
+    cmd = [sys.executable, "-m", "p2ppay", "verify-receipt", str(receipt)]
+    cmd += ["--cafile", str(cafile or state / "ca.pem")]
+    with trio.fail_after(30):
+        done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 @asynccontextmanager
-async def interactive(cmd: list[str], env: dict[str, str]) -> AsyncIterator[pexpect.spawn[str]]:
-    shell = pexpect.spawn(cmd[0], cmd[1:], env=env, encoding="utf-8", timeout=30)
+async def serving(
+    port: int, state: Path, user: str
+) -> AsyncIterator[tuple[trio.Process, bytearray]]:
+    """``user`` online taking every offer (``-c serve --accept all --json``); its output."""
+    environ = dict(os.environ, P2PPAY_PASSWORD=PASSWORDS[user])
+    cmd = client_cmd(port, state, "--user", user, "--accept", "all", "--json", "-c", "serve")
+    process = await trio.lowlevel.open_process(
+        cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=environ
+    )
+    out = bytearray()
     try:
-        yield shell
+        await read_until(process, out, b'"command": "login"')
+        yield process, out
     finally:
-        shell.close(force=True)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            await process.wait()
 
 
-async def test_the_interactive_shell_completes_remembers_and_shows_the_balance(
+async def read_until(process: trio.Process, out: bytearray, text: bytes) -> None:
+    assert process.stdout is not None
+    with trio.fail_after(30):
+        while text not in out:
+            chunk = await process.stdout.receive_some()
+            assert chunk, f"the client ended: {out!r}"
+            out.extend(chunk)
+
+
+async def register(port: int, state: Path, *users: str, deposit: int = 0) -> None:
+    for user in users:
+        script = "register" + (f"; deposit {deposit}" if deposit else "")
+        code, lines, err = await client(port, state, user, script)
+        assert code == 0, (lines, err)
+
+
+async def test_a_memo_goes_from_offer_to_history_and_receipt(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    async with server_process(state) as srv:
+        await register(srv.port, state, "bob", "carol")
+        await register(srv.port, state, "alice", deposit=500)
+        async with serving(srv.port, state, "bob") as (bob, bob_out):
+            code, lines, err = await client(
+                srv.port, state, "alice", 'pay bob 30 --memo "lunch at noon, 🍜"'
+            )
+            assert code == 0, (lines, err)
+            paid = result(lines, "pay")
+            assert (paid["amount"], paid["memo"], paid["balance"]) == (30, "lunch at noon, 🍜", 470)
+            pid = paid["payment_id"]
+            await read_until(bob, bob_out, b'"event": "payment_received"')
+        events = json_lines(bytes(bob_out))
+        offers = [e for e in events if e.get("event") == "offer_answered"]
+        assert offers[0]["offer"]["memo"] == "lunch at noon, 🍜"  # the offer bob saw
+        received = [e for e in events if e.get("event") == "payment_received"]
+        assert received[0]["memo"] == "lunch at noon, 🍜"
+
+        # A memo with a control character never leaves the client.
+        code, lines, _ = await client(srv.port, state, "alice", "pay bob 1 --memo 'a\x1b[2Jb'")
+        assert code == 2 and "control characters" in lines[-1]["error"]["message"]
+
+        # Both sides' history show the memo; both may fetch the receipt, nobody else.
+        receipt_file = tmp_path / "receipt.json"
+        code, lines, err = await client(
+            srv.port, state, "alice", f"history 5; receipt {pid} --out {receipt_file}"
+        )
+        assert code == 0, (lines, err)
+        sent = result(lines, "history")["entries"][0]
+        assert (sent["kind"], sent["memo"], sent["payment_id"]) == (
+            "sent",
+            "lunch at noon, 🍜",
+            pid,
+        )
+        code, lines, _ = await client(srv.port, state, "bob", f"history 1; receipt {pid}")
+        assert result(lines, "history")["entries"][0]["memo"] == "lunch at noon, 🍜"
+        assert result(lines, "receipt")["payment_id"] == pid
+        code, lines, _ = await client(srv.port, state, "carol", f"receipt {pid}")
+        assert code == 1 and error_code(lines) == "unknown_payment"
+
+        receipt = json.loads(receipt_file.read_text())
+        assert receipt["amount"] == 30 and type(receipt["amount"]) is int
+        assert (receipt["payer"], receipt["payee"], receipt["memo"]) == (
+            "alice",
+            "bob",
+            "lunch at noon, 🍜",
+        )
+        code, out, err = await verify(state, receipt_file)
+        assert code == 0, err
+        assert out.count("\n") == 1 and "alice paid bob 30" in out and pid in out
+
+        # Any field altered: refused, with the reason.
+        altered: dict[str, object] = {
+            "payment_id": str(uuid.uuid4()),
+            "payer": "carol",
+            "payee": "carol",
+            "amount": 31,
+            "memo": "lunch at noom, 🍜",
+            "at_ms": receipt["at_ms"] + 1,
+            "signature": receipt["signature"][:-8] + "AAAAAAA=",
+            "format": "p2ppay-receipt-v2",
+        }
+        for field, value in [*altered.items(), ("memo", None)]:
+            forged = tmp_path / f"forged-{field}.json"
+            forged.write_text(json.dumps({**receipt, field: value}))
+            code, out, err = await verify(state, forged)
+            assert code == 1, (field, out, err)
+            assert "NOT valid" in err and err.count("\n") == 1, (field, err)
+        # Checked against another CA (and with the signer certificate of another CA).
+        other_ca, _other_key = create_ca("another CA")
+        other = tmp_path / "other-ca.pem"
+        other.write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
+        code, _, err = await verify(state, receipt_file, other)
+        assert code == 1 and "not issued by this CA" in err
+        # A file that is not a receipt at all, or a CA that cannot be read: usage (2).
+        (tmp_path / "junk.json").write_text("{not json")
+        assert (await verify(state, tmp_path / "junk.json"))[0] == 2
+        assert (await verify(state, receipt_file, tmp_path / "missing.pem"))[0] == 2
+
+
+async def test_a_request_is_paid_while_its_requester_is_offline(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    async with server_process(state) as srv:
+        await register(srv.port, state, "bob")
+        await register(srv.port, state, "alice", deposit=100)
+        code, lines, err = await client(
+            srv.port, state, "bob", "request alice 40 --memo 'rent; May' --expires 2h"
+        )
+        assert code == 0, (lines, err)
+        made = result(lines, "request")
+        rid = made["request_id"]
+        assert (made["payer"], made["amount"], made["state"], made["memo"]) == (
+            "alice",
+            40,
+            "open",
+            "rent; May",
+        )
+        # bob's client has left: he is offline. alice sees the request and pays it.
+        code, lines, err = await client(
+            srv.port, state, "alice", f"requests; pay --request {rid}; pay --request {rid}"
+        )
+        assert code == 0, (lines, err)
+        listed = next(x for x in lines if x.get("command") == "requests")["result"]
+        assert [r["request_id"] for r in listed["incoming"]] == [rid]
+        pays = [x["result"] for x in lines if x.get("command") == "pay"]
+        # The second is a retry: the same payment (the request id), nothing moved again.
+        assert [(x["payment_id"], x["balance"], x["memo"]) for x in pays] == [
+            (rid, 60, "rent; May"),
+            (rid, 60, "rent; May"),
+        ]
+        # bob logs in and is told.
+        code, lines, err = await client(srv.port, state, "bob", "balance; requests")
+        assert code == 0, (lines, err)
+        news = [x for x in lines if x.get("event") == "request_closed"]
+        assert [(n["request"]["request_id"], n["request"]["state"]) for n in news] == [
+            (rid, "paid")
+        ]
+        assert result(lines, "balance") == {"balance": 40}
+        assert result(lines, "requests") == {"incoming": [], "outgoing": []}
+        # Told once: the next login has no news.
+        code, lines, _ = await client(srv.port, state, "bob", "balance")
+        assert not [x for x in lines if x.get("event") == "request_closed"]
+
+
+async def test_expired_declined_and_cancelled_requests_cannot_be_paid(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    async with server_process(state) as srv:
+        await register(srv.port, state, "bob")
+        await register(srv.port, state, "alice", deposit=100)
+        code, lines, err = await client(
+            srv.port,
+            state,
+            "bob",
+            "request alice 5 --expires 1s; request alice 6; request alice 7",
+        )
+        assert code == 0, (lines, err)
+        expiring, declined, cancelled = (
+            x["result"]["request_id"] for x in lines if x.get("command") == "request"
+        )
+        code, lines, err = await client(srv.port, state, "alice", f"decline-request {declined}")
+        assert code == 0 and result(lines, "decline-request")["state"] == "declined", err
+        code, lines, err = await client(srv.port, state, "bob", f"cancel-request {cancelled}")
+        assert code == 0 and result(lines, "cancel-request")["state"] == "cancelled", err
+        await trio.sleep(1.5)  # past the first request's expiry (the server's wall clock)
+        for rid, refusal in (
+            (expiring, "request_expired"),
+            (declined, "request_declined"),
+            (cancelled, "request_cancelled"),
+            (str(uuid.uuid4()), "unknown_request"),
+        ):
+            code, lines, _ = await client(srv.port, state, "alice", f"pay --request {rid}")
+            assert (code, error_code(lines)) == (1, refusal)
+            assert lines[-1]["error"]["payment_id"] == rid  # the request id is the payment id
+        # A request has its own amount, memo and id: none of them goes with --request.
+        for extra in ("bob 6", "--memo hi", f"--id {declined}"):
+            code, lines, _ = await client(
+                srv.port, state, "alice", f"pay --request {declined} {extra}"
+            )
+            assert (code, error_code(lines)) == (2, "usage"), extra
+            assert lines[-1]["error"]["payment_id"] == declined
+        # Declining or cancelling again is refused too; nothing moved.
+        code, lines, _ = await client(srv.port, state, "bob", f"cancel-request {declined}")
+        assert (code, error_code(lines)) == (1, "request_declined")
+        code, lines, _ = await client(srv.port, state, "alice", f"decline-request {cancelled}")
+        assert (code, error_code(lines)) == (1, "request_cancelled")
+        code, lines, _ = await client(srv.port, state, "alice", f"cancel-request {expiring}")
+        assert (code, error_code(lines)) == (1, "unknown_request")  # not alice's to cancel
+        code, lines, _ = await client(srv.port, state, "alice", "balance")
+        assert result(lines, "balance") == {"balance": 100}
+
+
+async def test_a_deposit_retried_with_its_id_moves_money_once(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    did = str(uuid.uuid4())
+    async with server_process(state) as srv:
+        await register(srv.port, state, "alice")
+        code, lines, err = await client(
+            srv.port, state, "alice", f"deposit 100 --id {did}; deposit 100 --id {did}; balance"
+        )
+        assert code == 0, (lines, err)
+        assert [x["result"] for x in lines if "command" in x][1:] == [
+            {"balance": 100},
+            {"balance": 100},
+            {"balance": 100},
+        ]
+        # Again from another process (as a script retrying after a lost reply would).
+        code, lines, _ = await client(srv.port, state, "alice", f"deposit 100 --id {did}")
+        assert result(lines, "deposit") == {"balance": 100}
+        code, lines, _ = await client(srv.port, state, "alice", f"deposit 50 --id {did}")
+        assert (code, error_code(lines)) == (1, "deposit_id_conflict")
+        code, lines, _ = await client(srv.port, state, "alice", "deposit 7; deposit 7; balance")
+        assert result(lines, "balance") == {"balance": 114}  # no id given: two deposits
+
+
+async def test_passwd_changes_the_password_and_ends_the_other_session(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    async with server_process(state) as srv:
+        await register(srv.port, state, "alice")
+        async with serving(srv.port, state, "alice") as (other, other_out):
+            new = {"P2PPAY_NEW_PASSWORD": "a new password"}
+            code, lines, err = await client(srv.port, state, "alice", "passwd", env=new)
+            assert code == 0, (lines, err)
+            assert result(lines, "passwd") == {}
+            with trio.fail_after(20):
+                await other.wait()  # the other session was ended, and did not come back
+            await read_until(other, other_out, b"session_replaced")
+        code, lines, _ = await client(srv.port, state, "alice", "balance")
+        assert (code, error_code(lines)) == (1, "auth_failed")  # the old password
+        code, lines, _ = await client(
+            srv.port, state, "alice", "balance", env={"P2PPAY_PASSWORD": "a new password"}
+        )
+        assert code == 0 and result(lines, "balance") == {"balance": 0}
+        # A wrong current password is refused; a too short new one never reaches the server.
+        code, lines, _ = await client(
+            srv.port,
+            state,
+            "alice",
+            "passwd",
+            env={"P2PPAY_PASSWORD": "a new password", "P2PPAY_NEW_PASSWORD": "short"},
+        )
+        assert (code, error_code(lines)) == (2, "usage")
+
+
+async def test_the_payee_is_asked_with_the_memo_and_changes_its_password_at_a_terminal(
     tmp_path: Path,
 ) -> None:
     state = tmp_path / "state"
-    # The toolbar is drawn only once prompt_toolkit knows where the cursor is: this terminal
-    # answers its cursor position requests (CPR), as a real one does.
-    env = dict(os.environ, TERM="xterm")
-    history = Path(env["XDG_STATE_HOME"]) / "p2ppay" / "client-history"
-
-    def run(shell: pexpect.spawn[str], *steps: tuple[str, str]) -> None:
-        for send, expect in steps:
-            shell.send(send)
-            while expect and shell.expect_exact([expect, "\x1b[6n"]) == 1:
-                shell.send("\x1b[1;1R")
-
     async with server_process(state) as srv:
-        cmd = client_cmd(srv.port, state, "--listen-port", "0")
-        async with interactive(cmd, env) as shell:
-            await trio.to_thread.run_sync(
-                run,
-                shell,
-                ("", "p2ppay>"),
-                ("register quinn\r", "password:"),
-                ("a secret password\r", "again:"),
-                ("a secret password\r", "Registered quinn"),
-                ("login quinn\r", "password:"),
-                ("a secret password\r", "Logged in as quinn"),
-                ("", "quinn  balance: 0"),  # the toolbar
-                ("dep\t", "osit"),  # Tab completes the command
-                (" 25\r", "Balance: 25"),
-                ("", "quinn  balance: 25"),
-                ("list\r", "Online (1)"),
-                ("history --w\t", "ith"),  # an option
-                (" qu\t", "inn"),  # and a name from the last list
-                ("\r", "No movements yet."),
-                ("exit\r", ""),
-            )
+        await register(srv.port, state, "bob")
+        await register(srv.port, state, "alice", deposit=100)
+        cmd = client_cmd(srv.port, state, "--user", "bob", "--listen-port", "0")
+        env = {k: v for k, v in os.environ.items() if k != "P2PPAY_PASSWORD"}
+        shell = pexpect.spawn(
+            cmd[0], cmd[1:], env=env, encoding="utf-8", timeout=30, dimensions=(40, 160)
+        )
+        try:
+
+            def answer(expected: str, reply: str) -> None:
+                shell.expect_exact(expected.rstrip())
+                shell.sendline(reply)
+
+            await trio.to_thread.run_sync(answer, "password: ", PASSWORDS["bob"])
+            await trio.to_thread.run_sync(shell.expect_exact, "Logged in as bob")
+            await trio.to_thread.run_sync(shell.expect_exact, "bob>")
+            async with trio.open_nursery() as nursery:
+                paid: list[tuple[int, list[dict[str, Any]], str]] = []
+
+                async def pay_bob() -> None:
+                    paid.append(
+                        await client(srv.port, state, "alice", "pay bob 30 --memo 'lunch at noon'")
+                    )
+
+                nursery.start_soon(pay_bob)
+                await trio.to_thread.run_sync(
+                    answer, 'alice wants to pay you 30 for "lunch at noon". Accept? [y/N] ', "y"
+                )
+                await trio.to_thread.run_sync(
+                    shell.expect_exact, 'alice paid you 30 for "lunch at noon"'
+                )
+            assert paid[0][0] == 0, paid
+            shell.sendline("passwd")
+            await trio.to_thread.run_sync(answer, "current password: ", PASSWORDS["bob"])
+            await trio.to_thread.run_sync(answer, "new password: ", "bob's new password")
+            await trio.to_thread.run_sync(answer, "again: ", "bob's new password")
+            await trio.to_thread.run_sync(shell.expect_exact, "Password changed")
+            shell.sendline("exit")
             await trio.to_thread.run_sync(shell.expect, pexpect.EOF)
-        assert stat.S_IMODE(history.stat().st_mode) == 0o600
-        kept = history.read_text()
-        assert "deposit 25" in kept and "history --with quinn" in kept
-        assert "secret" not in kept  # passwords are never kept
-        # The next run has the commands of the last: Up brings back the latest.
-        async with interactive(cmd, env) as shell:
-            await trio.to_thread.run_sync(
-                run, shell, ("", "p2ppay>"), ("\x1b[A", "exit"), ("\r", "")
-            )
-            await trio.to_thread.run_sync(shell.expect, pexpect.EOF)
+        finally:
+            shell.close(force=True)
+        code, lines, _ = await client(
+            srv.port, state, "bob", "balance", env={"P2PPAY_PASSWORD": "bob's new password"}
+        )
+        assert code == 0 and result(lines, "balance") == {"balance": 30}

@@ -83,6 +83,16 @@ def test_command_options() -> None:
         {"--id": uuid.UUID(PID)},
     )
     assert parse_args("pay", ["bob", "5", f"--id={PID.upper()}"])[1] == {"--id": uuid.UUID(PID)}
+    assert parse_args("pay", ["bob", "5", "--memo", "a; b", "--id", PID]) == (
+        ["bob", "5"],
+        {"--memo": "a; b", "--id": uuid.UUID(PID)},
+    )
+    assert parse_args("pay", [f"--request={PID}"]) == ([], {"--request": uuid.UUID(PID)})
+    assert parse_args("request", ["bob", "5", "--memo=rent", "--expires", "2h"]) == (
+        ["bob", "5"],
+        {"--memo": "rent", "--expires": 7200},
+    )
+    assert parse_args("deposit", ["5", "--id", PID]) == (["5"], {"--id": uuid.UUID(PID)})
     args, options = parse_args("history", ["--csv", "--with", "Bob", "--limit", "5000"])
     assert args == [] and options == {"--csv": True, "--with": "Bob", "--limit": 5000}
     for command, words, message in [
@@ -92,6 +102,12 @@ def test_command_options() -> None:
         ("pay", ["bob", "5", "--id", "42"], "'42' is not a payment id"),
         ("pay", ["bob", "5", "--id", PID.replace("-", "")], "is not a payment id"),
         ("pay", ["bob", "5", "--id", PID, "--id", PID], "--id is given twice"),
+        ("pay", ["bob", "5", "--memo", ""], "a memo cannot be empty"),
+        ("pay", ["bob", "5", "--memo", "a\nb"], "cannot contain control characters"),
+        ("pay", ["--request", "42"], "'42' is not a request id"),
+        ("deposit", ["5", "--id", "42"], "'42' is not a deposit id"),
+        ("receipt", [PID, "--out="], "the file name is empty"),
+        ("request", ["bob", "5", "--id", PID], "request does not take '--id'"),
         ("history", ["--csv=yes"], "--csv takes no value"),
         ("history", ["--out="], "the file name is empty"),
         ("history", ["--limit", "0"], "from 1 to"),
@@ -130,13 +146,17 @@ def test_dates_are_utc_and_a_date_alone_is_the_whole_day() -> None:
 
 def test_completion() -> None:
     names = ["alice", "bob", "bert"]
-    assert complete("", names)[:3] == ["balance", "deposit", "exit"]
-    assert complete("pa", names) == ["pay"]
+    assert complete("", names)[:3] == ["balance", "cancel-request", "decline-request"]
+    assert complete("pa", names) == ["passwd", "pay"]
+    assert complete("req", names) == ["request", "requests"]
     assert complete("h", names) == ["help", "history"]
     assert complete("pay b", names) == ["bert", "bob"]
     assert complete("pay ", names) == ["alice", "bert", "bob"]
     assert complete("pay bob ", names) == []  # the amount: nothing to offer
-    assert complete("pay bob 5 --", names) == ["--id"]
+    assert complete("pay bob 5 --", names) == ["--id", "--memo", "--request"]
+    assert complete("pay --request ", names) == []  # a request id: nothing to offer
+    assert complete("request b", names) == ["bert", "bob"]
+    assert complete("request bob 5 --e", names) == ["--expires"]
     assert complete("history --w", names) == ["--with"]
     assert complete("history --with a", names) == ["alice"]
     assert complete("deposit ", names) == []
@@ -145,7 +165,7 @@ def test_completion() -> None:
 def test_csv_is_rfc_4180_with_a_header() -> None:
     pid = uuid.UUID(PID)
     entries = [
-        p.HistoryEntry("sent", 30, 70, _ms(2026, 11, 29, 14, 30), "bob", pid),
+        p.HistoryEntry("sent", 30, 70, _ms(2026, 11, 29, 14, 30), "bob", pid, 'lunch, "the" usual'),
         p.HistoryEntry("deposit", 100, 100, _ms(2026, 11, 29), None, None),
     ]
     text = csv_rows(entries, header=True)
@@ -160,8 +180,9 @@ def test_csv_is_rfc_4180_with_a_header() -> None:
         "70",
         "bob",
         PID,
+        'lunch, "the" usual',
     ]
-    assert rows[2][2:] == ["deposit", "100", "100", "", ""]
+    assert rows[2][2:] == ["deposit", "100", "100", "", "", ""]
 
 
 # --- where the client connects ---------------------------------------------------------------

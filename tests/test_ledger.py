@@ -386,7 +386,7 @@ async def test_a_version_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
         assert audit.conserved and (audit.accounts, audit.transfers) == (3, 1)
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == lg.SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == lg.SCHEMA_VERSION == 4
         keys = dict(db.execute("SELECT name, name_key FROM accounts").fetchall())
         assert keys == {"Alice": "alice", "bob": "bob", "Carol": "carol"}
         indexes = {row[1] for row in db.execute("PRAGMA index_list(accounts)")}
@@ -495,15 +495,17 @@ async def test_reads_do_not_wait_behind_a_commit(tmp_path: Path) -> None:
 
 
 async def _mixed_history(ledger: lg.AnyLedger) -> None:
-    """alice: a deposit, then 30 movements with bob, carol and deposits, in turn."""
+    """alice: a deposit, then 30 movements with bob, carol and deposits, in turn (every
+    third payment with a memo)."""
     await funded(ledger, alice=1000, bob=1000, carol=1000)
     for i in range(1, 31):
+        memo = f"#{i}; thanks" if i % 3 == 0 else None
         if i % 5 == 0:
             await ledger.deposit("alice", i)
         elif i % 2:
-            await ledger.settle(uuid.uuid4(), "alice", "bob" if i % 3 else "carol", i)
+            await ledger.settle(uuid.uuid4(), "alice", "bob" if i % 3 else "carol", i, memo=memo)
         else:
-            await ledger.settle(uuid.uuid4(), "carol" if i % 4 else "bob", "alice", i)
+            await ledger.settle(uuid.uuid4(), "carol" if i % 4 else "bob", "alice", i, memo=memo)
 
 
 async def test_history_pages_cover_everything_once(ledger: lg.AnyLedger) -> None:
@@ -511,6 +513,9 @@ async def test_history_pages_cover_everything_once(ledger: lg.AnyLedger) -> None
     whole = await ledger.history("alice", 1000)
     assert len(whole) == 31
     assert [e.seq for e in whole] == sorted((e.seq for e in whole), reverse=True)
+    assert [(e.amount, e.memo) for e in whole if e.memo is not None] == [
+        (i, f"#{i}; thanks") for i in range(30, 0, -1) if i % 3 == 0 and i % 5
+    ]
     for size in (1, 4, 7, 31):
         pages: list[lg.Entry] = []
         before: int | None = None

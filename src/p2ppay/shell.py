@@ -24,7 +24,7 @@ import trio
 
 from . import protocol as p
 from .client import ClientError, ConnectionLost, ServerError
-from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port
+from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port, memo_problem, parse_duration
 from .exitcodes import ExitCode
 from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
@@ -47,6 +47,8 @@ from .wallet import (
 T = TypeVar("T")
 
 PASSWORD_ENV: Final = "P2PPAY_PASSWORD"
+#: where ``passwd`` in a script takes the new password from (else standard input's first line)
+NEW_PASSWORD_ENV: Final = "P2PPAY_NEW_PASSWORD"
 AMOUNT_RE: Final = re.compile(r"[0-9]{1,16}")
 
 HELP: Final = """Commands:
@@ -55,10 +57,19 @@ HELP: Final = """Commands:
   deposit AMOUNT      add money to your account
   balance             show your balance
   list                your balance and who is online
-  pay NAME AMOUNT [--id UUID]
+  pay NAME AMOUNT [--memo TEXT] [--id UUID]
                       pay NAME directly; they accept or decline. With --id, safe to
                       repeat: a payment already settled is not paid again
+  pay --request ID    pay a request someone made to you (safe to repeat)
   status ID           whether payment ID is settled (yours to see: you paid or were paid)
+  request NAME AMOUNT [--memo TEXT] [--expires 2h]
+                      ask NAME to pay you (they can pay while you are away)
+  requests            open requests to you and from you, with their ids
+  decline-request ID  say no to a request made to you
+  cancel-request ID   take back a request you made
+  receipt ID [--out FILE]
+                      the server's signed receipt of a payment (JSON)
+  passwd              change your password
   history [N] [--with NAME] [--since DATE] [--until DATE] [--limit N] [--csv [--out FILE]]
                       your movements, newest first (default the last 20; with --csv all);
                       DATE is in UTC: 2026-11-29 (the whole day) or 2026-11-29T14:30
@@ -73,6 +84,7 @@ Amounts are whole numbers."""
 MENU: Final = {"1": "register", "2": "login", "3": "list", "4": "pay", "5": "exit"}
 NEEDS_LOGIN: Final = frozenset(
     {"deposit", "balance", "list", "pay", "status", "history", "logout", "serve"}
+    | {"request", "requests", "decline-request", "cancel-request", "receipt", "passwd"}
 )
 #: the most words (besides options) each command takes after its name
 MAX_ARGS: Final = {
@@ -89,12 +101,28 @@ MAX_ARGS: Final = {
     "help": 0,
     "exit": 0,
     "quit": 0,
+    "request": 2,
+    "requests": 0,
+    "decline-request": 1,
+    "cancel-request": 1,
+    "receipt": 1,
+    "passwd": 0,
 }
 #: history rows shown when no number is asked for (``--csv`` exports everything)
 DEFAULT_HISTORY: Final = 20
 #: the most movements one ``history`` may ask for (it is fetched in pages of MAX_HISTORY)
 MAX_HISTORY_ASKED: Final = 10**9
-CSV_HEADER: Final = ("time", "at_ms", "kind", "amount", "balance", "counterparty", "payment_id")
+#: (memo last: the columns before it are where they were before memos)
+CSV_HEADER: Final = (
+    "time",
+    "at_ms",
+    "kind",
+    "amount",
+    "balance",
+    "counterparty",
+    "payment_id",
+    "memo",
+)
 
 
 class UsageError(Exception):
@@ -152,13 +180,26 @@ def parse_count(text: str) -> int:
     return int(text)
 
 
-def parse_payment_id(text: str) -> uuid.UUID:
-    """A payment id as typed: a UUID with its dashes (any letter case)."""
+def parse_id(text: str, what: str = "payment id") -> uuid.UUID:
+    """A payment, request or deposit id as typed: a UUID with its dashes (any letter case),
+    the form the server takes and every id is shown in."""
     if not p.CANONICAL_UUID.fullmatch(text.lower()):
         raise UsageError(
-            f"{text!r} is not a payment id: a UUID like 12345678-1234-5678-1234-567812345678"
+            f"{text!r} is not a {what}: a UUID like 12345678-1234-5678-1234-567812345678"
         )
     return uuid.UUID(text.lower())
+
+
+def parse_payment_id(text: str) -> uuid.UUID:
+    return parse_id(text, "payment id")
+
+
+def parse_request_id(text: str) -> uuid.UUID:
+    return parse_id(text, "request id")
+
+
+def parse_deposit_id(text: str) -> uuid.UUID:
+    return parse_id(text, "deposit id")
 
 
 def _parse_moment(text: str, option: str) -> tuple[dt.datetime, bool]:
@@ -204,9 +245,26 @@ def parse_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def parse_memo(text: str) -> str:
+    problem = memo_problem(text)
+    if problem is not None:
+        raise UsageError(problem)
+    return text
+
+
+def parse_expiry(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 #: Each command's options: the parser of its value, or None for a flag without one.
 OPTIONS: Final[dict[str, dict[str, Callable[[str], Any] | None]]] = {
-    "pay": {"--id": parse_payment_id},
+    "pay": {"--id": parse_payment_id, "--memo": parse_memo, "--request": parse_request_id},
+    "request": {"--memo": parse_memo, "--expires": parse_expiry},
+    "receipt": {"--out": parse_path},
+    "deposit": {"--id": parse_deposit_id},
     "history": {
         "--with": parse_name,
         "--since": parse_since,
@@ -261,6 +319,42 @@ def parse_port(text: str) -> int:
     return int(text)
 
 
+def _for(memo: str | None) -> str:
+    """`` for "memo"``, escaped, or nothing."""
+    return "" if memo is None else f' for "{printable(memo)}"'
+
+
+def format_requests(result: p.RequestsResult) -> str:
+    lines: list[str] = []
+    for title, requests, other in (
+        ("Asking you to pay", result.incoming, "FROM"),
+        ("Your requests", result.outgoing, "TO"),
+    ):
+        lines.append(f"{title} ({len(requests)}):")
+        if not requests:
+            continue
+        width = max(
+            len(other), *(len(r.requester if other == "FROM" else r.payer) for r in requests)
+        )
+        lines.append(f"  {'ID':<36}  {other:<{width}}  {'AMOUNT':>10}  {'EXPIRES (UTC)':<19}  MEMO")
+        for r in requests:
+            who = r.requester if other == "FROM" else r.payer
+            lines.append(
+                f"  {r.request_id!s:<36}  {who:<{width}}  {r.amount:>10}  "
+                f"{_when(r.expires_ms):<19}  {printable(r.memo or '')}".rstrip()
+            )
+    return "\n".join(lines)
+
+
+def describe_request_closed(r: p.RequestInfo) -> str:
+    what = f"request {r.request_id} for {r.amount}{_for(r.memo)}"
+    if r.state == "paid":
+        return f"{r.payer} paid your {what}."
+    if r.state == "declined":
+        return f"{r.payer} declined your {what}."
+    return f"{r.requester} cancelled the {what}."
+
+
 def split_commands(script: str) -> list[str]:
     """A ``-c`` script's commands: separated by ``;`` or a new line, except inside quotes
     (quoted as in :func:`split_words`; the quotes stay for it to remove)."""
@@ -306,7 +400,9 @@ def complete(before_cursor: str, names: list[str]) -> list[str]:
         options = OPTIONS.get(command, {})
         if current.startswith("-"):
             candidates = list(options)
-        elif previous == "--with" or (command == "pay" and [w for w in words[1:-1] if w] == []):
+        elif previous == "--with" or (
+            command in ("pay", "request") and [w for w in words[1:-1] if w] == []
+        ):
             candidates = names
         else:
             candidates = []
@@ -338,6 +434,7 @@ def csv_rows(entries: list[p.HistoryEntry], header: bool = False) -> str:
                 e.balance,
                 e.counterparty or "",
                 e.payment_id or "",
+                e.memo or "",
             )
         )
     return out.getvalue()
@@ -358,11 +455,15 @@ def format_list(result: p.ListResult) -> str:
 def format_history(entries: list[p.HistoryEntry]) -> str:
     if not entries:
         return "No movements yet."
-    lines = [f"  {'WHEN (UTC)':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  WITH"]
+    width = max(4, *(len(e.counterparty or "") for e in entries))
+    lines = [
+        f"  {'WHEN (UTC)':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  "
+        f"{'WITH':<{width}}  MEMO"
+    ]
     for e in entries:
         lines.append(
             f"  {_when(e.at_ms):<19}  {e.kind:<8}  {e.amount:>10}  {e.balance:>10}  "
-            f"{e.counterparty or ''}".rstrip()
+            f"{e.counterparty or '':<{width}}  {printable(e.memo or '')}".rstrip()
         )
     return "\n".join(lines)
 
@@ -403,8 +504,8 @@ def format_status(status: p.PaymentStatusResult) -> str:
     assert status.at_ms is not None
     return (
         f"Payment {status.payment_id}: settled: {status.payer} paid {status.payee} "
-        f"{status.amount} at {_when(status.at_ms)} UTC. Your balance right after: "
-        f"{status.balance}"
+        f"{status.amount}{_for(status.memo)} at {_when(status.at_ms)} UTC. Your balance "
+        f"right after: {status.balance}"
     )
 
 
@@ -442,6 +543,8 @@ class Shell:
         self.online_names: list[str] = []
         #: the payment the command under way is making (its id goes with every outcome)
         self.payment_id: uuid.UUID | None = None
+        #: how to retry that payment after server_unreachable
+        self._retry = "pay ... --id"
 
     @property
     def serving(self) -> bool:
@@ -476,7 +579,7 @@ class Shell:
             self._json({"command": command, "ok": False, "error": error})
             return
         if command == "pay" and self.payment_id is not None and code == "server_unreachable":
-            message += f" (payment {self.payment_id}: status tells, pay ... --id retries it)"
+            message += f" (payment {self.payment_id}: status tells, {self._retry} retries it)"
         self.terminal.write(f"Error ({code}): {printable(message)}")
 
     def toolbar(self) -> str:
@@ -539,9 +642,17 @@ class Shell:
             return
         if isinstance(event, p.PaymentReceived):
             text = (
-                f"{event.payer} paid you {event.amount} (payment {event.payment_id}). "
-                f"Your balance: {event.balance}"
+                f"{event.payer} paid you {event.amount}{_for(event.memo)} (payment "
+                f"{event.payment_id}). Your balance: {event.balance}"
             )
+        elif isinstance(event, p.PaymentRequested):
+            r = event.request
+            text = (
+                f"{r.requester} asks you to pay {r.amount}{_for(r.memo)} by "
+                f"{_when(r.expires_ms)} UTC: pay --request {r.request_id} (or decline-request)"
+            )
+        elif isinstance(event, p.RequestClosed):
+            text = describe_request_closed(event.request)
         elif isinstance(event, OfferAnswered):
             o = event.offer
             text = (
@@ -619,7 +730,7 @@ class Shell:
 
     async def execute(self, line: str) -> bool:
         """Run one command line; False when the shell should end."""
-        self.payment_id = None
+        self.payment_id, self._retry = None, "pay ... --id"
         first = line.split(maxsplit=1)
         command = MENU.get(first[0].lower(), first[0].lower()) if first else ""
         try:
@@ -681,7 +792,7 @@ class Shell:
         wallet = self.wallet
         if command == "deposit":
             amount = await self._amount(args, 0)
-            balance = await wallet.deposit(amount)
+            balance = await wallet.deposit(amount, options.get("--id"))
             self.emit("deposit", {"balance": balance}, f"Deposited {amount}. Balance: {balance}")
         elif command == "balance":
             balance = await wallet.balance()
@@ -690,6 +801,23 @@ class Shell:
             result = await wallet.list()
             self.online_names = [u.name for u in result.online]
             self.emit("list", result, format_list(result))
+        elif command == "pay" and "--request" in options:
+            # Paying a request makes the payment whose id is the request's: every outcome,
+            # errors too, names it (and retrying it is paying the request again).
+            self.payment_id = options["--request"]
+            self._retry = f"pay --request {self.payment_id}"
+            if args or "--memo" in options or "--id" in options:
+                raise UsageError(
+                    "pay --request ID takes no name, amount, --memo or --id: the request has "
+                    "them (its id is the payment id)"
+                )
+            paid = await wallet.pay_request(options["--request"])
+            self.emit(
+                "pay",
+                paid,
+                f"Paid {paid.amount}{_for(paid.memo)} to {paid.payee} (payment "
+                f"{paid.payment_id}). Your balance: {paid.balance}",
+            )
         elif command == "pay":
             # The id is chosen here, before anything can fail, so that every outcome names it.
             self.payment_id = options.get("--id") or uuid.uuid4()
@@ -700,11 +828,12 @@ class Shell:
                 amount,
                 self.payment_id,
                 on_offer=lambda o: self.say(f"Offering {o.amount} to {o.payee}..."),
+                memo=options.get("--memo"),
             )
             self.emit(
                 "pay",
                 paid,
-                f"Paid {paid.amount} to {paid.payee} (payment "
+                f"Paid {paid.amount}{_for(paid.memo)} to {paid.payee} (payment "
                 f"{paid.payment_id}). Your balance: {paid.balance}",
             )
         elif command == "status":
@@ -712,6 +841,54 @@ class Shell:
                 raise UsageError("status needs a payment id")
             status = await wallet.payment_status(parse_payment_id(args[0]))
             self.emit("status", status, format_status(status))
+        elif command == "request":
+            payer = parse_name(args[0]) if args else await self._prompted("from: ", parse_name)
+            amount = await self._amount(args, 1)
+            made = await wallet.request(
+                payer, amount, options.get("--memo"), options.get("--expires")
+            )
+            self.emit(
+                "request",
+                made,
+                f"Asked {made.payer} to pay you {made.amount}{_for(made.memo)} (request "
+                f"{made.request_id}, open until {_when(made.expires_ms)} UTC).",
+            )
+        elif command == "requests":
+            listed = await wallet.requests()
+            self.emit("requests", listed, format_requests(listed))
+        elif command in ("decline-request", "cancel-request"):
+            if not args:
+                raise UsageError(f"{command} needs a request id (see requests)")
+            rid = parse_request_id(args[0])
+            if command == "decline-request":
+                closed = await wallet.decline_request(rid)
+                human = f"Declined {closed.requester}'s request {closed.request_id}."
+            else:
+                closed = await wallet.cancel_request(rid)
+                human = f"Cancelled your request {closed.request_id} to {closed.payer}."
+            self.emit(command, closed, human)
+        elif command == "receipt":
+            if not args:
+                raise UsageError("receipt needs a payment id (see history)")
+            receipt = msgspec.to_builtins(await wallet.receipt(parse_payment_id(args[0])))
+            text = json.dumps(receipt, indent=2, sort_keys=True)
+            if "--out" in options:
+                out = trio.Path(options["--out"])
+                try:
+                    await out.write_text(text + "\n", encoding="utf-8")
+                except OSError as exc:
+                    raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+                self.emit(
+                    "receipt",
+                    {"file": str(out), "receipt": receipt},
+                    f"Wrote the receipt of payment {receipt['payment_id']} to {out}.",
+                )
+            else:
+                self.emit("receipt", receipt, text)
+        elif command == "passwd":
+            old, new = await self._passwords()
+            await wallet.passwd(old, new)
+            self.emit("passwd", {}, "Password changed; any other session of yours was logged out.")
         elif command == "history":
             await self._history(args, options)
         elif command == "logout":
@@ -798,6 +975,44 @@ class Shell:
         if text:
             self.terminal.write(text.removesuffix("\n"))
 
+    async def _passwords(self) -> tuple[str, str]:
+        """``passwd``: the current password (as for login) and the new one, asked twice at a
+        terminal; a script gives it in $P2PPAY_NEW_PASSWORD or on standard input."""
+        if (
+            self.interactive
+            and self.options.password_file is None
+            and not os.environ.get(PASSWORD_ENV)
+        ):
+            try:
+                old = await self.terminal.read_line("current password: ", secret=True)
+            except EOFError:
+                raise _Cancelled from None
+        else:
+            old = await self.password()
+        new = os.environ.get(NEW_PASSWORD_ENV)
+        if not new and not self.interactive:
+            try:
+                new = (await self.terminal.read_line("")).rstrip("\r\n")
+            except EOFError:
+                new = ""
+            if not new:
+                raise UsageError(
+                    f"no new password: set {NEW_PASSWORD_ENV} or give it on standard input"
+                )
+        while not new:
+            try:
+                first = await self.terminal.read_line("new password: ", secret=True)
+                if await self.terminal.read_line("again: ", secret=True) != first:
+                    self.terminal.write("The two passwords differ; try again.")
+                    continue
+            except EOFError:
+                raise _Cancelled from None
+            new = first
+        low, high = p.NEW_PASSWORD_LENGTH
+        if not low <= len(new) <= high:
+            raise UsageError(f"a password must have {low} to {high} characters")
+        return old, new
+
     async def _prompted(self, prompt: str, parse: Callable[[str], T]) -> T:
         if not self.interactive:
             raise UsageError(f"missing {prompt.rstrip(': ')}")
@@ -864,7 +1079,10 @@ def _policy(options: ClientOptions, terminal: Terminal) -> Policy:
         return decline_all
 
     async def ask(offer: p.Offer) -> bool:
-        return await terminal.ask(f"{offer.payer} wants to pay you {offer.amount}. Accept?")
+        # The memo is the payer's text: shown escaped, never obeyed (the payee checked it too).
+        return await terminal.ask(
+            f"{offer.payer} wants to pay you {offer.amount}{_for(offer.memo)}. Accept?"
+        )
 
     return ask
 

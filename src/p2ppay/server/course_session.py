@@ -185,7 +185,7 @@ class CourseSession(SessionBase):
         assert self.user is not None
         account = await self.host.ledger.account(self.user)
         balance = account.balance if account else 0
-        roster = self.host.presence.course_roster()
+        roster = await self.host.presence.course_roster()
         return self.dialect.roster(balance, self.host.server_public_key, roster)
 
     # -- money --
@@ -252,9 +252,8 @@ class CourseSession(SessionBase):
         outcome = course.TRANSFER_FAIL if isinstance(moved, lg.LedgerError) else course.TRANSFER_OK
         # Success or not, the outcome is the payer's, who waits for it; the payee is told
         # nothing (its client is not reading for a reply).
-        payer = self.host.presence.local(message.payer, course=True)
-        if payer is self:
+        presence = self.host.presence
+        if presence.local(message.payer, course=True) is self:
             return outcome  # paying oneself (refused): the answer in line, in order
-        if isinstance(payer, CourseSession):
-            payer.send_soon(outcome)
+        presence.tell_course(message.payer, outcome)  # on whichever node the payer is
         return None
