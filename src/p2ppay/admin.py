@@ -2,9 +2,10 @@
 
 They work through the ledger file in the state directory (no network port, no extra secret:
 whoever can write the ledger file is the operator), or through the PostgreSQL database that
-``--ledger postgresql://...`` names (whoever may write that database is the operator). See :mod:`p2ppay.ledger.admin` for why a
-running server honours each change at once. Output goes to stdout; one line on stderr and the
-exit status say what went wrong (see :mod:`p2ppay.exitcodes`), never a traceback.
+``--ledger postgresql://...`` names (whoever may write that database is the operator). See
+:mod:`p2ppay.ledger.admin` for why a running server honours each change at once. Output goes
+to stdout; one line on stderr and the exit status say what went wrong (see
+:mod:`p2ppay.exitcodes`), never a traceback.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from .shell import PASSWORD_ENV, UsageError, read_password_file
 log = logging.getLogger("p2ppay.admin")
 
 DESCRIPTION = """The operator's commands. They work on the ledger in the state directory (or the
-one --ledger names, e.g. the nodes' postgresql://... URL), also while the server runs (a running server honours a freeze, a password reset or a credit at once).
+one --ledger names, e.g. the nodes' postgresql://... URL), also while the server runs (a
+running server honours a freeze, a password reset or a credit at once).
 
   accounts [--json]            every account: name, kind, balance, frozen, created, last login
   credit NAME AMOUNT           bring money in (idempotent by --reference)
