@@ -42,6 +42,21 @@ Open = Callable[..., AbstractAsyncContextManager[Wallet]]
 PASSWORD = "correct horse"
 
 
+@pytest.fixture(autouse=True)
+def own_client_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Every test (and every client process it starts) has a config and a state directory of
+    its own: the developer's profile, environment and command history neither steer the
+    tests nor get written by them. Returns the config directory's p2ppay folder."""
+    home = tmp_path_factory.mktemp("xdg")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+    for name in ("P2PPAY_SERVER", "P2PPAY_CAFILE", "P2PPAY_USER"):
+        monkeypatch.delenv(name, raising=False)
+    return home / "config" / "p2ppay"
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()

@@ -194,12 +194,17 @@ async def test_a_request_is_paid_while_its_requester_is_offline(tmp_path: Path) 
         await register(srv.port, state, "bob")
         await register(srv.port, state, "alice", deposit=100)
         code, lines, err = await client(
-            srv.port, state, "bob", "request alice 40 --memo 'rent, May' --expires 2h"
+            srv.port, state, "bob", "request alice 40 --memo 'rent; May' --expires 2h"
         )
         assert code == 0, (lines, err)
         made = result(lines, "request")
         rid = made["request_id"]
-        assert (made["payer"], made["amount"], made["state"]) == ("alice", 40, "open")
+        assert (made["payer"], made["amount"], made["state"], made["memo"]) == (
+            "alice",
+            40,
+            "open",
+            "rent; May",
+        )
         # bob's client has left: he is offline. alice sees the request and pays it.
         code, lines, err = await client(
             srv.port, state, "alice", f"requests; pay --request {rid}; pay --request {rid}"
@@ -210,8 +215,8 @@ async def test_a_request_is_paid_while_its_requester_is_offline(tmp_path: Path) 
         pays = [x["result"] for x in lines if x.get("command") == "pay"]
         # The second is a retry: the same payment (the request id), nothing moved again.
         assert [(x["payment_id"], x["balance"], x["memo"]) for x in pays] == [
-            (rid, 60, "rent, May"),
-            (rid, 60, "rent, May"),
+            (rid, 60, "rent; May"),
+            (rid, 60, "rent; May"),
         ]
         # bob logs in and is told.
         code, lines, err = await client(srv.port, state, "bob", "balance; requests")
@@ -255,6 +260,14 @@ async def test_expired_declined_and_cancelled_requests_cannot_be_paid(tmp_path: 
         ):
             code, lines, _ = await client(srv.port, state, "alice", f"pay --request {rid}")
             assert (code, error_code(lines)) == (1, refusal)
+            assert lines[-1]["error"]["payment_id"] == rid  # the request id is the payment id
+        # A request has its own amount, memo and id: none of them goes with --request.
+        for extra in ("bob 6", "--memo hi", f"--id {declined}"):
+            code, lines, _ = await client(
+                srv.port, state, "alice", f"pay --request {declined} {extra}"
+            )
+            assert (code, error_code(lines)) == (2, "usage"), extra
+            assert lines[-1]["error"]["payment_id"] == declined
         # Declining or cancelling again is refused too; nothing moved.
         code, lines, _ = await client(srv.port, state, "bob", f"cancel-request {declined}")
         assert (code, error_code(lines)) == (1, "request_declined")

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import trio
@@ -224,9 +224,9 @@ class FlakyLedger:
         self._check()
         return await self.inner.transfer(payment_id)
 
-    async def history(self, name: str, limit: int) -> list[lg.Entry]:
+    async def history(self, name: str, limit: int, **filters: Any) -> list[lg.Entry]:
         self._check()
-        return await self.inner.history(name, limit)
+        return await self.inner.history(name, limit, **filters)
 
     async def audit(self) -> lg.Audit:
         self._check()

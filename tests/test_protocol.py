@@ -108,6 +108,8 @@ def test_every_op_round_trips() -> None:
         p.Lookup(6, "bob"),
         p.Settle(7, PID, "bob", 30, "c2lnbmF0dXJl"),
         p.History(8, 10),
+        p.History(10, 1000, before=77, counterparty="Bob", since_ms=0, until_ms=2**53),
+        p.PaymentStatus(11, PID),
         p.Logout(9),
         p.Deposit(10, 500, PID),
         p.Settle(11, PID, "bob", 30, "c2lnbmF0dXJl", "lunch at noon"),
@@ -290,6 +292,7 @@ def test_crlf_blank_lines_and_pipelining() -> None:
     second = conn.next_event()
     assert isinstance(first, p.ListOnline) and first.id == 7
     assert isinstance(second, p.History) and second.limit == 50
+    assert (second.before, second.counterparty, second.since_ms, second.until_ms) == (None,) * 4
     assert conn.next_event() is NEED_DATA
 
 
@@ -532,3 +535,19 @@ def test_every_op_is_declared_once_and_legal_somewhere() -> None:
     assert set(p.OP_TYPES) == p.OPS == {op for _, op in p.TRANSITIONS}
     for op, (request, result) in p.OP_TYPES.items():
         assert p.op_of(request) == op and p.RESULT_TYPES[op] is result
+
+
+def test_history_filters_on_the_wire() -> None:
+    # "with" names the counterparty on the wire; a plain request stays as older servers read it.
+    assert p.encode_request(p.History(1, 5)) == b'{"op":"history","id":1,"limit":5}\n'
+    line = b'{"id": 2, "op": "history", "with": "bob", "before": 9, "since_ms": 5, "until_ms": 6}'
+    assert p.decode_request(line) == p.History(2, 50, 9, "bob", 5, 6)
+    for bad in (
+        b'{"id": 3, "op": "history", "before": 0}',
+        b'{"id": 3, "op": "history", "with": "no one"}',
+        b'{"id": 3, "op": "history", "since_ms": -1}',
+        b'{"id": 3, "op": "history", "counterparty": "bob"}',
+        b'{"id": 3, "op": "payment_status", "payment_id": "12345678123456781234567812345678"}',
+    ):
+        rejected = p.decode_request(bad)
+        assert isinstance(rejected, p.Rejected) and rejected.code == ErrorCode.BAD_REQUEST, bad

@@ -8,6 +8,7 @@ import ssl
 import uuid
 from typing import Any
 
+import msgspec.structs
 import pytest
 import trio
 import trio.testing
@@ -574,3 +575,60 @@ async def test_the_pre_login_timeout_is_a_total(
         took = trio.current_time() - started
     assert idle <= took <= idle + 11
     assert rid >= idle // 10 - 1
+
+
+async def test_payment_status_is_for_the_payer_and_the_payee_only(connect: Connect) -> None:
+    with trio.fail_after(10):
+        async with (
+            connect("10.0.0.1") as alice,
+            connect("10.0.0.2") as bob,
+            connect("10.0.0.3") as eve,
+        ):
+            await registered(alice, "Alice", deposit=100)
+            await registered(bob, "bob")
+            await registered(eve, "eve")
+            pid = uuid.uuid4()
+            await pay(alice, "bob", 30, payment_id=pid)
+            settled = await alice.payment_status(pid)
+            assert settled.settled and (settled.payer, settled.payee, settled.amount) == (
+                "Alice",
+                "bob",
+                30,
+            )
+            assert settled.balance == 70  # each party's own balance right after it
+            assert settled.at_ms is not None and settled.at_ms > 0
+            seen_by_bob = await bob.payment_status(pid)
+            assert seen_by_bob.balance == 30
+            assert msgspec.structs.replace(seen_by_bob, balance=70) == settled
+            # To anyone else a settled payment is word for word an unknown one.
+            unknown = uuid.uuid4()
+            assert await eve.payment_status(pid) == p.PaymentStatusResult(pid, settled=False)
+            assert await eve.payment_status(unknown) == p.PaymentStatusResult(unknown, False)
+            assert await alice.payment_status(unknown) == p.PaymentStatusResult(unknown, False)
+
+
+async def test_history_pages_through_the_protocol(connect: Connect) -> None:
+    with trio.fail_after(20):
+        async with connect("10.0.0.1") as alice, connect("10.0.0.2") as bob:
+            await registered(alice, "alice", deposit=1000)
+            await registered(bob, "bob")
+            for amount in range(1, 12):
+                await pay(alice, "bob", amount)
+            whole = await alice.history_page(1000)
+            assert whole.next is None and len(whole.entries) == 12
+            pages: list[p.HistoryEntry] = []
+            before: int | None = None
+            while True:
+                page = await alice.history_page(5, before=before)
+                pages += page.entries
+                if page.next is None:
+                    break
+                before = page.next
+            assert pages == whole.entries
+            exact = await alice.history_page(12)
+            assert exact.next is None  # no empty page to fetch after the last
+            only_bob = await alice.history_page(1000, counterparty="BOB")
+            assert [e.amount for e in only_bob.entries] == list(range(11, 0, -1))
+            late = whole.entries[0].at_ms
+            assert (await alice.history_page(10, since_ms=late + 1)).entries == []
+            assert (await alice.history_page(10, until_ms=late + 1)).entries == whole.entries[:10]

@@ -44,7 +44,9 @@ class Typist:
         self.prompts: list[str] = []
         self.written: list[str] = []
 
-    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
+    async def prompt(
+        self, message: str, default: str, secret: bool, *, remember: bool = False
+    ) -> str | Interrupted:
         await trio.lowlevel.checkpoint()
         self.prompts.append(message + ("(secret)" if secret else ""))
         if not self.lines:
@@ -165,7 +167,15 @@ async def test_an_interactive_session(wallet_at: WalletAt, open_wallet: Open) ->
     assert "port for payments (Enter: any free port): " in typist.prompts
     assert "carol> " in typist.prompts
     history = typist.written[typist.written.index("Balance: 50") + 1]
-    assert history.splitlines()[0].split() == ["WHEN", "KIND", "AMOUNT", "BALANCE", "WITH", "MEMO"]
+    assert history.splitlines()[0].split() == [
+        "WHEN",
+        "(UTC)",
+        "KIND",
+        "AMOUNT",
+        "BALANCE",
+        "WITH",
+        "MEMO",
+    ]
     assert "deposit" in history.splitlines()[1]
     listing = typist.written[typist.written.index("Balance: 50") + 2]
     assert listing.splitlines()[:2] == ["Balance: 50", "Online (2):"]
@@ -216,6 +226,9 @@ async def test_a_script_in_json(wallet_at: WalletAt, open_wallet: Open, tmp_path
     assert by_command["balance"]["result"] == {"balance": 10}
     assert [u["name"] for u in by_command["list"]["result"]["online"]] == ["dave", "erin"]
     assert by_command["history"]["result"]["entries"][0]["kind"] == "deposit"
+    # Every pay outcome carries its payment id, a refusal before anyone was asked too.
+    pid = by_command["pay"]["error"].pop("payment_id")
+    assert uuid.UUID(pid) and str(uuid.UUID(pid)) == pid
     assert by_command["pay"] == {
         "command": "pay",
         "ok": False,
@@ -231,6 +244,8 @@ async def test_a_script_in_json(wallet_at: WalletAt, open_wallet: Open, tmp_path
         ("deposit 5", "usage", "log in first (login NAME)"),
         ("login bob", "usage", f"no password: use --password-file or set {PASSWORD_ENV}"),
         ("frobnicate", "usage", "unknown command 'frobnicate'; type help for the list"),
+        ("frob --x", "usage", "unknown command 'frob'; type help for the list"),
+        ("pay 'bob", "usage", 'cannot read "pay \'bob": a quote is not closed'),
         ("exit now", "usage", "exit does not take 'now'; type help for the usage"),
     ],
 )

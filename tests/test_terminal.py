@@ -148,7 +148,9 @@ class Scripted:
         self._pending = False
         self.prompting = trio.Event()
 
-    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
+    async def prompt(
+        self, message: str, default: str, secret: bool, *, remember: bool = False
+    ) -> str | Interrupted:
         self.prompts.append((message, default, secret))
         self.prompting.set()
         with trio.CancelScope() as self._scope:

@@ -19,6 +19,15 @@ import trio
 from . import __version__, admin, logs
 from .exitcodes import ExitCode
 from .ledger import LedgerUnavailable
+from .profiles import (
+    CAFILE_ENV,
+    SERVER_ENV,
+    USER_ENV,
+    ProfileError,
+    load_profile,
+    profile_path,
+    resolve,
+)
 from .server import DEFAULT_PORT, ServerOptions, StartupError, run_server, workers
 from .settings import add_flags, from_flags, port, seconds
 from .shell import PASSWORD_ENV, ClientOptions, run_client
@@ -69,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the p2ppay server until Ctrl-C or SIGTERM. Every limit is a flag.",
         formatter_class=_HelpFormatter,
     )
+    s.add_argument("--version", action="version", version=f"p2ppay {__version__}")
     s.add_argument(
         "--log-level",
         default="info",
@@ -95,23 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
         "client",
         help="the terminal client (interactive, or scripted with -c)",
         description="The p2ppay terminal client: interactive, or scripted with -c.\n"
-        "Exit status: 0 done; 1 a command failed; 2 usage error; 3 cannot reach the server.",
+        "Exit status: 0 done; 1 a command failed; 2 usage error; 3 cannot reach the server.\n"
+        f"Settings come from the flags, else ${SERVER_ENV} (HOST:PORT), ${CAFILE_ENV} and "
+        f"${USER_ENV},\nelse the profile {profile_path()} (TOML: server, cafile,\n"
+        "server_name, user, password_file, accept), else the defaults.",
         formatter_class=_HelpFormatter,
     )
-    c.add_argument("host", nargs="?", default="localhost", help="the server's host")
-    c.add_argument("port", nargs="?", type=port, default=DEFAULT_PORT, help="the server's port")
+    c.add_argument("--version", action="version", version=f"p2ppay {__version__}")
+    c.add_argument("host", nargs="?", default=None, help="the server's host (default: localhost)")
+    c.add_argument(
+        "port",
+        nargs="?",
+        type=port,
+        default=None,
+        help=f"the server's port (default: {DEFAULT_PORT})",
+    )
     c.add_argument(
         "--cafile",
         type=Path,
         default=None,
-        help="CA certificate to verify the server (default: ca.pem in the state dir)",
+        help=f"CA certificate to verify the server (default: ${CAFILE_ENV}, else ca.pem in "
+        "the state dir)",
     )
     c.add_argument(
         "--server-name",
         default=None,
         help="name to check in the server's certificate (default: HOST)",
     )
-    c.add_argument("--user", default=None, help="account name (logs in when needed)")
+    c.add_argument(
+        "--user", default=None, help=f"account name, logs in when needed (default: ${USER_ENV})"
+    )
     c.add_argument(
         "--password-file",
         type=Path,
@@ -131,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--accept",
         choices=["ask", "all", "none"],
-        default="ask",
-        help="what to do with incoming offers",
+        default=None,
+        help="what to do with incoming offers (default: ask)",
     )
     c.add_argument(
         "--ask-timeout",
@@ -176,17 +199,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
-    cafile = args.cafile or (default_state_dir() / "ca.pem")
-    return ClientOptions(
+    """The client's options: flags, else the environment, else the profile, else defaults.
+    Raises ProfileError for a profile or an environment variable that cannot be used."""
+    where = resolve(
         host=args.host,
         port=args.port,
-        cafile=cafile,
+        cafile=args.cafile,
         server_name=args.server_name,
         user=args.user,
         password_file=args.password_file,
+        accept=args.accept,
+        env=os.environ,
+        profile=load_profile(profile_path(), DEFAULT_PORT),
+        default_port=DEFAULT_PORT,
+        default_cafile=default_state_dir() / "ca.pem",
+    )
+    return ClientOptions(
+        host=where.host,
+        port=where.port,
+        cafile=where.cafile,
+        server_name=where.server_name,
+        user=where.user,
+        password_file=where.password_file,
         listen_host=args.listen_host,
         listen_port=args.listen_port,
-        accept=args.accept,
+        accept=where.accept,
         ask_timeout=args.ask_timeout,
         commands=args.commands,
         json=args.json,
@@ -278,7 +315,12 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_client(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, text_format="%(levelname)s %(name)s: %(message)s")
     try:
-        return trio.run(run_client, client_options(args))
+        options = client_options(args)
+    except ProfileError as exc:
+        print(f"p2ppay client: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        return trio.run(run_client, options)
     except KeyboardInterrupt:
         # Ctrl-C before the shell was ready to take it (e.g. while connecting).
         print("p2ppay client: interrupted", file=sys.stderr)

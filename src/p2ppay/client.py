@@ -314,8 +314,27 @@ class Client:
         await self._call(p.Passwd(0, old_password, new_password))
 
     async def history(self, limit: int = 50) -> builtins.list[p.HistoryEntry]:
-        result: p.HistoryResult = await self._call(p.History(0, limit))
-        return result.entries
+        return (await self.history_page(limit)).entries
+
+    async def history_page(
+        self,
+        limit: int = 50,
+        *,
+        before: int | None = None,
+        counterparty: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+    ) -> p.HistoryResult:
+        """One page of history, newest first; pass its ``next`` as ``before`` for the next."""
+        result: p.HistoryResult = await self._call(
+            p.History(0, limit, before, counterparty, since_ms, until_ms)
+        )
+        return result
+
+    async def payment_status(self, payment_id: uuid.UUID) -> p.PaymentStatusResult:
+        """Whether ``payment_id`` is settled (and what it was, if we paid it or were paid)."""
+        result: p.PaymentStatusResult = await self._call(p.PaymentStatus(0, payment_id))
+        return result
 
     async def logout(self) -> None:
         await self._call(p.Logout(0))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -11,12 +13,13 @@ import signal
 import ssl
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO, TypeVar, final
 
 import msgspec
+import platformdirs
 import trio
 
 from . import protocol as p
@@ -25,7 +28,7 @@ from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port, memo_problem,
 from .exitcodes import ExitCode
 from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
-from .terminal import Terminal, make_terminal, printable
+from .terminal import RichBackend, Terminal, make_terminal, printable
 from .tls import MissingCA, client_context
 from .wallet import (
     CannotConnect,
@@ -54,9 +57,11 @@ HELP: Final = """Commands:
   deposit AMOUNT      add money to your account
   balance             show your balance
   list                your balance and who is online
-  pay NAME AMOUNT [--memo TEXT]
-                      pay NAME directly; they accept or decline
-  pay --request ID    pay a request someone made to you
+  pay NAME AMOUNT [--memo TEXT] [--id UUID]
+                      pay NAME directly; they accept or decline. With --id, safe to
+                      repeat: a payment already settled is not paid again
+  pay --request ID    pay a request someone made to you (safe to repeat)
+  status ID           whether payment ID is settled (yours to see: you paid or were paid)
   request NAME AMOUNT [--memo TEXT] [--expires 2h]
                       ask NAME to pay you (they can pay while you are away)
   requests            open requests to you and from you, with their ids
@@ -65,20 +70,23 @@ HELP: Final = """Commands:
   receipt ID [--out FILE]
                       the server's signed receipt of a payment (JSON)
   passwd              change your password
-  history [N]         your last N movements (default 20)
+  history [N] [--with NAME] [--since DATE] [--until DATE] [--limit N] [--csv [--out FILE]]
+                      your movements, newest first (default the last 20; with --csv all);
+                      DATE is in UTC: 2026-11-29 (the whole day) or 2026-11-29T14:30
   logout              log out (stop taking payments)
   serve               stay online taking offers until Ctrl-C or SIGTERM
   help                this text
   exit                log out and leave (also Ctrl-D)
+Words are split like a shell's: quote a word with spaces ("..." or '...').
 The seed program's menu works too: 1 register, 2 login, 3 list, 4 pay, 5 exit.
 Amounts are whole numbers."""
 
 MENU: Final = {"1": "register", "2": "login", "3": "list", "4": "pay", "5": "exit"}
 NEEDS_LOGIN: Final = frozenset(
-    {"deposit", "balance", "list", "pay", "history", "logout", "serve"}
+    {"deposit", "balance", "list", "pay", "status", "history", "logout", "serve"}
     | {"request", "requests", "decline-request", "cancel-request", "receipt", "passwd"}
 )
-#: the most words each command takes after its name
+#: the most words (besides options) each command takes after its name
 MAX_ARGS: Final = {
     "register": 1,
     "login": 1,
@@ -86,6 +94,7 @@ MAX_ARGS: Final = {
     "balance": 0,
     "list": 0,
     "pay": 2,
+    "status": 1,
     "history": 1,
     "logout": 0,
     "serve": 0,
@@ -99,13 +108,21 @@ MAX_ARGS: Final = {
     "receipt": 1,
     "passwd": 0,
 }
-#: the options each command takes (each with a value): ``--memo TEXT`` or ``--memo=TEXT``
-OPTIONS: Final = {
-    "pay": frozenset({"--memo", "--request"}),
-    "request": frozenset({"--memo", "--expires"}),
-    "receipt": frozenset({"--out"}),
-    "deposit": frozenset({"--id"}),
-}
+#: history rows shown when no number is asked for (``--csv`` exports everything)
+DEFAULT_HISTORY: Final = 20
+#: the most movements one ``history`` may ask for (it is fetched in pages of MAX_HISTORY)
+MAX_HISTORY_ASKED: Final = 10**9
+#: (memo last: the columns before it are where they were before memos)
+CSV_HEADER: Final = (
+    "time",
+    "at_ms",
+    "kind",
+    "amount",
+    "balance",
+    "counterparty",
+    "payment_id",
+    "memo",
+)
 
 
 class UsageError(Exception):
@@ -132,6 +149,12 @@ class ClientOptions:
     json: bool = False
 
 
+def command_history_path() -> Path:
+    """Where the interactive client keeps typed commands across runs: the user's state
+    directory (``~/.local/state/p2ppay`` on Linux), mode 0600."""
+    return Path(platformdirs.user_state_dir("p2ppay", appauthor=False)) / "client-history"
+
+
 def parse_amount(text: str) -> int:
     if not AMOUNT_RE.fullmatch(text) or int(text) < 1:
         raise UsageError(f"the amount must be a positive whole number, like 300 (not {text!r})")
@@ -148,47 +171,78 @@ def parse_name(text: str) -> str:
 
 
 def parse_count(text: str) -> int:
-    """How many movements ``history`` shows."""
-    if not text.isdigit() or not 1 <= int(text) <= MAX_HISTORY:
+    """How many movements ``history`` shows (more than a page are fetched page by page)."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_HISTORY_ASKED:
         raise UsageError(
-            f"the number of movements must be a whole number from 1 to {MAX_HISTORY} (not {text!r})"
+            f"the number of movements must be a whole number from 1 to {MAX_HISTORY_ASKED} "
+            f"(not {text!r})"
         )
     return int(text)
 
 
-def parse_port(text: str) -> int:
-    """A P2P port, or 0 for "any free port" when left empty."""
+def parse_id(text: str, what: str = "payment id") -> uuid.UUID:
+    """A payment, request or deposit id as typed: a UUID with its dashes (any letter case),
+    the form the server takes and every id is shown in."""
+    if not p.CANONICAL_UUID.fullmatch(text.lower()):
+        raise UsageError(
+            f"{text!r} is not a {what}: a UUID like 12345678-1234-5678-1234-567812345678"
+        )
+    return uuid.UUID(text.lower())
+
+
+def parse_payment_id(text: str) -> uuid.UUID:
+    return parse_id(text, "payment id")
+
+
+def parse_request_id(text: str) -> uuid.UUID:
+    return parse_id(text, "request id")
+
+
+def parse_deposit_id(text: str) -> uuid.UUID:
+    return parse_id(text, "deposit id")
+
+
+def _parse_moment(text: str, option: str) -> tuple[dt.datetime, bool]:
+    """A date or date-time in UTC (an explicit offset is honoured); True if a date alone."""
+    try:
+        if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+            day = dt.date.fromisoformat(text)
+            return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC), True
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"{option} takes a date or a date and time in UTC, like 2026-11-29 or "
+            f"2026-11-29T14:30 (not {text!r})"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment, False
+
+
+def _ms(moment: dt.datetime) -> int:
+    ms = int(moment.timestamp() * 1000)
+    if not 0 <= ms <= 2**53:
+        raise UsageError(f"{moment.isoformat()} is out of range")
+    return ms
+
+
+def parse_since(text: str) -> int:
+    """``--since``: from this moment on (a date alone: from its first instant), Unix ms."""
+    return _ms(_parse_moment(text, "--since")[0])
+
+
+def parse_until(text: str) -> int:
+    """``--until``: before this moment (a date alone: up to its end, the whole day in),
+    Unix ms, exclusive."""
+    moment, whole_day = _parse_moment(text, "--until")
+    return _ms(moment + dt.timedelta(days=1) if whole_day else moment)
+
+
+def parse_path(text: str) -> Path:
+    """A file to write (``~`` is the home directory)."""
     if not text:
-        return 0
-    if not text.isdigit() or not is_port(int(text)):
-        raise UsageError(f"the port must be a number from {MIN_PORT} to {MAX_PORT} (not {text!r})")
-    return int(text)
-
-
-def split_options(command: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The plain words and the options (``--memo TEXT`` or ``--memo=TEXT``) of a command."""
-    known = OPTIONS.get(command, frozenset())
-    words: list[str] = []
-    options: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--") and len(arg) > 2:
-            flag, eq, value = arg.partition("=")
-            if flag not in known:
-                raise UsageError(f"{command} does not take {flag!r}; type help for the usage")
-            if not eq:
-                if i + 1 >= len(args):
-                    raise UsageError(f"{flag} needs a value")
-                value = args[i + 1]
-                i += 1
-            if flag in options:
-                raise UsageError(f"{flag} is given twice")
-            options[flag] = value
-        else:
-            words.append(arg)
-        i += 1
-    return words, options
+        raise UsageError("the file name is empty")
+    return Path(text).expanduser()
 
 
 def parse_memo(text: str) -> str:
@@ -198,19 +252,71 @@ def parse_memo(text: str) -> str:
     return text
 
 
-def parse_id(text: str, what: str = "id") -> uuid.UUID:
-    """A payment, request or deposit id: a UUID (shown in canonical form everywhere)."""
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise UsageError(f"{text!r} is not a {what} (a UUID like 5f0c...-...)") from None
-
-
 def parse_expiry(text: str) -> int:
     try:
         return parse_duration(text)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+#: Each command's options: the parser of its value, or None for a flag without one.
+OPTIONS: Final[dict[str, dict[str, Callable[[str], Any] | None]]] = {
+    "pay": {"--id": parse_payment_id, "--memo": parse_memo, "--request": parse_request_id},
+    "request": {"--memo": parse_memo, "--expires": parse_expiry},
+    "receipt": {"--out": parse_path},
+    "deposit": {"--id": parse_deposit_id},
+    "history": {
+        "--with": parse_name,
+        "--since": parse_since,
+        "--until": parse_until,
+        "--limit": parse_count,
+        "--csv": None,
+        "--out": parse_path,
+    },
+}
+
+
+def parse_args(command: str, args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """A command's words: its positional arguments, and its options parsed (``--opt VALUE``
+    or ``--opt=VALUE``). An unknown option, one given twice, or a word too many is refused."""
+    known = OPTIONS.get(command, {})
+    positional: list[str] = []
+    options: dict[str, Any] = {}
+    words = iter(args)
+    for word in words:
+        if not word.startswith("--"):
+            positional.append(word)
+            continue
+        name, has_value, value = word.partition("=")
+        if name not in known:
+            raise UsageError(f"{command} does not take {word!r}; type help for the usage")
+        if name in options:
+            raise UsageError(f"{command}: {name} is given twice")
+        parse = known[name]
+        if parse is None:
+            if has_value:
+                raise UsageError(f"{command}: {name} takes no value")
+            options[name] = True
+            continue
+        if not has_value:
+            value = next(words, None)  # type: ignore[assignment]
+            if value is None:
+                raise UsageError(f"{command}: {name} needs a value")
+        options[name] = parse(value)
+    most = MAX_ARGS.get(command, len(positional))
+    if len(positional) > most:
+        extra = " ".join(positional[most:])
+        raise UsageError(f"{command} does not take {extra!r}; type help for the usage")
+    return positional, options
+
+
+def parse_port(text: str) -> int:
+    """A P2P port, or 0 for "any free port" when left empty."""
+    if not text:
+        return 0
+    if not text.isdigit() or not is_port(int(text)):
+        raise UsageError(f"the port must be a number from {MIN_PORT} to {MAX_PORT} (not {text!r})")
+    return int(text)
 
 
 def _for(memo: str | None) -> str:
@@ -230,7 +336,7 @@ def format_requests(result: p.RequestsResult) -> str:
         width = max(
             len(other), *(len(r.requester if other == "FROM" else r.payer) for r in requests)
         )
-        lines.append(f"  {'ID':<36}  {other:<{width}}  {'AMOUNT':>10}  {'EXPIRES':<19}  MEMO")
+        lines.append(f"  {'ID':<36}  {other:<{width}}  {'AMOUNT':>10}  {'EXPIRES (UTC)':<19}  MEMO")
         for r in requests:
             who = r.requester if other == "FROM" else r.payer
             lines.append(
@@ -250,11 +356,88 @@ def describe_request_closed(r: p.RequestInfo) -> str:
 
 
 def split_commands(script: str) -> list[str]:
-    return [part.strip() for part in re.split(r"[;\n]", script) if part.strip()]
+    """A ``-c`` script's commands: separated by ``;`` or a new line, except inside quotes
+    (quoted as in :func:`split_words`; the quotes stay for it to remove)."""
+    commands: list[str] = []
+    current: list[str] = []
+    quote: str | None = None
+    chars = iter(script)
+    for ch in chars:
+        if quote is None and ch in ";\n":
+            commands.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+        if ch == "\\" and quote != "'":
+            current.append(next(chars, ""))  # an escaped character is never a separator
+        elif quote is None and ch in "'\"":
+            quote = ch
+        elif ch == quote:
+            quote = None
+    commands.append("".join(current))
+    return [command.strip() for command in commands if command.strip()]
+
+
+def split_words(line: str) -> list[str]:
+    """A command line's words, split like a POSIX shell's: quotes group, backslash escapes."""
+    try:
+        return shlex.split(line)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        reason = "a quote is not closed" if "quotation" in str(exc) else "it ends with \\"
+        raise UsageError(f"cannot read {line!r}: {reason}") from None
+
+
+def complete(before_cursor: str, names: list[str]) -> list[str]:
+    """What may follow at the end of ``before_cursor``: a command, an option of the command,
+    or an online name (from the last ``list``) where a name goes."""
+    words = before_cursor.split(" ")
+    current = words[-1]
+    if len(words) == 1:
+        candidates: list[str] = [c for c in MAX_ARGS if c != "quit"]
+    else:
+        command = words[0].lower()
+        previous = words[-2] if len(words) > 2 else ""
+        options = OPTIONS.get(command, {})
+        if current.startswith("-"):
+            candidates = list(options)
+        elif previous == "--with" or (
+            command in ("pay", "request") and [w for w in words[1:-1] if w] == []
+        ):
+            candidates = names
+        else:
+            candidates = []
+    return sorted(c for c in candidates if c.startswith(current))
 
 
 def _when(at_ms: int) -> str:
-    return dt.datetime.fromtimestamp(at_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    """A moment as shown and exported: UTC, like the dates ``history`` takes."""
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(at_ms: int) -> str:
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def csv_rows(entries: list[p.HistoryEntry], header: bool = False) -> str:
+    """History entries as RFC 4180 CSV (CRLF line ends, quoted where needed)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if header:
+        writer.writerow(CSV_HEADER)
+    for e in entries:
+        writer.writerow(
+            (
+                _iso(e.at_ms),
+                e.at_ms,
+                e.kind,
+                e.amount,
+                e.balance,
+                e.counterparty or "",
+                e.payment_id or "",
+                e.memo or "",
+            )
+        )
+    return out.getvalue()
 
 
 def format_list(result: p.ListResult) -> str:
@@ -274,7 +457,8 @@ def format_history(entries: list[p.HistoryEntry]) -> str:
         return "No movements yet."
     width = max(4, *(len(e.counterparty or "") for e in entries))
     lines = [
-        f"  {'WHEN':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  {'WITH':<{width}}  MEMO"
+        f"  {'WHEN (UTC)':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  "
+        f"{'WITH':<{width}}  MEMO"
     ]
     for e in entries:
         lines.append(
@@ -282,6 +466,47 @@ def format_history(entries: list[p.HistoryEntry]) -> str:
             f"{e.counterparty or '':<{width}}  {printable(e.memo or '')}".rstrip()
         )
     return "\n".join(lines)
+
+
+async def _export_csv(
+    path: Path, each_page: Callable[[Callable[[p.HistoryResult], Awaitable[None]]], Awaitable[None]]
+) -> int:
+    """Write the pages as CSV to ``path``; returns the number of movements. The file is
+    written beside it under another name and renamed at the end: an export that fails
+    half-way leaves no half file (and whatever was at ``path`` stays)."""
+    partial = trio.Path(path.parent / f".{path.name}.partial")
+    count = 0
+    try:
+        async with await trio.open_file(partial, "w", encoding="utf-8", newline="") as f:
+            await f.write(csv_rows([], header=True))
+
+            async def take(page: p.HistoryResult) -> None:
+                nonlocal count
+                await f.write(csv_rows(page.entries))
+                count += len(page.entries)
+
+            await each_page(take)
+        await partial.replace(path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if await partial.exists():
+            await partial.unlink()
+    return count
+
+
+def format_status(status: p.PaymentStatusResult) -> str:
+    if not status.settled:
+        return (
+            f"Payment {status.payment_id}: not settled (or not yours to see: only its payer "
+            "and payee are told)"
+        )
+    assert status.at_ms is not None
+    return (
+        f"Payment {status.payment_id}: settled: {status.payer} paid {status.payee} "
+        f"{status.amount}{_for(status.memo)} at {_when(status.at_ms)} UTC. Your balance "
+        f"right after: {status.balance}"
+    )
 
 
 def read_password_file(path: Path) -> str:
@@ -314,8 +539,12 @@ class Shell:
         self._replaced = False
         #: the payment port chosen at the prompt, kept once a login has worked with it
         self._chosen_port: int | None = None
-        #: the options of the command being run (``--memo``: its value)
-        self._opts: dict[str, str] = {}
+        #: who was online at the last ``list`` (for completion)
+        self.online_names: list[str] = []
+        #: the payment the command under way is making (its id goes with every outcome)
+        self.payment_id: uuid.UUID | None = None
+        #: how to retry that payment after server_unreachable
+        self._retry = "pay ... --id"
 
     @property
     def serving(self) -> bool:
@@ -343,12 +572,26 @@ class Shell:
     ) -> None:
         if self.status is ExitCode.OK:
             self.status = status
+        error: dict[str, Any] = {"code": code, "message": message}
+        if command == "pay":  # its id, so that it can be checked (status) or retried (--id)
+            error["payment_id"] = None if self.payment_id is None else str(self.payment_id)
         if self.options.json:
-            self._json(
-                {"command": command, "ok": False, "error": {"code": code, "message": message}}
-            )
-        else:
-            self.terminal.write(f"Error ({code}): {printable(message)}")
+            self._json({"command": command, "ok": False, "error": error})
+            return
+        if command == "pay" and self.payment_id is not None and code == "server_unreachable":
+            message += f" (payment {self.payment_id}: status tells, {self._retry} retries it)"
+        self.terminal.write(f"Error ({code}): {printable(message)}")
+
+    def toolbar(self) -> str:
+        """The line under the prompt: who is logged in, and the balance as last seen."""
+        user = self.wallet.user
+        if user is None:
+            return "not logged in"
+        balance = self.wallet.known_balance
+        return f"{user}  balance: {'?' if balance is None else balance}"
+
+    def complete(self, before_cursor: str) -> list[str]:
+        return complete(before_cursor, self.online_names)
 
     def _json(self, obj: dict[str, Any]) -> None:
         self.terminal.write(json.dumps(obj, sort_keys=True))
@@ -406,7 +649,7 @@ class Shell:
             r = event.request
             text = (
                 f"{r.requester} asks you to pay {r.amount}{_for(r.memo)} by "
-                f"{_when(r.expires_ms)}: pay --request {r.request_id} (or decline-request)"
+                f"{_when(r.expires_ms)} UTC: pay --request {r.request_id} (or decline-request)"
             )
         elif isinstance(event, p.RequestClosed):
             text = describe_request_closed(event.request)
@@ -487,23 +730,19 @@ class Shell:
 
     async def execute(self, line: str) -> bool:
         """Run one command line; False when the shell should end."""
+        self.payment_id, self._retry = None, "pay ... --id"
+        first = line.split(maxsplit=1)
+        command = MENU.get(first[0].lower(), first[0].lower()) if first else ""
         try:
-            words = shlex.split(line)
-        except ValueError as exc:  # an unclosed quote
-            self.emit_error(
-                line.split()[0].lower(), "usage", f"cannot read that line: {exc}", ExitCode.USAGE
-            )
-            return True
-        if not words:
-            return True
-        command, args = words[0].lower(), words[1:]
-        command = MENU.get(command, command)
-        try:
-            args, self._opts = split_options(command, args)
-            if len(args) > MAX_ARGS.get(command, len(args)):
-                extra = " ".join(args[MAX_ARGS[command] :])
-                raise UsageError(f"{command} does not take {extra!r}; type help for the usage")
-            return await self._execute(command, args)
+            words = split_words(line)
+            if not words:
+                return True
+            command, args = words[0].lower(), words[1:]
+            command = MENU.get(command, command)
+            if command not in MAX_ARGS:
+                raise UsageError(f"unknown command {command!r}; type help for the list")
+            positional, options = parse_args(command, args)
+            return await self._execute(command, positional, options)
         except UsageError as exc:
             self.emit_error(command, "usage", str(exc), ExitCode.USAGE)
         except PaymentFailed as exc:
@@ -529,7 +768,7 @@ class Shell:
             self.say("(cancelled)")
         return True
 
-    async def _execute(self, command: str, args: list[str]) -> bool:
+    async def _execute(self, command: str, args: list[str], options: dict[str, Any]) -> bool:
         if command in ("exit", "quit"):
             return False
         if command == "help":
@@ -551,24 +790,28 @@ class Shell:
             else:
                 raise UsageError("log in first (login NAME)")
         wallet = self.wallet
-        opts = self._opts
         if command == "deposit":
             amount = await self._amount(args, 0)
-            did = parse_id(opts["--id"], "deposit id") if "--id" in opts else None
-            balance = await wallet.deposit(amount, did)
+            balance = await wallet.deposit(amount, options.get("--id"))
             self.emit("deposit", {"balance": balance}, f"Deposited {amount}. Balance: {balance}")
         elif command == "balance":
             balance = await wallet.balance()
             self.emit("balance", {"balance": balance}, f"Balance: {balance}")
         elif command == "list":
             result = await wallet.list()
+            self.online_names = [u.name for u in result.online]
             self.emit("list", result, format_list(result))
-        elif command == "pay" and "--request" in opts:
-            if args or "--memo" in opts:
+        elif command == "pay" and "--request" in options:
+            # Paying a request makes the payment whose id is the request's: every outcome,
+            # errors too, names it (and retrying it is paying the request again).
+            self.payment_id = options["--request"]
+            self._retry = f"pay --request {self.payment_id}"
+            if args or "--memo" in options or "--id" in options:
                 raise UsageError(
-                    "pay --request ID takes no name, amount or memo: the request has them"
+                    "pay --request ID takes no name, amount, --memo or --id: the request has "
+                    "them (its id is the payment id)"
                 )
-            paid = await wallet.pay_request(parse_id(opts["--request"], "request id"))
+            paid = await wallet.pay_request(options["--request"])
             self.emit(
                 "pay",
                 paid,
@@ -576,14 +819,16 @@ class Shell:
                 f"{paid.payment_id}). Your balance: {paid.balance}",
             )
         elif command == "pay":
+            # The id is chosen here, before anything can fail, so that every outcome names it.
+            self.payment_id = options.get("--id") or uuid.uuid4()
             payee = parse_name(args[0]) if args else await self._prompted("payee: ", parse_name)
             amount = await self._amount(args, 1)
-            memo = parse_memo(opts["--memo"]) if "--memo" in opts else None
             paid = await wallet.pay(
                 payee,
                 amount,
+                self.payment_id,
                 on_offer=lambda o: self.say(f"Offering {o.amount} to {o.payee}..."),
-                memo=memo,
+                memo=options.get("--memo"),
             )
             self.emit(
                 "pay",
@@ -591,17 +836,22 @@ class Shell:
                 f"Paid {paid.amount}{_for(paid.memo)} to {paid.payee} (payment "
                 f"{paid.payment_id}). Your balance: {paid.balance}",
             )
+        elif command == "status":
+            if not args:
+                raise UsageError("status needs a payment id")
+            status = await wallet.payment_status(parse_payment_id(args[0]))
+            self.emit("status", status, format_status(status))
         elif command == "request":
             payer = parse_name(args[0]) if args else await self._prompted("from: ", parse_name)
             amount = await self._amount(args, 1)
-            memo = parse_memo(opts["--memo"]) if "--memo" in opts else None
-            expires = parse_expiry(opts["--expires"]) if "--expires" in opts else None
-            made = await wallet.request(payer, amount, memo, expires)
+            made = await wallet.request(
+                payer, amount, options.get("--memo"), options.get("--expires")
+            )
             self.emit(
                 "request",
                 made,
                 f"Asked {made.payer} to pay you {made.amount}{_for(made.memo)} (request "
-                f"{made.request_id}, open until {_when(made.expires_ms)}).",
+                f"{made.request_id}, open until {_when(made.expires_ms)} UTC).",
             )
         elif command == "requests":
             listed = await wallet.requests()
@@ -609,7 +859,7 @@ class Shell:
         elif command in ("decline-request", "cancel-request"):
             if not args:
                 raise UsageError(f"{command} needs a request id (see requests)")
-            rid = parse_id(args[0], "request id")
+            rid = parse_request_id(args[0])
             if command == "decline-request":
                 closed = await wallet.decline_request(rid)
                 human = f"Declined {closed.requester}'s request {closed.request_id}."
@@ -620,10 +870,10 @@ class Shell:
         elif command == "receipt":
             if not args:
                 raise UsageError("receipt needs a payment id (see history)")
-            receipt = msgspec.to_builtins(await wallet.receipt(parse_id(args[0], "payment id")))
+            receipt = msgspec.to_builtins(await wallet.receipt(parse_payment_id(args[0])))
             text = json.dumps(receipt, indent=2, sort_keys=True)
-            if "--out" in opts:
-                out = trio.Path(opts["--out"])
+            if "--out" in options:
+                out = trio.Path(options["--out"])
                 try:
                     await out.write_text(text + "\n", encoding="utf-8")
                 except OSError as exc:
@@ -640,9 +890,7 @@ class Shell:
             await wallet.passwd(old, new)
             self.emit("passwd", {}, "Password changed; any other session of yours was logged out.")
         elif command == "history":
-            limit = parse_count(args[0]) if args else 20
-            entries = await wallet.history(limit)
-            self.emit("history", {"entries": entries}, format_history(entries))
+            await self._history(args, options)
         elif command == "logout":
             await wallet.logout()
             self.emit("logout", {}, "Logged out.")
@@ -656,6 +904,76 @@ class Shell:
             self._serving = None
             self.emit_error("serve", "session_replaced", "logged in elsewhere; stopped serving")
         return True
+
+    async def _history(self, args: list[str], options: dict[str, Any]) -> None:
+        if args and "--limit" in options:
+            raise UsageError("history: give the number of movements once (N or --limit N)")
+        csv_out = bool(options.get("--csv"))
+        out: Path | None = options.get("--out")
+        if out is not None and not csv_out:
+            raise UsageError("history: --out goes with --csv")
+        limit: int | None = parse_count(args[0]) if args else options.get("--limit")
+        if limit is None and not csv_out:
+            limit = DEFAULT_HISTORY
+        since, until = options.get("--since"), options.get("--until")
+        if since is not None and until is not None and since >= until:
+            raise UsageError("history: --since must be before --until")
+
+        async def each_page(take: Callable[[p.HistoryResult], Awaitable[None]]) -> None:
+            # Page by page (each at most the protocol's page) until done or enough: an export
+            # is written as it comes, so a long history never sits in memory whole.
+            before: int | None = None
+            count = 0
+            while True:
+                size = MAX_HISTORY if limit is None else min(MAX_HISTORY, limit - count)
+                page = await self.wallet.history_page(
+                    size,
+                    before=before,
+                    counterparty=options.get("--with"),
+                    since_ms=since,
+                    until_ms=until,
+                )
+                await take(page)
+                count += len(page.entries)
+                before = page.next
+                if before is None or (limit is not None and count >= limit):
+                    return
+
+        if out is not None:
+            count = await _export_csv(out, each_page)
+            self.emit(
+                "history",
+                {"file": str(out), "movements": count},
+                f"Wrote {count} movements to {out}.",
+            )
+            return
+        chunks: list[str] = [csv_rows([], header=True)] if csv_out else []
+        entries: list[p.HistoryEntry] = []
+        last: list[int | None] = [None]
+
+        async def take(page: p.HistoryResult) -> None:
+            last[0] = page.next
+            if csv_out and not self.options.json:
+                if chunks:  # the header, once
+                    self._write_csv(chunks.pop())
+                self._write_csv(csv_rows(page.entries))
+            elif csv_out:
+                chunks.append(csv_rows(page.entries))
+            else:
+                entries.extend(page.entries)
+            await trio.lowlevel.checkpoint()
+
+        await each_page(take)
+        if csv_out:
+            if self.options.json:
+                self._json({"command": "history", "ok": True, "result": {"csv": "".join(chunks)}})
+            return
+        self.emit("history", {"entries": entries, "next": last[0]}, format_history(entries))
+
+    def _write_csv(self, text: str) -> None:
+        # Written as it is, CRLF line ends included (the terminal adds the last "\n").
+        if text:
+            self.terminal.write(text.removesuffix("\n"))
 
     async def _passwords(self) -> tuple[str, str]:
         """``passwd``: the current password (as for login) and the new one, asked twice at a
@@ -777,7 +1095,9 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
     except MissingCA as exc:
         print(f"p2ppay client: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    terminal, holding = make_terminal(interactive=options.commands is None)
+    terminal, holding = make_terminal(
+        interactive=options.commands is None, history_file=command_history_path()
+    )
     peer_config = PeerConfig(
         decide_timeout=options.ask_timeout, answer_timeout=options.ask_timeout + 15
     )
@@ -797,6 +1117,9 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                     peer_config=peer_config,
                 ) as wallet:
                     shell = Shell(wallet, terminal, options, out)
+                    if isinstance(terminal.backend, RichBackend):
+                        terminal.backend.complete = shell.complete
+                        terminal.backend.toolbar = shell.toolbar
                     nursery.start_soon(shell.show_events)
                     code = await _until_signalled(nursery, shell)
                     if code == ExitCode.INTERRUPTED:
@@ -804,14 +1127,19 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                             "interrupted; the command under way may or may not have been done "
                             "(history tells)"
                         )
+                        error: dict[str, Any] = {"code": "interrupted", "message": message}
+                        if shell.payment_id is not None:  # a payment was under way: which
+                            message += f"; payment {shell.payment_id}: status tells"
+                            error.update(message=message, payment_id=str(shell.payment_id))
                         if options.json:
-                            error = {"code": "interrupted", "message": message}
                             print(json.dumps({"ok": False, "error": error}), file=out, flush=True)
                         print(f"p2ppay client: {message}", file=sys.stderr)
             except CannotConnect as exc:
                 if options.json:
-                    error = {"code": "server_unreachable", "message": str(exc)}
-                    print(json.dumps({"command": "connect", "ok": False, "error": error}), file=out)
+                    failure = {"code": "server_unreachable", "message": str(exc)}
+                    print(
+                        json.dumps({"command": "connect", "ok": False, "error": failure}), file=out
+                    )
                 print(f"p2ppay client: {exc}", file=sys.stderr)
                 code = ExitCode.UNREACHABLE
             nursery.cancel_scope.cancel()

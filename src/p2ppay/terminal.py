@@ -12,12 +12,14 @@ blocking.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Protocol, TextIO, final
 
 import trio
@@ -25,6 +27,8 @@ import trio
 from .protocol import LineBuffer
 
 MAX_INPUT_LINE: Final = 64 * 1024
+
+log = logging.getLogger("p2ppay.terminal")
 
 
 def printable(text: str) -> str:
@@ -46,8 +50,11 @@ class Interrupted:
 
 
 class Backend(Protocol):
-    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
-        """Show ``message`` and return the line typed (EOFError at end of input)."""
+    async def prompt(
+        self, message: str, default: str, secret: bool, *, remember: bool = False
+    ) -> str | Interrupted:
+        """Show ``message`` and return the line typed (EOFError at end of input).
+        ``remember``: the line may go into the person's command history."""
 
     def interrupt(self) -> None:
         """Make the prompt on screen (or the next one) return :class:`Interrupted` soon."""
@@ -69,7 +76,9 @@ class PlainBackend:
         self._interrupt_pending = False
         self._eof = False
 
-    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
+    async def prompt(
+        self, message: str, default: str, secret: bool, *, remember: bool = False
+    ) -> str | Interrupted:
         if message:
             self._out.write(message)
             self._out.flush()
@@ -115,18 +124,85 @@ class PlainBackend:
         self._out.flush()
 
 
+def open_history_file(path: Path) -> Path:
+    """Make sure the command history file exists, readable by its owner only (commands name
+    people and amounts); its directory is made if need be. Raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)  # an older file may have been made with wider permissions
+    return path
+
+
+def _command_history(path: Path | None) -> Any:
+    """A prompt_toolkit history kept in ``path`` across runs, that records only what it is
+    told to (command lines: never passwords, never answers to offers)."""
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    class CommandHistory(FileHistory):
+        recording = False
+
+        def append_string(self, string: str) -> None:
+            if self.recording:
+                super().append_string(string)
+
+    class MemoryHistory(InMemoryHistory):
+        recording = False
+
+        def append_string(self, string: str) -> None:
+            if self.recording:
+                super().append_string(string)
+
+    if path is not None:
+        try:
+            return CommandHistory(str(open_history_file(path)))
+        except OSError as exc:
+            log.warning("command history not kept: %s: %s", path, exc.strerror or exc)
+    return MemoryHistory()
+
+
 @final
 class RichBackend:
-    """prompt_toolkit prompts, each run in a worker thread while the Trio loop goes on."""
+    """prompt_toolkit prompts, each run in a worker thread while the Trio loop goes on.
 
-    def __init__(self) -> None:
+    ``complete`` (the words that may follow the text before the cursor) and ``toolbar`` (the
+    line under the prompt) may be set at any time; both are called from the prompt's thread,
+    so they must only read."""
+
+    def __init__(self, history_file: Path | None = None) -> None:
         from prompt_toolkit import PromptSession
+        from prompt_toolkit.completion import Completer, Completion
+        from prompt_toolkit.document import Document
 
-        self._session: Any = PromptSession()
+        backend = self
+        self.complete: Callable[[str], list[str]] | None = None
+        self.toolbar: Callable[[], str] | None = None
+        self._secret = False
+
+        class _Words(Completer):
+            def get_completions(self, document: Document, event: Any) -> Iterator[Completion]:
+                if backend._secret or backend.complete is None:
+                    return
+                before = document.text_before_cursor
+                current = before.rsplit(" ", 1)[-1]
+                for word in backend.complete(before):
+                    yield Completion(word, start_position=-len(current))
+
+        self._history: Any = _command_history(history_file)
+        self._session: Any = PromptSession(
+            history=self._history,
+            completer=_Words(),
+            complete_while_typing=False,  # Tab completes; typing is left alone
+            bottom_toolbar=self._toolbar_text,
+        )
         self._interrupt_pending = False
         self._ending = False  # the prompt was cancelled: end it, and any not yet started
 
-    async def prompt(self, message: str, default: str, secret: bool) -> str | Interrupted:
+    def _toolbar_text(self) -> str | None:
+        return None if self.toolbar is None else self.toolbar()
+
+    async def prompt(
+        self, message: str, default: str, secret: bool, *, remember: bool = False
+    ) -> str | Interrupted:
         # The prompt blocks its thread until a line is typed. So that a cancellation (SIGTERM,
         # the end of the client) does not wait for the person, the wait for the thread is
         # abandoned at once; then the prompt is told to end, and the thread is waited for
@@ -138,6 +214,8 @@ class RichBackend:
         self._ending = False
 
         def run() -> None:
+            self._secret = secret
+            self._history.recording = remember and not secret
             try:
                 results.append(self._prompt_blocking(message, default, secret))
             except BaseException as exc:  # EOFError, KeyboardInterrupt: the caller's to see
@@ -279,7 +357,9 @@ class Terminal:
                 prompt, secret = self._command_wanted
                 self._prompting_command = True
                 try:
-                    line = await self.backend.prompt(prompt, "" if secret else self._saved, secret)
+                    line = await self.backend.prompt(
+                        prompt, "" if secret else self._saved, secret, remember=not secret
+                    )
                 except (EOFError, KeyboardInterrupt) as exc:
                     self._finish_command(None, exc)
                     continue
@@ -300,12 +380,15 @@ class Terminal:
         self._command_done.set()
 
 
-def make_terminal(interactive: bool) -> tuple[Terminal, Callable[[], Any]]:
-    """The terminal for this process, and a context manager to hold while it is in use."""
+def make_terminal(
+    interactive: bool, history_file: Path | None = None
+) -> tuple[Terminal, Callable[[], Any]]:
+    """The terminal for this process, and a context manager to hold while it is in use.
+    At a real terminal, command lines are kept in ``history_file`` across runs."""
     import contextlib
 
     if interactive and sys.stdin.isatty() and sys.stdout.isatty():
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        return Terminal(RichBackend()), lambda: patch_stdout(raw=True)
+        return Terminal(RichBackend(history_file)), lambda: patch_stdout(raw=True)
     return Terminal(PlainBackend()), contextlib.nullcontext

@@ -578,6 +578,29 @@ class Wallet:
     async def history(self, limit: int = 50) -> builtins.list[p.HistoryEntry]:
         return await self._call(lambda c: c.history(limit))
 
+    async def history_page(
+        self,
+        limit: int = 50,
+        *,
+        before: int | None = None,
+        counterparty: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+    ) -> p.HistoryResult:
+        """One page of history, newest first; its ``next`` is the ``before`` of the next."""
+        return await self._call(
+            lambda c: c.history_page(
+                limit,
+                before=before,
+                counterparty=counterparty,
+                since_ms=since_ms,
+                until_ms=until_ms,
+            )
+        )
+
+    async def payment_status(self, payment_id: uuid.UUID) -> p.PaymentStatusResult:
+        return await self._call(lambda c: c.payment_status(payment_id))
+
     async def pay(
         self,
         payee: str,
@@ -588,6 +611,10 @@ class Wallet:
         memo: str | None = None,
     ) -> p.SettleResult:
         """Pay ``payee`` directly: offer, their signed acceptance, then settlement (once).
+
+        With a ``payment_id`` this is safe to repeat (after ``server_unreachable``, say): if
+        that payment is settled already, its first outcome is returned and nothing moves (the
+        payee is not asked again); the id of a different payment is ``payment_id_conflict``.
 
         ``on_offer`` is called as the offer goes to the payee (after every check that can
         refuse the payment without asking them, and once a secure connection is there)."""
@@ -602,6 +629,10 @@ class Wallet:
             raise PaymentFailed(Outcome.SELF_PAYMENT, "you cannot pay yourself")
         if memo is not None and (problem := memo_problem(memo)) is not None:
             raise PaymentFailed(Outcome.BAD_MEMO, problem)
+        if payment_id is not None:
+            settled = await self._settled_before(payment_id, me, payee, amount, memo)
+            if settled is not None:
+                return settled
         if self.known_balance is not None and amount > self.known_balance:
             # Do not bother the payee with an offer we cannot pay (the server still decides:
             # this is only asked when our last known balance says it is short).
@@ -631,6 +662,41 @@ class Wallet:
             raise
         self.known_balance = result.balance
         return result
+
+    async def _settled_before(
+        self, payment_id: uuid.UUID, me: str, payee: str, amount: int, memo: str | None
+    ) -> p.SettleResult | None:
+        """The stored outcome if ``payment_id`` is settled already as this very payment; None
+        if it is not settled (then it is paid as a new one, with that id)."""
+        try:
+            status = await self._call(lambda c: c.payment_status(payment_id))
+        except ServerError as exc:
+            if exc.code == p.ErrorCode.UNKNOWN_OP:
+                return None  # an older server: its settle still pays at most once
+            raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
+        except (ConnectionLost, OSError) as exc:
+            raise PaymentFailed(
+                Outcome.SERVER_UNREACHABLE,
+                f"could not reach the server to check payment {payment_id}: {exc}",
+            ) from None
+        if not status.settled:
+            return None
+        assert status.payer is not None and status.payee is not None
+        # (the memo is part of the payment, as the server's settle compares it)
+        if (name_key(status.payer), name_key(status.payee), status.amount, status.memo) != (
+            name_key(me),
+            name_key(payee),
+            amount,
+            memo,
+        ):
+            raise PaymentFailed(
+                Outcome.PAYMENT_ID_CONFLICT,
+                f"payment {payment_id} was settled before as another payment",
+            )
+        assert status.amount is not None and status.balance is not None
+        return p.SettleResult(
+            payment_id, status.payer, status.payee, status.amount, status.balance, status.memo
+        )
 
     async def _settle(self, offer: p.Offer, acceptance: str) -> p.SettleResult:
         """Settle, retrying with the same payment id across lost connections: at most once."""

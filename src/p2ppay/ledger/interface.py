@@ -149,6 +149,8 @@ class Entry:
     at_ms: int
     counterparty: str | None
     payment_id: uuid.UUID | None
+    #: the movement's place in the ledger's one sequence: a history cursor (``before``)
+    seq: int
     memo: str | None = None
 
 
@@ -262,7 +264,21 @@ class Ledger(Protocol):
         """The settled transfer with this payment id, if any."""
         ...
 
-    async def history(self, name: str, limit: int) -> list[Entry]: ...
+    async def history(
+        self,
+        name: str,
+        limit: int,
+        *,
+        before: int | None = None,
+        counterparty: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+    ) -> list[Entry]:
+        """``name``'s movements, newest first, at most ``limit``: only those older than the
+        movement ``before`` (a ``seq``: the cursor for the next page), with ``counterparty``
+        (then deposits and operator's movements are left out), at or after ``since_ms`` and
+        before ``until_ms`` (Unix ms)."""
+        ...
 
     # -- payment requests --
 

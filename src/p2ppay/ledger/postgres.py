@@ -96,12 +96,26 @@ _COLUMNS = (
     "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id,"
     " memo"
 )
+#: One side of an account's history (``{side}`` is ``payer`` or ``payee``), newest first: a
+#: backward range of the ``movements_{side}`` index (``{side}``, ``seq``) from the cursor, so
+#: a page costs about ``limit`` rows however long the history is; the other filters are
+#: checked on the rows that range yields.
+_SIDE = (
+    "SELECT {columns} FROM movements"
+    " WHERE {side} = %(name)s AND seq < %(before)s"
+    " AND (%(other)s::text IS NULL OR {other} = %(other)s::text)"
+    " AND at_ms >= %(since)s AND at_ms < %(until)s"
+    " ORDER BY seq DESC LIMIT %(limit)s"
+)
 _HISTORY = (
-    f"(SELECT {_COLUMNS} FROM movements WHERE payer = %(name)s ORDER BY seq DESC LIMIT %(limit)s)"
+    f"({_SIDE.format(columns=_COLUMNS, side='payer', other='payee')})"
     f" UNION ALL"
-    f" (SELECT {_COLUMNS} FROM movements WHERE payee = %(name)s ORDER BY seq DESC LIMIT %(limit)s)"
+    f" ({_SIDE.format(columns=_COLUMNS, side='payee', other='payer')})"
     f" ORDER BY seq DESC LIMIT %(limit)s"
 )
+#: No cursor and no time bound: the widest range of a BIGINT.
+_NO_BOUND_LOW = -(2**63)
+_NO_BOUND_HIGH = 2**63 - 1
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 
@@ -573,25 +587,49 @@ class PostgresLedger:
             if self.observer is not None:
                 self.observer.settled(outcome, time.perf_counter() - started)
 
-    async def history(self, name: str, limit: int) -> list[Entry]:
+    async def history(
+        self,
+        name: str,
+        limit: int,
+        *,
+        before: int | None = None,
+        counterparty: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+    ) -> list[Entry]:
         def op(db: PgConnection) -> list[Entry]:
-            found = db.execute(
-                "SELECT name FROM accounts WHERE name_key = %s", (name_key(name),)
-            ).fetchone()
+            find = "SELECT name FROM accounts WHERE name_key = %s"
+            found = db.execute(find, (name_key(name),)).fetchone()
             if found is None:
                 return []
             registered = found[0]
-            rows = db.execute(_HISTORY, {"name": registered, "limit": limit}).fetchall()
+            other: str | None = None
+            if counterparty is not None:
+                row = db.execute(find, (name_key(counterparty),)).fetchone()
+                if row is None:
+                    return []
+                other = row[0]
+            params = {
+                "name": registered,
+                "limit": limit,
+                "before": _NO_BOUND_HIGH if before is None else before,
+                "other": other,
+                "since": _NO_BOUND_LOW if since_ms is None else since_ms,
+                "until": _NO_BOUND_HIGH if until_ms is None else until_ms,
+            }
+            rows = db.execute(_HISTORY, params).fetchall()
             entries = []
-            for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
+            for seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
                 if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
-                    entries.append(Entry("deposit", amount, payee_after, at, None, None))
+                    entries.append(Entry("deposit", amount, payee_after, at, None, None, seq))
                 elif kind == "debit":  # and a debit as money sent to nobody in particular
-                    entries.append(Entry("sent", amount, payer_after, at, None, None))
+                    entries.append(Entry("sent", amount, payer_after, at, None, None, seq))
                 elif payer == registered:
-                    entries.append(Entry("sent", amount, payer_after, at, payee, pid, memo))
+                    entries.append(Entry("sent", amount, payer_after, at, payee, pid, seq, memo))
                 else:
-                    entries.append(Entry("received", amount, payee_after, at, payer, pid, memo))
+                    entries.append(
+                        Entry("received", amount, payee_after, at, payer, pid, seq, memo)
+                    )
             return entries
 
         return await self._read(op)

@@ -75,14 +75,28 @@ _COLUMNS = (
     "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id,"
     " memo"
 )
+#: One side of an account's history (``{side}`` is ``payer`` or ``payee``), newest first: a
+#: range of the ``movements_{side}`` index (``{side}``, ``seq``) read backwards from the cursor,
+#: so a page costs about ``limit`` rows however long the history is. The other filters are
+#: checked on the rows that range yields.
+_SIDE = (
+    "SELECT {columns} FROM movements"
+    " WHERE {side} = :name AND seq < :before"
+    " AND (:other IS NULL OR {other} = :other)"
+    " AND at_ms >= :since AND at_ms < :until"
+    " ORDER BY seq DESC LIMIT :limit"
+)
+#: Newest first from each side's index, then merged: reads about 2 x limit rows (an OR would
+#: sort all of the account's movements).
 _HISTORY = (
-    f"SELECT * FROM (SELECT {_COLUMNS} FROM movements WHERE payer = :name"
-    f" ORDER BY seq DESC LIMIT :limit)"
+    f"SELECT * FROM ({_SIDE.format(columns=_COLUMNS, side='payer', other='payee')})"
     f" UNION ALL"
-    f" SELECT * FROM (SELECT {_COLUMNS} FROM movements WHERE payee = :name"
-    f" ORDER BY seq DESC LIMIT :limit)"
+    f" SELECT * FROM ({_SIDE.format(columns=_COLUMNS, side='payee', other='payer')})"
     f" ORDER BY seq DESC LIMIT :limit"
 )
+#: No cursor and no time bound: the widest range, as plain SQLite integers.
+_NO_BOUND_LOW = -(2**63)
+_NO_BOUND_HIGH = 2**63 - 1
 
 
 def _now_ms() -> int:
@@ -495,7 +509,16 @@ class SqliteLedger:
             if self.observer is not None:
                 self.observer.settled(outcome, time.perf_counter() - started)
 
-    async def history(self, name: str, limit: int) -> list[Entry]:
+    async def history(
+        self,
+        name: str,
+        limit: int,
+        *,
+        before: int | None = None,
+        counterparty: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+    ) -> list[Entry]:
         def op(db: sqlite3.Connection) -> list[Entry]:
             found = db.execute(
                 "SELECT name FROM accounts WHERE name_key = ?", (name_key(name),)
@@ -503,22 +526,36 @@ class SqliteLedger:
             if found is None:
                 return []
             registered = found[0]
-            # Newest first from each side's index, then merged: reads about 2 x limit rows
-            # however long the account's history is (an OR would sort all of it).
-            rows = db.execute(_HISTORY, {"name": registered, "limit": limit}).fetchall()
+            other: str | None = None
+            if counterparty is not None:
+                row = db.execute(
+                    "SELECT name FROM accounts WHERE name_key = ?", (name_key(counterparty),)
+                ).fetchone()
+                if row is None:
+                    return []
+                other = row[0]
+            params = {
+                "name": registered,
+                "limit": limit,
+                "before": _NO_BOUND_HIGH if before is None else before,
+                "other": other,
+                "since": _NO_BOUND_LOW if since_ms is None else since_ms,
+                "until": _NO_BOUND_HIGH if until_ms is None else until_ms,
+            }
+            rows = db.execute(_HISTORY, params).fetchall()
             entries = []
-            for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
+            for seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
                 if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
-                    entries.append(Entry("deposit", amount, payee_after, at, None, None))
+                    entries.append(Entry("deposit", amount, payee_after, at, None, None, seq))
                 elif kind == "debit":  # and a debit as money sent to nobody in particular
-                    entries.append(Entry("sent", amount, payer_after, at, None, None))
+                    entries.append(Entry("sent", amount, payer_after, at, None, None, seq))
                 elif payer == registered:
                     entries.append(
-                        Entry("sent", amount, payer_after, at, payee, uuid.UUID(pid), memo)
+                        Entry("sent", amount, payer_after, at, payee, uuid.UUID(pid), seq, memo)
                     )
                 else:
                     entries.append(
-                        Entry("received", amount, payee_after, at, payer, uuid.UUID(pid), memo)
+                        Entry("received", amount, payee_after, at, payer, uuid.UUID(pid), seq, memo)
                     )
             return entries
 

@@ -13,6 +13,7 @@ from .wire import (
     Amount,
     ErrorCode,
     ExpiresIn,
+    HistoryCursor,
     HistoryLimit,
     Memo,
     Name,
@@ -23,6 +24,7 @@ from .wire import (
     Port,
     RequestId,
     Signature,
+    TimeMs,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +77,20 @@ class Settle(RequestBase, tag="settle"):
     memo: Memo | None = None
 
 
-class History(RequestBase, tag="history"):
+class History(RequestBase, tag="history", omit_defaults=True):
+    # (omit_defaults: a plain request stays what servers before the filters understand)
     limit: HistoryLimit = 50
+    #: only movements older than this cursor (the ``next`` of the page before)
+    before: HistoryCursor | None = None
+    #: only movements with this account (``with`` on the wire; leaves out deposits)
+    counterparty: Name | None = msgspec.field(default=None, name="with")
+    #: only movements at or after ``since_ms``, and before ``until_ms`` (Unix ms)
+    since_ms: TimeMs | None = None
+    until_ms: TimeMs | None = None
+
+
+class PaymentStatus(RequestBase, tag="payment_status"):
+    payment_id: PaymentId
 
 
 class Logout(RequestBase, tag="logout"):
@@ -127,6 +141,7 @@ Request: TypeAlias = (
     | Lookup
     | Settle
     | History
+    | PaymentStatus
     | Logout
     | MakeRequest
     | ListRequests
@@ -223,6 +238,24 @@ class HistoryEntry(msgspec.Struct, frozen=True):
 
 class HistoryResult(msgspec.Struct, frozen=True):
     entries: list[HistoryEntry]
+    #: the cursor for the next page (``before``), or None: there is no more
+    next: int | None = None
+
+
+class PaymentStatusResult(msgspec.Struct, frozen=True):
+    """Whether a payment id is settled. Only its payer and payee learn more than "not
+    settled": to anyone else a settled payment looks exactly like an unknown id."""
+
+    payment_id: PaymentId
+    settled: bool
+    payer: str | None = None
+    payee: str | None = None
+    amount: int | None = None
+    at_ms: int | None = None
+    #: the asker's own balance right after the payment
+    balance: int | None = None
+    #: the payment's memo, if it has one
+    memo: str | None = None
 
 
 class LogoutResult(msgspec.Struct, frozen=True):
@@ -263,6 +296,7 @@ Result: TypeAlias = (
     | Presence
     | SettleResult
     | HistoryResult
+    | PaymentStatusResult
     | LogoutResult
     | RequestInfo
     | RequestsResult
@@ -283,6 +317,7 @@ OP_TYPES: Final[Mapping[str, tuple[type[RequestBase], type[Any]]]] = {
         (Lookup, Presence),
         (Settle, SettleResult),
         (History, HistoryResult),
+        (PaymentStatus, PaymentStatusResult),
         (Logout, LogoutResult),
         (MakeRequest, RequestInfo),
         (ListRequests, RequestsResult),

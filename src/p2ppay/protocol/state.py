@@ -35,6 +35,7 @@ TRANSITIONS: Final[Mapping[tuple[State, str], State]] = {
     (_U, "lookup"): _U,
     (_U, "settle"): _U,
     (_U, "history"): _U,
+    (_U, "payment_status"): _U,
     (_U, "logout"): _N,
     (_U, "request"): _U,
     (_U, "requests"): _U,

@@ -35,6 +35,10 @@ Balance = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=MIN_PORT, le=MAX_PORT)]
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 HistoryLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY)]
+#: A history cursor: the ``next`` of the page before (a movement's place in the ledger).
+HistoryCursor = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+#: A point in time on the wire: Unix time in milliseconds (history's bounds).
+TimeMs = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 Pem = Annotated[str, msgspec.Meta(max_length=8192)]
 Signature = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 #: A memo's length; that every character is printable is checked where it is used

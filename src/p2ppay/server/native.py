@@ -305,14 +305,37 @@ class Session(SessionBase):
         return session if isinstance(session, Session) else None
 
     async def _history(self, req: p.History) -> p.HistoryResult:
-        entries = await self.host.ledger.history(self._me(), req.limit)
+        # One row more than asked says whether there is a next page.
+        entries = await self.host.ledger.history(
+            self._me(),
+            req.limit + 1,
+            before=req.before,
+            counterparty=req.counterparty,
+            since_ms=req.since_ms,
+            until_ms=req.until_ms,
+        )
+        more = len(entries) > req.limit
+        entries = entries[: req.limit]
         return p.HistoryResult(
             [
                 p.HistoryEntry(
                     e.kind, e.amount, e.balance, e.at_ms, e.counterparty, e.payment_id, e.memo
                 )
                 for e in entries
-            ]
+            ],
+            entries[-1].seq if more else None,
+        )
+
+    async def _payment_status(self, req: p.PaymentStatus) -> p.PaymentStatusResult:
+        # Only the payer and the payee learn anything: to anyone else a settled payment gets
+        # the very answer an unknown id gets.
+        me = name_key(self._me())
+        t = await self.host.ledger.transfer(req.payment_id)
+        if t is None or me not in (name_key(t.payer), name_key(t.payee)):
+            return p.PaymentStatusResult(req.payment_id, settled=False)
+        balance = t.payer_balance if name_key(t.payer) == me else t.payee_balance
+        return p.PaymentStatusResult(
+            req.payment_id, True, t.payer, t.payee, t.amount, t.at_ms, balance, t.memo
         )
 
     async def _logout(self, req: p.Logout) -> p.LogoutResult:
