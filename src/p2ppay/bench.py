@@ -205,6 +205,7 @@ async def loadgen_phase(server_pid: int, specs: list[dict[str, Any]]) -> dict[st
         for worker in workers:
             assert worker.stdin is not None
             await worker.stdin.send_all(b"go\n")
+        profile(server_pid, specs[0]["phase"], specs[0]["seconds"])
         with trio.fail_after(120 + max(s["seconds"] for s in specs)):
             for reader in readers:
                 results.append(json.loads(await reader.line()))
@@ -230,6 +231,20 @@ async def loadgen_phase(server_pid: int, specs: list[dict[str, Any]]) -> dict[st
     )
     figures["server_main_thread_share"] = main_cpu / wall
     return figures
+
+
+def profile(pid: int, phase: str, seconds: float) -> None:
+    """With ``P2PPAY_BENCH_PROFILE=DIR`` (and py-spy installed), sample the server with py-spy
+    while the phase is measured: ``DIR/<phase>-<pid>.raw`` (collapsed stacks). The sampling
+    costs the server CPU: profiled runs are for where the time goes, not for the figures."""
+    where = os.environ.get("P2PPAY_BENCH_PROFILE")
+    if not where:
+        return
+    out = Path(where) / f"{phase}-{pid}.raw"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)),
+           "--rate", "250", "--format", "raw", "--nonblocking", "-o", str(out)]  # fmt: skip
+    subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class _Lines:

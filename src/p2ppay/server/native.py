@@ -18,10 +18,21 @@ from .. import __version__
 from .. import ledger as lg
 from .. import protocol as p
 from ..names import name_key
+from . import listing
 from .base import Host, SessionBase
 from .errors import LEDGER_CODES, RequestFailed
 
 log = logging.getLogger("p2ppay.server")
+
+
+@final
+class _Encoded:
+    """A handler's result already encoded as JSON (built from cached pieces)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, json: bytes) -> None:
+        self.json = json
 
 
 @final
@@ -41,7 +52,7 @@ class Session(SessionBase):
         #: a newer login of the same account took over: nothing more is done for the user
         self.replaced_by: str | None = None
         # One handler per op, named after it (_hello, _register, ...): a missing one fails here.
-        self._handlers: dict[str, Callable[[Any], Awaitable[p.Result]]] = {
+        self._handlers: dict[str, Callable[[Any], Awaitable[p.Result | _Encoded]]] = {
             op: getattr(self, f"_{op}") for op in p.OPS
         }
 
@@ -181,6 +192,8 @@ class Session(SessionBase):
                 log.error("%s: ledger failure on %s: %s", self.ip, op, exc)
                 return self.conn.send_error(request.id, code, "the ledger is unavailable")
             return self.conn.send_error(request.id, code, str(exc))
+        if isinstance(result, _Encoded):
+            return self.conn.send_ok_raw(request, result.json)
         return self.conn.send_ok(request, result)
 
     # -- one handler per op --
@@ -232,10 +245,17 @@ class Session(SessionBase):
             )
         return p.BalanceResult(await self.host.ledger.deposit(self._me(), req.amount))
 
-    async def _list(self, req: p.ListOnline) -> p.ListResult:
+    async def _list(self, req: p.ListOnline) -> _Encoded:
         account = await self.host.ledger.account(self._me())
         balance = account.balance if account else 0
-        return p.ListResult(balance, await self.host.presence.listing(self.host.config.max_list))
+        presence, limit = self.host.presence, self.host.config.max_list
+
+        async def build() -> bytes:
+            return p.encode_json(await presence.listing(limit))
+
+        # Who is online is encoded once per change of presence; the balance is this user's.
+        online = await listing.cached(presence, ("list", limit), build)
+        return _Encoded(p.list_result_json(balance, online))
 
     async def _lookup(self, req: p.Lookup) -> p.Presence:
         where = await self.host.presence.lookup(req.name)
