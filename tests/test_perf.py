@@ -17,7 +17,8 @@ from p2ppay import bench
 from p2ppay import protocol as p
 from p2ppay.ledger import LedgerUnavailable, Limits, SqliteLedger, open_sqlite_ledger
 from p2ppay.sending import Outgoing
-from p2ppay.server import listing
+from p2ppay.server import ServerConfig, listing
+from p2ppay.server.base import SessionBase
 from p2ppay.server.presence import LocalPresence
 
 from .conftest import Connect, next_event, pay, registered
@@ -305,3 +306,34 @@ def test_the_phases_can_be_chosen() -> None:
     assert list(bench.PHASES)[:2] == ["baseline", "settle"]
     with pytest.raises(SystemExit):
         bench.main(["--phases", "nonsense"])
+
+
+class FakeHost:
+    """Just what SessionBase's writing uses of its server."""
+
+    def __init__(self) -> None:
+        self.config = ServerConfig()
+        self.spawned: list[Any] = []
+
+    def spawn(self, fn: Any) -> None:
+        self.spawned.append(fn)
+
+
+async def test_an_event_for_a_session_answering_a_request_rides_on_its_reply() -> None:
+    host = FakeHost()
+    stream = Recorder()
+    stream.release.set()
+    session = SessionBase(host, stream, "10.0.0.1")  # type: ignore[arg-type]
+    session.answering = True
+    session.send_soon(b"event 1\n")
+    session.send_soon(b"event 2\n")
+    assert host.spawned == []  # no delivery task: the reply will carry them
+    await session.send(b"reply\n")
+    assert stream.writes == [b"event 1\nevent 2\nreply\n"]
+    session.answering = False
+    session.send_soon(b"event 3\n")  # idle: one delivery task for the burst
+    session.send_soon(b"event 4\n")
+    assert len(host.spawned) == 1
+    await host.spawned[0]()
+    assert stream.writes[-1] == b"event 3\nevent 4\n"
+    assert session.cancel_scope.deadline == math.inf  # the write deadline was disarmed

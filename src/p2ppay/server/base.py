@@ -64,6 +64,9 @@ class SessionBase:
         self._out = Outgoing(stream)
         self._write_timed_out = False  # the peer stopped reading: the session was cut
         self._delivery_scheduled = False  # a _deliver task will flush what is queued
+        #: a request is being answered: its reply will be written soon and carries whatever
+        #: is queued by then (a subclass sets it only where every request gets a reply)
+        self.answering = False
         self._close_after_flush = False  # replaced: close once the last message is out
 
     @property
@@ -112,7 +115,12 @@ class SessionBase:
         scope = self.cancel_scope
         scope.deadline = trio.current_time() + self.host.config.write_timeout
         try:
-            await self._out.send(data)
+            self._out.queue(data)
+            if self.answering:
+                # Let the other tasks woken with this one (a commit answers a whole batch of
+                # payments at once) queue their events for this peer first: one write for all.
+                await trio.lowlevel.checkpoint()
+            await self._out.flush()
         except trio.Cancelled:
             self._write_timed_out = trio.current_time() >= scope.deadline
             raise
@@ -125,7 +133,7 @@ class SessionBase:
         It is queued behind whatever this session is writing; the reply the session sends
         next carries it, or one delivery task for everything queued by then (one per burst,
         not one per message)."""
-        idle = self._out.queue(data)
+        idle = self._out.queue(data) and not self.answering
         if then_close:
             self._close_after_flush = True
         if (idle or then_close) and not self._delivery_scheduled:

@@ -136,7 +136,11 @@ class Session(SessionBase):
             else:
                 assert not isinstance(event, p.Sentinel)
                 self.line_started = None
-                await self.send(await self._answer(event))
+                self.answering = True  # events queued meanwhile go out with the reply
+                try:
+                    await self.send(await self._answer(event))
+                finally:
+                    self.answering = False
 
     async def _timed_out(self) -> None:
         cfg = self.host.config
