@@ -51,10 +51,6 @@ class Session(SessionBase):
         self.p2p_port: int | None = None
         #: a newer login of the same account took over: nothing more is done for the user
         self.replaced_by: str | None = None
-        # One handler per op, named after it (_hello, _register, ...): a missing one fails here.
-        self._handlers: dict[str, Callable[[Any], Awaitable[p.Result | _Encoded]]] = {
-            op: getattr(self, f"_{op}") for op in p.OPS
-        }
 
     @property
     def listed_port(self) -> int | None:
@@ -185,7 +181,7 @@ class Session(SessionBase):
                 request.id, p.ErrorCode.NOT_LOGGED_IN, "this session was replaced by a newer login"
             )
         try:
-            result = await self._handlers[op](request)
+            result = await _HANDLERS[op](self, request)
         except RequestFailed as exc:
             self.host.metrics.request_failed(op, exc.code)
             return self.conn.send_error(request.id, exc.code, exc.message)
@@ -324,3 +320,10 @@ class Session(SessionBase):
         self.p2p_port = None
         self.anonymous_since = trio.current_time()
         return p.LogoutResult()
+
+
+# One handler per op, named after it (_hello, _register, ...): a missing one fails here. Kept
+# once for the class, not per session (a dict of bound methods was ~1 KiB per idle session).
+_HANDLERS: dict[str, Callable[[Session, Any], Awaitable[p.Result | _Encoded]]] = {
+    op: getattr(Session, f"_{op}") for op in p.OPS
+}
