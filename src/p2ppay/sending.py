@@ -21,7 +21,7 @@ class Outgoing:
         self.stream = stream
         #: a write is under way
         self.busy = False
-        self._pending = bytearray()
+        self._pending: list[bytes] = []  # chunks: one is written as it is, several joined
         self._queued = 0  # bytes ever queued
         self._written = 0  # bytes ever handed to send_all and written
         self._waiting = trio.lowlevel.ParkingLot()
@@ -31,13 +31,13 @@ class Outgoing:
     @property
     def pending(self) -> int:
         """Bytes queued and not yet being written."""
-        return len(self._pending)
+        return sum(map(len, self._pending))
 
     def queue(self, data: bytes) -> bool:
         """Queue ``data`` after everything queued before; True if nobody is writing now (then
         the caller must see that :meth:`flush` runs), False if the write under way will
         carry it too."""
-        self._pending += data
+        self._pending.append(data)
         self._queued += len(data)
         return not self.busy
 
@@ -61,8 +61,9 @@ class Outgoing:
         self.busy = True
         try:
             while self._pending:
-                data = bytes(self._pending)
-                self._pending.clear()
+                chunks = self._pending
+                self._pending = []
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 await self.stream.send_all(data)
                 self._written += len(data)
         except BaseException:
