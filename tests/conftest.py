@@ -19,7 +19,7 @@ from hypothesis import settings
 
 from p2ppay import protocol as p
 from p2ppay.client import Client, ServerError
-from p2ppay.ledger import Limits, SqliteLedger, open_sqlite_ledger
+from p2ppay.ledger import AnyLedger, Limits, open_ledger
 from p2ppay.passwords import ScryptParams
 from p2ppay.peer import PeerConfig, PeerKey, Policy, accept_all
 from p2ppay.pki import Issuer, sign_acceptance
@@ -76,15 +76,30 @@ def config() -> ServerConfig:
     return ServerConfig(scrypt=FAST_SCRYPT)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | Path]:
+    """Where the ``ledger`` fixture's ledger lives: an SQLite file, or a fresh PostgreSQL
+    database (skipped, with the reason, without ``P2PPAY_TEST_POSTGRES``)."""
+    if request.param == "sqlite":
+        yield tmp_path / "ledger.sqlite3"
+        return
+    dsn = admin_dsn()
+    if dsn is None:
+        pytest.skip(SKIP_REASON)
+    with fresh_database(dsn) as url:
+        yield url
+
+
 @pytest.fixture
-async def ledger(tmp_path: Path, limits: Limits) -> AsyncIterator[SqliteLedger]:
-    async with open_sqlite_ledger(tmp_path / "ledger.sqlite3", limits) as led:
+async def ledger(ledger_target: str | Path, limits: Limits) -> AsyncIterator[AnyLedger]:
+    """An open ledger, on each backend in turn (``ledger_target``)."""
+    async with open_ledger(ledger_target, limits) as led:
         yield led
 
 
 @pytest.fixture
 async def server(
-    ledger: SqliteLedger, server_ctx: ssl.SSLContext, issuer: Issuer, config: ServerConfig
+    ledger: AnyLedger, server_ctx: ssl.SSLContext, issuer: Issuer, config: ServerConfig
 ) -> AsyncIterator[Server]:
     srv = Server(ledger, server_ctx, issuer, config)
     async with trio.open_nursery() as nursery:
@@ -161,7 +176,7 @@ async def next_event(client: Client, within: float = 5) -> p.Event:
 
 @pytest.fixture
 async def server_port(
-    ledger: SqliteLedger, server_ctx: ssl.SSLContext, issuer: Issuer
+    ledger: AnyLedger, server_ctx: ssl.SSLContext, issuer: Issuer
 ) -> AsyncIterator[int]:
     server = Server(ledger, server_ctx, issuer, ServerConfig(scrypt=FAST_SCRYPT))
     async with trio.open_nursery() as nursery:

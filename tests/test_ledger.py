@@ -15,17 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2ppay import ledger as lg
-from p2ppay.ledger import Limits, SqliteLedger, open_sqlite_ledger
+from p2ppay.ledger import Limits, open_ledger, open_sqlite_ledger
 
 
-async def funded(ledger: SqliteLedger, **balances: int) -> None:
+async def funded(ledger: lg.AnyLedger, **balances: int) -> None:
     for name, amount in balances.items():
         await ledger.create_account(name, "hash")
         if amount:
             await ledger.deposit(name, amount)
 
 
-async def test_accounts_and_deposits(ledger: SqliteLedger) -> None:
+async def test_accounts_and_deposits(ledger: lg.AnyLedger) -> None:
     account = await ledger.create_account("alice", "h1")
     assert account == lg.Account("alice", "native", "h1", 0)
     with pytest.raises(lg.NameTaken):
@@ -42,16 +42,14 @@ async def test_accounts_and_deposits(ledger: SqliteLedger) -> None:
 
 
 @pytest.mark.parametrize("amount", [0, -1, 1_000_001])
-async def test_deposit_limits(ledger: SqliteLedger, amount: int) -> None:
+async def test_deposit_limits(ledger: lg.AnyLedger, amount: int) -> None:
     await funded(ledger, alice=0)
     with pytest.raises(lg.AmountOutOfRange):
         await ledger.deposit("alice", amount)
 
 
-async def test_max_balance(tmp_path: Path) -> None:
-    async with open_sqlite_ledger(
-        tmp_path / "l.db", Limits(max_deposit=100, max_balance=150)
-    ) as ledger:
+async def test_max_balance(ledger_target: str | Path) -> None:
+    async with open_ledger(ledger_target, Limits(max_deposit=100, max_balance=150)) as ledger:
         await funded(ledger, alice=100, bob=100)
         with pytest.raises(lg.BalanceLimit):
             await ledger.deposit("alice", 51)
@@ -65,7 +63,7 @@ def test_limits_are_validated() -> None:
         Limits(max_deposit=0)
 
 
-async def test_settle_moves_money_exactly_once(ledger: SqliteLedger) -> None:
+async def test_settle_moves_money_exactly_once(ledger: lg.AnyLedger) -> None:
     await funded(ledger, alice=100, bob=0)
     pid = uuid.uuid4()
     first = await ledger.settle(pid, "alice", "bob", 30)
@@ -82,7 +80,7 @@ async def test_settle_moves_money_exactly_once(ledger: SqliteLedger) -> None:
     assert (await ledger.audit()).transfers == 1
 
 
-async def test_settle_refusals_change_nothing(ledger: SqliteLedger) -> None:
+async def test_settle_refusals_change_nothing(ledger: lg.AnyLedger) -> None:
     await funded(ledger, alice=100, bob=0)
     cases: list[tuple[str, str, int, type[lg.LedgerError]]] = [
         ("alice", "bob", 101, lg.InsufficientFunds),
@@ -99,7 +97,7 @@ async def test_settle_refusals_change_nothing(ledger: SqliteLedger) -> None:
     assert (audit.total_balances, audit.total_deposits, audit.transfers) == (100, 100, 0)
 
 
-async def test_a_failed_settle_can_be_retried_with_the_same_id(ledger: SqliteLedger) -> None:
+async def test_a_failed_settle_can_be_retried_with_the_same_id(ledger: lg.AnyLedger) -> None:
     await funded(ledger, alice=10, bob=0)
     pid = uuid.uuid4()
     with pytest.raises(lg.InsufficientFunds):
@@ -108,7 +106,7 @@ async def test_a_failed_settle_can_be_retried_with_the_same_id(ledger: SqliteLed
     assert (await ledger.settle(pid, "alice", "bob", 20)).payer_balance == 0
 
 
-async def test_fifty_concurrent_settlements_with_money_for_twenty(ledger: SqliteLedger) -> None:
+async def test_fifty_concurrent_settlements_with_money_for_twenty(ledger: lg.AnyLedger) -> None:
     await funded(ledger, alice=200, bob=0)
     outcomes: list[str] = []
 
@@ -128,7 +126,7 @@ async def test_fifty_concurrent_settlements_with_money_for_twenty(ledger: Sqlite
     assert (await ledger.audit()).conserved
 
 
-async def test_concurrent_operations_share_commits(ledger: SqliteLedger) -> None:
+async def test_concurrent_operations_share_commits(ledger: lg.AnyLedger) -> None:
     await funded(ledger, alice=1000, bob=0)
     commits_before, ops_before = ledger.commits, ledger.ops_committed
     async with trio.open_nursery() as nursery:
@@ -139,7 +137,7 @@ async def test_concurrent_operations_share_commits(ledger: SqliteLedger) -> None
     assert commits < 100 / 5, f"100 concurrent settlements took {commits} commits"
 
 
-async def test_history_newest_first(ledger: SqliteLedger) -> None:
+async def test_history_newest_first(ledger: lg.AnyLedger) -> None:
     await funded(ledger, alice=100, bob=5)
     pid = uuid.uuid4()
     await ledger.settle(pid, "alice", "bob", 40)
@@ -153,18 +151,19 @@ async def test_history_newest_first(ledger: SqliteLedger) -> None:
     assert [(e.kind, e.balance, e.counterparty) for e in alice] == [("sent", 60, "bob")]
 
 
-async def test_everything_survives_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "l.db"
+async def test_everything_survives_reopening(ledger_target: str | Path) -> None:
     pid = uuid.uuid4()
-    async with open_sqlite_ledger(path) as ledger:
+    async with open_ledger(ledger_target) as ledger:
         await funded(ledger, alice=100, bob=0)
         await ledger.settle(pid, "alice", "bob", 25)
-    async with open_sqlite_ledger(path) as ledger:
+    async with open_ledger(ledger_target) as ledger:
         again = await ledger.settle(pid, "alice", "bob", 25)
         assert again.replayed and again.payer_balance == 75
         audit = await ledger.audit()
         assert (audit.total_balances, audit.total_deposits, audit.transfers) == (100, 100, 1)
-    db = sqlite3.connect(path)
+    if lg.is_postgres_url(ledger_target):
+        return
+    db = sqlite3.connect(ledger_target)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
@@ -231,11 +230,13 @@ async def test_a_failed_commit_acknowledges_nothing(tmp_path: Path) -> None:
         assert (await ledger.settle(uuid.uuid4(), "alice", "bob", 10)).payer_balance == 90
 
 
-async def test_closed_ledger_refuses_work(tmp_path: Path) -> None:
-    async with open_sqlite_ledger(tmp_path / "l.db") as ledger:
+async def test_closed_ledger_refuses_work(ledger_target: str | Path) -> None:
+    async with open_ledger(ledger_target) as ledger:
         pass
     with pytest.raises(lg.LedgerUnavailable):
         await ledger.deposit("alice", 1)
+    with pytest.raises(lg.LedgerUnavailable):
+        await ledger.settle(uuid.uuid4(), "alice", "bob", 1)
 
 
 # --- property: conservation under random operations -----------------------------------------
@@ -299,7 +300,7 @@ async def test_random_operations_conserve_money(
         assert audit.transfers == len(outcomes)
 
 
-async def test_history_merges_both_sides_newest_first(ledger: SqliteLedger) -> None:
+async def test_history_merges_both_sides_newest_first(ledger: lg.AnyLedger) -> None:
     await funded(ledger, alice=500, bob=500)
     expected: list[tuple[str, int]] = []
     for i in range(1, 21):  # alternate directions, with deposits in between
@@ -321,7 +322,7 @@ async def test_history_merges_both_sides_newest_first(ledger: SqliteLedger) -> N
 # --- names: looked up by their canonical form (schema version 2) ------------------------------
 
 
-async def test_accounts_are_found_in_any_letter_case(ledger: SqliteLedger) -> None:
+async def test_accounts_are_found_in_any_letter_case(ledger: lg.AnyLedger) -> None:
     await funded(ledger, Alice=100, bob=0)
     with pytest.raises(lg.NameTaken):
         await ledger.create_account("ALICE", "h")

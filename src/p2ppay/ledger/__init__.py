@@ -3,10 +3,17 @@
 - :mod:`.interface`: the refusals, the records, the limits and the :class:`Ledger` interface
 - :mod:`.schema`: the SQLite tables and their migrations (:func:`connect_sqlite`)
 - :mod:`.sqlite`: the SQLite ledger (group commit on one writer thread, reads beside it)
+- :mod:`.pgschema`, :mod:`.postgres`: the PostgreSQL ledger, shared by several nodes
 - :mod:`.admin`: the operator's view of a ledger file (``p2ppay admin``)
+
+:func:`open_ledger` opens either: a ``postgresql://`` (or ``postgres://``) URL is PostgreSQL,
+anything else the path of an SQLite file.
 """
 
 from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 from .interface import (
     Account,
@@ -31,16 +38,42 @@ from .interface import (
     UnknownAccount,
     UnknownPayee,
 )
+from .pgschema import PG_SCHEMA_VERSION, connect_postgres
+from .postgres import SETTLED_CHANNEL, PostgresLedger, open_postgres_ledger
 from .schema import SCHEMA_V1, SCHEMA_VERSION, connect_sqlite
 from .sqlite import SqliteLedger, open_sqlite_ledger
 
+#: Either backend, with what the server's runner uses beside the :class:`Ledger` interface
+#: (``observer``, ``commits``, ``ops_committed``, ``invalid_names()``, ``max_batch``).
+AnyLedger = SqliteLedger | PostgresLedger
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)
+
+
+def open_ledger(
+    target: str | Path, limits: Limits | None = None, *, max_batch: int = 512
+) -> AbstractAsyncContextManager[AnyLedger]:
+    """The ledger at ``target``: a PostgreSQL URL, or else the path of an SQLite file."""
+    if is_postgres_url(target):
+        return open_postgres_ledger(str(target), limits, max_batch=max_batch)
+    return open_sqlite_ledger(target, limits, max_batch=max_batch)
+
+
 __all__ = [
+    "PG_SCHEMA_VERSION",
+    "POSTGRES_SCHEMES",
     "SCHEMA_V1",
     "SCHEMA_VERSION",
+    "SETTLED_CHANNEL",
     "Account",
     "AccountFrozen",
     "AccountKind",
     "AmountOutOfRange",
+    "AnyLedger",
     "Audit",
     "BalanceLimit",
     "Entry",
@@ -52,6 +85,7 @@ __all__ = [
     "Limits",
     "NameTaken",
     "PaymentIdConflict",
+    "PostgresLedger",
     "ReferenceConflict",
     "SelfPayment",
     "SqliteLedger",
@@ -59,6 +93,10 @@ __all__ = [
     "Unauthorized",
     "UnknownAccount",
     "UnknownPayee",
+    "connect_postgres",
     "connect_sqlite",
+    "is_postgres_url",
+    "open_ledger",
+    "open_postgres_ledger",
     "open_sqlite_ledger",
 ]

@@ -1,0 +1,302 @@
+"""The PostgreSQL ledger's tables, its settle function and their migrations:
+:func:`connect_postgres` opens a connection to a database at :data:`PG_SCHEMA_VERSION`.
+
+The tables are SQLite's version 3 (:mod:`.schema`) in PostgreSQL's types: money is ``BIGINT``
+with the same ``CHECK``s, payment ids are ``UUID``, keys ``BYTEA``. The version lives in the
+``p2ppay_schema`` table; migrating runs in one transaction under an advisory lock, so several
+nodes starting at once on one database migrate it once. A database from a newer p2ppay is
+refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+
+from .interface import LedgerUnavailable
+
+PgConnection = psycopg.Connection[TupleRow]
+
+PG_SCHEMA_VERSION = 1
+
+#: The advisory lock key migrations hold (any constant; "p2ppay" in ASCII).
+_MIGRATION_LOCK = 0x703270706179
+
+_TABLES = (
+    """CREATE TABLE accounts (
+        name                TEXT PRIMARY KEY,  -- as registered
+        name_key            TEXT NOT NULL UNIQUE,  -- p2ppay.names.name_key(name)
+        kind                TEXT NOT NULL CHECK (kind IN ('native', 'course')),
+        password_hash       TEXT,
+        balance             BIGINT NOT NULL DEFAULT 0 CHECK (balance >= 0),
+        created_ms          BIGINT NOT NULL,
+        peer_key            BYTEA,
+        peer_key_expires_ms BIGINT,
+        frozen              BOOLEAN NOT NULL DEFAULT FALSE,
+        last_login_ms       BIGINT
+    )""",
+    """CREATE TABLE issuance (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        balance BIGINT NOT NULL CHECK (balance <= 0)
+    )""",
+    "INSERT INTO issuance(id, balance) VALUES (1, 0)",
+    """CREATE TABLE movements (
+        seq                 BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        kind                TEXT NOT NULL
+                            CHECK (kind IN ('deposit', 'credit', 'debit', 'transfer')),
+        payment_id          UUID UNIQUE,
+        reference           TEXT UNIQUE,
+        payer               TEXT REFERENCES accounts(name),  -- NULL: the issuance account
+        payee               TEXT REFERENCES accounts(name),  -- NULL: the issuance account
+        amount              BIGINT NOT NULL CHECK (amount > 0),
+        payer_balance_after BIGINT CHECK (payer_balance_after >= 0),
+        payee_balance_after BIGINT CHECK (payee_balance_after >= 0),
+        at_ms               BIGINT NOT NULL,
+        CHECK ((payer IS NULL) = (payer_balance_after IS NULL)
+            AND (payee IS NULL) = (payee_balance_after IS NULL)),
+        CHECK ((kind = 'deposit' AND payer IS NULL AND payee IS NOT NULL
+                AND payment_id IS NULL AND reference IS NULL)
+            OR (kind = 'credit' AND payer IS NULL AND payee IS NOT NULL
+                AND payment_id IS NULL AND reference IS NOT NULL)
+            OR (kind = 'debit' AND payer IS NOT NULL AND payee IS NULL
+                AND payment_id IS NULL AND reference IS NOT NULL)
+            OR (kind = 'transfer' AND payer IS NOT NULL AND payee IS NOT NULL
+                AND payment_id IS NOT NULL AND reference IS NULL AND payer <> payee))
+    )""",
+    "CREATE INDEX movements_payer ON movements(payer, seq)",
+    "CREATE INDEX movements_payee ON movements(payee, seq)",
+)
+
+# One call settles a whole batch (a JSON array of {pid, payer_key, payee_key, amount, key},
+# ``key`` the hex of the acceptance's key or null), so a batch costs one round trip, not a few
+# per settle. It returns one row per settle, in order: o_code 'ok', 'replayed', or a refusal
+# (the Python side names the LedgerError), with what the message or the Transfer needs.
+#
+# It first locks every account the batch names in name_key order: batches on other nodes that
+# want some of the same accounts queue behind it instead of deadlocking. Only then does it look
+# for an earlier settle of each payment id: a node settling the same id at the same moment
+# holds the same locks, so this one sees its committed row and replays it. (A same id with other
+# accounts, which is a conflict, is caught by the INSERT's ON CONFLICT, which waits for the
+# other transaction; the loop then looks again.) Refusals write nothing. A new transfer sends
+# its NOTIFY, which PostgreSQL delivers only when (and if) the transaction commits.
+_SETTLE_FUNCTION = r"""
+CREATE FUNCTION p2ppay_settle_batch(batch jsonb, max_payment bigint, max_balance bigint,
+                                    now_ms bigint)
+RETURNS TABLE(o_code text, o_payer text, o_payee text, o_amount bigint,
+              o_payer_balance bigint, o_payee_balance bigint, o_at_ms bigint)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    item jsonb;
+    v_pid uuid;
+    v_payer_key text;
+    v_payee_key text;
+    v_amount bigint;
+    v_key bytea;
+    v_check boolean;
+    prior record;
+    src record;
+    dst record;
+    payer_after bigint;
+    payee_after bigint;
+    inserted bigint;
+BEGIN
+    -- FOR NO KEY UPDATE: the strongest lock short of key changes, which lets the movements'
+    -- foreign key checks by others through.
+    PERFORM 1 FROM accounts a
+        WHERE a.name_key IN (SELECT e->>'payer_key' FROM jsonb_array_elements(batch) e
+                             UNION SELECT e->>'payee_key' FROM jsonb_array_elements(batch) e)
+        ORDER BY a.name_key
+        FOR NO KEY UPDATE;
+    FOR item IN SELECT e.value FROM jsonb_array_elements(batch) WITH ORDINALITY e
+                ORDER BY e.ordinality LOOP
+        v_pid := (item->>'pid')::uuid;
+        v_payer_key := item->>'payer_key';
+        v_payee_key := item->>'payee_key';
+        v_amount := (item->>'amount')::bigint;
+        v_check := jsonb_typeof(item->'key') = 'string';
+        v_key := CASE WHEN v_check THEN decode(item->>'key', 'hex') END;
+        -- At most twice round: again only if another node inserted this id meanwhile.
+        LOOP
+            SELECT m.payer, m.payee, m.amount, m.payer_balance_after, m.payee_balance_after,
+                   m.at_ms, pa.name_key AS payer_key, pe.name_key AS payee_key
+                INTO prior
+                FROM movements m
+                JOIN accounts pa ON pa.name = m.payer
+                JOIN accounts pe ON pe.name = m.payee
+                WHERE m.payment_id = v_pid;
+            IF FOUND THEN
+                IF prior.payer_key = v_payer_key AND prior.payee_key = v_payee_key
+                        AND prior.amount = v_amount THEN
+                    o_code := 'replayed';
+                    o_payer := prior.payer;
+                    o_payee := prior.payee;
+                    o_amount := prior.amount;
+                    o_payer_balance := prior.payer_balance_after;
+                    o_payee_balance := prior.payee_balance_after;
+                    o_at_ms := prior.at_ms;
+                ELSE
+                    o_code := 'PaymentIdConflict';
+                END IF;
+                RETURN NEXT;
+                EXIT;
+            END IF;
+            o_payer := NULL; o_payee := NULL; o_amount := NULL;
+            o_payer_balance := NULL; o_payee_balance := NULL; o_at_ms := NULL;
+            IF v_payer_key = v_payee_key THEN
+                o_code := 'SelfPayment'; RETURN NEXT; EXIT;
+            END IF;
+            IF v_amount < 1 OR v_amount > max_payment THEN
+                o_code := 'AmountOutOfRange'; RETURN NEXT; EXIT;
+            END IF;
+            SELECT a.name, a.balance, a.kind, a.frozen, a.peer_key INTO src
+                FROM accounts a WHERE a.name_key = v_payer_key;
+            IF NOT FOUND THEN
+                o_code := 'UnknownAccount'; RETURN NEXT; EXIT;
+            END IF;
+            SELECT a.name, a.balance, a.kind, a.frozen, a.peer_key INTO dst
+                FROM accounts a WHERE a.name_key = v_payee_key;
+            IF NOT FOUND OR dst.kind <> src.kind THEN
+                -- course accounts (no password) and native ones never pay each other
+                o_code := 'UnknownPayee'; RETURN NEXT; EXIT;
+            END IF;
+            IF src.frozen OR dst.frozen THEN
+                o_code := 'AccountFrozen';
+                o_payer := CASE WHEN src.frozen THEN src.name ELSE dst.name END;
+                RETURN NEXT; EXIT;
+            END IF;
+            IF v_check AND dst.peer_key IS DISTINCT FROM v_key THEN
+                o_code := CASE WHEN dst.peer_key IS NULL THEN 'NoPeerKey' ELSE 'KeyChanged' END;
+                o_payee := dst.name;
+                RETURN NEXT; EXIT;
+            END IF;
+            IF src.balance < v_amount THEN
+                o_code := 'InsufficientFunds';
+                o_payer_balance := src.balance;
+                RETURN NEXT; EXIT;
+            END IF;
+            payer_after := src.balance - v_amount;
+            payee_after := dst.balance + v_amount;
+            IF payee_after > max_balance THEN
+                o_code := 'BalanceLimit'; o_payee := dst.name; RETURN NEXT; EXIT;
+            END IF;
+            INSERT INTO movements(kind, payment_id, payer, payee, amount,
+                                  payer_balance_after, payee_balance_after, at_ms)
+                VALUES ('transfer', v_pid, src.name, dst.name, v_amount,
+                        payer_after, payee_after, now_ms)
+                ON CONFLICT (payment_id) DO NOTHING;
+            GET DIAGNOSTICS inserted = ROW_COUNT;
+            CONTINUE WHEN inserted = 0;
+            UPDATE accounts a
+                SET balance = CASE WHEN a.name = src.name THEN payer_after ELSE payee_after END
+                WHERE a.name IN (src.name, dst.name);
+            PERFORM pg_notify('p2ppay_settled', json_build_object(
+                'payment_id', v_pid::text, 'payer', src.name, 'payee', dst.name,
+                'amount', v_amount, 'payer_balance', payer_after,
+                'payee_balance', payee_after, 'at_ms', now_ms)::text);
+            o_code := 'ok';
+            o_payer := src.name;
+            o_payee := dst.name;
+            o_amount := v_amount;
+            o_payer_balance := payer_after;
+            o_payee_balance := payee_after;
+            o_at_ms := now_ms;
+            RETURN NEXT;
+            EXIT;
+        END LOOP;
+    END LOOP;
+END
+$fn$
+"""
+
+#: The statements that take a database from version N to N + 1, by N (0: a new database).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    0: (*_TABLES, _SETTLE_FUNCTION),
+}
+assert sorted(_MIGRATIONS) == list(range(PG_SCHEMA_VERSION))
+
+
+def describe(url: str) -> str:
+    """``url`` without its password, for messages: ``host:port/dbname``."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "the PostgreSQL server given"
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"{host}:{port}/{params.get('dbname') or params.get('user') or ''}"
+
+
+def _one_line(exc: BaseException, url: str) -> str:
+    text = " ".join(str(exc).split())
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except psycopg.Error:
+        password = None
+    if password:
+        text = text.replace(str(password), "***")
+    return text
+
+
+def open_connection(url: str, **kwargs: Any) -> PgConnection:
+    """A connection to ``url``; an unreachable or refusing server is :class:`LedgerUnavailable`
+    with one line that names the server (never the password)."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(f"not a usable PostgreSQL URL: {_one_line(exc, url)}") from None
+    if "connect_timeout" not in params:
+        kwargs.setdefault("connect_timeout", 10)
+    kwargs.setdefault("application_name", "p2ppay")
+    try:
+        return psycopg.connect(url, **kwargs)
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(
+            f"cannot connect to PostgreSQL at {describe(url)}: {_one_line(exc, url)}"
+        ) from None
+
+
+def migrate(db: PgConnection, url: str) -> None:
+    """Bring the database ``db`` is connected to to :data:`PG_SCHEMA_VERSION`, in one
+    transaction, under an advisory lock (``db`` must not be in autocommit mode)."""
+    try:
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS p2ppay_schema (version INTEGER NOT NULL)")
+            row = db.execute("SELECT max(version) FROM p2ppay_schema").fetchone()
+            version = 0 if row is None or row[0] is None else int(row[0])
+            if version > PG_SCHEMA_VERSION:
+                raise LedgerUnavailable(
+                    f"the PostgreSQL ledger at {describe(url)} has schema version {version};"
+                    f" this p2ppay knows {PG_SCHEMA_VERSION}"
+                )
+            for step in range(version, PG_SCHEMA_VERSION):
+                try:
+                    for statement in _MIGRATIONS[step]:
+                        db.execute(statement)
+                except psycopg.Error as exc:
+                    raise LedgerUnavailable(
+                        f"{describe(url)}: cannot upgrade the schema to version {step + 1}:"
+                        f" {_one_line(exc, url)}"
+                    ) from exc
+            if version < PG_SCHEMA_VERSION:
+                db.execute("DELETE FROM p2ppay_schema")
+                db.execute("INSERT INTO p2ppay_schema(version) VALUES (%s)", (PG_SCHEMA_VERSION,))
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(
+            f"cannot prepare the PostgreSQL ledger at {describe(url)}: {_one_line(exc, url)}"
+        ) from exc
+
+
+def connect_postgres(url: str) -> PgConnection:
+    """The writer's connection to the ledger at ``url`` (created and migrated if need be), at
+    READ COMMITTED, not in autocommit mode (every batch is one transaction)."""
+    db = open_connection(url, autocommit=False)
+    try:
+        migrate(db, url)
+    except BaseException:
+        db.close()
+        raise
+    return db

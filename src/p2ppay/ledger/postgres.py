@@ -1,0 +1,615 @@
+"""Where money moves, when it lives in PostgreSQL: the same ledger as :mod:`.sqlite`, shared by
+any number of p2ppay nodes (processes, machines) on one database.
+
+Same semantics as the SQLite ledger. Every write is an *operation* handed to one writer task,
+which takes all the operations waiting (up to ``max_batch``) and runs them in one READ
+COMMITTED transaction on its own connection, in a worker thread (psycopg's async mode is
+asyncio-only, so this is sync psycopg, like sqlite3). Callers are answered only after COMMIT.
+A refusal (a :class:`~.interface.LedgerError`) writes nothing, so it leaves the batch intact;
+any other failure rolls the batch back and everyone in it gets :class:`LedgerUnavailable`. A
+batch that meets a deadlock (40P01) or a serialization failure (40001), which other nodes'
+batches can cause, is retried whole, up to :data:`RETRIES` times.
+
+Settles cost one round trip per batch: consecutive settles in the queue go to the server-side
+function ``p2ppay_settle_batch`` (:mod:`.pgschema`) in one call, which locks the accounts they
+name in ``name_key`` order (so nodes queue instead of deadlocking), then, for each in turn,
+looks for an earlier settle of its payment id (after the locks: a node settling the same id
+at the same moment is waited for, and its outcome replayed) and applies or refuses it. Other
+operations run as their own statements, in queue order between the runs of settles.
+
+Reads (an account, a transfer, a history, the audit) run on a small pool of read connections,
+each used by one thread at a time, so they never wait behind a commit.
+
+Events across nodes (the contract another node relies on): for each *new* transfer (not for a
+replay, not for a refusal), the settle transaction runs
+``pg_notify('p2ppay_settled', payload)`` with the JSON object payload::
+
+    {"payment_id": str, "payer": str, "payee": str, "amount": int,
+     "payer_balance": int, "payee_balance": int, "at_ms": int}
+
+names as registered, balances right after the transfer. PostgreSQL delivers it to every
+connection that has run ``LISTEN p2ppay_settled`` only after the transaction commits, and never
+if it rolls back, so an event can never announce money that was not committed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, Generic, TypeVar
+
+import psycopg
+import trio
+from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
+from psycopg.types.json import Jsonb
+
+from ..names import is_valid_name, name_key
+from .interface import (
+    Account,
+    AccountFrozen,
+    AccountKind,
+    AmountOutOfRange,
+    Audit,
+    BalanceLimit,
+    Entry,
+    InsufficientFunds,
+    LedgerError,
+    LedgerObserver,
+    LedgerUnavailable,
+    Limits,
+    NameTaken,
+    PaymentIdConflict,
+    SelfPayment,
+    Transfer,
+    Unauthorized,
+    UnknownAccount,
+    UnknownPayee,
+)
+from .pgschema import PgConnection, connect_postgres, describe, open_connection
+
+T = TypeVar("T")
+
+#: How many times a batch is tried when PostgreSQL reports a deadlock or a serialization failure.
+RETRIES: Final = 8
+#: The channel new transfers are announced on (see the module's docstring).
+SETTLED_CHANNEL: Final = "p2ppay_settled"
+
+_INSERT_DEPOSIT = (
+    "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms)"
+    " VALUES ('deposit', %s, %s, %s, %s)"
+)
+_ISSUE = "UPDATE issuance SET balance = balance - %s WHERE id = 1"
+_COLUMNS = (
+    "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id"
+)
+_HISTORY = (
+    f"(SELECT {_COLUMNS} FROM movements WHERE payer = %(name)s ORDER BY seq DESC LIMIT %(limit)s)"
+    f" UNION ALL"
+    f" (SELECT {_COLUMNS} FROM movements WHERE payee = %(name)s ORDER BY seq DESC LIMIT %(limit)s)"
+    f" ORDER BY seq DESC LIMIT %(limit)s"
+)
+_RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Settle:
+    """What a settle asks of ``p2ppay_settle_batch``, and how to answer its caller."""
+
+    __slots__ = ("accepted_with", "amount", "payee", "payer", "payment_id")
+
+    def __init__(
+        self,
+        payment_id: uuid.UUID,
+        payer: str,
+        payee: str,
+        amount: int,
+        accepted_with: bytes | None,
+    ) -> None:
+        self.payment_id = payment_id
+        self.payer = payer
+        self.payee = payee
+        self.amount = amount
+        self.accepted_with = accepted_with
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "pid": str(self.payment_id),
+            "payer_key": name_key(self.payer),
+            "payee_key": name_key(self.payee),
+            "amount": self.amount,
+            "key": None if self.accepted_with is None else self.accepted_with.hex(),
+        }
+
+    def outcome(self, row: Sequence[Any], limits: Limits) -> Transfer | LedgerError:
+        """The function's row for this settle, as the caller's answer."""
+        code, payer, payee, amount, payer_after, payee_after, at_ms = row
+        pid = self.payment_id
+        if code in ("ok", "replayed"):
+            return Transfer(
+                pid, payer, payee, amount, payer_after, payee_after, at_ms, code == "replayed"
+            )
+        errors: dict[str, Callable[[], LedgerError]] = {
+            "PaymentIdConflict": lambda: PaymentIdConflict(
+                f"payment {pid} was already used for a different payment"
+            ),
+            "SelfPayment": lambda: SelfPayment("you cannot pay yourself"),
+            "AmountOutOfRange": lambda: AmountOutOfRange(
+                f"a payment must be within 1..{limits.max_payment}"
+            ),
+            "UnknownAccount": lambda: UnknownAccount(f"no account {self.payer!r}"),
+            "UnknownPayee": lambda: UnknownPayee(f"no account {self.payee!r}"),
+            "AccountFrozen": lambda: AccountFrozen(f"the account {payer!r} is frozen"),
+            "NoPeerKey": lambda: Unauthorized(f"{payee} has no current peer key"),
+            "KeyChanged": lambda: Unauthorized(f"{payee}'s peer key changed since the acceptance"),
+            "InsufficientFunds": lambda: InsufficientFunds(
+                f"balance {payer_after} is less than {self.amount}"
+            ),
+            "BalanceLimit": lambda: BalanceLimit(
+                f"{payee}'s balance would exceed {limits.max_balance}"
+            ),
+        }
+        make = errors.get(code)
+        if make is None:  # a function from a p2ppay that this one does not know
+            raise LedgerUnavailable(f"the settle function answered {code!r}")
+        return make()
+
+
+class _Op(Generic[T]):
+    __slots__ = ("done", "error", "fn", "result", "settle")
+
+    def __init__(self, fn: Callable[[PgConnection], T] | None, settle: _Settle | None) -> None:
+        self.fn = fn
+        self.settle = settle
+        self.done = trio.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+
+class PostgresLedger:
+    """The PostgreSQL backend. Use :func:`open_postgres_ledger`, which owns its writer task."""
+
+    def __init__(self, url: str, limits: Limits, max_batch: int = 512, *, readers: int = 2) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if readers < 1:
+            raise ValueError("readers must be 1 or more")
+        self.url = url
+        self.limits = limits
+        self.max_batch = max_batch
+        self._send, self._recv = trio.open_memory_channel[_Op[Any]](math.inf)
+        self._limiter = trio.CapacityLimiter(1)  # the writer's connection: one thread at a time
+        self._db: PgConnection | None = None
+        self._read_limiter = trio.CapacityLimiter(readers)
+        self._idle_readers: list[PgConnection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        # Figures for the benchmark: how well group commit is doing.
+        self.commits = 0
+        self.ops_committed = 0
+        #: batches tried again after a deadlock or a serialization failure
+        self.retries = 0
+        self.observer: LedgerObserver | None = None
+
+    # -- lifecycle --
+
+    def _open_blocking(self) -> None:
+        self._db = connect_postgres(self.url)
+
+    async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            async with self._recv:
+                async for first in self._recv:
+                    batch: list[_Op[Any]] = [first]
+                    while len(batch) < self.max_batch:
+                        try:
+                            batch.append(self._recv.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    # Not abandoned on cancel: a commit in flight always finishes and is answered.
+                    await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                    for op in batch:
+                        op.done.set()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close_blocking, limiter=self._limiter)
+
+    def _close_blocking(self) -> None:
+        with self._readers_lock:
+            self._closed = True
+            idle, self._idle_readers = self._idle_readers, []
+        for db in idle:
+            db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- the writer (in its thread) --
+
+    def _run_batch(self, batch: list[_Op[Any]]) -> None:
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        for attempt in range(RETRIES):
+            for op in batch:
+                op.result, op.error = None, None
+            try:
+                if self._db is None or self._db.closed or self._db.broken:
+                    self._reconnect()
+                db = self._db
+                assert db is not None
+                self._apply(db, batch)
+                if db.info.transaction_status != TransactionStatus.INTRANS:
+                    # A failed statement PostgreSQL would turn our COMMIT into a ROLLBACK for.
+                    raise LedgerUnavailable("the transaction failed")
+                db.commit()
+                break
+            except _RETRYABLE as exc:
+                self._rollback()
+                self.retries += 1
+                failure = exc
+                # A little, growing, random pause: the other node's batch, which won, can
+                # take the rows back before this one does it again.
+                time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+            except BaseException as exc:
+                # Anything else (a lost connection, a constraint that should have been
+                # impossible) may have left a half-done operation: none of it is kept.
+                self._rollback()
+                for op in batch:
+                    op.result = None
+                    op.error = LedgerUnavailable(f"commit failed: {exc}")
+                if not isinstance(exc, Exception):
+                    raise
+                return
+        else:
+            for op in batch:
+                op.result = None
+                op.error = LedgerUnavailable(
+                    f"commit failed {RETRIES} times over (contention): {failure}"
+                )
+            return
+        self.commits += 1
+        self.ops_committed += len(batch)
+        if self.observer is not None:
+            self.observer.committed(len(batch), time.perf_counter() - started)
+
+    def _reconnect(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._db = open_connection(self.url, autocommit=False)
+
+    def _rollback(self) -> None:
+        db = self._db
+        if db is None:
+            return
+        try:
+            db.rollback()
+        except psycopg.Error:
+            # The connection is gone; the next batch opens another.
+            db.close()
+            self._db = None
+
+    def _apply(self, db: PgConnection, batch: list[_Op[Any]]) -> None:
+        """Run the batch's operations in queue order, each run of settles in one call."""
+        i = 0
+        while i < len(batch):
+            op = batch[i]
+            if op.fn is not None:
+                try:
+                    op.result = op.fn(db)
+                except LedgerError as exc:
+                    # Every operation checks before it writes: a refusal has written nothing.
+                    op.error = exc
+                i += 1
+                continue
+            j = i
+            while j < len(batch) and batch[j].settle is not None:
+                j += 1
+            self._settle_run(db, batch[i:j])
+            i = j
+
+    def _settle_run(self, db: PgConnection, ops: list[_Op[Any]]) -> None:
+        settles = [op.settle for op in ops if op.settle is not None]
+        limits = self.limits
+        rows = db.execute(
+            "SELECT * FROM p2ppay_settle_batch(%s, %s, %s, %s)",
+            (
+                Jsonb([s.as_json() for s in settles]),
+                limits.max_payment,
+                limits.max_balance,
+                _now_ms(),
+            ),
+        ).fetchall()
+        if len(rows) != len(ops):
+            raise LedgerUnavailable(f"the settle function answered {len(rows)} of {len(ops)}")
+        for op, settle, row in zip(ops, settles, rows, strict=True):
+            outcome = settle.outcome(row, limits)
+            if isinstance(outcome, LedgerError):
+                op.error = outcome
+            else:
+                op.result = outcome
+
+    # -- reads (in a worker thread, on a read connection) --
+
+    def _run_read(self, fn: Callable[[PgConnection], T]) -> T:
+        with self._readers_lock:
+            if self._closed:
+                raise LedgerUnavailable("the ledger is closed")
+            db = self._idle_readers.pop() if self._idle_readers else None
+        if db is None:
+            db = open_connection(self.url, autocommit=False)
+            # A consistent snapshot of committed data for reads of several statements.
+            db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            db.read_only = True
+        keep = False
+        try:
+            result = fn(db)
+            db.rollback()
+            keep = True
+            return result
+        finally:
+            with self._readers_lock:
+                if keep and not self._closed:
+                    self._idle_readers.append(db)
+                    db = None
+            if db is not None:
+                db.close()
+
+    async def _read(self, fn: Callable[[PgConnection], T]) -> T:
+        if self._closed:
+            raise LedgerUnavailable("the ledger is closed")
+        try:
+            return await trio.to_thread.run_sync(self._run_read, fn, limiter=self._read_limiter)
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(f"read failed: {' '.join(str(exc).split())}") from exc
+
+    async def _submit(self, op: _Op[T]) -> T:
+        try:
+            self._send.send_nowait(op)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise LedgerUnavailable("the ledger is closed") from None
+        # If our caller is cancelled here the operation still commits (or not) as a whole;
+        # a settlement retried with the same payment id then finds the stored outcome.
+        await op.done.wait()
+        if op.error is not None:
+            if isinstance(op.error, LedgerError):
+                raise op.error
+            raise LedgerUnavailable(str(op.error)) from op.error
+        return op.result  # type: ignore[return-value]
+
+    async def _write(self, fn: Callable[[PgConnection], T]) -> T:
+        return await self._submit(_Op(fn, None))
+
+    # -- operations --
+
+    async def create_account(
+        self,
+        name: str,
+        password_hash: str | None,
+        kind: AccountKind = "native",
+        initial_deposit: int = 0,
+    ) -> Account:
+        if initial_deposit < 0 or initial_deposit > self.limits.max_deposit:
+            raise AmountOutOfRange(f"initial deposit must be within 0..{self.limits.max_deposit}")
+
+        def op(db: PgConnection) -> Account:
+            now = _now_ms()
+            # ON CONFLICT: a taken name must not abort the batch's transaction.
+            row = db.execute(
+                "INSERT INTO accounts(name, name_key, kind, password_hash, balance, created_ms)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING name",
+                (name, name_key(name), kind, password_hash, initial_deposit, now),
+            ).fetchone()
+            if row is None:
+                raise NameTaken(f"the name {name!r} is taken")
+            if initial_deposit:
+                db.execute(_INSERT_DEPOSIT, (name, initial_deposit, initial_deposit, now))
+                db.execute(_ISSUE, (initial_deposit,))
+            return Account(name, kind, password_hash, initial_deposit)
+
+        return await self._write(op)
+
+    async def account(self, name: str) -> Account | None:
+        def op(db: PgConnection) -> Account | None:
+            row = db.execute(
+                "SELECT name, kind, password_hash, balance, peer_key, peer_key_expires_ms"
+                " FROM accounts WHERE name_key = %s",
+                (name_key(name),),
+            ).fetchone()
+            if row is None:
+                return None
+            registered, kind, password_hash, balance, key, expires = row
+            peer_key = None if key is None else bytes(key)
+            return Account(registered, kind, password_hash, balance, peer_key, expires)
+
+        return await self._read(op)
+
+    async def set_peer_key(self, name: str, key_der: bytes | None, expires_ms: int | None) -> None:
+        """Make ``key_der`` the account's current peer key; None revokes the current one."""
+
+        def op(db: PgConnection) -> None:
+            cur = db.execute(
+                "UPDATE accounts SET peer_key = %s, peer_key_expires_ms = %s WHERE name_key = %s",
+                (key_der, expires_ms, name_key(name)),
+            )
+            if cur.rowcount != 1:
+                raise UnknownAccount(f"no account {name!r}")
+
+        await self._write(op)
+
+    async def transfer(self, payment_id: uuid.UUID) -> Transfer | None:
+        """The settled transfer with this payment id, if any."""
+
+        def op(db: PgConnection) -> Transfer | None:
+            row = db.execute(
+                "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms"
+                " FROM movements WHERE payment_id = %s",
+                (payment_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            payer, payee, amount, payer_after, payee_after, at_ms = row
+            return Transfer(
+                payment_id, payer, payee, amount, payer_after, payee_after, at_ms, replayed=True
+            )
+
+        return await self._read(op)
+
+    async def deposit(self, name: str, amount: int) -> int:
+        limits = self.limits
+        if amount < 1 or amount > limits.max_deposit:
+            raise AmountOutOfRange(f"a deposit must be within 1..{limits.max_deposit}")
+
+        def op(db: PgConnection) -> int:
+            row = db.execute(
+                "SELECT name, balance, frozen FROM accounts WHERE name_key = %s FOR NO KEY UPDATE",
+                (name_key(name),),
+            ).fetchone()
+            if row is None:
+                raise UnknownAccount(f"no account {name!r}")
+            registered, balance, frozen = row[0], row[1] + amount, row[2]
+            if frozen:
+                raise AccountFrozen(f"the account {registered!r} is frozen")
+            if balance > limits.max_balance:
+                raise BalanceLimit(f"the balance would exceed {limits.max_balance}")
+            db.execute("UPDATE accounts SET balance = %s WHERE name = %s", (balance, registered))
+            db.execute(_INSERT_DEPOSIT, (registered, amount, balance, _now_ms()))
+            db.execute(_ISSUE, (amount,))
+            return int(balance)
+
+        return await self._write(op)
+
+    async def settle(
+        self,
+        payment_id: uuid.UUID,
+        payer: str,
+        payee: str,
+        amount: int,
+        accepted_with: bytes | None = None,
+    ) -> Transfer:
+        """Move ``amount`` from ``payer`` to ``payee`` once per ``payment_id``, on every node
+        sharing the database; see :meth:`.SqliteLedger.settle` for ``accepted_with``."""
+        started, outcome = time.perf_counter(), "cancelled"
+        try:
+            transfer: Transfer = await self._submit(
+                _Op(None, _Settle(payment_id, payer, payee, amount, accepted_with))
+            )
+            outcome = "replayed" if transfer.replayed else "ok"
+            return transfer
+        except LedgerError as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            if self.observer is not None:
+                self.observer.settled(outcome, time.perf_counter() - started)
+
+    async def history(self, name: str, limit: int) -> list[Entry]:
+        def op(db: PgConnection) -> list[Entry]:
+            found = db.execute(
+                "SELECT name FROM accounts WHERE name_key = %s", (name_key(name),)
+            ).fetchone()
+            if found is None:
+                return []
+            registered = found[0]
+            rows = db.execute(_HISTORY, {"name": registered, "limit": limit}).fetchall()
+            entries = []
+            for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid in rows:
+                if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
+                    entries.append(Entry("deposit", amount, payee_after, at, None, None))
+                elif kind == "debit":  # and a debit as money sent to nobody in particular
+                    entries.append(Entry("sent", amount, payer_after, at, None, None))
+                elif payer == registered:
+                    entries.append(Entry("sent", amount, payer_after, at, payee, pid))
+                else:
+                    entries.append(Entry("received", amount, payee_after, at, payer, pid))
+            return entries
+
+        return await self._read(op)
+
+    async def audit(self) -> Audit:
+        def op(db: PgConnection) -> Audit:
+            row = db.execute(
+                "SELECT COALESCE(SUM(balance), 0), MIN(balance), COUNT(*) FROM accounts"
+            ).fetchone()
+            assert row is not None
+            total, low, count = row
+            row = db.execute(
+                "SELECT COALESCE(SUM(CASE WHEN payer IS NULL THEN amount END), 0),"
+                " COALESCE(SUM(CASE WHEN payee IS NULL THEN amount END), 0),"
+                " COUNT(payment_id) FROM movements"
+            ).fetchone()
+            assert row is not None
+            issued, withdrawn, transfers = row
+            row = db.execute("SELECT balance FROM issuance WHERE id = 1").fetchone()
+            assert row is not None
+            # SUM of BIGINT is NUMERIC in PostgreSQL: whole numbers, made ints here.
+            return Audit(
+                int(total),
+                int(issued),
+                None if low is None else int(low),
+                int(count),
+                int(transfers),
+                int(withdrawn),
+                int(row[0]),
+            )
+
+        return await self._read(op)
+
+    async def invalid_names(self) -> list[str]:
+        """Accounts whose names the name rule (p2ppay.names) refuses (made by other means)."""
+
+        def op(db: PgConnection) -> list[str]:
+            names = (row[0] for row in db.execute("SELECT name FROM accounts ORDER BY name"))
+            return [name for name in names if not is_valid_name(name)]
+
+        return await self._read(op)
+
+    async def record_login(self, name: str) -> None:
+        """Remember when ``name`` last logged in (for the operator's account list)."""
+
+        def op(db: PgConnection) -> None:
+            db.execute(
+                "UPDATE accounts SET last_login_ms = %s WHERE name_key = %s",
+                (_now_ms(), name_key(name)),
+            )
+
+        await self._write(op)
+
+
+@asynccontextmanager
+async def open_postgres_ledger(
+    url: str,
+    limits: Limits | None = None,
+    *,
+    max_batch: int = 512,
+    readers: int = 2,
+) -> AsyncIterator[PostgresLedger]:
+    """Open the ledger in the PostgreSQL database at ``url`` (creating its tables if need be);
+    on exit, drain queued work and close. An unreachable server, or a database from a newer
+    p2ppay, is :class:`LedgerUnavailable` (one line, no password)."""
+    ledger = PostgresLedger(url, limits or Limits(), max_batch, readers=readers)
+    # Connected (and migrated) before the nursery: a failure is one plain exception.
+    await trio.to_thread.run_sync(ledger._open_blocking, limiter=ledger._limiter)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ledger._writer)
+            try:
+                yield ledger
+            finally:
+                # Closing the channel lets the writer finish what is queued, then stop.
+                ledger._send.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(ledger._close_blocking, limiter=ledger._limiter)
+
+
+__all__ = ["RETRIES", "SETTLED_CHANNEL", "PostgresLedger", "describe", "open_postgres_ledger"]
