@@ -673,8 +673,33 @@ async def memory(port: int, ctx: Any, proc: Proc, sessions: int) -> dict[str, fl
     }
 
 
-async def peer_to_peer(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[str, float]:
+async def peer_to_peer(
+    port: int, ca: Path, proc: Proc, seconds: float, procs: int | None
+) -> dict[str, Any]:
+    """10 payer wallets paying 10 payee wallets end to end, the pairs dealt to load generator
+    processes (a wallet costs the generator as much as the server: one process was the
+    bottleneck)."""
     pairs = 10
+    n = loadgen_processes(procs, pairs)
+    specs = [
+        {"phase": "p2p", "port": port, "ca": str(ca), "seconds": seconds, "pairs": len(group),
+         "prefix": f"peer{k}x"}
+        for k, group in enumerate(split(list(range(pairs)), n))
+    ]  # fmt: skip
+    return await loadgen_phase(proc.process.pid, specs)
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """A load generator process's phase that needs Trio (see :mod:`p2ppay.loadgen`)."""
+    if spec["phase"] != "p2p":
+        raise ValueError(f"unknown phase {spec['phase']!r}")
+    return trio.run(p2p_worker, spec)
+
+
+async def p2p_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec["pairs"]`` payer wallets of this process paying as many payees of it."""
+    ctx = client_context(Path(spec["ca"]))
+    pairs: int = spec["pairs"]
     async with trio.open_nursery() as nursery:
         wallets: list[Wallet] = []
         ready = trio.Event()
@@ -682,7 +707,7 @@ async def peer_to_peer(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[
         async def hold(name: str) -> None:
             async with Wallet.open(
                 "127.0.0.1",
-                port,
+                spec["port"],
                 ctx,
                 server_hostname="localhost",
                 policy=accept_all,
@@ -698,22 +723,24 @@ async def peer_to_peer(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[
                     pass
 
         for i in range(2 * pairs):
-            nursery.start_soon(hold, f"peer{i:02d}")
-        with trio.fail_after(60):
+            nursery.start_soon(hold, f"{spec['prefix']}{i:02d}")
+        with trio.fail_after(120):
             await ready.wait()
         wallets.sort(key=lambda w: w.user or "")
         payers, payees = wallets[:pairs], wallets[pairs:]
-        window = Window(proc.process.pid)
+        await trio.to_thread.run_sync(loadgen.ready_then_go)
+        latencies: list[int] = []
 
         async def one(i: int) -> None:
             started = time.perf_counter()
-            await payers[i].pay(payees[(i + window.ops) % pairs].user or "", 1)
-            window.record(started)
+            await payers[i].pay(payees[(i + len(latencies)) % pairs].user or "", 1)
+            latencies.append(int(1e6 * (time.perf_counter() - started)))
 
-        async with window.measuring():
-            await run_for(seconds, pairs, one)
+        cpu0, t0 = _self_cpu(), time.perf_counter()
+        await run_for(spec["seconds"], pairs, one)
+        wall, cpu = time.perf_counter() - t0, _self_cpu() - cpu0
         nursery.cancel_scope.cancel()
-    return window.summary()
+    return {"ops": len(latencies), "latencies_us": latencies, "cpu": cpu, "wall": wall}
 
 
 # --------------------------------------------------------------------------------------------
@@ -815,7 +842,7 @@ async def phase_memory(r: Run) -> dict[str, Any]:
 
 async def phase_p2p(r: Run) -> dict[str, Any]:
     async with r.server("p2p", "--scrypt-n", "16") as server:
-        figures = await peer_to_peer(server.port, client_context(r.ca("p2p")), server, r.seconds)
+        figures = await peer_to_peer(server.port, r.ca("p2p"), server, r.seconds, r.procs)
     return {"peer_to_peer": figures}
 
 
@@ -1079,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve_echo, args.serve_echo)
         return 0
     if args.loadgen_worker:
-        return loadgen.main()
+        return loadgen.main(run_worker)
     phases = [name.strip() for name in args.phases.split(",") if name.strip()]
     unknown = [name for name in phases if name not in PHASES]
     if unknown or args.repeat < 1 or (args.loadgen_procs is not None and args.loadgen_procs < 1):
