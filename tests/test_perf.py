@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ import trio.testing
 from p2ppay import bench
 from p2ppay import protocol as p
 from p2ppay.ledger import LedgerUnavailable, Limits, SqliteLedger, open_sqlite_ledger
+from p2ppay.pki import Issuer
 from p2ppay.sending import Outgoing
-from p2ppay.server import ServerConfig, listing
+from p2ppay.server import Server, ServerConfig, listing
 from p2ppay.server.base import SessionBase
 from p2ppay.server.presence import LocalPresence
 
-from .conftest import Connect, next_event, pay, registered
+from .conftest import SERVER_NAME, Connect, next_event, pay, registered
 
 # -- queued writes --
 
@@ -337,3 +339,40 @@ async def test_an_event_for_a_session_answering_a_request_rides_on_its_reply() -
     await host.spawned[0]()
     assert stream.writes[-1] == b"event 3\nevent 4\n"
     assert session.cancel_scope.deadline == math.inf  # the write deadline was disarmed
+
+
+@pytest.fixture
+def idle_jump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0.05)
+
+
+async def test_a_peer_that_stops_reading_its_replies_is_dropped_at_the_write_deadline(
+    idle_jump_clock: trio.testing.MockClock,
+    ledger: SqliteLedger,
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    issuer: Issuer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reply's write timeout is the session scope's deadline now: still a drop, logged."""
+    server = Server(ledger, server_ctx, issuer, ServerConfig(write_timeout=3.0))
+    client_side, server_side = trio.testing.lockstep_stream_pair()
+    gone = trio.Event()
+
+    async def serve() -> None:
+        await server.handle_connection(server_side, "10.5.5.5")
+        gone.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run_in_memory)
+        nursery.start_soon(serve)
+        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+        await stream.do_handshake()
+        # A hello, and then not one byte read: the server's reply cannot be written.
+        await stream.send_all(p.encode_request(p.Hello(1, 1)))
+        started = trio.current_time()
+        with trio.fail_after(30):
+            await gone.wait()
+        assert 3.0 <= trio.current_time() - started < 10
+        assert any("stopped reading" in r.getMessage() for r in caplog.records)
+        nursery.cancel_scope.cancel()
