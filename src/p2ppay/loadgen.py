@@ -258,10 +258,8 @@ def main(runner: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> in
     """``python -m p2ppay.bench --loadgen-worker``: the stdin/stdout conversation above.
     ``runner`` runs a phase this module does not know (the benchmark's Trio-driven ones)."""
     spec = json.loads(sys.stdin.readline())
-    if spec["phase"] in PHASES or runner is None:
-        result = run(spec, ready_then_go)
-    else:
-        result = runner(spec)
+    mine = spec["phase"] in PHASES or runner is None
+    result = run(spec, ready_then_go) if mine or runner is None else runner(spec)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0
