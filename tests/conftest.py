@@ -260,13 +260,14 @@ class SettleCutter(trio.abc.Stream):
     request: ``after`` it is sent (the request may be done, its reply is lost; then it disarms),
     or instead of sending it (the request never reaches the server; it stays armed)."""
 
-    def __init__(self, inner: trio.SSLStream[Any], *, after: bool) -> None:
+    def __init__(self, inner: trio.SSLStream[Any], *, after: bool, op: str = "settle") -> None:
         self.inner = inner
         self.after = after
         self.armed = False
+        self.marker = f'"op":"{op}"'.encode()  # (another op's requests are cut the same way)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        settle = self.armed and b'"op":"settle"' in bytes(data)
+        settle = self.armed and self.marker in bytes(data)
         if settle and not self.after:
             await trio.aclose_forcefully(self.inner.transport_stream)
             raise trio.BrokenResourceError("severed")

@@ -173,9 +173,12 @@ def test_every_server_setting_is_a_flag() -> None:
             text = flag.choices[-1]
             value = flag.convert(text) if flag.convert else text
         else:
-            text = {"--scrypt-n": "64", "--port": "4242", "--course-port": "4243"}.get(
-                flag.name, "7"
-            )
+            text = {
+                "--scrypt-n": "64",
+                "--port": "4242",
+                "--course-port": "4243",
+                "--node-expiry": "70",  # longer than the heartbeat (7), as it must be
+            }.get(flag.name, "7")
             parsed = flag.parse(text) if flag.parse else text
             value = flag.convert(parsed) if flag.convert else parsed
         argv += [flag.name, text]

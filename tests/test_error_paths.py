@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import trio
@@ -81,6 +82,7 @@ class LaggingHost:
         self.server_public_key = server.server_public_key
         self.course_dialect: Dialect = REFERENCE
         self.metrics: ServerMetrics = server.metrics
+        self.receipts = server.receipts
         self.jobs: list[Callable[[], Awaitable[None]]] = []
 
     @property
@@ -157,9 +159,13 @@ class FlakyLedger:
         self._check()
         await self.inner.set_peer_key(name, key_der, expires_ms)
 
-    async def deposit(self, name: str, amount: int) -> int:
+    async def deposit(self, name: str, amount: int, deposit_id: uuid.UUID | None = None) -> int:
         self._check()
-        return await self.inner.deposit(name, amount)
+        return await self.inner.deposit(name, amount, deposit_id)
+
+    async def change_password(self, name: str, password_hash: str) -> None:
+        self._check()
+        await self.inner.change_password(name, password_hash)
 
     async def settle(
         self,
@@ -168,9 +174,51 @@ class FlakyLedger:
         payee: str,
         amount: int,
         accepted_with: bytes | None = None,
+        memo: str | None = None,
     ) -> lg.Transfer:
         self._check()
-        return await self.inner.settle(payment_id, payer, payee, amount, accepted_with)
+        return await self.inner.settle(payment_id, payer, payee, amount, accepted_with, memo)
+
+    async def create_request(
+        self,
+        request_id: uuid.UUID,
+        requester: str,
+        payer: str,
+        amount: int,
+        memo: str | None,
+        expires_ms: int,
+        max_open: int,
+    ) -> lg.PaymentRequest:
+        self._check()
+        return await self.inner.create_request(
+            request_id, requester, payer, amount, memo, expires_ms, max_open
+        )
+
+    async def open_requests(
+        self, name: str, limit: int
+    ) -> tuple[list[lg.PaymentRequest], list[lg.PaymentRequest]]:
+        self._check()
+        return await self.inner.open_requests(name, limit)
+
+    async def pay_request(
+        self, request_id: uuid.UUID, payer: str
+    ) -> tuple[lg.Transfer, lg.PaymentRequest]:
+        self._check()
+        return await self.inner.pay_request(request_id, payer)
+
+    async def close_request(
+        self, request_id: uuid.UUID, name: str, state: Literal["declined", "cancelled"]
+    ) -> lg.PaymentRequest:
+        self._check()
+        return await self.inner.close_request(request_id, name, state)
+
+    async def request_news(self, name: str) -> list[lg.PaymentRequest]:
+        self._check()
+        return await self.inner.request_news(name)
+
+    async def told(self, request_id: uuid.UUID) -> None:
+        self._check()
+        await self.inner.told(request_id)
 
     async def transfer(self, payment_id: uuid.UUID) -> lg.Transfer | None:
         self._check()

@@ -68,7 +68,10 @@ async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
         await funded(ledger, alice=5)
     with psycopg.connect(postgres_url, autocommit=True) as db:
         db.execute("UPDATE p2ppay_schema SET version = %s", (lg.PG_SCHEMA_VERSION + 1,))
-    with pytest.raises(lg.LedgerUnavailable, match="has schema version 2; this p2ppay knows 1"):
+    newer, known = lg.PG_SCHEMA_VERSION + 1, lg.PG_SCHEMA_VERSION
+    with pytest.raises(
+        lg.LedgerUnavailable, match=f"has schema version {newer}; this p2ppay knows {known}"
+    ):
         async with open_postgres_ledger(postgres_url):
             pass  # pragma: no cover
 

@@ -131,6 +131,12 @@ class Member:
     def replaced(self, by_ip: str) -> None:
         self.replaced_by.append(by_ip)
 
+    def paid(self, transfer: Any) -> None:
+        pass
+
+    def told(self, line: bytes) -> None:
+        pass
+
 
 async def test_presence_generation_moves_on_every_change_and_the_cache_follows() -> None:
     presence = LocalPresence()

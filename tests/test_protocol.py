@@ -109,6 +109,15 @@ def test_every_op_round_trips() -> None:
         p.Settle(7, PID, "bob", 30, "c2lnbmF0dXJl"),
         p.History(8, 10),
         p.Logout(9),
+        p.Deposit(10, 500, PID),
+        p.Settle(11, PID, "bob", 30, "c2lnbmF0dXJl", "lunch at noon"),
+        p.MakeRequest(12, "bob", 30, "rent", 600),
+        p.ListRequests(13),
+        p.PayRequest(14, PID),
+        p.DeclineRequest(15, PID),
+        p.CancelRequest(16, PID),
+        p.GetReceipt(17, PID),
+        p.Passwd(18, "old one", "new password"),
     ]
     for request in requests:
         data = p.encode_request(request)
@@ -245,6 +254,7 @@ def test_login_moves_state_only_when_it_succeeds() -> None:
             "port": None,
             "certificate": None,
             "peer_ca": None,
+            "request_news": [],
         },
     }
     assert conn.state is State.AUTHENTICATED  # type: ignore[comparison-overlap]

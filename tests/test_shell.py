@@ -165,7 +165,7 @@ async def test_an_interactive_session(wallet_at: WalletAt, open_wallet: Open) ->
     assert "port for payments (Enter: any free port): " in typist.prompts
     assert "carol> " in typist.prompts
     history = typist.written[typist.written.index("Balance: 50") + 1]
-    assert history.splitlines()[0].split() == ["WHEN", "KIND", "AMOUNT", "BALANCE", "WITH"]
+    assert history.splitlines()[0].split() == ["WHEN", "KIND", "AMOUNT", "BALANCE", "WITH", "MEMO"]
     assert "deposit" in history.splitlines()[1]
     listing = typist.written[typist.written.index("Balance: 50") + 2]
     assert listing.splitlines()[:2] == ["Balance: 50", "Online (2):"]

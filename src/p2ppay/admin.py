@@ -1,7 +1,8 @@
 """``p2ppay admin``: the operator's commands, run beside a running server (or without one).
 
 They work through the ledger file in the state directory (no network port, no extra secret:
-whoever can write the ledger file is the operator). See :mod:`p2ppay.ledger.admin` for why a
+whoever can write the ledger file is the operator), or through the PostgreSQL database that
+``--ledger postgresql://...`` names (whoever may write that database is the operator). See :mod:`p2ppay.ledger.admin` for why a
 running server honours each change at once. Output goes to stdout; one line on stderr and the
 exit status say what went wrong (see :mod:`p2ppay.exitcodes`), never a traceback.
 """
@@ -21,10 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TextIO
 
+import psycopg
+
 from . import logs
 from .constraints import MAX_AMOUNT
 from .exitcodes import ExitCode
-from .ledger import LedgerError, ReferenceConflict, UnknownAccount
+from .ledger import LedgerError, ReferenceConflict, UnknownAccount, is_postgres_url
 from .ledger.admin import (
     AccountRow,
     Adjustment,
@@ -34,6 +37,7 @@ from .ledger.admin import (
     SqliteAdmin,
     new_reference,
 )
+from .ledger.pgadmin import PgAdmin
 from .passwords import hash_password
 from .protocol import NEW_PASSWORD_LENGTH
 from .server import LEDGER_FILE
@@ -41,8 +45,8 @@ from .shell import PASSWORD_ENV, UsageError, read_password_file
 
 log = logging.getLogger("p2ppay.admin")
 
-DESCRIPTION = """The operator's commands. They work on the ledger in the state directory, also
-while the server runs (a running server honours a freeze, a password reset or a credit at once).
+DESCRIPTION = """The operator's commands. They work on the ledger in the state directory (or the
+one --ledger names, e.g. the nodes' postgresql://... URL), also while the server runs (a running server honours a freeze, a password reset or a credit at once).
 
   accounts [--json]            every account: name, kind, balance, frozen, created, last login
   credit NAME AMOUNT           bring money in (idempotent by --reference)
@@ -50,7 +54,7 @@ while the server runs (a running server honours a freeze, a password reset or a 
   freeze NAME / unfreeze NAME  a frozen account can neither pay nor be paid
   reset-password NAME          set a new password; the account's session keys stop counting
   audit                        check the books; exit 0 only if everything holds
-  backup DEST                  a consistent copy of the live ledger
+  backup DEST                  a consistent copy of the live ledger (SQLite; PostgreSQL: pg_dump)
   export [--csv]               every movement (JSON lines, or CSV)
 
 Exit status: 0 done; 1 refused or the audit failed; 2 usage error."""
@@ -87,6 +91,13 @@ def add_parser(
         # Before or after the subcommand: "admin --state-dir D audit" and "admin audit
         # --state-dir D" both work (the subcommand's copies do not override with defaults).
         parser.add_argument("--state-dir", type=Path, default=default, help=state_help)
+        parser.add_argument(
+            "--ledger",
+            default=default,
+            metavar="PATH_OR_URL",
+            help="the ledger, if not the state directory's ledger.sqlite3: another SQLite "
+            "file, or the postgresql://... URL the server was given",
+        )
         parser.add_argument(
             "--log-level",
             default=default if default is argparse.SUPPRESS else "warning",
@@ -315,16 +326,23 @@ _COMMANDS: Final[dict[str, Callable[[LedgerAdmin, argparse.Namespace, TextIO], i
 }
 
 
-def open_backend(state_dir: Path) -> LedgerAdmin:
-    """The ledger the server in ``state_dir`` uses (a PostgreSQL option would go here)."""
-    return SqliteAdmin(state_dir / LEDGER_FILE)
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def open_backend(state_dir: Path, ledger: str | None = None) -> LedgerAdmin:
+    """The ledger ``ledger`` names (as the server's --ledger does), by default the one in
+    ``state_dir``."""
+    if ledger is not None and is_postgres_url(ledger):
+        return PgAdmin(ledger)
+    return SqliteAdmin(Path(ledger) if ledger else state_dir / LEDGER_FILE)
 
 
 def run_admin(args: argparse.Namespace, state_dir: Path, out: TextIO | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     out = out or sys.stdout
     try:
-        admin = open_backend(state_dir)
+        admin = open_backend(state_dir, getattr(args, "ledger", None))
         try:
             return _COMMANDS[args.admin_command](admin, args, out)
         finally:
@@ -335,8 +353,8 @@ def run_admin(args: argparse.Namespace, state_dir: Path, out: TextIO | None = No
     except (UnknownAccount, NotNative, ReferenceConflict, LedgerError) as exc:
         print(f"p2ppay admin: {exc}", file=sys.stderr)
         return ExitCode.FAILED
-    except sqlite3.Error as exc:
-        print(f"p2ppay admin: the ledger cannot be used: {exc}", file=sys.stderr)
+    except (sqlite3.Error, psycopg.Error) as exc:
+        print(f"p2ppay admin: the ledger cannot be used: {_first_line(exc)}", file=sys.stderr)
         return ExitCode.FAILED
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""

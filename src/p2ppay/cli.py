@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sqlite3
@@ -29,6 +30,7 @@ DESCRIPTION = """Secure person-to-person micropayments over TLS.
   p2ppay server   run the payment server (accounts, ledger, who is online)
   p2ppay client   the terminal client: register, log in, deposit, list, pay
   p2ppay admin    the operator's commands: accounts, credit, freeze, audit, backup, ...
+  p2ppay verify-receipt FILE   check a payment receipt's signature, offline
 
 Exit status: 0 done; 1 a command failed (client, admin) or the server could not start;
 2 usage error; 3 the client cannot reach the server; 130 interrupted."""
@@ -151,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="how much the client logs to stderr",
     )
+    v = sub.add_parser(
+        "verify-receipt",
+        help="check a payment receipt offline",
+        description="Check a receipt (from the client's receipt command) against the server's "
+        "CA, offline.\nExit status: 0 it is valid (a one-line summary is printed); 1 it is not "
+        "(altered, forged, or signed under another CA: the reason is printed); 2 the file or "
+        "the CA cannot be read.",
+        formatter_class=_HelpFormatter,
+    )
+    v.add_argument("file", type=Path, help="the receipt (JSON)")
+    v.add_argument(
+        "--cafile",
+        type=Path,
+        default=None,
+        help="the server's CA certificate (default: ca.pem in the state dir)",
+    )
     return parser
 
 
@@ -238,6 +256,37 @@ def _run_client(args: argparse.Namespace) -> int:
         return ExitCode.INTERRUPTED
 
 
+def _verify_receipt(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from .receipts import ReceiptInvalid, verify_receipt
+
+    cafile: Path = args.cafile or (default_state_dir() / "ca.pem")
+    try:
+        ca = x509.load_pem_x509_certificate(cafile.read_bytes())
+    except (OSError, ValueError) as exc:
+        print(
+            f"p2ppay verify-receipt: cannot read the CA {cafile}: {_reason(exc)}", file=sys.stderr
+        )
+        return ExitCode.USAGE
+    try:
+        receipt = json.loads(args.file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"p2ppay verify-receipt: cannot read {args.file}: {_reason(exc)}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        facts = verify_receipt(receipt, ca)
+    except ReceiptInvalid as exc:
+        print(f"p2ppay verify-receipt: {args.file}: NOT valid: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(facts.summary())
+    return ExitCode.OK
+
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "strerror", None) or exc).splitlines()[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "server":
@@ -246,4 +295,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_client(args)
     if args.command == "admin":
         return admin.run_admin(args, args.state_dir or default_state_dir())
+    if args.command == "verify-receipt":
+        return _verify_receipt(args)
     raise AssertionError(args.command)

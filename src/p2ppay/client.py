@@ -250,8 +250,9 @@ class Client:
         self.user = result.name
         return result
 
-    async def deposit(self, amount: int) -> int:
-        result: p.BalanceResult = await self._call(p.Deposit(0, amount))
+    async def deposit(self, amount: int, deposit_id: uuid.UUID | None = None) -> int:
+        """Deposit; with a ``deposit_id`` a retry with the same id moves money once."""
+        result: p.BalanceResult = await self._call(p.Deposit(0, amount, deposit_id))
         return result.balance
 
     async def list(self) -> p.ListResult:
@@ -266,15 +267,51 @@ class Client:
         return result
 
     async def settle(
-        self, payment_id: uuid.UUID, payee: str, amount: int, acceptance: str
+        self,
+        payment_id: uuid.UUID,
+        payee: str,
+        amount: int,
+        acceptance: str,
+        memo: str | None = None,
     ) -> p.SettleResult:
         """Settle a payment ``payee`` accepted (``acceptance`` is its signature).
 
         Retrying with the same ``payment_id`` never pays twice."""
         result: p.SettleResult = await self._call(
-            p.Settle(0, payment_id, payee, amount, acceptance)
+            p.Settle(0, payment_id, payee, amount, acceptance, memo)
         )
         return result
+
+    async def request(
+        self, payer: str, amount: int, memo: str | None = None, expires_in: int | None = None
+    ) -> p.RequestInfo:
+        """Ask ``payer`` to pay us ``amount``."""
+        result: p.RequestInfo = await self._call(p.MakeRequest(0, payer, amount, memo, expires_in))
+        return result
+
+    async def requests(self) -> p.RequestsResult:
+        result: p.RequestsResult = await self._call(p.ListRequests(0))
+        return result
+
+    async def pay_request(self, request_id: uuid.UUID) -> p.SettleResult:
+        """Pay a request made to us; a retry with the same id never pays twice."""
+        result: p.SettleResult = await self._call(p.PayRequest(0, request_id))
+        return result
+
+    async def decline_request(self, request_id: uuid.UUID) -> p.RequestInfo:
+        result: p.RequestInfo = await self._call(p.DeclineRequest(0, request_id))
+        return result
+
+    async def cancel_request(self, request_id: uuid.UUID) -> p.RequestInfo:
+        result: p.RequestInfo = await self._call(p.CancelRequest(0, request_id))
+        return result
+
+    async def receipt(self, payment_id: uuid.UUID) -> p.Receipt:
+        result: p.Receipt = await self._call(p.GetReceipt(0, payment_id))
+        return result
+
+    async def passwd(self, old_password: str, new_password: str) -> None:
+        await self._call(p.Passwd(0, old_password, new_password))
 
     async def history(self, limit: int = 50) -> builtins.list[p.HistoryEntry]:
         result: p.HistoryResult = await self._call(p.History(0, limit))

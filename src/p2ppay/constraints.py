@@ -28,3 +28,46 @@ def is_amount(value: object) -> bool:
 
 def is_port(value: int) -> bool:
     return MIN_PORT <= value <= MAX_PORT
+
+
+#: The longest memo a payment or a payment request may carry, in characters (code points).
+MAX_MEMO: Final = 140
+
+
+def is_memo(value: object) -> bool:
+    """A memo: 1 to :data:`MAX_MEMO` characters, every one printable (no control or format
+    characters: no newline, escape, bidirectional override, lone surrogate). So the signed
+    bytes can end a memo with a newline unambiguously, and a memo needs no escaping to be shown
+    (it is escaped anyway, see ``terminal.printable``)."""
+    return isinstance(value, str) and 1 <= len(value) <= MAX_MEMO and value.isprintable()
+
+
+def memo_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a memo (one line), or None if it can."""
+    if not value:
+        return "a memo cannot be empty"
+    if len(value) > MAX_MEMO:
+        return f"a memo is at most {MAX_MEMO} characters (this one has {len(value)})"
+    if not value.isprintable():
+        return "a memo cannot contain control characters (newlines, escapes, ...)"
+    return None
+
+
+#: Units of a duration (``10m``, ``2h``, ``30s``, ``7d``), in seconds.
+DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``text``: a whole number followed by s, m, h or d (``10m``, ``2h``).
+    Raises ValueError with a one-line reason."""
+    text = text.strip().lower()
+    unit = DURATION_UNITS.get(text[-1:]) if text else None
+    digits = text[:-1]
+    if unit is None or not digits.isascii() or not digits.isdigit() or len(digits) > 9:
+        raise ValueError(
+            f"a duration is a whole number and a unit s, m, h or d, like 10m (not {text!r})"
+        )
+    seconds = int(digits) * unit
+    if seconds < 1:
+        raise ValueError("a duration must be at least 1 s")
+    return seconds

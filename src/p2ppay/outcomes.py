@@ -12,6 +12,7 @@ class Outcome(enum.StrEnum):
     # Refused before anyone is asked.
     NOT_LOGGED_IN = "not_logged_in"
     BAD_AMOUNT = "bad_amount"
+    BAD_MEMO = "bad_memo"
     SELF_PAYMENT = "self_payment"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     UNKNOWN_USER = "unknown_user"
@@ -31,6 +32,11 @@ class Outcome(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down"
     INTERNAL_ERROR = "internal_error"
     SERVER_UNREACHABLE = "server_unreachable"
+    # Paying a payment request.
+    UNKNOWN_REQUEST = "unknown_request"
+    REQUEST_EXPIRED = "request_expired"
+    REQUEST_DECLINED = "request_declined"
+    REQUEST_CANCELLED = "request_cancelled"
     #: any other refusal by the server (its message says what)
     SERVER_ERROR = "server_error"
 

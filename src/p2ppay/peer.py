@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
+from .constraints import is_memo
 from .errors import CodedError
 from .limits import LimitLog
 from .names import NameMap, name_key
@@ -116,7 +117,7 @@ class PeerIdentity:
 
     def accept(self, offer: p.Offer) -> p.Accept:
         signature = sign_acceptance(
-            self.key, str(offer.payment_id), offer.payer, offer.payee, offer.amount
+            self.key, str(offer.payment_id), offer.payer, offer.payee, offer.amount, offer.memo
         )
         return p.Accept(offer.payment_id, base64.b64encode(signature).decode("ascii"))
 
@@ -296,6 +297,8 @@ class OfferListener:
         if name_key(offer.payer) != name_key(payer):
             # The certificate says who is paying; a message cannot claim otherwise.
             return p.Decline(offer.payment_id, f"your certificate names {payer}, not {offer.payer}")
+        if offer.memo is not None and not is_memo(offer.memo):
+            return p.Decline(offer.payment_id, "the memo has control characters")
         waiting = self._waiting.get(payer, 0)
         if waiting >= self.config.max_offers_per_payer:
             self.limit_log.hit("offers-per-payer", f"{payer} has {waiting} offers waiting")

@@ -59,7 +59,7 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only, atomically; never world-readable, even briefly."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -71,13 +71,13 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_public(path: Path, data: bytes) -> None:
+def write_public(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -85,7 +85,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _now() -> dt.datetime:
+def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
@@ -94,7 +94,7 @@ def create_ca(
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _now()
+    now = utc_now()
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -128,7 +128,7 @@ def issue_server_cert(
     ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, sans: tuple[str, ...]
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
+    now = utc_now()
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sans[0])]))
@@ -167,24 +167,34 @@ def _normalise(name: str) -> str:
         return name
 
 
-def ensure_server_credentials(
-    state_dir: Path, extra_sans: tuple[str, ...] = ()
-) -> ServerCredentials:
-    """Create the CA and the server certificate if missing, expiring, or lacking a name."""
+def load_or_create_ca(
+    state_dir: Path,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bool]:
+    """The state directory's CA (``ca.pem``, ``ca.key``), made if missing; True if just made."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_path, ca_key_path = state_dir / CA_CERT, state_dir / CA_KEY
-    cert_path, key_path = state_dir / SERVER_CERT, state_dir / SERVER_KEY
-
     if ca_path.exists() and ca_key_path.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
         loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{ca_key_path} is not an EC private key")
-        ca_key = loaded
-    else:
-        ca_cert, ca_key = create_ca()
-        _write_private(ca_key_path, _key_pem(ca_key))
-        _write_public(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+        return ca_cert, loaded, False
+    ca_cert, ca_key = create_ca()
+    write_private(ca_key_path, key_pem(ca_key))
+    write_public(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+    return ca_cert, ca_key, True
+
+
+def ensure_server_credentials(
+    state_dir: Path, extra_sans: tuple[str, ...] = ()
+) -> ServerCredentials:
+    """Create the CA and the server certificate if missing, expiring, or lacking a name."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_path = state_dir / CA_CERT
+    cert_path, key_path = state_dir / SERVER_CERT, state_dir / SERVER_KEY
+
+    ca_cert, ca_key, created = load_or_create_ca(state_dir)
+    if created:
         cert_path.unlink(missing_ok=True)  # anything signed by an older CA is void
 
     sans = default_sans(extra_sans)
@@ -193,13 +203,13 @@ def ensure_server_credentials(
         current = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
         renew = (
             current.issuer != ca_cert.subject
-            or current.not_valid_after_utc - _now() < RENEW_BEFORE
+            or current.not_valid_after_utc - utc_now() < RENEW_BEFORE
             or not {_normalise(n) for n in sans} <= _cert_sans(current)
         )
     if renew:
         cert, key = issue_server_cert(ca_cert, ca_key, sans)
-        _write_private(key_path, _key_pem(key))
-        _write_public(
+        write_private(key_path, key_pem(key))
+        write_public(
             cert_path,
             cert.public_bytes(serialization.Encoding.PEM)
             + ca_cert.public_bytes(serialization.Encoding.PEM),
@@ -212,7 +222,11 @@ def ensure_server_credentials(
 # --------------------------------------------------------------------------------------------
 
 PEER_CA_NAME = "p2ppay peer CA"
-ACCEPTANCE_CONTEXT = b"p2ppay-acceptance-v1\n"
+#: The first acceptance format: no memo (still verified for payments without one; see
+#: :func:`verify_acceptance`).
+ACCEPTANCE_CONTEXT_V1 = b"p2ppay-acceptance-v1\n"
+#: Today's format: the memo is signed too.
+ACCEPTANCE_CONTEXT = b"p2ppay-acceptance-v2\n"
 
 
 class IdentityError(ValueError):
@@ -264,8 +278,8 @@ class Issuer:
                 raise IdentityError(f"{key_path} is not an EC private key")
             return cls(cert, key)
         cert, key = create_ca(PEER_CA_NAME)
-        _write_private(key_path, _key_pem(key))
-        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(key_path, key_pem(key))
+        write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return cls(cert, key)
 
     @classmethod
@@ -286,7 +300,7 @@ class Issuer:
             public_key.curve, ec.SECP256R1
         ):
             raise IdentityError("peer keys must be EC P-256")
-        now = _now()
+        now = utc_now()
         not_after = now + lifetime
         cert = (
             x509.CertificateBuilder()
@@ -327,19 +341,36 @@ def load_public_key_der(der: bytes) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def acceptance_bytes(payment_id: str, payer: str, payee: str, amount: int) -> bytes:
-    """The exact bytes a payee signs to accept a payment (see docs/protocol.md).
+def acceptance_bytes(
+    payment_id: str, payer: str, payee: str, amount: int, memo: str | None = None
+) -> bytes:
+    """The exact bytes a payee signs to accept a payment (format v2, see docs/protocol.md).
 
     Names are signed in their canonical form, so the letter case an offer used does not
-    matter; they cannot contain a newline, so the encoding is unambiguous."""
+    matter; names cannot contain a newline and a memo has no control characters (it is
+    checked before anything is signed or verified), so the encoding is unambiguous. No memo
+    is an empty last line (a memo is never empty)."""
     payer, payee = name_key(payer), name_key(payee)
-    return ACCEPTANCE_CONTEXT + f"{payment_id}\n{payer}\n{payee}\n{amount}\n".encode("ascii")
+    return ACCEPTANCE_CONTEXT + f"{payment_id}\n{payer}\n{payee}\n{amount}\n{memo or ''}\n".encode()
+
+
+def acceptance_bytes_v1(payment_id: str, payer: str, payee: str, amount: int) -> bytes:
+    """The first format's bytes (no memo): what clients before memos signed."""
+    payer, payee = name_key(payer), name_key(payee)
+    return ACCEPTANCE_CONTEXT_V1 + f"{payment_id}\n{payer}\n{payee}\n{amount}\n".encode("ascii")
 
 
 def sign_acceptance(
-    key: ec.EllipticCurvePrivateKey, payment_id: str, payer: str, payee: str, amount: int
+    key: ec.EllipticCurvePrivateKey,
+    payment_id: str,
+    payer: str,
+    payee: str,
+    amount: int,
+    memo: str | None = None,
 ) -> bytes:
-    return key.sign(acceptance_bytes(payment_id, payer, payee, amount), ec.ECDSA(hashes.SHA256()))
+    return key.sign(
+        acceptance_bytes(payment_id, payer, payee, amount, memo), ec.ECDSA(hashes.SHA256())
+    )
 
 
 def verify_acceptance(
@@ -349,16 +380,21 @@ def verify_acceptance(
     payer: str,
     payee: str,
     amount: int,
+    memo: str | None = None,
 ) -> bool:
-    try:
-        key.verify(
-            signature,
-            acceptance_bytes(payment_id, payer, payee, amount),
-            ec.ECDSA(hashes.SHA256()),
-        )
-    except InvalidSignature:
-        return False
-    return True
+    """Whether ``signature`` is ``key``'s acceptance of this payment: format v2; or, for a
+    payment without a memo only, format v1 (whose bytes then cover all the payment carries,
+    so accepting it is as safe as ever; a payment with a memo needs v2, which covers it)."""
+    formats = [acceptance_bytes(payment_id, payer, payee, amount, memo)]
+    if memo is None:
+        formats.append(acceptance_bytes_v1(payment_id, payer, payee, amount))
+    for data in formats:
+        try:
+            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            continue
+        return True
+    return False
 
 
 def public_key_line(cert_pem: bytes) -> str:

@@ -6,9 +6,11 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import signal
 import ssl
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import trio
 
 from . import protocol as p
 from .client import ClientError, ConnectionLost, ServerError
-from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port
+from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port, memo_problem, parse_duration
 from .exitcodes import ExitCode
 from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
@@ -42,6 +44,8 @@ from .wallet import (
 T = TypeVar("T")
 
 PASSWORD_ENV: Final = "P2PPAY_PASSWORD"
+#: where ``passwd`` in a script takes the new password from (else standard input's first line)
+NEW_PASSWORD_ENV: Final = "P2PPAY_NEW_PASSWORD"
 AMOUNT_RE: Final = re.compile(r"[0-9]{1,16}")
 
 HELP: Final = """Commands:
@@ -50,7 +54,17 @@ HELP: Final = """Commands:
   deposit AMOUNT      add money to your account
   balance             show your balance
   list                your balance and who is online
-  pay NAME AMOUNT     pay NAME directly; they accept or decline
+  pay NAME AMOUNT [--memo TEXT]
+                      pay NAME directly; they accept or decline
+  pay --request ID    pay a request someone made to you
+  request NAME AMOUNT [--memo TEXT] [--expires 2h]
+                      ask NAME to pay you (they can pay while you are away)
+  requests            open requests to you and from you, with their ids
+  decline-request ID  say no to a request made to you
+  cancel-request ID   take back a request you made
+  receipt ID [--out FILE]
+                      the server's signed receipt of a payment (JSON)
+  passwd              change your password
   history [N]         your last N movements (default 20)
   logout              log out (stop taking payments)
   serve               stay online taking offers until Ctrl-C or SIGTERM
@@ -60,7 +74,10 @@ The seed program's menu works too: 1 register, 2 login, 3 list, 4 pay, 5 exit.
 Amounts are whole numbers."""
 
 MENU: Final = {"1": "register", "2": "login", "3": "list", "4": "pay", "5": "exit"}
-NEEDS_LOGIN: Final = frozenset({"deposit", "balance", "list", "pay", "history", "logout", "serve"})
+NEEDS_LOGIN: Final = frozenset(
+    {"deposit", "balance", "list", "pay", "history", "logout", "serve"}
+    | {"request", "requests", "decline-request", "cancel-request", "receipt", "passwd"}
+)
 #: the most words each command takes after its name
 MAX_ARGS: Final = {
     "register": 1,
@@ -75,6 +92,19 @@ MAX_ARGS: Final = {
     "help": 0,
     "exit": 0,
     "quit": 0,
+    "request": 2,
+    "requests": 0,
+    "decline-request": 1,
+    "cancel-request": 1,
+    "receipt": 1,
+    "passwd": 0,
+}
+#: the options each command takes (each with a value): ``--memo TEXT`` or ``--memo=TEXT``
+OPTIONS: Final = {
+    "pay": frozenset({"--memo", "--request"}),
+    "request": frozenset({"--memo", "--expires"}),
+    "receipt": frozenset({"--out"}),
+    "deposit": frozenset({"--id"}),
 }
 
 
@@ -135,6 +165,90 @@ def parse_port(text: str) -> int:
     return int(text)
 
 
+def split_options(command: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The plain words and the options (``--memo TEXT`` or ``--memo=TEXT``) of a command."""
+    known = OPTIONS.get(command, frozenset())
+    words: list[str] = []
+    options: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and len(arg) > 2:
+            flag, eq, value = arg.partition("=")
+            if flag not in known:
+                raise UsageError(f"{command} does not take {flag!r}; type help for the usage")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise UsageError(f"{flag} needs a value")
+                value = args[i + 1]
+                i += 1
+            if flag in options:
+                raise UsageError(f"{flag} is given twice")
+            options[flag] = value
+        else:
+            words.append(arg)
+        i += 1
+    return words, options
+
+
+def parse_memo(text: str) -> str:
+    problem = memo_problem(text)
+    if problem is not None:
+        raise UsageError(problem)
+    return text
+
+
+def parse_id(text: str, what: str = "id") -> uuid.UUID:
+    """A payment, request or deposit id: a UUID (shown in canonical form everywhere)."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a {what} (a UUID like 5f0c...-...)") from None
+
+
+def parse_expiry(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _for(memo: str | None) -> str:
+    """`` for "memo"``, escaped, or nothing."""
+    return "" if memo is None else f' for "{printable(memo)}"'
+
+
+def format_requests(result: p.RequestsResult) -> str:
+    lines: list[str] = []
+    for title, requests, other in (
+        ("Asking you to pay", result.incoming, "FROM"),
+        ("Your requests", result.outgoing, "TO"),
+    ):
+        lines.append(f"{title} ({len(requests)}):")
+        if not requests:
+            continue
+        width = max(
+            len(other), *(len(r.requester if other == "FROM" else r.payer) for r in requests)
+        )
+        lines.append(f"  {'ID':<36}  {other:<{width}}  {'AMOUNT':>10}  {'EXPIRES':<19}  MEMO")
+        for r in requests:
+            who = r.requester if other == "FROM" else r.payer
+            lines.append(
+                f"  {r.request_id!s:<36}  {who:<{width}}  {r.amount:>10}  "
+                f"{_when(r.expires_ms):<19}  {printable(r.memo or '')}".rstrip()
+            )
+    return "\n".join(lines)
+
+
+def describe_request_closed(r: p.RequestInfo) -> str:
+    what = f"request {r.request_id} for {r.amount}{_for(r.memo)}"
+    if r.state == "paid":
+        return f"{r.payer} paid your {what}."
+    if r.state == "declined":
+        return f"{r.payer} declined your {what}."
+    return f"{r.requester} cancelled the {what}."
+
+
 def split_commands(script: str) -> list[str]:
     return [part.strip() for part in re.split(r"[;\n]", script) if part.strip()]
 
@@ -158,11 +272,14 @@ def format_list(result: p.ListResult) -> str:
 def format_history(entries: list[p.HistoryEntry]) -> str:
     if not entries:
         return "No movements yet."
-    lines = [f"  {'WHEN':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  WITH"]
+    width = max(4, *(len(e.counterparty or "") for e in entries))
+    lines = [
+        f"  {'WHEN':<19}  {'KIND':<8}  {'AMOUNT':>10}  {'BALANCE':>10}  {'WITH':<{width}}  MEMO"
+    ]
     for e in entries:
         lines.append(
             f"  {_when(e.at_ms):<19}  {e.kind:<8}  {e.amount:>10}  {e.balance:>10}  "
-            f"{e.counterparty or ''}".rstrip()
+            f"{e.counterparty or '':<{width}}  {printable(e.memo or '')}".rstrip()
         )
     return "\n".join(lines)
 
@@ -197,6 +314,8 @@ class Shell:
         self._replaced = False
         #: the payment port chosen at the prompt, kept once a login has worked with it
         self._chosen_port: int | None = None
+        #: the options of the command being run (``--memo``: its value)
+        self._opts: dict[str, str] = {}
 
     @property
     def serving(self) -> bool:
@@ -280,9 +399,17 @@ class Shell:
             return
         if isinstance(event, p.PaymentReceived):
             text = (
-                f"{event.payer} paid you {event.amount} (payment {event.payment_id}). "
-                f"Your balance: {event.balance}"
+                f"{event.payer} paid you {event.amount}{_for(event.memo)} (payment "
+                f"{event.payment_id}). Your balance: {event.balance}"
             )
+        elif isinstance(event, p.PaymentRequested):
+            r = event.request
+            text = (
+                f"{r.requester} asks you to pay {r.amount}{_for(r.memo)} by "
+                f"{_when(r.expires_ms)}: pay --request {r.request_id} (or decline-request)"
+            )
+        elif isinstance(event, p.RequestClosed):
+            text = describe_request_closed(event.request)
         elif isinstance(event, OfferAnswered):
             o = event.offer
             text = (
@@ -360,12 +487,19 @@ class Shell:
 
     async def execute(self, line: str) -> bool:
         """Run one command line; False when the shell should end."""
-        words = line.split()
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:  # an unclosed quote
+            self.emit_error(
+                line.split()[0].lower(), "usage", f"cannot read that line: {exc}", ExitCode.USAGE
+            )
+            return True
         if not words:
             return True
         command, args = words[0].lower(), words[1:]
         command = MENU.get(command, command)
         try:
+            args, self._opts = split_options(command, args)
             if len(args) > MAX_ARGS.get(command, len(args)):
                 extra = " ".join(args[MAX_ARGS[command] :])
                 raise UsageError(f"{command} does not take {extra!r}; type help for the usage")
@@ -417,9 +551,11 @@ class Shell:
             else:
                 raise UsageError("log in first (login NAME)")
         wallet = self.wallet
+        opts = self._opts
         if command == "deposit":
             amount = await self._amount(args, 0)
-            balance = await wallet.deposit(amount)
+            did = parse_id(opts["--id"], "deposit id") if "--id" in opts else None
+            balance = await wallet.deposit(amount, did)
             self.emit("deposit", {"balance": balance}, f"Deposited {amount}. Balance: {balance}")
         elif command == "balance":
             balance = await wallet.balance()
@@ -427,18 +563,82 @@ class Shell:
         elif command == "list":
             result = await wallet.list()
             self.emit("list", result, format_list(result))
+        elif command == "pay" and "--request" in opts:
+            if args or "--memo" in opts:
+                raise UsageError(
+                    "pay --request ID takes no name, amount or memo: the request has them"
+                )
+            paid = await wallet.pay_request(parse_id(opts["--request"], "request id"))
+            self.emit(
+                "pay",
+                paid,
+                f"Paid {paid.amount}{_for(paid.memo)} to {paid.payee} (payment "
+                f"{paid.payment_id}). Your balance: {paid.balance}",
+            )
         elif command == "pay":
             payee = parse_name(args[0]) if args else await self._prompted("payee: ", parse_name)
             amount = await self._amount(args, 1)
+            memo = parse_memo(opts["--memo"]) if "--memo" in opts else None
             paid = await wallet.pay(
-                payee, amount, on_offer=lambda o: self.say(f"Offering {o.amount} to {o.payee}...")
+                payee,
+                amount,
+                on_offer=lambda o: self.say(f"Offering {o.amount} to {o.payee}..."),
+                memo=memo,
             )
             self.emit(
                 "pay",
                 paid,
-                f"Paid {paid.amount} to {paid.payee} (payment "
+                f"Paid {paid.amount}{_for(paid.memo)} to {paid.payee} (payment "
                 f"{paid.payment_id}). Your balance: {paid.balance}",
             )
+        elif command == "request":
+            payer = parse_name(args[0]) if args else await self._prompted("from: ", parse_name)
+            amount = await self._amount(args, 1)
+            memo = parse_memo(opts["--memo"]) if "--memo" in opts else None
+            expires = parse_expiry(opts["--expires"]) if "--expires" in opts else None
+            made = await wallet.request(payer, amount, memo, expires)
+            self.emit(
+                "request",
+                made,
+                f"Asked {made.payer} to pay you {made.amount}{_for(made.memo)} (request "
+                f"{made.request_id}, open until {_when(made.expires_ms)}).",
+            )
+        elif command == "requests":
+            listed = await wallet.requests()
+            self.emit("requests", listed, format_requests(listed))
+        elif command in ("decline-request", "cancel-request"):
+            if not args:
+                raise UsageError(f"{command} needs a request id (see requests)")
+            rid = parse_id(args[0], "request id")
+            if command == "decline-request":
+                closed = await wallet.decline_request(rid)
+                human = f"Declined {closed.requester}'s request {closed.request_id}."
+            else:
+                closed = await wallet.cancel_request(rid)
+                human = f"Cancelled your request {closed.request_id} to {closed.payer}."
+            self.emit(command, closed, human)
+        elif command == "receipt":
+            if not args:
+                raise UsageError("receipt needs a payment id (see history)")
+            receipt = msgspec.to_builtins(await wallet.receipt(parse_id(args[0], "payment id")))
+            text = json.dumps(receipt, indent=2, sort_keys=True)
+            if "--out" in opts:
+                out = trio.Path(opts["--out"])
+                try:
+                    await out.write_text(text + "\n", encoding="utf-8")
+                except OSError as exc:
+                    raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+                self.emit(
+                    "receipt",
+                    {"file": str(out), "receipt": receipt},
+                    f"Wrote the receipt of payment {receipt['payment_id']} to {out}.",
+                )
+            else:
+                self.emit("receipt", receipt, text)
+        elif command == "passwd":
+            old, new = await self._passwords()
+            await wallet.passwd(old, new)
+            self.emit("passwd", {}, "Password changed; any other session of yours was logged out.")
         elif command == "history":
             limit = parse_count(args[0]) if args else 20
             entries = await wallet.history(limit)
@@ -456,6 +656,44 @@ class Shell:
             self._serving = None
             self.emit_error("serve", "session_replaced", "logged in elsewhere; stopped serving")
         return True
+
+    async def _passwords(self) -> tuple[str, str]:
+        """``passwd``: the current password (as for login) and the new one, asked twice at a
+        terminal; a script gives it in $P2PPAY_NEW_PASSWORD or on standard input."""
+        if (
+            self.interactive
+            and self.options.password_file is None
+            and not os.environ.get(PASSWORD_ENV)
+        ):
+            try:
+                old = await self.terminal.read_line("current password: ", secret=True)
+            except EOFError:
+                raise _Cancelled from None
+        else:
+            old = await self.password()
+        new = os.environ.get(NEW_PASSWORD_ENV)
+        if not new and not self.interactive:
+            try:
+                new = (await self.terminal.read_line("")).rstrip("\r\n")
+            except EOFError:
+                new = ""
+            if not new:
+                raise UsageError(
+                    f"no new password: set {NEW_PASSWORD_ENV} or give it on standard input"
+                )
+        while not new:
+            try:
+                first = await self.terminal.read_line("new password: ", secret=True)
+                if await self.terminal.read_line("again: ", secret=True) != first:
+                    self.terminal.write("The two passwords differ; try again.")
+                    continue
+            except EOFError:
+                raise _Cancelled from None
+            new = first
+        low, high = p.NEW_PASSWORD_LENGTH
+        if not low <= len(new) <= high:
+            raise UsageError(f"a password must have {low} to {high} characters")
+        return old, new
 
     async def _prompted(self, prompt: str, parse: Callable[[str], T]) -> T:
         if not self.interactive:
@@ -523,7 +761,10 @@ def _policy(options: ClientOptions, terminal: Terminal) -> Policy:
         return decline_all
 
     async def ask(offer: p.Offer) -> bool:
-        return await terminal.ask(f"{offer.payer} wants to pay you {offer.amount}. Accept?")
+        # The memo is the payer's text: shown escaped, never obeyed (the payee checked it too).
+        return await terminal.ask(
+            f"{offer.payer} wants to pay you {offer.amount}{_for(offer.memo)}. Accept?"
+        )
 
     return ask
 

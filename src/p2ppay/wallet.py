@@ -25,7 +25,7 @@ import trio
 
 from . import protocol as p
 from .client import Client, ClientError, ConnectionLost, ServerError
-from .constraints import EVENT_BUFFER, is_amount
+from .constraints import EVENT_BUFFER, is_amount, memo_problem
 from .errors import CodedError
 from .names import name_key
 from .outcomes import Outcome
@@ -379,7 +379,13 @@ class Wallet:
                 name, password = self._credentials
                 result = await client.login(name, password, self.p2p_port, self._key.csr(name))
                 self.known_balance = result.balance
+                self._tell_news(result)
             return client
+
+    def _tell_news(self, result: p.LoginResult) -> None:
+        """What happened to our payment requests while we were away, as events."""
+        for request in result.request_news:
+            self._emit(p.RequestClosed(request))
 
     async def _call(self, fn: Callable[[Client], Awaitable[T]]) -> T:
         return await fn(await self._server())
@@ -422,6 +428,7 @@ class Wallet:
             client = await self._server()
             result = await client.login(name, password, port, key.csr(name))
             self.known_balance = result.balance
+            self._tell_news(result)
             if result.certificate is None or result.peer_ca is None:
                 raise ServerError("bad_csr", "the server issued no certificate")
             identity = await trio.to_thread.run_sync(
@@ -494,9 +501,71 @@ class Wallet:
 
     # -- money --
 
-    async def deposit(self, amount: int) -> int:
-        self.known_balance = await self._call(lambda c: c.deposit(amount))
+    async def deposit(self, amount: int, deposit_id: uuid.UUID | None = None) -> int:
+        """Deposit once: a lost connection is retried with the same deposit id (made here
+        if not given), which the server applies at most once."""
+        did = deposit_id or uuid.uuid4()
+        self.known_balance = await self._retrying(
+            f"deposit {did}", lambda c: c.deposit(amount, did)
+        )
         return self.known_balance
+
+    async def _retrying(self, what: str, fn: Callable[[Client], Awaitable[T]]) -> T:
+        """``fn`` on the server connection, reconnecting and calling again (at most
+        SETTLE_ATTEMPTS times) when the connection is lost: only for idempotent calls."""
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
+            try:
+                return await fn(await self._server())
+            except (ConnectionLost, OSError) as exc:
+                if attempt == SETTLE_ATTEMPTS:
+                    raise
+                log.info("%s: %s; reconnecting (try %d)", what, exc, attempt)
+                await trio.sleep(0.1 * attempt)
+        raise AssertionError("unreachable")
+
+    # -- payment requests, receipts, password --
+
+    async def request(
+        self, payer: str, amount: int, memo: str | None = None, expires_in: int | None = None
+    ) -> p.RequestInfo:
+        return await self._call(lambda c: c.request(payer, amount, memo, expires_in))
+
+    async def requests(self) -> p.RequestsResult:
+        return await self._call(lambda c: c.requests())
+
+    async def pay_request(self, request_id: uuid.UUID) -> p.SettleResult:
+        """Pay a request made to us, once (retried with the same id if the connection drops:
+        the request id is the payment id)."""
+        if self.user is None:
+            raise PaymentFailed(Outcome.NOT_LOGGED_IN, "log in first")
+        try:
+            result = await self._retrying(
+                f"request {request_id}", lambda c: c.pay_request(request_id)
+            )
+        except ServerError as exc:
+            raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
+        except (ConnectionLost, OSError) as exc:
+            raise PaymentFailed(
+                Outcome.SERVER_UNREACHABLE,
+                f"could not reach the server to pay request {request_id}; retry it",
+            ) from exc
+        self.known_balance = result.balance
+        return result
+
+    async def decline_request(self, request_id: uuid.UUID) -> p.RequestInfo:
+        return await self._call(lambda c: c.decline_request(request_id))
+
+    async def cancel_request(self, request_id: uuid.UUID) -> p.RequestInfo:
+        return await self._call(lambda c: c.cancel_request(request_id))
+
+    async def receipt(self, payment_id: uuid.UUID) -> p.Receipt:
+        return await self._call(lambda c: c.receipt(payment_id))
+
+    async def passwd(self, old_password: str, new_password: str) -> None:
+        """Change our password; logging in again after a lost connection then uses the new."""
+        await self._call(lambda c: c.passwd(old_password, new_password))
+        if self._credentials is not None:
+            self._credentials = (self._credentials[0], new_password)
 
     async def list(self) -> p.ListResult:
         result = await self._call(lambda c: c.list())
@@ -516,6 +585,7 @@ class Wallet:
         payment_id: uuid.UUID | None = None,
         *,
         on_offer: Callable[[p.Offer], None] | None = None,
+        memo: str | None = None,
     ) -> p.SettleResult:
         """Pay ``payee`` directly: offer, their signed acceptance, then settlement (once).
 
@@ -530,6 +600,8 @@ class Wallet:
             )
         if name_key(payee) == name_key(me):
             raise PaymentFailed(Outcome.SELF_PAYMENT, "you cannot pay yourself")
+        if memo is not None and (problem := memo_problem(memo)) is not None:
+            raise PaymentFailed(Outcome.BAD_MEMO, problem)
         if self.known_balance is not None and amount > self.known_balance:
             # Do not bother the payee with an offer we cannot pay (the server still decides:
             # this is only asked when our last known balance says it is short).
@@ -543,7 +615,7 @@ class Wallet:
         except ServerError as exc:
             raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
         # The payee's name as registered (it was typed in any letter case).
-        offer = p.Offer(payment_id or uuid.uuid4(), me, where.name, amount)
+        offer = p.Offer(payment_id or uuid.uuid4(), me, where.name, amount, memo)
         try:
             answer = await self.dialer.offer(where, offer, on_sent=on_offer)
         except PeerError as exc:
@@ -565,7 +637,9 @@ class Wallet:
         for attempt in range(1, SETTLE_ATTEMPTS + 1):
             try:
                 client = await self._server()
-                return await client.settle(offer.payment_id, offer.payee, offer.amount, acceptance)
+                return await client.settle(
+                    offer.payment_id, offer.payee, offer.amount, acceptance, offer.memo
+                )
             except ServerError as exc:
                 raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
             except (ConnectionLost, OSError) as exc:

@@ -68,6 +68,38 @@ class LedgerUnavailable(LedgerError):
     """The batch could not be committed (disk full, I/O error, shutting down)."""
 
 
+class DepositIdConflict(LedgerError):
+    """The deposit id was used before for another account or another amount."""
+
+
+class UnknownRequest(LedgerError):
+    """No payment request has this id, or it is not one this account may act on."""
+
+
+class RequestNotOpen(LedgerError):
+    """The payment request can no longer be paid, declined or cancelled."""
+
+
+class RequestExpired(RequestNotOpen):
+    pass
+
+
+class RequestPaid(RequestNotOpen):
+    pass
+
+
+class RequestDeclined(RequestNotOpen):
+    pass
+
+
+class RequestCancelled(RequestNotOpen):
+    pass
+
+
+class TooManyRequests(LedgerError):
+    """The requester, or the account asked, has as many open requests as allowed."""
+
+
 # --- records ---------------------------------------------------------------------------------
 
 
@@ -106,6 +138,7 @@ class Transfer:
     payee_balance: int  # right after the transfer
     at_ms: int
     replayed: bool = False  # True when this is the stored outcome of an earlier settle
+    memo: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +149,37 @@ class Entry:
     at_ms: int
     counterparty: str | None
     payment_id: uuid.UUID | None
+    memo: str | None = None
+
+
+RequestState = Literal["open", "paid", "declined", "cancelled", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRequest:
+    """A payment request: ``requester`` asks ``payer`` for ``amount``. Its id is also the
+    payment id of the transfer that pays it. ``state`` is ``expired`` once ``expires_ms`` has
+    passed while it was open."""
+
+    request_id: uuid.UUID
+    requester: str  # as registered; the payee
+    payer: str
+    amount: int
+    memo: str | None
+    created_ms: int
+    expires_ms: int
+    state: RequestState
+    closed_ms: int | None = None
+
+    def refusal(self) -> RequestNotOpen:
+        """Why this request (not open) cannot be paid, declined or cancelled."""
+        kinds: dict[str, type[RequestNotOpen]] = {
+            "paid": RequestPaid,
+            "declined": RequestDeclined,
+            "cancelled": RequestCancelled,
+            "expired": RequestExpired,
+        }
+        return kinds[self.state](f"the request {self.request_id} is {self.state}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +233,15 @@ class Ledger(Protocol):
         self, name: str, key_der: bytes | None, expires_ms: int | None
     ) -> None: ...
 
-    async def deposit(self, name: str, amount: int) -> int: ...
+    async def deposit(self, name: str, amount: int, deposit_id: uuid.UUID | None = None) -> int:
+        """Bring ``amount`` into ``name``; the balance after. With a ``deposit_id``, once: a
+        repeat returns the first deposit's balance after it and moves nothing; the same id for
+        another account or amount is :class:`DepositIdConflict`."""
+        ...
+
+    async def change_password(self, name: str, password_hash: str) -> None:
+        """Set a native account's password hash (its current peer key stays)."""
+        ...
 
     async def settle(
         self,
@@ -178,10 +250,12 @@ class Ledger(Protocol):
         payee: str,
         amount: int,
         accepted_with: bytes | None = None,
+        memo: str | None = None,
     ) -> Transfer:
         """Move ``amount`` once per ``payment_id``. For a new payment ``accepted_with`` (the
         key the payee's acceptance was checked against), the payee's current key must still
-        be that one; a retry of a settled payment gets its stored outcome."""
+        be that one; a retry of a settled payment gets its stored outcome (the same id with
+        another payer, payee, amount or memo is :class:`PaymentIdConflict`)."""
         ...
 
     async def transfer(self, payment_id: uuid.UUID) -> Transfer | None:
@@ -189,6 +263,54 @@ class Ledger(Protocol):
         ...
 
     async def history(self, name: str, limit: int) -> list[Entry]: ...
+
+    # -- payment requests --
+
+    async def create_request(
+        self,
+        request_id: uuid.UUID,
+        requester: str,
+        payer: str,
+        amount: int,
+        memo: str | None,
+        expires_ms: int,
+        max_open: int,
+    ) -> PaymentRequest:
+        """Record ``requester``'s request that ``payer`` pay it ``amount``. Refused
+        (:class:`TooManyRequests`) when either has ``max_open`` unexpired open requests
+        already (the requester's outgoing, the payer's incoming)."""
+        ...
+
+    async def open_requests(
+        self, name: str, limit: int
+    ) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
+        """Unexpired open requests to ``name`` (it is asked to pay) and from it, newest first,
+        at most ``limit`` of each."""
+        ...
+
+    async def pay_request(
+        self, request_id: uuid.UUID, payer: str
+    ) -> tuple[Transfer, PaymentRequest]:
+        """Pay the open request (``payer`` must be the one asked), exactly once: the transfer's
+        payment id is the request id; a retry by the payer after it was paid gets the stored
+        outcome. Refused if expired, declined or cancelled. The request as it is now."""
+        ...
+
+    async def close_request(
+        self, request_id: uuid.UUID, name: str, state: Literal["declined", "cancelled"]
+    ) -> PaymentRequest:
+        """Decline (``name`` is the payer) or cancel (``name`` is the requester) an open
+        request; the request as it is now."""
+        ...
+
+    async def request_news(self, name: str) -> list[PaymentRequest]:
+        """``name``'s requests paid or declined since it was last told, oldest first; from now
+        on they count as told."""
+        ...
+
+    async def told(self, request_id: uuid.UUID) -> None:
+        """The requester was told (live) that this request was paid or declined."""
+        ...
 
     async def audit(self) -> Audit: ...
 

@@ -20,7 +20,7 @@ from .interface import LedgerUnavailable
 
 PgConnection = psycopg.Connection[TupleRow]
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2
 
 #: The advisory lock key migrations hold (any constant; "p2ppay" in ASCII).
 _MIGRATION_LOCK = 0x703270706179
@@ -211,9 +211,175 @@ END
 $fn$
 """
 
+# Version 2 (the SQLite ledger's version 4, issue 13): the settle function also takes, compares,
+# stores, returns and announces a transfer's memo (its result gains a column, so it is
+# replaced, not altered).
+_SETTLE_FUNCTION_V2 = r"""
+CREATE FUNCTION p2ppay_settle_batch(batch jsonb, max_payment bigint, max_balance bigint,
+                                    now_ms bigint)
+RETURNS TABLE(o_code text, o_payer text, o_payee text, o_amount bigint,
+              o_payer_balance bigint, o_payee_balance bigint, o_at_ms bigint, o_memo text)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    item jsonb;
+    v_pid uuid;
+    v_payer_key text;
+    v_payee_key text;
+    v_amount bigint;
+    v_memo text;
+    v_key bytea;
+    v_check boolean;
+    prior record;
+    src record;
+    dst record;
+    payer_after bigint;
+    payee_after bigint;
+    inserted bigint;
+BEGIN
+    -- FOR NO KEY UPDATE: the strongest lock short of key changes, which lets the movements'
+    -- foreign key checks by others through.
+    PERFORM 1 FROM accounts a
+        WHERE a.name_key IN (SELECT e->>'payer_key' FROM jsonb_array_elements(batch) e
+                             UNION SELECT e->>'payee_key' FROM jsonb_array_elements(batch) e)
+        ORDER BY a.name_key
+        FOR NO KEY UPDATE;
+    FOR item IN SELECT e.value FROM jsonb_array_elements(batch) WITH ORDINALITY e
+                ORDER BY e.ordinality LOOP
+        v_pid := (item->>'pid')::uuid;
+        v_payer_key := item->>'payer_key';
+        v_payee_key := item->>'payee_key';
+        v_amount := (item->>'amount')::bigint;
+        v_memo := item->>'memo';
+        v_check := jsonb_typeof(item->'key') = 'string';
+        v_key := CASE WHEN v_check THEN decode(item->>'key', 'hex') END;
+        -- At most twice round: again only if another node inserted this id meanwhile.
+        LOOP
+            SELECT m.payer, m.payee, m.amount, m.payer_balance_after, m.payee_balance_after,
+                   m.at_ms, m.memo, pa.name_key AS payer_key, pe.name_key AS payee_key
+                INTO prior
+                FROM movements m
+                JOIN accounts pa ON pa.name = m.payer
+                JOIN accounts pe ON pe.name = m.payee
+                WHERE m.payment_id = v_pid;
+            IF FOUND THEN
+                IF prior.payer_key = v_payer_key AND prior.payee_key = v_payee_key
+                        AND prior.amount = v_amount
+                        AND prior.memo IS NOT DISTINCT FROM v_memo THEN
+                    o_code := 'replayed';
+                    o_payer := prior.payer;
+                    o_payee := prior.payee;
+                    o_amount := prior.amount;
+                    o_payer_balance := prior.payer_balance_after;
+                    o_payee_balance := prior.payee_balance_after;
+                    o_at_ms := prior.at_ms;
+                    o_memo := prior.memo;
+                ELSE
+                    o_code := 'PaymentIdConflict';
+                END IF;
+                RETURN NEXT;
+                EXIT;
+            END IF;
+            o_payer := NULL; o_payee := NULL; o_amount := NULL;
+            o_payer_balance := NULL; o_payee_balance := NULL; o_at_ms := NULL; o_memo := NULL;
+            IF v_payer_key = v_payee_key THEN
+                o_code := 'SelfPayment'; RETURN NEXT; EXIT;
+            END IF;
+            IF v_amount < 1 OR v_amount > max_payment THEN
+                o_code := 'AmountOutOfRange'; RETURN NEXT; EXIT;
+            END IF;
+            SELECT a.name, a.balance, a.kind, a.frozen, a.peer_key INTO src
+                FROM accounts a WHERE a.name_key = v_payer_key;
+            IF NOT FOUND THEN
+                o_code := 'UnknownAccount'; RETURN NEXT; EXIT;
+            END IF;
+            SELECT a.name, a.balance, a.kind, a.frozen, a.peer_key INTO dst
+                FROM accounts a WHERE a.name_key = v_payee_key;
+            IF NOT FOUND OR dst.kind <> src.kind THEN
+                -- course accounts (no password) and native ones never pay each other
+                o_code := 'UnknownPayee'; RETURN NEXT; EXIT;
+            END IF;
+            IF src.frozen OR dst.frozen THEN
+                o_code := 'AccountFrozen';
+                o_payer := CASE WHEN src.frozen THEN src.name ELSE dst.name END;
+                RETURN NEXT; EXIT;
+            END IF;
+            IF v_check AND dst.peer_key IS DISTINCT FROM v_key THEN
+                o_code := CASE WHEN dst.peer_key IS NULL THEN 'NoPeerKey' ELSE 'KeyChanged' END;
+                o_payee := dst.name;
+                RETURN NEXT; EXIT;
+            END IF;
+            IF src.balance < v_amount THEN
+                o_code := 'InsufficientFunds';
+                o_payer_balance := src.balance;
+                RETURN NEXT; EXIT;
+            END IF;
+            payer_after := src.balance - v_amount;
+            payee_after := dst.balance + v_amount;
+            IF payee_after > max_balance THEN
+                o_code := 'BalanceLimit'; o_payee := dst.name; RETURN NEXT; EXIT;
+            END IF;
+            INSERT INTO movements(kind, payment_id, payer, payee, amount,
+                                  payer_balance_after, payee_balance_after, at_ms, memo)
+                VALUES ('transfer', v_pid, src.name, dst.name, v_amount,
+                        payer_after, payee_after, now_ms, v_memo)
+                ON CONFLICT (payment_id) DO NOTHING;
+            GET DIAGNOSTICS inserted = ROW_COUNT;
+            CONTINUE WHEN inserted = 0;
+            UPDATE accounts a
+                SET balance = CASE WHEN a.name = src.name THEN payer_after ELSE payee_after END
+                WHERE a.name IN (src.name, dst.name);
+            PERFORM pg_notify('p2ppay_settled', json_strip_nulls(json_build_object(
+                'payment_id', v_pid::text, 'payer', src.name, 'payee', dst.name,
+                'amount', v_amount, 'payer_balance', payer_after,
+                'payee_balance', payee_after, 'at_ms', now_ms, 'memo', v_memo))::text);
+            o_code := 'ok';
+            o_payer := src.name;
+            o_payee := dst.name;
+            o_amount := v_amount;
+            o_payer_balance := payer_after;
+            o_payee_balance := payee_after;
+            o_at_ms := now_ms;
+            o_memo := v_memo;
+            RETURN NEXT;
+            EXIT;
+        END LOOP;
+    END LOOP;
+END
+$fn$
+"""
+
+# Version 2's tables: memos on transfers, deposit ids (a retried deposit moves money once),
+# payment requests (see the SQLite schema's version 4 for what each column is for).
+_TO_V2 = (
+    "ALTER TABLE movements ADD COLUMN memo TEXT"
+    " CHECK (memo IS NULL OR char_length(memo) BETWEEN 1 AND 140)",
+    "ALTER TABLE movements ADD COLUMN deposit_id UUID UNIQUE",
+    """CREATE TABLE payment_requests (
+        id          UUID PRIMARY KEY,  -- also the payment id of the transfer that pays it
+        requester   TEXT NOT NULL REFERENCES accounts(name),
+        payer       TEXT NOT NULL REFERENCES accounts(name),
+        amount      BIGINT NOT NULL CHECK (amount > 0),
+        memo        TEXT CHECK (memo IS NULL OR char_length(memo) BETWEEN 1 AND 140),
+        created_ms  BIGINT NOT NULL,
+        expires_ms  BIGINT NOT NULL,
+        state       TEXT NOT NULL DEFAULT 'open'
+                    CHECK (state IN ('open', 'paid', 'declined', 'cancelled')),
+        closed_ms   BIGINT,
+        told        BOOLEAN NOT NULL DEFAULT TRUE,
+        CHECK (requester <> payer),
+        CHECK ((state = 'open') = (closed_ms IS NULL))
+    )""",
+    "CREATE INDEX payment_requests_payer ON payment_requests(payer, state)",
+    "CREATE INDEX payment_requests_requester ON payment_requests(requester, state)",
+    "CREATE INDEX payment_requests_news ON payment_requests(requester) WHERE NOT told",
+    "DROP FUNCTION p2ppay_settle_batch(jsonb, bigint, bigint, bigint)",
+    _SETTLE_FUNCTION_V2,
+)
+
 #: The statements that take a database from version N to N + 1, by N (0: a new database).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     0: (*_TABLES, _SETTLE_FUNCTION),
+    1: _TO_V2,
 }
 assert sorted(_MIGRATIONS) == list(range(PG_SCHEMA_VERSION))
 

@@ -25,7 +25,9 @@ replay, not for a refusal), the settle transaction runs
 ``pg_notify('p2ppay_settled', payload)`` with the JSON object payload::
 
     {"payment_id": str, "payer": str, "payee": str, "amount": int,
-     "payer_balance": int, "payee_balance": int, "at_ms": int}
+     "payer_balance": int, "payee_balance": int, "at_ms": int, "memo": str}
+
+(``memo`` only when the transfer has one),
 
 names as registered, balances right after the transfer. PostgreSQL delivers it to every
 connection that has run ``LISTEN p2ppay_settled`` only after the transaction commits, and never
@@ -34,6 +36,7 @@ if it rolls back, so an event can never announce money that was not committed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -41,7 +44,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 import psycopg
 import trio
@@ -57,6 +60,7 @@ from .interface import (
     AmountOutOfRange,
     Audit,
     BalanceLimit,
+    DepositIdConflict,
     Entry,
     InsufficientFunds,
     LedgerError,
@@ -65,11 +69,14 @@ from .interface import (
     Limits,
     NameTaken,
     PaymentIdConflict,
+    PaymentRequest,
     SelfPayment,
+    TooManyRequests,
     Transfer,
     Unauthorized,
     UnknownAccount,
     UnknownPayee,
+    UnknownRequest,
 )
 from .pgschema import PgConnection, connect_postgres, describe, open_connection
 
@@ -81,12 +88,13 @@ RETRIES: Final = 8
 SETTLED_CHANNEL: Final = "p2ppay_settled"
 
 _INSERT_DEPOSIT = (
-    "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms)"
-    " VALUES ('deposit', %s, %s, %s, %s)"
+    "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms, deposit_id)"
+    " VALUES ('deposit', %s, %s, %s, %s, %s)"
 )
 _ISSUE = "UPDATE issuance SET balance = balance - %s WHERE id = 1"
 _COLUMNS = (
-    "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id"
+    "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id,"
+    " memo"
 )
 _HISTORY = (
     f"(SELECT {_COLUMNS} FROM movements WHERE payer = %(name)s ORDER BY seq DESC LIMIT %(limit)s)"
@@ -104,7 +112,7 @@ def _now_ms() -> int:
 class _Settle:
     """What a settle asks of ``p2ppay_settle_batch``, and how to answer its caller."""
 
-    __slots__ = ("accepted_with", "amount", "payee", "payer", "payment_id")
+    __slots__ = ("accepted_with", "amount", "memo", "payee", "payer", "payment_id")
 
     def __init__(
         self,
@@ -113,7 +121,9 @@ class _Settle:
         payee: str,
         amount: int,
         accepted_with: bytes | None,
+        memo: str | None = None,
     ) -> None:
+        self.memo = memo
         self.payment_id = payment_id
         self.payer = payer
         self.payee = payee
@@ -127,15 +137,16 @@ class _Settle:
             "payee_key": name_key(self.payee),
             "amount": self.amount,
             "key": None if self.accepted_with is None else self.accepted_with.hex(),
+            "memo": self.memo,
         }
 
     def outcome(self, row: Sequence[Any], limits: Limits) -> Transfer | LedgerError:
         """The function's row for this settle, as the caller's answer."""
-        code, payer, payee, amount, payer_after, payee_after, at_ms = row
+        code, payer, payee, amount, payer_after, payee_after, at_ms, memo = row
         pid = self.payment_id
         if code in ("ok", "replayed"):
             return Transfer(
-                pid, payer, payee, amount, payer_after, payee_after, at_ms, code == "replayed"
+                pid, payer, payee, amount, payer_after, payee_after, at_ms, code == "replayed", memo
             )
         errors: dict[str, Callable[[], LedgerError]] = {
             "PaymentIdConflict": lambda: PaymentIdConflict(
@@ -161,6 +172,29 @@ class _Settle:
         if make is None:  # a function from a p2ppay that this one does not know
             raise LedgerUnavailable(f"the settle function answered {code!r}")
         return make()
+
+
+def _stored_transfer(db: PgConnection, payment_id: uuid.UUID) -> Transfer | None:
+    """The settled transfer with this payment id (``replayed``), if any."""
+    row = db.execute(
+        "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, memo"
+        " FROM movements WHERE payment_id = %s",
+        (payment_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    payer, payee, amount, payer_after, payee_after, at_ms, memo = row
+    return Transfer(payment_id, payer, payee, amount, payer_after, payee_after, at_ms, True, memo)
+
+
+_REQUEST_COLUMNS = "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
+
+
+def _request(row: Sequence[Any], now_ms: int) -> PaymentRequest:
+    rid, requester, payer, amount, memo, created, expires, state, closed = row
+    if state == "open" and expires <= now_ms:
+        state = "expired"
+    return PaymentRequest(rid, requester, payer, amount, memo, created, expires, state, closed)
 
 
 class _Op(Generic[T]):
@@ -412,7 +446,7 @@ class PostgresLedger:
             if row is None:
                 raise NameTaken(f"the name {name!r} is taken")
             if initial_deposit:
-                db.execute(_INSERT_DEPOSIT, (name, initial_deposit, initial_deposit, now))
+                db.execute(_INSERT_DEPOSIT, (name, initial_deposit, initial_deposit, now, None))
                 db.execute(_ISSUE, (initial_deposit,))
             return Account(name, kind, password_hash, initial_deposit)
 
@@ -450,24 +484,28 @@ class PostgresLedger:
         """The settled transfer with this payment id, if any."""
 
         def op(db: PgConnection) -> Transfer | None:
-            row = db.execute(
-                "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms"
-                " FROM movements WHERE payment_id = %s",
-                (payment_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            payer, payee, amount, payer_after, payee_after, at_ms = row
-            return Transfer(
-                payment_id, payer, payee, amount, payer_after, payee_after, at_ms, replayed=True
-            )
+            return _stored_transfer(db, payment_id)
 
         return await self._read(op)
 
-    async def deposit(self, name: str, amount: int) -> int:
+    async def deposit(self, name: str, amount: int, deposit_id: uuid.UUID | None = None) -> int:
         limits = self.limits
         if amount < 1 or amount > limits.max_deposit:
             raise AmountOutOfRange(f"a deposit must be within 1..{limits.max_deposit}")
+
+        def done_before(db: PgConnection) -> int | None:
+            """The first outcome of this deposit id, if it was used (or a conflict)."""
+            done = db.execute(
+                "SELECT payee, amount, payee_balance_after FROM movements WHERE deposit_id = %s",
+                (deposit_id,),
+            ).fetchone()
+            if done is None:
+                return None
+            if name_key(done[0]) != name_key(name) or done[1] != amount:
+                raise DepositIdConflict(
+                    f"deposit {deposit_id} was already used for a different deposit"
+                )
+            return int(done[2])
 
         def op(db: PgConnection) -> int:
             row = db.execute(
@@ -476,17 +514,39 @@ class PostgresLedger:
             ).fetchone()
             if row is None:
                 raise UnknownAccount(f"no account {name!r}")
+            if deposit_id is not None and (first := done_before(db)) is not None:
+                return first  # the first outcome; nothing moves again
             registered, balance, frozen = row[0], row[1] + amount, row[2]
             if frozen:
                 raise AccountFrozen(f"the account {registered!r} is frozen")
             if balance > limits.max_balance:
                 raise BalanceLimit(f"the balance would exceed {limits.max_balance}")
+            # The movement first: ON CONFLICT, another node took this deposit id meanwhile
+            # (its transaction waited for), and nothing here has been written yet.
+            inserted = db.execute(
+                _INSERT_DEPOSIT + " ON CONFLICT (deposit_id) DO NOTHING RETURNING seq",
+                (registered, amount, balance, _now_ms(), deposit_id),
+            ).fetchone()
+            if inserted is None:
+                first = done_before(db)
+                assert first is not None
+                return first
             db.execute("UPDATE accounts SET balance = %s WHERE name = %s", (balance, registered))
-            db.execute(_INSERT_DEPOSIT, (registered, amount, balance, _now_ms()))
             db.execute(_ISSUE, (amount,))
             return int(balance)
 
         return await self._write(op)
+
+    async def change_password(self, name: str, password_hash: str) -> None:
+        def op(db: PgConnection) -> None:
+            cur = db.execute(
+                "UPDATE accounts SET password_hash = %s WHERE name_key = %s AND kind = 'native'",
+                (password_hash, name_key(name)),
+            )
+            if cur.rowcount != 1:
+                raise UnknownAccount(f"no native account {name!r}")
+
+        await self._write(op)
 
     async def settle(
         self,
@@ -495,13 +555,14 @@ class PostgresLedger:
         payee: str,
         amount: int,
         accepted_with: bytes | None = None,
+        memo: str | None = None,
     ) -> Transfer:
         """Move ``amount`` from ``payer`` to ``payee`` once per ``payment_id``, on every node
         sharing the database; see :meth:`.SqliteLedger.settle` for ``accepted_with``."""
         started, outcome = time.perf_counter(), "cancelled"
         try:
             transfer: Transfer = await self._submit(
-                _Op(None, _Settle(payment_id, payer, payee, amount, accepted_with))
+                _Op(None, _Settle(payment_id, payer, payee, amount, accepted_with, memo))
             )
             outcome = "replayed" if transfer.replayed else "ok"
             return transfer
@@ -522,15 +583,15 @@ class PostgresLedger:
             registered = found[0]
             rows = db.execute(_HISTORY, {"name": registered, "limit": limit}).fetchall()
             entries = []
-            for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid in rows:
+            for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
                 if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
                     entries.append(Entry("deposit", amount, payee_after, at, None, None))
                 elif kind == "debit":  # and a debit as money sent to nobody in particular
                     entries.append(Entry("sent", amount, payer_after, at, None, None))
                 elif payer == registered:
-                    entries.append(Entry("sent", amount, payer_after, at, payee, pid))
+                    entries.append(Entry("sent", amount, payer_after, at, payee, pid, memo))
                 else:
-                    entries.append(Entry("received", amount, payee_after, at, payer, pid))
+                    entries.append(Entry("received", amount, payee_after, at, payer, pid, memo))
             return entries
 
         return await self._read(op)
@@ -572,6 +633,192 @@ class PostgresLedger:
             return [name for name in names if not is_valid_name(name)]
 
         return await self._read(op)
+
+    # -- payment requests --
+
+    async def create_request(
+        self,
+        request_id: uuid.UUID,
+        requester: str,
+        payer: str,
+        amount: int,
+        memo: str | None,
+        expires_ms: int,
+        max_open: int,
+    ) -> PaymentRequest:
+        limits = self.limits
+        if amount < 1 or amount > limits.max_payment:
+            raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
+
+        def op(db: PgConnection) -> PaymentRequest:
+            # Both accounts locked (in name_key order, as settles do): two nodes counting one
+            # account's open requests at once cannot both pass the limit.
+            found = {
+                key: registered
+                for key, registered in db.execute(
+                    "SELECT name_key, name FROM accounts WHERE name_key IN (%s, %s)"
+                    " AND kind = 'native' ORDER BY name_key FOR NO KEY UPDATE",
+                    (name_key(requester), name_key(payer)),
+                ).fetchall()
+            }
+            # (Refused only after a statement: the writer takes a batch in which none ran
+            # for a failed transaction.)
+            if name_key(requester) == name_key(payer):
+                raise SelfPayment("you cannot ask yourself to pay you")
+            me, them = found.get(name_key(requester)), found.get(name_key(payer))
+            if me is None:
+                raise UnknownAccount(f"no account {requester!r}")
+            if them is None:
+                raise UnknownAccount(f"no account named {payer!r}")
+            now = _now_ms()
+            for column, name, whose in (
+                ("requester", me, "you have"),
+                ("payer", them, f"{them} has"),
+            ):
+                row = db.execute(
+                    f"SELECT COUNT(*) FROM payment_requests"
+                    f" WHERE {column} = %s AND state = 'open' AND expires_ms > %s",
+                    (name, now),
+                ).fetchone()
+                assert row is not None
+                if row[0] >= max_open:
+                    raise TooManyRequests(f"{whose} {row[0]} open requests already")
+            db.execute(
+                "INSERT INTO payment_requests(id, requester, payer, amount, memo,"
+                " created_ms, expires_ms) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (request_id, me, them, amount, memo, now, expires_ms),
+            )
+            return PaymentRequest(request_id, me, them, amount, memo, now, expires_ms, "open")
+
+        return await self._write(op)
+
+    async def open_requests(
+        self, name: str, limit: int
+    ) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
+        def op(db: PgConnection) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
+            found = db.execute(
+                "SELECT name FROM accounts WHERE name_key = %s", (name_key(name),)
+            ).fetchone()
+            if found is None:
+                return [], []
+            now = _now_ms()
+            lists = []
+            for column in ("payer", "requester"):
+                rows = db.execute(
+                    f"SELECT {_REQUEST_COLUMNS} FROM payment_requests"
+                    f" WHERE {column} = %s AND state = 'open' AND expires_ms > %s"
+                    f" ORDER BY created_ms DESC, id LIMIT %s",
+                    (found[0], now, limit),
+                ).fetchall()
+                lists.append([_request(row, now) for row in rows])
+            return lists[0], lists[1]
+
+        return await self._read(op)
+
+    async def pay_request(
+        self, request_id: uuid.UUID, payer: str
+    ) -> tuple[Transfer, PaymentRequest]:
+        limits = self.limits
+
+        def op(db: PgConnection) -> tuple[Transfer, PaymentRequest]:
+            # Locked: a node paying, declining or cancelling it at the same moment waits.
+            row = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = %s FOR UPDATE",
+                (request_id,),
+            ).fetchone()
+            now = _now_ms()
+            request = None if row is None else _request(row, now)
+            if request is None or name_key(request.payer) != name_key(payer):
+                raise UnknownRequest(f"no request {request_id} asks you to pay")
+            stored = _stored_transfer(db, request_id)
+            if request.state == "paid" and stored is not None:
+                return stored, request  # a retry: the first outcome, nothing moves
+            if request.state != "open":
+                raise request.refusal()
+            if stored is not None:  # the payer used the request's id for another payment
+                raise PaymentIdConflict(f"payment {request_id} was already used")
+            # The money moves by the settle function, as every transfer does (no key to
+            # check: the requester's consent is the request itself).
+            settle = _Settle(
+                request_id, request.payer, request.requester, request.amount, None, request.memo
+            )
+            outcome = db.execute(
+                "SELECT * FROM p2ppay_settle_batch(%s, %s, %s, %s)",
+                (Jsonb([settle.as_json()]), limits.max_payment, limits.max_balance, now),
+            ).fetchone()
+            assert outcome is not None
+            transfer = settle.outcome(outcome, limits)
+            if isinstance(transfer, LedgerError):
+                raise transfer
+            if transfer.replayed:
+                raise PaymentIdConflict(f"payment {request_id} was already used")
+            db.execute(
+                "UPDATE payment_requests SET state = 'paid', closed_ms = %s, told = FALSE"
+                " WHERE id = %s",
+                (transfer.at_ms, request_id),
+            )
+            return transfer, dataclasses.replace(request, state="paid", closed_ms=transfer.at_ms)
+
+        return await self._write(op)
+
+    async def close_request(
+        self, request_id: uuid.UUID, name: str, state: Literal["declined", "cancelled"]
+    ) -> PaymentRequest:
+        def op(db: PgConnection) -> PaymentRequest:
+            row = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = %s FOR UPDATE",
+                (request_id,),
+            ).fetchone()
+            now = _now_ms()
+            request = None if row is None else _request(row, now)
+            party = None
+            if request is not None:
+                party = request.payer if state == "declined" else request.requester
+            if request is None or party is None or name_key(party) != name_key(name):
+                who = "asks you to pay" if state == "declined" else "is yours"
+                raise UnknownRequest(f"no request {request_id} {who}")
+            if request.state != "open":
+                raise request.refusal()
+            # A declined request is news for its requester; a cancelled one is not.
+            db.execute(
+                "UPDATE payment_requests SET state = %s, closed_ms = %s, told = %s WHERE id = %s",
+                (state, now, state != "declined", request_id),
+            )
+            return dataclasses.replace(request, state=state, closed_ms=now)
+
+        return await self._write(op)
+
+    async def request_news(self, name: str) -> list[PaymentRequest]:
+        def op(db: PgConnection) -> list[PaymentRequest]:
+            now = _now_ms()
+            rows = db.execute(
+                f"UPDATE payment_requests SET told = TRUE"
+                f" WHERE told = FALSE AND requester ="
+                f" (SELECT name FROM accounts WHERE name_key = %s)"
+                f" RETURNING {_REQUEST_COLUMNS}",
+                (name_key(name),),
+            ).fetchall()
+            news = [_request(row, now) for row in rows]
+            return sorted(news, key=lambda r: (r.closed_ms or 0, str(r.request_id)))
+
+        def any_news(db: PgConnection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM payment_requests WHERE NOT told AND requester ="
+                " (SELECT name FROM accounts WHERE name_key = %s) LIMIT 1",
+                (name_key(name),),
+            ).fetchone()
+            return row is not None
+
+        # Most logins have no news: a read beside the writer, not a place in its queue.
+        if not await self._read(any_news):
+            return []
+        return await self._write(op)
+
+    async def told(self, request_id: uuid.UUID) -> None:
+        def op(db: PgConnection) -> None:
+            db.execute("UPDATE payment_requests SET told = TRUE WHERE id = %s", (request_id,))
+
+        await self._write(op)
 
     async def record_login(self, name: str) -> None:
         """Remember when ``name`` last logged in (for the operator's account list)."""

@@ -14,7 +14,7 @@ from .interface import (
 
 # Accounts are looked up by ``name_key``, the canonical form of the name (p2ppay.names), and
 # shown by ``name``, as registered. Movements name accounts as registered.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The schema as version 1 made it. A new ledger is made at version 1 and then migrated step by
 # step like any old one, so every open exercises the migrations the ledgers on disk need.
@@ -113,11 +113,46 @@ _TO_V3 = (
     "CREATE INDEX movements_payee ON movements(payee, seq)",
 )
 
+# Version 4: payments people expect (issue 13). A transfer may carry a memo (1-140 printable
+# characters, checked before it gets here; the CHECK bounds its length in case code did not);
+# a deposit may carry the client's deposit id, so that a retried deposit moves money once; and
+# payment requests: a request is its requester's (the payee's) consent given in advance, held
+# here, so the payer can pay it while the requester is offline. Its id is the payment id of
+# the transfer that pays it (movements.payment_id is UNIQUE: paid at most once). ``told`` is 0
+# while the requester has not been told that the request was paid or declined (the next
+# login tells). A request whose expires_ms has passed is expired, whatever its state says.
+_TO_V4 = (
+    "ALTER TABLE movements ADD COLUMN memo TEXT"
+    " CHECK (memo IS NULL OR length(memo) BETWEEN 1 AND 140)",
+    "ALTER TABLE movements ADD COLUMN deposit_id TEXT",
+    "CREATE UNIQUE INDEX movements_deposit_id ON movements(deposit_id)",
+    """CREATE TABLE payment_requests (
+        id          TEXT PRIMARY KEY,
+        requester   TEXT NOT NULL REFERENCES accounts(name),
+        payer       TEXT NOT NULL REFERENCES accounts(name),
+        amount      INTEGER NOT NULL CHECK (amount > 0),
+        memo        TEXT CHECK (memo IS NULL OR length(memo) BETWEEN 1 AND 140),
+        created_ms  INTEGER NOT NULL,
+        expires_ms  INTEGER NOT NULL,
+        state       TEXT NOT NULL DEFAULT 'open'
+                    CHECK (state IN ('open', 'paid', 'declined', 'cancelled')),
+        closed_ms   INTEGER,
+        told        INTEGER NOT NULL DEFAULT 1 CHECK (told IN (0, 1)),
+        CHECK (requester <> payer),
+        CHECK ((state = 'open') = (closed_ms IS NULL))
+    )""",
+    "CREATE INDEX payment_requests_payer ON payment_requests(payer, state)",
+    "CREATE INDEX payment_requests_requester ON payment_requests(requester, state)",
+    # what a login asks (news not told yet): only the few such rows are indexed
+    "CREATE INDEX payment_requests_news ON payment_requests(requester) WHERE told = 0",
+)
+
 #: The statements that take a ledger from version N to N + 1, by N (0: a new file).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     0: tuple(stmt for stmt in SCHEMA_V1.split(";") if stmt.strip()),
     1: _TO_V2,
     2: _TO_V3,
+    3: _TO_V4,
 }
 assert sorted(_MIGRATIONS) == list(range(SCHEMA_VERSION))
 

@@ -19,6 +19,7 @@ what it stores, inside the transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sqlite3
 import time
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import trio
 
@@ -38,6 +39,7 @@ from .interface import (
     AmountOutOfRange,
     Audit,
     BalanceLimit,
+    DepositIdConflict,
     Entry,
     InsufficientFunds,
     LedgerError,
@@ -46,11 +48,14 @@ from .interface import (
     Limits,
     NameTaken,
     PaymentIdConflict,
+    PaymentRequest,
     SelfPayment,
+    TooManyRequests,
     Transfer,
     Unauthorized,
     UnknownAccount,
     UnknownPayee,
+    UnknownRequest,
 )
 from .schema import (
     connect_sqlite,
@@ -59,15 +64,16 @@ from .schema import (
 T = TypeVar("T")
 
 _INSERT_DEPOSIT = (
-    "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms)"
-    " VALUES ('deposit', ?, ?, ?, ?)"
+    "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms, deposit_id)"
+    " VALUES ('deposit', ?, ?, ?, ?, ?)"
 )
 #: the other half of a deposit: the money comes out of the issuance account
 _ISSUE = "UPDATE issuance SET balance = balance - ? WHERE id = 1"
 
 
 _COLUMNS = (
-    "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id"
+    "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id,"
+    " memo"
 )
 _HISTORY = (
     f"SELECT * FROM (SELECT {_COLUMNS} FROM movements WHERE payer = :name"
@@ -101,6 +107,103 @@ def _reader(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=5000")
     db.execute("PRAGMA query_only=ON")
     return db
+
+
+def _stored_transfer(db: sqlite3.Connection, payment_id: uuid.UUID) -> Transfer | None:
+    """The settled transfer with this payment id (``replayed``), if any."""
+    row = db.execute(
+        "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, memo"
+        " FROM movements WHERE payment_id = ?",
+        (str(payment_id),),
+    ).fetchone()
+    if row is None:
+        return None
+    payer, payee, amount, payer_after, payee_after, at_ms, memo = row
+    return Transfer(payment_id, payer, payee, amount, payer_after, payee_after, at_ms, True, memo)
+
+
+def _move(
+    db: sqlite3.Connection,
+    limits: Limits,
+    payment_id: uuid.UUID,
+    payer: str,
+    payee: str,
+    amount: int,
+    memo: str | None,
+    accepted_with: bytes | None,
+) -> Transfer:
+    """Move a new payment's money (inside the caller's transaction), or refuse having written
+    nothing. ``accepted_with``: see :meth:`SqliteLedger.settle`."""
+    payer_key, payee_key = name_key(payer), name_key(payee)
+    if payer_key == payee_key:
+        raise SelfPayment("you cannot pay yourself")
+    if amount < 1 or amount > limits.max_payment:
+        raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
+    # frozen and the payee's key are read here, inside the transaction, not from a
+    # cache: an operator's freeze or password reset (another process, through this
+    # file) holds from the next batch on.
+    found = {
+        key: (balance, kind, registered, frozen, current_key)
+        for key, balance, kind, registered, frozen, current_key in db.execute(
+            "SELECT name_key, balance, kind, name, frozen, peer_key"
+            " FROM accounts WHERE name_key IN (?, ?)",
+            (payer_key, payee_key),
+        )
+    }
+    src, dst = found.get(payer_key), found.get(payee_key)
+    if src is None:
+        raise UnknownAccount(f"no account {payer!r}")
+    if dst is None or dst[1] != src[1]:
+        # Course accounts (no password) and native ones never pay each other.
+        raise UnknownPayee(f"no account {payee!r}")
+    src_name, dst_name = src[2], dst[2]  # as registered
+    for name, (_, _, _, frozen, _) in ((src_name, src), (dst_name, dst)):
+        if frozen:
+            raise AccountFrozen(f"the account {name!r} is frozen")
+    if accepted_with is not None and dst[4] != accepted_with:
+        # Read here, not from a cache: a key revoked by an operator's password reset
+        # (another process, through this file) stops counting at once.
+        if dst[4] is None:
+            raise Unauthorized(f"{dst_name} has no current peer key")
+        raise Unauthorized(f"{dst_name}'s peer key changed since the acceptance")
+    if src[0] < amount:
+        raise InsufficientFunds(f"balance {src[0]} is less than {amount}")
+    payer_after = src[0] - amount
+    payee_after = dst[0] + amount
+    if payee_after > limits.max_balance:
+        raise BalanceLimit(f"{dst_name}'s balance would exceed {limits.max_balance}")
+    now = _now_ms()
+    db.execute(
+        "UPDATE accounts SET balance = CASE name WHEN :payer THEN :payer_after"
+        " ELSE :payee_after END WHERE name IN (:payer, :payee)",
+        {
+            "payer": src_name,
+            "payer_after": payer_after,
+            "payee": dst_name,
+            "payee_after": payee_after,
+        },
+    )
+    db.execute(
+        "INSERT INTO movements(kind, payment_id, payer, payee, amount,"
+        " payer_balance_after, payee_balance_after, at_ms, memo)"
+        " VALUES ('transfer', ?, ?, ?, ?, ?, ?, ?, ?)",
+        (str(payment_id), src_name, dst_name, amount, payer_after, payee_after, now, memo),
+    )
+    return Transfer(
+        payment_id, src_name, dst_name, amount, payer_after, payee_after, now, memo=memo
+    )
+
+
+_REQUEST_COLUMNS = "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
+
+
+def _request(row: tuple[Any, ...], now_ms: int) -> PaymentRequest:
+    rid, requester, payer, amount, memo, created, expires, state, closed = row
+    if state == "open" and expires <= now_ms:
+        state = "expired"
+    return PaymentRequest(
+        uuid.UUID(rid), requester, payer, amount, memo, created, expires, state, closed
+    )
 
 
 class SqliteLedger:
@@ -304,7 +407,7 @@ class SqliteLedger:
             except sqlite3.IntegrityError:
                 raise NameTaken(f"the name {name!r} is taken") from None
             if initial_deposit:
-                db.execute(_INSERT_DEPOSIT, (name, initial_deposit, initial_deposit, now))
+                db.execute(_INSERT_DEPOSIT, (name, initial_deposit, initial_deposit, now, None))
                 db.execute(_ISSUE, (initial_deposit,))
             return Account(name, kind, password_hash, initial_deposit)
 
@@ -338,26 +441,28 @@ class SqliteLedger:
         """The settled transfer with this payment id, if any."""
 
         def op(db: sqlite3.Connection) -> Transfer | None:
-            row = db.execute(
-                "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms"
-                " FROM movements WHERE payment_id = ?",
-                (str(payment_id),),
-            ).fetchone()
-            if row is None:
-                return None
-            payer, payee, amount, payer_after, payee_after, at_ms = row
-            return Transfer(
-                payment_id, payer, payee, amount, payer_after, payee_after, at_ms, replayed=True
-            )
+            return _stored_transfer(db, payment_id)
 
         return await self._read(op)
 
-    async def deposit(self, name: str, amount: int) -> int:
+    async def deposit(self, name: str, amount: int, deposit_id: uuid.UUID | None = None) -> int:
         limits = self.limits
         if amount < 1 or amount > limits.max_deposit:
             raise AmountOutOfRange(f"a deposit must be within 1..{limits.max_deposit}")
+        did = None if deposit_id is None else str(deposit_id)
 
         def op(db: sqlite3.Connection) -> int:
+            if did is not None:
+                done = db.execute(
+                    "SELECT payee, amount, payee_balance_after FROM movements WHERE deposit_id = ?",
+                    (did,),
+                ).fetchone()
+                if done is not None:
+                    if name_key(done[0]) != name_key(name) or done[1] != amount:
+                        raise DepositIdConflict(
+                            f"deposit {did} was already used for a different deposit"
+                        )
+                    return int(done[2])  # the first outcome; nothing moves again
             row = db.execute(
                 "SELECT name, balance, frozen FROM accounts WHERE name_key = ?", (name_key(name),)
             ).fetchone()
@@ -369,11 +474,22 @@ class SqliteLedger:
             if balance > limits.max_balance:
                 raise BalanceLimit(f"the balance would exceed {limits.max_balance}")
             db.execute("UPDATE accounts SET balance = ? WHERE name = ?", (balance, registered))
-            db.execute(_INSERT_DEPOSIT, (registered, amount, balance, _now_ms()))
+            db.execute(_INSERT_DEPOSIT, (registered, amount, balance, _now_ms(), did))
             db.execute(_ISSUE, (amount,))
             return int(balance)
 
         return await self._submit(op)
+
+    async def change_password(self, name: str, password_hash: str) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            cur = db.execute(
+                "UPDATE accounts SET password_hash = ? WHERE name_key = ? AND kind = 'native'",
+                (password_hash, name_key(name)),
+            )
+            if cur.rowcount != 1:
+                raise UnknownAccount(f"no native account {name!r}")
+
+        await self._submit(op)
 
     async def settle(
         self,
@@ -382,6 +498,7 @@ class SqliteLedger:
         payee: str,
         amount: int,
         accepted_with: bytes | None = None,
+        memo: str | None = None,
     ) -> Transfer:
         """Move ``amount`` from ``payer`` to ``payee`` once per ``payment_id``.
 
@@ -391,76 +508,21 @@ class SqliteLedger:
         an operator's password reset) refuses it (:class:`Unauthorized`). A retry of a settled
         payment gets its stored outcome whatever the key now is."""
         limits = self.limits
-        pid = str(payment_id)
-        payer_key, payee_key = name_key(payer), name_key(payee)
 
         def op(db: sqlite3.Connection) -> Transfer:
-            row = db.execute(
-                "SELECT payer, payee, amount, payer_balance_after, payee_balance_after, at_ms"
-                " FROM movements WHERE payment_id = ?",
-                (pid,),
-            ).fetchone()
-            if row is not None:
-                if (name_key(row[0]), name_key(row[1]), row[2]) != (payer_key, payee_key, amount):
+            stored = _stored_transfer(db, payment_id)
+            if stored is not None:
+                if (name_key(stored.payer), name_key(stored.payee), stored.amount, stored.memo) != (
+                    name_key(payer),
+                    name_key(payee),
+                    amount,
+                    memo,
+                ):
                     raise PaymentIdConflict(
-                        f"payment {pid} was already used for a different payment"
+                        f"payment {payment_id} was already used for a different payment"
                     )
-                return Transfer(payment_id, row[0], row[1], amount, row[3], row[4], row[5], True)
-            if payer_key == payee_key:
-                raise SelfPayment("you cannot pay yourself")
-            if amount < 1 or amount > limits.max_payment:
-                raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
-            # frozen and the payee's key are read here, inside the transaction, not from a
-            # cache: an operator's freeze or password reset (another process, through this
-            # file) holds from the next batch on.
-            found = {
-                key: (balance, kind, registered, frozen, current_key)
-                for key, balance, kind, registered, frozen, current_key in db.execute(
-                    "SELECT name_key, balance, kind, name, frozen, peer_key"
-                    " FROM accounts WHERE name_key IN (?, ?)",
-                    (payer_key, payee_key),
-                )
-            }
-            src, dst = found.get(payer_key), found.get(payee_key)
-            if src is None:
-                raise UnknownAccount(f"no account {payer!r}")
-            if dst is None or dst[1] != src[1]:
-                # Course accounts (no password) and native ones never pay each other.
-                raise UnknownPayee(f"no account {payee!r}")
-            src_name, dst_name = src[2], dst[2]  # as registered
-            for name, (_, _, _, frozen, _) in ((src_name, src), (dst_name, dst)):
-                if frozen:
-                    raise AccountFrozen(f"the account {name!r} is frozen")
-            if accepted_with is not None and dst[4] != accepted_with:
-                # Read here, not from a cache: a key revoked by an operator's password reset
-                # (another process, through this file) stops counting at once.
-                if dst[4] is None:
-                    raise Unauthorized(f"{dst_name} has no current peer key")
-                raise Unauthorized(f"{dst_name}'s peer key changed since the acceptance")
-            if src[0] < amount:
-                raise InsufficientFunds(f"balance {src[0]} is less than {amount}")
-            payer_after = src[0] - amount
-            payee_after = dst[0] + amount
-            if payee_after > limits.max_balance:
-                raise BalanceLimit(f"{dst_name}'s balance would exceed {limits.max_balance}")
-            now = _now_ms()
-            db.execute(
-                "UPDATE accounts SET balance = CASE name WHEN :payer THEN :payer_after"
-                " ELSE :payee_after END WHERE name IN (:payer, :payee)",
-                {
-                    "payer": src_name,
-                    "payer_after": payer_after,
-                    "payee": dst_name,
-                    "payee_after": payee_after,
-                },
-            )
-            db.execute(
-                "INSERT INTO movements(kind, payment_id, payer, payee, amount,"
-                " payer_balance_after, payee_balance_after, at_ms)"
-                " VALUES ('transfer', ?, ?, ?, ?, ?, ?, ?)",
-                (pid, src_name, dst_name, amount, payer_after, payee_after, now),
-            )
-            return Transfer(payment_id, src_name, dst_name, amount, payer_after, payee_after, now)
+                return stored
+            return _move(db, limits, payment_id, payer, payee, amount, memo, accepted_with)
 
         started, outcome = time.perf_counter(), "cancelled"
         try:
@@ -486,16 +548,18 @@ class SqliteLedger:
             # however long the account's history is (an OR would sort all of it).
             rows = db.execute(_HISTORY, {"name": registered, "limit": limit}).fetchall()
             entries = []
-            for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid in rows:
+            for _seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
                 if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
                     entries.append(Entry("deposit", amount, payee_after, at, None, None))
                 elif kind == "debit":  # and a debit as money sent to nobody in particular
                     entries.append(Entry("sent", amount, payer_after, at, None, None))
                 elif payer == registered:
-                    entries.append(Entry("sent", amount, payer_after, at, payee, uuid.UUID(pid)))
+                    entries.append(
+                        Entry("sent", amount, payer_after, at, payee, uuid.UUID(pid), memo)
+                    )
                 else:
                     entries.append(
-                        Entry("received", amount, payee_after, at, payer, uuid.UUID(pid))
+                        Entry("received", amount, payee_after, at, payer, uuid.UUID(pid), memo)
                     )
             return entries
 
@@ -525,6 +589,187 @@ class SqliteLedger:
             return [name for name in names if not is_valid_name(name)]
 
         return await self._read(op)
+
+    # -- payment requests --
+
+    async def create_request(
+        self,
+        request_id: uuid.UUID,
+        requester: str,
+        payer: str,
+        amount: int,
+        memo: str | None,
+        expires_ms: int,
+        max_open: int,
+    ) -> PaymentRequest:
+        limits = self.limits
+        if amount < 1 or amount > limits.max_payment:
+            raise AmountOutOfRange(f"a payment must be within 1..{limits.max_payment}")
+
+        def op(db: sqlite3.Connection) -> PaymentRequest:
+            if name_key(requester) == name_key(payer):
+                raise SelfPayment("you cannot ask yourself to pay you")
+            found = {
+                key: registered
+                for key, registered in db.execute(
+                    "SELECT name_key, name FROM accounts"
+                    " WHERE name_key IN (?, ?) AND kind = 'native'",
+                    (name_key(requester), name_key(payer)),
+                )
+            }
+            me, them = found.get(name_key(requester)), found.get(name_key(payer))
+            if me is None:
+                raise UnknownAccount(f"no account {requester!r}")
+            if them is None:
+                raise UnknownAccount(f"no account named {payer!r}")
+            now = _now_ms()
+            for column, name, whose in (
+                ("requester", me, "you have"),
+                ("payer", them, f"{them} has"),
+            ):
+                (count,) = db.execute(
+                    f"SELECT COUNT(*) FROM payment_requests"
+                    f" WHERE {column} = ? AND state = 'open' AND expires_ms > ?",
+                    (name, now),
+                ).fetchone()
+                if count >= max_open:
+                    raise TooManyRequests(f"{whose} {count} open requests already")
+            db.execute(
+                "INSERT INTO payment_requests(id, requester, payer, amount, memo,"
+                " created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (str(request_id), me, them, amount, memo, now, expires_ms),
+            )
+            return PaymentRequest(request_id, me, them, amount, memo, now, expires_ms, "open")
+
+        return await self._submit(op)
+
+    async def open_requests(
+        self, name: str, limit: int
+    ) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
+        def op(db: sqlite3.Connection) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
+            found = db.execute(
+                "SELECT name FROM accounts WHERE name_key = ?", (name_key(name),)
+            ).fetchone()
+            if found is None:
+                return [], []
+            now = _now_ms()
+            lists = []
+            for column in ("payer", "requester"):
+                rows = db.execute(
+                    f"SELECT {_REQUEST_COLUMNS} FROM payment_requests"
+                    f" WHERE {column} = ? AND state = 'open' AND expires_ms > ?"
+                    f" ORDER BY created_ms DESC, id LIMIT ?",
+                    (found[0], now, limit),
+                ).fetchall()
+                lists.append([_request(row, now) for row in rows])
+            return lists[0], lists[1]
+
+        return await self._read(op)
+
+    async def pay_request(
+        self, request_id: uuid.UUID, payer: str
+    ) -> tuple[Transfer, PaymentRequest]:
+        limits = self.limits
+
+        def op(db: sqlite3.Connection) -> tuple[Transfer, PaymentRequest]:
+            row = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = ?",
+                (str(request_id),),
+            ).fetchone()
+            now = _now_ms()
+            request = None if row is None else _request(row, now)
+            if request is None or name_key(request.payer) != name_key(payer):
+                raise UnknownRequest(f"no request {request_id} asks you to pay")
+            stored = _stored_transfer(db, request_id)
+            if request.state == "paid" and stored is not None:
+                return stored, request  # a retry: the first outcome, nothing moves
+            if request.state != "open":
+                raise request.refusal()
+            if stored is not None:  # the payer used the request's id for another payment
+                raise PaymentIdConflict(f"payment {request_id} was already used")
+            transfer = _move(
+                db,
+                limits,
+                request_id,
+                request.payer,
+                request.requester,
+                request.amount,
+                request.memo,
+                None,  # the requester's consent is the request itself
+            )
+            db.execute(
+                "UPDATE payment_requests SET state = 'paid', closed_ms = ?, told = 0 WHERE id = ?",
+                (transfer.at_ms, str(request_id)),
+            )
+            return transfer, dataclasses.replace(request, state="paid", closed_ms=transfer.at_ms)
+
+        return await self._submit(op)
+
+    async def close_request(
+        self, request_id: uuid.UUID, name: str, state: Literal["declined", "cancelled"]
+    ) -> PaymentRequest:
+        def op(db: sqlite3.Connection) -> PaymentRequest:
+            row = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = ?",
+                (str(request_id),),
+            ).fetchone()
+            now = _now_ms()
+            request = None if row is None else _request(row, now)
+            party = None
+            if request is not None:
+                party = request.payer if state == "declined" else request.requester
+            if request is None or party is None or name_key(party) != name_key(name):
+                who = "asks you to pay" if state == "declined" else "is yours"
+                raise UnknownRequest(f"no request {request_id} {who}")
+            if request.state != "open":
+                raise request.refusal()
+            # A declined request is news for its requester; a cancelled one is not.
+            db.execute(
+                "UPDATE payment_requests SET state = ?, closed_ms = ?, told = ? WHERE id = ?",
+                (state, now, 0 if state == "declined" else 1, str(request_id)),
+            )
+            return dataclasses.replace(request, state=state, closed_ms=now)
+
+        return await self._submit(op)
+
+    async def request_news(self, name: str) -> list[PaymentRequest]:
+        def op(db: sqlite3.Connection) -> list[PaymentRequest]:
+            found = db.execute(
+                "SELECT name FROM accounts WHERE name_key = ?", (name_key(name),)
+            ).fetchone()
+            if found is None:
+                return []
+            now = _now_ms()
+            rows = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests"
+                f" WHERE requester = ? AND told = 0 ORDER BY closed_ms, id",
+                (found[0],),
+            ).fetchall()
+            if rows:
+                db.execute(
+                    "UPDATE payment_requests SET told = 1 WHERE requester = ? AND told = 0",
+                    (found[0],),
+                )
+            return [_request(row, now) for row in rows]
+
+        def any_news(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM payment_requests WHERE told = 0 AND requester ="
+                " (SELECT name FROM accounts WHERE name_key = ?) LIMIT 1",
+                (name_key(name),),
+            ).fetchone()
+            return row is not None
+
+        # Most logins have no news: a read beside the writer, not a place in its queue.
+        if not await self._read(any_news):
+            return []
+        return await self._submit(op)
+
+    async def told(self, request_id: uuid.UUID) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE payment_requests SET told = 1 WHERE id = ?", (str(request_id),))
+
+        await self._submit(op)
 
     async def record_login(self, name: str) -> None:
         """Remember when ``name`` last logged in (for the operator's account list)."""

@@ -3,6 +3,7 @@ codecs they use: bytes in, typed events out; typed messages in, bytes out."""
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -51,6 +52,8 @@ from .wire import (
 
 _request_decoder = msgspec.json.Decoder(Request, dec_hook=dec_hook)
 _event_decoder = msgspec.json.Decoder(Event, dec_hook=dec_hook)
+#: every event this client knows, by its ``event`` tag
+EVENT_TAGS: Final = frozenset(str(t.__struct_config__.tag) for t in typing.get_args(Event))
 _result_decoders: Final[Mapping[str, msgspec.json.Decoder[Any]]] = {
     op: msgspec.json.Decoder(t, dec_hook=dec_hook) for op, t in RESULT_TYPES.items()
 }
@@ -288,6 +291,9 @@ class ClientConnection(_Lines):
             try:
                 msg = _incoming_decoder.decode(line)
                 if msg.event is not None:
+                    if msg.event not in EVENT_TAGS:
+                        continue  # an event from a newer server: clients ignore what they
+                        # do not know (docs/protocol.md, 3)
                     event: Event = _event_decoder.decode(line)
                     return event
                 if msg.ok is None:

@@ -12,7 +12,9 @@ import msgspec
 from .wire import (
     Amount,
     ErrorCode,
+    ExpiresIn,
     HistoryLimit,
+    Memo,
     Name,
     NewPassword,
     Password,
@@ -52,6 +54,8 @@ class Login(RequestBase, tag="login"):
 
 class Deposit(RequestBase, tag="deposit"):
     amount: Amount
+    #: the client's id for this deposit: a retry with it moves money once
+    deposit_id: PaymentId | None = None
 
 
 class ListOnline(RequestBase, tag="list"):
@@ -68,6 +72,7 @@ class Settle(RequestBase, tag="settle"):
     amount: Amount
     #: the payee's signature over the payment (base64 of DER ECDSA), from its accept message
     acceptance: Signature
+    memo: Memo | None = None
 
 
 class History(RequestBase, tag="history"):
@@ -78,8 +83,58 @@ class Logout(RequestBase, tag="logout"):
     pass
 
 
+class MakeRequest(RequestBase, tag="request"):
+    """Ask ``payer`` to pay me ``amount`` (a payment request, held by the server)."""
+
+    payer: Name
+    amount: Amount
+    memo: Memo | None = None
+    #: seconds until it expires (default and maximum: the server's)
+    expires_in: ExpiresIn | None = None
+
+
+class ListRequests(RequestBase, tag="requests"):
+    pass
+
+
+class PayRequest(RequestBase, tag="pay_request"):
+    request_id: PaymentId
+
+
+class DeclineRequest(RequestBase, tag="decline_request"):
+    request_id: PaymentId
+
+
+class CancelRequest(RequestBase, tag="cancel_request"):
+    request_id: PaymentId
+
+
+class GetReceipt(RequestBase, tag="receipt"):
+    payment_id: PaymentId
+
+
+class Passwd(RequestBase, tag="passwd"):
+    old_password: Password
+    new_password: NewPassword
+
+
 Request: TypeAlias = (
-    Hello | Register | Login | Deposit | ListOnline | Lookup | Settle | History | Logout
+    Hello
+    | Register
+    | Login
+    | Deposit
+    | ListOnline
+    | Lookup
+    | Settle
+    | History
+    | Logout
+    | MakeRequest
+    | ListRequests
+    | PayRequest
+    | DeclineRequest
+    | CancelRequest
+    | GetReceipt
+    | Passwd
 )
 
 
@@ -108,6 +163,21 @@ class Presence(msgspec.Struct, frozen=True):
     port: int | None
 
 
+class RequestInfo(msgspec.Struct, frozen=True):
+    """A payment request: ``requester`` asks ``payer`` for ``amount``. ``state``: open, paid,
+    declined, cancelled or expired. Paying it makes the payment whose id is ``request_id``."""
+
+    request_id: PaymentId
+    requester: str
+    payer: str
+    amount: int
+    memo: str | None
+    created_ms: int
+    expires_ms: int
+    state: str
+    closed_ms: int | None = None
+
+
 class LoginResult(msgspec.Struct, frozen=True):
     name: str
     balance: int
@@ -116,6 +186,8 @@ class LoginResult(msgspec.Struct, frozen=True):
     #: the session's peer certificate (PEM) and the CA that issued it, when a CSR was sent
     certificate: str | None = None
     peer_ca: str | None = None
+    #: your requests paid or declined since you were last told (oldest first)
+    request_news: list[RequestInfo] = msgspec.field(default_factory=list)
 
 
 class BalanceResult(msgspec.Struct, frozen=True):
@@ -127,14 +199,16 @@ class ListResult(msgspec.Struct, frozen=True):
     online: list[Presence]
 
 
-class SettleResult(msgspec.Struct, frozen=True):
-    """The outcome of a settlement; a retry with the same payment id gets it again, unchanged."""
+class SettleResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The outcome of a settlement; a retry with the same payment id gets it again, unchanged.
+    (No memo: no ``memo`` field, as before memos.)"""
 
     payment_id: PaymentId
     payer: str
     payee: str
     amount: int
     balance: int  # the payer's balance right after this payment
+    memo: str | None = None
 
 
 class HistoryEntry(msgspec.Struct, frozen=True):
@@ -144,6 +218,7 @@ class HistoryEntry(msgspec.Struct, frozen=True):
     at_ms: int
     counterparty: str | None = None
     payment_id: PaymentId | None = None
+    memo: str | None = None
 
 
 class HistoryResult(msgspec.Struct, frozen=True):
@@ -151,6 +226,31 @@ class HistoryResult(msgspec.Struct, frozen=True):
 
 
 class LogoutResult(msgspec.Struct, frozen=True):
+    pass
+
+
+class RequestsResult(msgspec.Struct, frozen=True):
+    """Open requests: ``incoming`` ask you to pay, ``outgoing`` are yours; newest first."""
+
+    incoming: list[RequestInfo]
+    outgoing: list[RequestInfo]
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    """A settlement's receipt, signed by the server's receipt key (see p2ppay.receipts)."""
+
+    format: str
+    payment_id: str
+    payer: str
+    payee: str
+    amount: int
+    memo: str | None
+    at_ms: int
+    certificate: str
+    signature: str
+
+
+class PasswdResult(msgspec.Struct, frozen=True):
     pass
 
 
@@ -164,6 +264,10 @@ Result: TypeAlias = (
     | SettleResult
     | HistoryResult
     | LogoutResult
+    | RequestInfo
+    | RequestsResult
+    | Receipt
+    | PasswdResult
 )
 
 #: Every op, declared once: its request type and the type of its result. (Which op is legal
@@ -180,6 +284,13 @@ OP_TYPES: Final[Mapping[str, tuple[type[RequestBase], type[Any]]]] = {
         (Settle, SettleResult),
         (History, HistoryResult),
         (Logout, LogoutResult),
+        (MakeRequest, RequestInfo),
+        (ListRequests, RequestsResult),
+        (PayRequest, SettleResult),
+        (DeclineRequest, RequestInfo),
+        (CancelRequest, RequestInfo),
+        (GetReceipt, Receipt),
+        (Passwd, PasswdResult),
     )
 }
 OPS: Final[frozenset[str]] = frozenset(OP_TYPES)
@@ -193,11 +304,25 @@ class EventBase(msgspec.Struct, tag_field="event", forbid_unknown_fields=False):
     pass
 
 
-class PaymentReceived(EventBase, tag="payment_received"):
+class PaymentReceived(EventBase, tag="payment_received", omit_defaults=True):
     payment_id: PaymentId
     payer: str
     amount: int
     balance: int  # the payee's balance right after this payment
+    memo: str | None = None
+
+
+class PaymentRequested(EventBase, tag="payment_request"):
+    """Someone asks you to pay them (``request``)."""
+
+    request: RequestInfo
+
+
+class RequestClosed(EventBase, tag="request_closed"):
+    """A request between you and someone else was paid or declined (told to its requester)
+    or cancelled (told to its payer)."""
+
+    request: RequestInfo
 
 
 class SessionReplaced(EventBase, tag="session_replaced"):
@@ -208,7 +333,9 @@ class ServerClosing(EventBase, tag="server_closing"):
     message: str
 
 
-Event: TypeAlias = PaymentReceived | SessionReplaced | ServerClosing
+Event: TypeAlias = (
+    PaymentReceived | SessionReplaced | ServerClosing | PaymentRequested | RequestClosed
+)
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -255,13 +382,15 @@ class PeerMessageBase(msgspec.Struct, tag_field="type", forbid_unknown_fields=Tr
     pass
 
 
-class Offer(PeerMessageBase, tag="offer"):
-    """Payer -> payee: "I would like to pay you this"."""
+class Offer(PeerMessageBase, tag="offer", omit_defaults=True):
+    """Payer -> payee: "I would like to pay you this" (an offer without a memo is encoded
+    without the field, as before memos)."""
 
     payment_id: PaymentId
     payer: Name
     payee: Name
     amount: Amount
+    memo: Memo | None = None
 
 
 class Accept(PeerMessageBase, tag="accept"):

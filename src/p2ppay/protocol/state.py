@@ -36,6 +36,13 @@ TRANSITIONS: Final[Mapping[tuple[State, str], State]] = {
     (_U, "settle"): _U,
     (_U, "history"): _U,
     (_U, "logout"): _N,
+    (_U, "request"): _U,
+    (_U, "requests"): _U,
+    (_U, "pay_request"): _U,
+    (_U, "decline_request"): _U,
+    (_U, "cancel_request"): _U,
+    (_U, "receipt"): _U,
+    (_U, "passwd"): _U,
 }
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, TypeAlias
 
 import msgspec
 
-from ..constraints import MAX_AMOUNT, MAX_HISTORY, MAX_PORT, MIN_PORT
+from ..constraints import MAX_AMOUNT, MAX_HISTORY, MAX_MEMO, MAX_PORT, MIN_PORT
 from ..errors import CodedError
 from ..names import NAME_PATTERN
 
@@ -37,6 +37,11 @@ RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 HistoryLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY)]
 Pem = Annotated[str, msgspec.Meta(max_length=8192)]
 Signature = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+#: A memo's length; that every character is printable is checked where it is used
+#: (``constraints.is_memo``: the server's handlers, the payee, the client).
+Memo = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MEMO)]
+#: Seconds until a payment request expires.
+ExpiresIn = Annotated[int, msgspec.Meta(ge=1, le=10**9)]
 
 #: A payment id on the wire: a UUID in its canonical text form only (36 characters, lower-case
 #: hex, dashes at 8-4-4-4-12), so that one payment has exactly one spelling.
@@ -105,6 +110,19 @@ class ErrorCode(enum.StrEnum):
     BAD_CSR = "bad_csr"
     # Presence.
     PAYEE_OFFLINE = "payee_offline"
+    #: deposit: the deposit id was used for another account or amount
+    DEPOSIT_ID_CONFLICT = "deposit_id_conflict"
+    # Payment requests and receipts.
+    #: no request by this id that you may pay, decline or cancel
+    UNKNOWN_REQUEST = "unknown_request"
+    REQUEST_EXPIRED = "request_expired"
+    REQUEST_PAID = "request_paid"
+    REQUEST_DECLINED = "request_declined"
+    REQUEST_CANCELLED = "request_cancelled"
+    #: you, or the account you ask, have as many open requests as the server allows
+    TOO_MANY_REQUESTS = "too_many_requests"
+    #: receipt: no settled payment by this id that you paid or received
+    UNKNOWN_PAYMENT = "unknown_payment"
     # Server.
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal_error"

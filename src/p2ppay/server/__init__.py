@@ -2,7 +2,8 @@
 
 - :mod:`.config`: every limit (:class:`ServerConfig`) and how to run a process
 - :mod:`.admission`: connection limits and the TLS handshake
-- :mod:`.presence`: who is online, where (both dialects)
+- :mod:`.presence`: who is online, where (both dialects); :mod:`.pg_presence` shares it
+  between the nodes of one PostgreSQL database
 - :mod:`.accounts`: passwords, throttling, certificates, acceptance checks
 - :mod:`.base`: what every session is; :mod:`.native` and :mod:`.course_session` are the two
 - :mod:`.app`: the :class:`Server` that owns the connections and the order of shutdown

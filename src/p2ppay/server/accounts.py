@@ -190,6 +190,12 @@ class Accounts:
             return  # no current key already (a login without a CSR, say): no ledger write
         await self._set_peer_key(name, None)
 
+    def forget_peer_key(self, name: str) -> None:
+        """Drop what this process knows of ``name``'s key (another node logged it in with a new
+        one): the next check reads the ledger. Never unsafe: the ledger settles only with the
+        key it holds."""
+        self._peer_keys.pop(name, None)
+
     async def _set_peer_key(
         self, name: str, entry: tuple[EllipticCurvePublicKey, int, bytes] | None
     ) -> None:
@@ -204,7 +210,13 @@ class Accounts:
             raise
 
     async def check_acceptance(
-        self, payment_id: uuid.UUID, payer: str, payee: str, amount: int, acceptance: str
+        self,
+        payment_id: uuid.UUID,
+        payer: str,
+        payee: str,
+        amount: int,
+        acceptance: str,
+        memo: str | None = None,
     ) -> bytes:
         """The payee's current key (DER) if ``acceptance`` is the payee's signature over this
         very payment, made with the key certified for the payee's current session; else
@@ -235,7 +247,7 @@ class Accounts:
         except ValueError:
             raise _refused("the acceptance is not base64") from None
         check = _Check(
-            partial(verify_acceptance, key, signature, str(payment_id), payer, payee, amount)
+            partial(verify_acceptance, key, signature, str(payment_id), payer, payee, amount, memo)
         )
         self._checks_in.send_nowait(check)
         await check.done.wait()

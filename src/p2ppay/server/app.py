@@ -23,13 +23,15 @@ from ..course import REFERENCE, Dialect
 from ..hashing import Work
 from ..limits import LimitLog
 from ..metrics import ServerMetrics
-from ..pki import Issuer
+from ..pki import Issuer, create_ca
+from ..receipts import ReceiptSigner
 from .accounts import Accounts
 from .admission import Admission
 from .base import SessionBase
 from .config import ServerConfig
 from .course_session import CourseSession
 from .native import Session
+from .pg_presence import PgPresence
 from .presence import LocalPresence, Presence
 
 log = logging.getLogger("p2ppay.server")
@@ -51,8 +53,14 @@ class Server:
         course_dialect: Dialect = REFERENCE,
         hash_work: Work | None = None,
         wall_clock: Callable[[], float] = time.time,
+        presence: Presence | None = None,
+        receipts: ReceiptSigner | None = None,
     ) -> None:
+        """``presence``: who is online (default: this process only; several nodes share a
+        :class:`~.pg_presence.PgPresence`)."""
         self.ledger = ledger
+        #: signs receipts (without one: a throwaway signer, for tests that do not check them)
+        self.receipts = receipts or ReceiptSigner.ephemeral(create_ca("p2ppay throwaway CA"))
         self.config = cfg = config or ServerConfig()
         self.limit_log = LimitLog(log, clock=trio.current_time)
         self.admission = Admission(
@@ -66,7 +74,9 @@ class Server:
         self.accounts = Accounts(
             ledger, issuer, cfg, self.limit_log, hash_work=hash_work, wall_clock=wall_clock
         )
-        self.presence: Presence = LocalPresence()
+        self.presence: Presence = presence if presence is not None else LocalPresence()
+        if isinstance(presence, PgPresence):  # a login elsewhere may have changed a key
+            presence.logged_in_elsewhere = self.accounts.forget_peer_key
         self.sessions: set[SessionBase] = set()
         #: the course dialect's login reply names this (base64 DER of the server's key)
         self.server_public_key = server_public_key

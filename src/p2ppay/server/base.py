@@ -19,6 +19,7 @@ from .. import logs
 from ..course import Dialect
 from ..limits import LimitLog
 from ..metrics import ServerMetrics
+from ..receipts import ReceiptSigner
 from ..sending import Outgoing
 from .accounts import Accounts
 from .config import ServerConfig
@@ -39,6 +40,8 @@ class Host(Protocol):
     server_public_key: str
     course_dialect: Dialect
     metrics: ServerMetrics
+    #: signs receipts of settlements
+    receipts: ReceiptSigner
 
     @property
     def closing(self) -> bool:
@@ -77,6 +80,13 @@ class SessionBase:
     def replaced(self, by_ip: str) -> None:
         """A newer login of the same account took over (see :mod:`.presence`)."""
         raise NotImplementedError
+
+    def paid(self, transfer: lg.Transfer) -> None:
+        """A payment to this session's account was settled (only native sessions are told)."""
+
+    def told(self, line: bytes) -> None:
+        """A line for this session's client from elsewhere (a course transfer's outcome)."""
+        self.send_soon(line)
 
     async def serve(self) -> None:
         """Answer the peer until the conversation is over."""

@@ -19,7 +19,7 @@ DEFAULT_PORT: Final = 8700
 
 #: who may bring money in: every user (``deposit``), or only the operator (``admin credit``)
 DepositPolicy = Literal["open", "operator"]
-LEDGER_FILE: Final = "ledger.sqlite3"
+LEDGER_FILE: Final = "ledger.sqlite3"  # in the state directory, unless --ledger says else
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +119,25 @@ class ServerConfig:
         seconds_or_off,
     )
     scrypt: ScryptParams = field(default_factory=ScryptParams)
+    request_expiry: float = setting(
+        24 * 3600.0,
+        "--request-expiry",
+        "seconds a payment request stays open when its requester gives no --expires",
+        seconds,
+    )
+    max_request_expiry: float = setting(
+        30 * 24 * 3600.0,
+        "--max-request-expiry",
+        "the longest a payment request may stay open, in seconds",
+        seconds,
+    )
+    #: so that nobody can flood someone with requests (nor keep unbounded state here)
+    max_open_requests: int = setting(
+        100,
+        "--max-open-requests",
+        "open payment requests one account may have made, and may have waiting for it",
+        count,
+    )
     #: "operator": users' deposits are refused (and course accounts start empty)
     deposits: DepositPolicy = setting(
         "open",
@@ -130,6 +149,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_depth <= p.MAX_DEPTH_CAP:
             raise ValueError(f"--max-depth must be within 1..{p.MAX_DEPTH_CAP}")
+        if not 1 <= self.request_expiry <= self.max_request_expiry:
+            raise ValueError("--request-expiry must be within 1 s..--max-request-expiry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +178,29 @@ class ServerOptions:
         action="append",
         metavar="NAME",
         convert=tuple,
+    )
+    #: a str, not a Path: a URL must keep its "//"
+    ledger: str | None = setting(
+        None,
+        "--ledger",
+        "where the ledger is: an SQLite file, or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB "
+        "(several nodes may share one PostgreSQL database; see docs/scaling.md)",
+        metavar="PATH_OR_URL",
+        default_text=f"{LEDGER_FILE} in the state directory",
+    )
+    #: only with a PostgreSQL ledger (presence is shared then)
+    node_heartbeat: float = setting(
+        5.0,
+        "--node-heartbeat",
+        "seconds between this node's heartbeats in PostgreSQL (with a postgresql:// ledger)",
+        seconds,
+    )
+    node_expiry: float = setting(
+        15.0,
+        "--node-expiry",
+        "seconds without a heartbeat after which a node counts as dead and its users as gone "
+        "(with a postgresql:// ledger)",
+        seconds,
     )
     limits: lg.Limits = field(default_factory=lg.Limits)
     config: ServerConfig = field(default_factory=ServerConfig)
@@ -201,6 +245,8 @@ class ServerOptions:
             0 <= self.config.course_initial_balance <= self.limits.max_deposit
         ):
             raise ValueError("--course-initial-balance must be within 0..--max-deposit")
+        if self.node_heartbeat >= self.node_expiry:
+            raise ValueError("--node-heartbeat must be shorter than --node-expiry")
         if (self.cert is None) != (self.key is None):
             raise ValueError("--cert and --key go together")
         ports = [("--port", self.port), ("--course-port", self.course_port)]

@@ -189,7 +189,7 @@ class CourseSession(SessionBase):
         presence, dialect, key = self.host.presence, self.dialect, self.host.server_public_key
 
         async def build() -> bytes:
-            return dialect.roster(0, key, presence.course_roster()).split(b"\n", 1)[1]
+            return dialect.roster(0, key, await presence.course_roster()).split(b"\n", 1)[1]
 
         # Both flavours' replies are a first line with the balance, then who is online: that
         # part is encoded once per change of presence.
@@ -261,9 +261,8 @@ class CourseSession(SessionBase):
         outcome = course.TRANSFER_FAIL if isinstance(moved, lg.LedgerError) else course.TRANSFER_OK
         # Success or not, the outcome is the payer's, who waits for it; the payee is told
         # nothing (its client is not reading for a reply).
-        payer = self.host.presence.local(message.payer, course=True)
-        if payer is self:
+        presence = self.host.presence
+        if presence.local(message.payer, course=True) is self:
             return outcome  # paying oneself (refused): the answer in line, in order
-        if isinstance(payer, CourseSession):
-            payer.send_soon(outcome)
+        presence.tell_course(message.payer, outcome)  # on whichever node the payer is
         return None

@@ -31,4 +31,11 @@ LEDGER_CODES: Final[dict[type[lg.LedgerError], p.ErrorCode]] = {
     lg.Unauthorized: p.ErrorCode.BAD_ACCEPTANCE,
     lg.AccountFrozen: p.ErrorCode.ACCOUNT_FROZEN,
     lg.LedgerUnavailable: p.ErrorCode.INTERNAL,
+    lg.DepositIdConflict: p.ErrorCode.DEPOSIT_ID_CONFLICT,
+    lg.UnknownRequest: p.ErrorCode.UNKNOWN_REQUEST,
+    lg.RequestExpired: p.ErrorCode.REQUEST_EXPIRED,
+    lg.RequestPaid: p.ErrorCode.REQUEST_PAID,
+    lg.RequestDeclined: p.ErrorCode.REQUEST_DECLINED,
+    lg.RequestCancelled: p.ErrorCode.REQUEST_CANCELLED,
+    lg.TooManyRequests: p.ErrorCode.TOO_MANY_REQUESTS,
 }

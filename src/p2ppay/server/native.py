@@ -9,6 +9,8 @@ it may act for its user (logged in, replaced by a newer login) is its own state.
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, final
 
@@ -17,7 +19,9 @@ import trio
 from .. import __version__
 from .. import ledger as lg
 from .. import protocol as p
+from ..constraints import memo_problem
 from ..names import name_key
+from ..receipts import ReceiptFacts
 from . import listing
 from .base import Host, SessionBase
 from .errors import LEDGER_CODES, RequestFailed
@@ -65,6 +69,10 @@ class Session(SessionBase):
             p.encode_event(p.SessionReplaced(f"{self.user} logged in from {by_ip}")),
             then_close=True,
         )
+
+    def paid(self, transfer: lg.Transfer) -> None:
+        t = transfer
+        self.push(p.PaymentReceived(t.payment_id, t.payer, t.amount, t.payee_balance, t.memo))
 
     def push(self, event: p.Event) -> None:
         """Deliver an event without making the caller wait for this peer."""
@@ -220,6 +228,9 @@ class Session(SessionBase):
         name = account.name  # as registered, whatever the letter case of the login
         cert = await accounts.certify(name, req.csr)
         await self.host.ledger.record_login(name)  # before anything here changes
+        # What happened to this account's payment requests while it was away (from now on
+        # they count as told: the reply below tells them).
+        news = await self.host.ledger.request_news(name)
         self.user = name
         self.p2p_port = req.p2p_port
         self.replaced_by = None
@@ -232,6 +243,7 @@ class Session(SessionBase):
             req.p2p_port,
             cert.pem if cert else None,
             accounts.issuer.ca_pem if cert else None,
+            [_request_info(r) for r in news],
         )
 
     def _me(self) -> str:
@@ -243,7 +255,9 @@ class Session(SessionBase):
             raise RequestFailed(
                 p.ErrorCode.DEPOSITS_CLOSED, "on this server only the operator brings money in"
             )
-        return p.BalanceResult(await self.host.ledger.deposit(self._me(), req.amount))
+        return p.BalanceResult(
+            await self.host.ledger.deposit(self._me(), req.amount, req.deposit_id)
+        )
 
     async def _list(self, req: p.ListOnline) -> _Encoded:
         account = await self.host.ledger.account(self._me())
@@ -271,6 +285,7 @@ class Session(SessionBase):
         payer = self._me()
         if name_key(req.payee) == name_key(payer):
             raise RequestFailed(p.ErrorCode.SELF_PAYMENT, "you cannot pay yourself")
+        _check_memo(req.memo)
         # The payee's acceptance is checked before the ledger sees the payment. Only a new
         # payment needs it: a retry of one settled before (perhaps before the payee's key
         # changed, so that the check now fails) gets its stored outcome; that is looked up
@@ -278,35 +293,44 @@ class Session(SessionBase):
         key: bytes | None
         try:
             key = await self.host.accounts.check_acceptance(
-                req.payment_id, payer, req.payee, req.amount, req.acceptance
+                req.payment_id, payer, req.payee, req.amount, req.acceptance, req.memo
             )
         except RequestFailed:
             if await self.host.ledger.transfer(req.payment_id) is None:
                 raise
             key = None  # settled before: the ledger answers with what it stored
         t = await self.host.ledger.settle(
-            req.payment_id, payer, req.payee, req.amount, accepted_with=key
+            req.payment_id, payer, req.payee, req.amount, accepted_with=key, memo=req.memo
         )
         if not t.replayed:
-            log.debug(
-                "%s: settled %s: %s -> %s %d",
-                self.ip,
-                t.payment_id,
-                t.payer,
-                t.payee,
-                t.amount,
-                extra={"payment_id": str(t.payment_id)},
-            )
-            payee = self.host.presence.local(t.payee)
-            if isinstance(payee, Session):
-                payee.push(p.PaymentReceived(t.payment_id, t.payer, t.amount, t.payee_balance))
-        return p.SettleResult(t.payment_id, t.payer, t.payee, t.amount, t.payer_balance)
+            self._settled(t)
+        return p.SettleResult(t.payment_id, t.payer, t.payee, t.amount, t.payer_balance, t.memo)
+
+    def _settled(self, t: lg.Transfer) -> None:
+        """Log a new settlement and tell its payee, on whichever node it is online."""
+        log.debug(
+            "%s: settled %s: %s -> %s %d",
+            self.ip,
+            t.payment_id,
+            t.payer,
+            t.payee,
+            t.amount,
+            extra={"payment_id": str(t.payment_id)},
+        )
+        self.host.presence.settled(t)  # (presence knows how to reach the payee's node)
+
+    def _local(self, name: str) -> Session | None:
+        """``name``'s native session on this server, if it is online here."""
+        session = self.host.presence.local(name)
+        return session if isinstance(session, Session) else None
 
     async def _history(self, req: p.History) -> p.HistoryResult:
         entries = await self.host.ledger.history(self._me(), req.limit)
         return p.HistoryResult(
             [
-                p.HistoryEntry(e.kind, e.amount, e.balance, e.at_ms, e.counterparty, e.payment_id)
+                p.HistoryEntry(
+                    e.kind, e.amount, e.balance, e.at_ms, e.counterparty, e.payment_id, e.memo
+                )
                 for e in entries
             ]
         )
@@ -320,6 +344,126 @@ class Session(SessionBase):
         self.p2p_port = None
         self.anonymous_since = trio.current_time()
         return p.LogoutResult()
+
+    # -- payment requests, receipts, passwords --
+
+    async def _request(self, req: p.MakeRequest) -> p.RequestInfo:
+        cfg = self.host.config
+        _check_memo(req.memo)
+        lifetime = cfg.request_expiry if req.expires_in is None else req.expires_in
+        if lifetime > cfg.max_request_expiry:
+            raise RequestFailed(
+                p.ErrorCode.BAD_REQUEST,
+                f"a request may stay open at most {cfg.max_request_expiry:g} s",
+            )
+        expires_ms = int((time.time() + lifetime) * 1000)
+        # (no such payer: UnknownAccount, answered unknown_user)
+        made = await self.host.ledger.create_request(
+            uuid.uuid4(),
+            self._me(),
+            req.payer,
+            req.amount,
+            req.memo,
+            expires_ms,
+            cfg.max_open_requests,
+        )
+        info = _request_info(made)
+        payer = self._local(made.payer)
+        if payer is not None:
+            payer.push(p.PaymentRequested(info))
+        log.info("%s: %s asks %s for %d", self.ip, made.requester, made.payer, made.amount)
+        return info
+
+    async def _requests(self, req: p.ListRequests) -> p.RequestsResult:
+        incoming, outgoing = await self.host.ledger.open_requests(
+            self._me(), self.host.config.max_open_requests
+        )
+        return p.RequestsResult(
+            [_request_info(r) for r in incoming], [_request_info(r) for r in outgoing]
+        )
+
+    async def _pay_request(self, req: p.PayRequest) -> p.SettleResult:
+        # The requester's consent is the request it made over its own authenticated session:
+        # no signature to check (and the requester may be offline meanwhile).
+        t, paid = await self.host.ledger.pay_request(req.request_id, self._me())
+        if not t.replayed:
+            self._settled(t)
+            # The requester hears now if online here; otherwise at its next login.
+            requester = self._local(t.payee)
+            if requester is not None:
+                requester.push(p.RequestClosed(_request_info(paid)))
+                await self.host.ledger.told(req.request_id)
+        return p.SettleResult(t.payment_id, t.payer, t.payee, t.amount, t.payer_balance, t.memo)
+
+    async def _decline_request(self, req: p.DeclineRequest) -> p.RequestInfo:
+        closed = await self.host.ledger.close_request(req.request_id, self._me(), "declined")
+        info = _request_info(closed)
+        requester = self._local(closed.requester)
+        if requester is not None:
+            requester.push(p.RequestClosed(info))
+            await self.host.ledger.told(req.request_id)
+        return info
+
+    async def _cancel_request(self, req: p.CancelRequest) -> p.RequestInfo:
+        closed = await self.host.ledger.close_request(req.request_id, self._me(), "cancelled")
+        info = _request_info(closed)
+        payer = self._local(closed.payer)
+        if payer is not None:
+            payer.push(p.RequestClosed(info))
+        return info
+
+    async def _receipt(self, req: p.GetReceipt) -> p.Receipt:
+        me = name_key(self._me())
+        t = await self.host.ledger.transfer(req.payment_id)
+        if t is None or me not in (name_key(t.payer), name_key(t.payee)):
+            # The same answer for "no such payment" and "not yours": ids tell nobody anything.
+            raise RequestFailed(
+                p.ErrorCode.UNKNOWN_PAYMENT, f"no settled payment {req.payment_id} of yours"
+            )
+        facts = ReceiptFacts(str(t.payment_id), t.payer, t.payee, t.amount, t.memo, t.at_ms)
+        signed = await trio.to_thread.run_sync(self.host.receipts.sign, facts)
+        return p.Receipt(**signed)
+
+    async def _passwd(self, req: p.Passwd) -> p.PasswdResult:
+        me = self._me()
+        accounts = self.host.accounts
+        try:
+            # Throttled and counted like a login: a session left open is no licence to guess.
+            await accounts.check_login(me, req.old_password, self.ip)
+        except RequestFailed as exc:
+            if exc.code is p.ErrorCode.AUTH_FAILED:
+                raise RequestFailed(exc.code, "the current password is wrong") from None
+            raise
+        digest = await accounts.hash_password(req.new_password, self.ip)
+        await self.host.ledger.change_password(me, digest)
+        # One session per account: any other (on another node, say) is ended, and with it
+        # its key; this session's key stays current.
+        other = self.host.presence.local(me)
+        if other is not None and other is not self:
+            other.replaced(self.ip)
+        log.info("%s: %s changed its password", self.ip, me)
+        return p.PasswdResult()
+
+
+def _check_memo(memo: str | None) -> None:
+    if memo is not None:
+        problem = memo_problem(memo)
+        if problem is not None:
+            raise RequestFailed(p.ErrorCode.BAD_REQUEST, problem)
+
+
+def _request_info(r: lg.PaymentRequest) -> p.RequestInfo:
+    return p.RequestInfo(
+        r.request_id,
+        r.requester,
+        r.payer,
+        r.amount,
+        r.memo,
+        r.created_ms,
+        r.expires_ms,
+        r.state,
+        r.closed_ms,
+    )
 
 
 # One handler per op, named after it (_hello, _register, ...): a missing one fails here. Kept

@@ -2,14 +2,19 @@
 
 A login *takes over* its name: an older session of the same account is told it was replaced
 (its own state machine then refuses what only a current session may do) and logs out. The
-in-process :class:`LocalPresence` is the only backend so far; a shared one (several server
-nodes) implements the same interface.
+in-process :class:`LocalPresence` serves one process; :mod:`.pg_presence` shares presence
+between several server nodes on one PostgreSQL database, behind the same interface.
+
+What crosses nodes goes through presence too, so that the sessions never ask which backend
+they run on: a settled payment's event for the payee (:meth:`Presence.settled`) and a course
+transfer's outcome for the payer (:meth:`Presence.tell_course`).
 """
 
 from __future__ import annotations
 
 from typing import Protocol, final
 
+from .. import ledger as lg
 from .. import protocol as p
 from ..names import NameMap, name_key
 
@@ -30,6 +35,12 @@ class Member(Protocol):
 
     def replaced(self, by_ip: str) -> None:
         """A newer login of the same account (from ``by_ip``) has taken over."""
+
+    def paid(self, transfer: lg.Transfer) -> None:
+        """A payment to this member's account has been settled (tell the client, best effort)."""
+
+    def told(self, line: bytes) -> None:
+        """Send the course client this line (a transfer's outcome), best effort."""
 
 
 class Presence(Protocol):
@@ -54,8 +65,15 @@ class Presence(Protocol):
     async def listing(self, limit: int) -> list[p.Presence]:
         """Native users online, by name, at most ``limit``."""
 
-    def course_roster(self) -> list[tuple[str, str, int]]:
+    async def course_roster(self) -> list[tuple[str, str, int]]:
         """Course users online as (name, ip, port), in the order they came online."""
+
+    def settled(self, transfer: lg.Transfer) -> None:
+        """``transfer`` was just settled by this process (new, not a replay): tell its payee,
+        wherever the payee is online (a shared backend may do it from the ledger instead)."""
+
+    def tell_course(self, name: str, line: bytes) -> None:
+        """Send ``line`` to the course user ``name``, wherever it is online (best effort)."""
 
     def names(self, *, course: bool = False) -> list[str]:
         """Who is online through this server process (as registered)."""
@@ -105,8 +123,18 @@ class LocalPresence:
         members = sorted(self._native.values(), key=lambda m: name_key(m.user or ""))
         return [p.Presence(m.user or "", m.ip, m.listed_port) for m in members[:limit]]
 
-    def course_roster(self) -> list[tuple[str, str, int]]:
+    async def course_roster(self) -> list[tuple[str, str, int]]:
         return [(name, m.ip, m.listed_port or 0) for name, m in self._course.items()]
+
+    def settled(self, transfer: lg.Transfer) -> None:
+        payee = self._native.get(transfer.payee)
+        if payee is not None:
+            payee.paid(transfer)
+
+    def tell_course(self, name: str, line: bytes) -> None:
+        member = self._course.get(name)
+        if member is not None:
+            member.told(line)
 
     def __len__(self) -> int:
         return len(self._native) + len(self._course)

@@ -1,5 +1,5 @@
 """Running a real server process: the state directory, certificates, listeners, the ledger
-file, and SIGINT/SIGTERM."""
+(a file, or a PostgreSQL database shared with other nodes), and SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,23 +9,27 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
 from pathlib import Path
 
+import psycopg
 import trio
 
 from .. import ledger as lg
+from ..ledger.pgschema import describe, open_connection
 from ..metrics import serve_metrics
 from ..pki import IdentityError, Issuer, ensure_server_credentials, public_key_line
+from ..receipts import ReceiptSigner
 from ..tls import server_context
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
+from .pg_presence import PgPresence, one_line, open_pg_presence
 
 log = logging.getLogger("p2ppay.server")
 
-#: opens the ledger at a path, with the server's limits and batch size
-OpenLedger = Callable[..., AbstractAsyncContextManager[lg.SqliteLedger]]
+#: opens the ledger at a path or URL, with the server's limits and batch size
+OpenLedger = Callable[..., AbstractAsyncContextManager[lg.AnyLedger]]
 
 
 class StartupError(Exception):
@@ -61,6 +65,15 @@ def prepare_state_dir(state_dir: Path) -> None:
                 raise StartupError(f"cannot write the ledger file {path}: {exc.strerror}") from None
 
 
+def check_postgres(url: str) -> None:
+    """Connect once to the PostgreSQL ledger: an unreachable server is one clear line at start
+    (naming the server, never the password)."""
+    try:
+        open_connection(url).close()
+    except lg.LedgerUnavailable as exc:
+        raise StartupError(f"the ledger cannot be used: {exc}") from None
+
+
 async def _bind(port: int, host: str | None) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
@@ -77,14 +90,18 @@ async def run_server(
     options: ServerOptions,
     *,
     handle_signals: bool = False,
-    open_ledger: OpenLedger = lg.open_sqlite_ledger,
+    open_ledger: OpenLedger = lg.open_ledger,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until shut down (by SIGINT/SIGTERM if ``handle_signals``); started() gets addresses
     (the native listeners' first, then the course dialect's). ``open_ledger`` opens the
-    ledger file (a seam: the crash tests run a server whose ledger misbehaves on purpose)."""
+    ledger (a seam: the crash tests run a server whose ledger misbehaves on purpose)."""
     state_dir = options.state_dir
     await trio.to_thread.run_sync(prepare_state_dir, state_dir)
+    target: Path | str = options.ledger or state_dir / LEDGER_FILE
+    postgres = isinstance(target, str) and lg.is_postgres_url(target)
+    if postgres:
+        await trio.to_thread.run_sync(check_postgres, str(target))
     if options.cert and options.key:
         cert_path: Path = options.cert
         try:
@@ -108,6 +125,7 @@ async def run_server(
             cert_path = creds.cert_chain
             ctx = server_context(creds.cert_chain, creds.key)
         issuer = await trio.to_thread.run_sync(Issuer.ensure, state_dir)
+        receipts = await trio.to_thread.run_sync(ReceiptSigner.ensure, state_dir)
     except (ValueError, TypeError, IdentityError, ssl.SSLError) as exc:
         reason = str(exc).split(". ")[0]
         raise StartupError(
@@ -126,9 +144,24 @@ async def run_server(
             course_listeners = await _bind(options.course_port, options.host)
         if options.metrics_port is not None:
             metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
-        async with open_ledger(
-            state_dir / LEDGER_FILE, options.limits, max_batch=options.max_batch
-        ) as ledger:
+        async with AsyncExitStack() as opened:
+            ledger = await opened.enter_async_context(
+                open_ledger(target, options.limits, max_batch=options.max_batch)
+            )
+            presence: PgPresence | None = None
+            if postgres:  # who is online is shared by the nodes of that database too
+                url = str(target)
+                try:
+                    presence = await opened.enter_async_context(
+                        open_pg_presence(
+                            url, heartbeat=options.node_heartbeat, expiry=options.node_expiry
+                        )
+                    )
+                except psycopg.Error as exc:
+                    raise StartupError(
+                        f"cannot keep who is online in PostgreSQL at {describe(url)}: "
+                        + one_line(exc)
+                    ) from None
             server = Server(
                 ledger,
                 ctx,
@@ -137,6 +170,8 @@ async def run_server(
                 server_public_key=key_line,
                 course_tls=options.course_tls,
                 course_dialect=options.course_dialect,
+                presence=presence,
+                receipts=receipts,
             )
             ledger.observer = server.metrics
             stranded = await ledger.invalid_names()

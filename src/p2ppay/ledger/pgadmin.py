@@ -1,0 +1,262 @@
+"""The operator's view of a PostgreSQL ledger: :class:`~.admin.LedgerAdmin` for ``p2ppay admin
+--ledger postgresql://...``, beside running nodes.
+
+Every change is one short transaction that locks what it touches (the account row, then the
+issuance row: the order a deposit takes them in), so it serialises with the nodes' batches;
+the nodes read what matters (frozen, the payee's key) inside their settle transaction, so a
+change holds from their next batch on. Reads (accounts, audit, export) run in one
+``REPEATABLE READ`` snapshot. Plain blocking code: the admin command is a short-lived process.
+A backup is PostgreSQL's own business (``pg_dump``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final, final
+
+from psycopg import errors as pgerrors
+
+from ..constraints import MAX_AMOUNT
+from ..names import name_key
+from .admin import (
+    AccountRow,
+    Adjustment,
+    AdjustmentKind,
+    AuditReport,
+    Check,
+    Movement,
+    NotNative,
+)
+from .interface import (
+    AmountOutOfRange,
+    BalanceLimit,
+    InsufficientFunds,
+    LedgerError,
+    LedgerUnavailable,
+    ReferenceConflict,
+    UnknownAccount,
+)
+from .pgschema import PgConnection, describe, migrate, open_connection
+
+#: no balance may pass this, whatever the server's --max-balance (which bounds only users)
+MAX_BALANCE: Final = MAX_AMOUNT
+#: most offending rows an audit check names
+_SHOWN: Final = 10
+#: a change that loses a deadlock to a node's batch is tried again this many times
+_ATTEMPTS: Final = 5
+
+_ACCOUNT_COLUMNS = "name, kind, balance, frozen, created_ms, last_login_ms"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@final
+class PgAdmin:
+    """:class:`~.admin.LedgerAdmin` on a PostgreSQL ledger. The database must already hold
+    one (an admin command never creates a ledger); an older schema is migrated, as a node
+    would."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._db: PgConnection = open_connection(url, autocommit=False)
+        try:
+            with self._db.transaction():
+                row = self._db.execute("SELECT to_regclass('p2ppay_schema')").fetchone()
+            if row is None or row[0] is None:
+                raise LedgerUnavailable(
+                    f"there is no p2ppay ledger at {describe(url)} (is --ledger right?)"
+                )
+            migrate(self._db, url)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- reading --
+
+    def accounts(self) -> list[AccountRow]:
+        with self._db.transaction():
+            rows = self._db.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY name_key"
+            ).fetchall()
+        return [AccountRow(n, k, b, bool(f), c, last) for n, k, b, f, c, last in rows]
+
+    def movements(self) -> Iterator[Movement]:
+        db = self._db
+        with db.transaction():
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            with db.cursor(name="p2ppay_export") as cur:  # server-side: streams, any size
+                cur.execute(
+                    "SELECT seq, at_ms, kind, payer, payee, amount, payer_balance_after,"
+                    " payee_balance_after, payment_id::text, reference FROM movements"
+                    " ORDER BY seq"
+                )
+                for row in cur:
+                    yield Movement(*row)
+
+    # -- changes: each one short transaction, tried again if it loses a deadlock --
+
+    def _resolve(self, name: str) -> tuple[str, str, int, bool]:
+        """Lock the account named ``name`` in any letter case: (name, kind, balance, frozen)."""
+        row = self._db.execute(
+            "SELECT name, kind, balance, frozen FROM accounts WHERE name_key = %s"
+            " FOR NO KEY UPDATE",
+            (name_key(name),),
+        ).fetchone()
+        if row is None:
+            raise UnknownAccount(f"no account {name!r}")
+        return row[0], row[1], int(row[2]), bool(row[3])
+
+    def adjust(self, kind: AdjustmentKind, name: str, amount: int, reference: str) -> Adjustment:
+        if not 1 <= amount <= MAX_AMOUNT:
+            raise AmountOutOfRange(f"the amount must be within 1..{MAX_AMOUNT}")
+        for attempt in range(_ATTEMPTS):
+            try:
+                with self._db.transaction():
+                    return self._adjust(kind, name, amount, reference)
+            except pgerrors.DeadlockDetected:
+                if attempt == _ATTEMPTS - 1:
+                    raise LedgerUnavailable("the ledger stayed too busy; try again") from None
+        raise AssertionError("unreachable")
+
+    def _adjust(self, kind: AdjustmentKind, name: str, amount: int, reference: str) -> Adjustment:
+        db = self._db
+        # Two operators using one reference at once: the second waits here, then replays.
+        db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (reference,))
+        account, _kind, balance, _frozen = self._resolve(name)
+        first = db.execute(
+            "SELECT kind, COALESCE(payee, payer), amount,"
+            " COALESCE(payee_balance_after, payer_balance_after), at_ms"
+            " FROM movements WHERE reference = %s",
+            (reference,),
+        ).fetchone()
+        if first is not None:
+            done_kind, done_name, done_amount, done_balance, at_ms = first
+            if (done_kind, done_name, done_amount) != (kind, account, amount):
+                raise ReferenceConflict(
+                    f"the reference {reference!r} was used for a {done_kind} of"
+                    f" {done_amount} to {done_name}"
+                )
+            return Adjustment(reference, kind, done_name, amount, done_balance, at_ms, True)
+        now = _now_ms()
+        if kind == "credit":
+            balance += amount
+            if balance > MAX_BALANCE:
+                raise BalanceLimit(f"the balance would exceed {MAX_BALANCE}")
+            db.execute(
+                "INSERT INTO movements(kind, reference, payee, amount, payee_balance_after,"
+                " at_ms) VALUES ('credit', %s, %s, %s, %s, %s)",
+                (reference, account, amount, balance, now),
+            )
+            db.execute("UPDATE issuance SET balance = balance - %s WHERE id = 1", (amount,))
+        else:
+            if balance < amount:
+                raise InsufficientFunds(f"{account}'s balance {balance} is less than {amount}")
+            balance -= amount
+            db.execute(
+                "INSERT INTO movements(kind, reference, payer, amount, payer_balance_after,"
+                " at_ms) VALUES ('debit', %s, %s, %s, %s, %s)",
+                (reference, account, amount, balance, now),
+            )
+            db.execute("UPDATE issuance SET balance = balance + %s WHERE id = 1", (amount,))
+        db.execute("UPDATE accounts SET balance = %s WHERE name = %s", (balance, account))
+        return Adjustment(reference, kind, account, amount, balance, now, False)
+
+    def set_frozen(self, name: str, frozen: bool) -> AccountRow:
+        with self._db.transaction():
+            account = self._resolve(name)[0]
+            row = self._db.execute(
+                f"UPDATE accounts SET frozen = %s WHERE name = %s RETURNING {_ACCOUNT_COLUMNS}",
+                (frozen, account),
+            ).fetchone()
+        assert row is not None
+        n, k, b, f, c, last = row
+        return AccountRow(n, k, b, bool(f), c, last)
+
+    def reset_password(self, name: str, password_hash: str) -> None:
+        with self._db.transaction():
+            account, kind, _balance, _frozen = self._resolve(name)
+            if kind != "native":
+                raise NotNative(f"{account} is a course account: it has no password")
+            # Clearing the key revokes the sessions' acceptances: every node's settle reads
+            # it inside its transaction. A new login certifies a new key.
+            self._db.execute(
+                "UPDATE accounts SET password_hash = %s, peer_key = NULL,"
+                " peer_key_expires_ms = NULL WHERE name = %s",
+                (password_hash, account),
+            )
+
+    # -- checking and copying --
+
+    def audit(self) -> AuditReport:
+        db = self._db
+        with db.transaction():  # every check sees the same snapshot
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return AuditReport(tuple(self._checks(db)))
+
+    def _checks(self, db: PgConnection) -> Iterator[Check]:
+        total, accounts = db.execute(
+            "SELECT COALESCE(SUM(balance), 0), COUNT(*) FROM accounts"
+        ).fetchone() or (0, 0)
+        issued, withdrawn = db.execute(
+            "SELECT COALESCE(SUM(CASE WHEN payer IS NULL THEN amount END), 0),"
+            " COALESCE(SUM(CASE WHEN payee IS NULL THEN amount END), 0) FROM movements"
+        ).fetchone() or (0, 0)
+        row = db.execute("SELECT balance FROM issuance WHERE id = 1").fetchone()
+        issuance = None if row is None else int(row[0])
+        outstanding = int(issued) - int(withdrawn)
+        yield Check(
+            "conservation",
+            int(total) == outstanding and issuance == -outstanding,
+            f"sum of {accounts} balances {total}; issued {issued} - withdrawn {withdrawn}"
+            f" = {outstanding}; issuance account {issuance}",
+        )
+        negative = db.execute(
+            "SELECT name, balance FROM accounts WHERE balance < 0 ORDER BY name LIMIT %s",
+            (_SHOWN,),
+        ).fetchall()
+        yield Check(
+            "no negative balance",
+            not negative,
+            ", ".join(f"{n}: {b}" for n, b in negative) or "none below 0",
+        )
+        wrong = db.execute(
+            "SELECT a.name, a.balance, COALESCE(i.total, 0) - COALESCE(o.total, 0)"
+            " FROM accounts AS a"
+            " LEFT JOIN (SELECT payee AS name, SUM(amount) AS total FROM movements"
+            "            WHERE payee IS NOT NULL GROUP BY payee) AS i ON i.name = a.name"
+            " LEFT JOIN (SELECT payer AS name, SUM(amount) AS total FROM movements"
+            "            WHERE payer IS NOT NULL GROUP BY payer) AS o ON o.name = a.name"
+            " WHERE a.balance <> COALESCE(i.total, 0) - COALESCE(o.total, 0)"
+            " ORDER BY a.name LIMIT %s",
+            (_SHOWN,),
+        ).fetchall()
+        yield Check(
+            "balances match movements",
+            not wrong,
+            ", ".join(f"{n}: balance {b}, movements say {m}" for n, b, m in wrong)
+            or "every account",
+        )
+        repeated = db.execute(
+            "SELECT payment_id, COUNT(*) FROM movements WHERE payment_id IS NOT NULL"
+            " GROUP BY payment_id HAVING COUNT(*) > 1 LIMIT %s",
+            (_SHOWN,),
+        ).fetchall()
+        (payments,) = db.execute("SELECT COUNT(payment_id) FROM movements").fetchone() or (0,)
+        yield Check(
+            "each payment id once",
+            not repeated,
+            ", ".join(f"{pid} x{n}" for pid, n in repeated) or f"{payments} payments",
+        )
+
+    def backup(self, dest: Path) -> None:
+        raise LedgerError(
+            f"a PostgreSQL ledger ({describe(self.url)}) is backed up with PostgreSQL's own"
+            f" tools: pg_dump -Fc -f {dest} DBNAME"
+        )

@@ -1,0 +1,635 @@
+"""Several server nodes on one PostgreSQL database: shared presence, events and take-over
+across nodes, exactly-once across nodes, a node that dies, and the real CLI doing all of it.
+
+Every test needs PostgreSQL (``postgres_url``: a fresh database each, skipped without
+``P2PPAY_TEST_POSTGRES``). Nodes run in process (two :class:`Server` on one database, each with
+its own ledger connections and :class:`PgPresence`) or as real ``p2ppay server`` processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+import ssl
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+import trio.testing
+
+from p2ppay import protocol as p
+from p2ppay.client import Client, ConnectionLost
+from p2ppay.ledger import AnyLedger, open_ledger
+from p2ppay.peer import accept_all
+from p2ppay.pki import Issuer
+from p2ppay.server import Server, ServerConfig
+from p2ppay.server.pg_presence import PgPresence, open_pg_presence
+from p2ppay.tls import client_context
+from p2ppay.wallet import Wallet
+
+from .conftest import FAST_SCRYPT, PASSWORD, expect_error, login, next_event, pay, registered
+from .processes import Proc, spawn
+from .test_course import KEY, CourseClient, roster
+
+#: short, so that a dead node is noticed within seconds (defaults: 5 s and 15 s)
+HEARTBEAT = 0.2
+EXPIRY = 1.0
+
+
+@dataclass
+class Node:
+    server: Server
+    presence: PgPresence
+    ledger: AnyLedger
+    port: int
+
+
+@asynccontextmanager
+async def pg_node(
+    url: str,
+    server_ctx: ssl.SSLContext,
+    issuer: Issuer,
+    *,
+    heartbeat: float = HEARTBEAT,
+    expiry: float = EXPIRY,
+) -> AsyncIterator[Node]:
+    """A server node on the database at ``url``, listening on a loopback port."""
+    async with (
+        open_ledger(url) as ledger,
+        open_pg_presence(url, heartbeat=heartbeat, expiry=expiry) as presence,
+    ):
+        server = Server(
+            ledger,
+            server_ctx,
+            issuer,
+            ServerConfig(scrypt=FAST_SCRYPT),
+            server_public_key=KEY,
+            presence=presence,
+        )
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            await nursery.start(server.serve, listeners)
+            yield Node(server, presence, ledger, listeners[0].socket.getsockname()[1])
+            server.shutdown()
+
+
+Connect = Callable[[], AbstractAsyncContextManager[Client]]
+
+
+def connect_to(node: Node, client_ctx: ssl.SSLContext) -> Connect:
+    def connect() -> AbstractAsyncContextManager[Client]:
+        return Client.connect(
+            "127.0.0.1", node.port, ssl_context=client_ctx, server_hostname="localhost"
+        )
+
+    return connect
+
+
+@asynccontextmanager
+async def client_on(node: Node, client_ctx: ssl.SSLContext) -> AsyncIterator[Client]:
+    async with Client.connect(
+        "127.0.0.1", node.port, ssl_context=client_ctx, server_hostname="localhost"
+    ) as client:
+        yield client
+
+
+async def eventually(check: Callable[[], object | Awaitable[object]], within: float = 10) -> None:
+    """Wait until ``check()`` is true (or its awaitable gives true): a condition that comes with
+    time (a heartbeat, an expiry) or from PostgreSQL, with nothing in this process to wait on,
+    so it is polled; the test fails after ``within`` seconds."""
+    with trio.fail_after(within):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await trio.sleep(0.05)
+
+
+async def listed(who: Client | Wallet, *names: str) -> None:
+    """Wait until ``who``'s node lists ``names`` online: a login on another node is written
+    (and so seen here) a moment after it is answered."""
+
+    async def check() -> bool:
+        return set(names) <= {u.name for u in (await who.list()).online}
+
+    await eventually(check)
+
+
+async def payment_received(wallet: Wallet, within: float = 10) -> p.PaymentReceived:
+    with trio.fail_after(within):
+        async for event in wallet.events:
+            if isinstance(event, p.PaymentReceived):
+                return event
+    raise AssertionError("the wallet's events ended")
+
+
+# --- in-process nodes ------------------------------------------------------------------------
+
+
+async def test_alice_on_node_1_pays_bob_on_node_2_over_p2p(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            Wallet.using(
+                connect_to(n1, client_ctx), policy=accept_all, listen_host="127.0.0.1"
+            ) as alice,
+            Wallet.using(
+                connect_to(n2, client_ctx), policy=accept_all, listen_host="127.0.0.1"
+            ) as bob,
+        ):
+            await alice.register("alice", PASSWORD)
+            await alice.login("alice", PASSWORD)
+            await alice.deposit(100)
+            await bob.register("bob", PASSWORD)
+            await bob.login("bob", PASSWORD)
+            # node 1 finds bob (connected to node 2) and lists both
+            await listed(alice, "bob")
+            assert [u.name for u in (await alice.list()).online] == ["alice", "bob"]
+            paid = await alice.pay("bob", 30)  # looked up and settled on node 1
+            assert paid.balance == 70
+            event = await payment_received(bob)  # told on node 2
+            assert (event.payment_id, event.payer, event.amount, event.balance) == (
+                paid.payment_id,
+                "alice",
+                30,
+                30,
+            )
+            assert await bob.balance() == 30
+
+
+async def test_the_payee_is_told_once_on_either_node(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """The settling node does not push an event itself (its listener gets the ledger's
+    notification like every node's): a payee on the settling node, or on the other, hears
+    of each payment once."""
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n1, client_ctx) as bob,
+            client_on(n2, client_ctx) as carol,
+        ):
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob")
+            await registered(carol, "carol")
+            for payee, client in (("bob", bob), ("carol", carol)):
+                result = await pay(alice, payee, 10)
+                event = await next_event(client)
+                assert isinstance(event, p.PaymentReceived)
+                assert event.payment_id == result.payment_id
+                with trio.move_on_after(0.5) as quiet:
+                    await client.next_event()
+                assert quiet.cancelled_caught, f"{payee} was told twice"
+
+
+async def test_a_retry_on_the_other_node_gets_the_stored_outcome(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            client_on(n1, client_ctx) as alice1,
+            client_on(n2, client_ctx) as bob,
+        ):
+            await registered(alice1, "alice", deposit=100)
+            await registered(bob, "bob")
+            pid = uuid.uuid4()
+            first = await pay(alice1, "bob", 25, pid)
+            await next_event(bob)
+            async with client_on(n2, client_ctx) as alice2:
+                await alice2.login("alice", PASSWORD)  # (no new key: bob's signs)
+                assert await pay(alice2, "bob", 25, pid) == first
+                assert (await alice2.list()).balance == 75
+            with trio.move_on_after(0.5) as quiet:
+                await bob.next_event()
+            assert quiet.cancelled_caught, "a replay was announced as a new payment"
+            audit = await n1.ledger.audit()
+            assert audit.conserved and audit.transfers == 1
+
+
+async def test_one_payment_id_settled_at_both_nodes_at_once_is_applied_once(
+    postgres_url: str, server_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """Each payment is handed to both nodes' ledgers at the same moment: one applies it, the
+    other answers with the stored outcome."""
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+        ):
+            await n1.ledger.create_account("alice", None, "native", 1000)
+            await n2.ledger.create_account("bob", None, "native", 1000)
+            results: dict[uuid.UUID, list[bool]] = {}
+
+            async def settle(node: Node, pid: uuid.UUID, amount: int) -> None:
+                t = await node.ledger.settle(pid, "alice", "bob", amount)
+                assert (t.payer, t.payee, t.amount) == ("alice", "bob", amount)
+                results.setdefault(pid, []).append(t.replayed)
+
+            pids = [uuid.uuid4() for _ in range(40)]
+            async with trio.open_nursery() as nursery:
+                for i, pid in enumerate(pids):
+                    nursery.start_soon(settle, n1, pid, 1 + i % 9)
+                    nursery.start_soon(settle, n2, pid, 1 + i % 9)
+            assert all(sorted(r) == [False, True] for r in results.values()), results
+            audit = await n2.ledger.audit()
+            assert audit.conserved and audit.transfers == 40
+            alice = await n1.ledger.account("alice")
+            assert alice is not None and alice.balance == 1000 - sum(1 + i % 9 for i in range(40))
+
+
+async def test_a_login_on_node_2_closes_the_session_on_node_1(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            client_on(n1, client_ctx) as old,
+            client_on(n2, client_ctx) as new,
+            client_on(n1, client_ctx) as watcher,
+        ):
+            await registered(old, "alice", p2p_port=9001)
+            await registered(watcher, "watcher")
+            assert await watcher.lookup("alice") == p.Presence("alice", "127.0.0.1", 9001)
+            await login(new, "alice", p2p_port=9002)
+            event = await next_event(old)
+            assert isinstance(event, p.SessionReplaced)
+            with pytest.raises(ConnectionLost):
+                await next_event(old)
+            await eventually(lambda: n1.server.presence.local("alice") is None)
+            # node 1 now finds alice where she logged in last, and only there
+            assert await watcher.lookup("alice") == p.Presence("alice", "127.0.0.1", 9002)
+            assert [u.port for u in (await watcher.list()).online if u.name == "alice"] == [9002]
+            # The new session is unharmed: it settles with its new key from node 1's view too.
+            await new.deposit(5)
+            assert (await pay(new, "watcher", 5)).balance == 0
+
+
+async def test_logins_and_logouts_elsewhere_are_seen_at_once_despite_the_list_cache(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """A node keeps what it read of the others until something changes: every login and
+    logout is announced, so the cache is dropped at once, not after a heartbeat (long here)."""
+    slow = {"heartbeat": 30.0, "expiry": 90.0}
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer, **slow) as n1,
+            pg_node(postgres_url, server_ctx, issuer, **slow) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n2, client_ctx) as bob,
+        ):
+            await registered(alice, "alice")
+            assert [u.name for u in (await alice.list()).online] == ["alice"]  # now cached
+            await registered(bob, "bob", p2p_port=9002)
+            await listed(alice, "bob")
+            assert await alice.lookup("bob") == p.Presence("bob", "127.0.0.1", 9002)
+            await bob.logout()
+
+            async def bob_gone() -> bool:
+                return [u.name for u in (await alice.list()).online] == ["alice"]
+
+            await eventually(bob_gone, within=5)
+            await expect_error("payee_offline", alice.lookup("bob"))
+
+
+async def test_lookup_and_list_see_every_live_node_and_forget_a_dead_one(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """A node whose heartbeat stops (here: stopped without leaving, as a crash would) is
+    ignored once it is older than the expiry, and its rows are deleted."""
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            client_on(n1, client_ctx) as alice,
+        ):
+            await registered(alice, "alice", p2p_port=9001)
+            await n1.ledger.create_account("bob", None)
+            crashed = PgPresence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY)
+            await crashed.start()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(crashed._writer)
+                await nursery.start(crashed._listener)
+                nursery.start_soon(crashed._heartbeats)
+                crashed.take_over(_Member("bob", "10.0.0.2", 9002))
+                await eventually(lambda: crashed._seqs)
+                assert await alice.lookup("bob") == p.Presence("bob", "10.0.0.2", 9002)
+                names = [u.name for u in (await alice.list()).online]
+                assert names == ["alice", "bob"]
+                # The crash: no more heartbeats, no goodbye.
+                before = n1.presence.generation
+                crashed._stop.set()
+                nursery.cancel_scope.cancel()
+            assert crashed._write_conn is not None
+            crashed._write_conn.close()
+            gone_at = trio.current_time()
+
+            async def only_alice() -> bool:
+                return [u.name for u in (await alice.list()).online] == ["alice"]
+
+            await eventually(only_alice)
+            assert trio.current_time() - gone_at <= EXPIRY + 5  # (a loaded machine)
+            await expect_error("payee_offline", alice.lookup("bob"))
+            # and its rows are gone from the table (another node's heartbeat deleted them)
+            await eventually(lambda: _rows(postgres_url, crashed.node_id) == 0, within=5)
+            # The node that deleted them counts that as a change (what was derived is stale),
+            # once back from the commit that the check above may see first.
+            await eventually(lambda: n1.presence.generation > before, within=5)
+
+
+async def test_a_node_taken_for_dead_puts_its_users_back(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """Cut off from PostgreSQL for longer than the expiry, a node is deleted by the others;
+    its next heartbeat restores its sessions' rows (none was taken by a newer login)."""
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n2, client_ctx) as bob,
+        ):
+            await registered(alice, "alice", p2p_port=9001)
+            await registered(bob, "bob", p2p_port=9002)
+            await eventually(lambda: _rows(postgres_url, n2.presence.node_id) == 1)
+            with psycopg.connect(postgres_url, autocommit=True) as db:
+                db.execute("DELETE FROM nodes WHERE node_id = %s", (n2.presence.node_id,))
+            assert _rows(postgres_url, n2.presence.node_id) == 0  # cascaded
+            await eventually(lambda: _rows(postgres_url, n2.presence.node_id) == 1, within=5)
+            assert await alice.lookup("bob") == p.Presence("bob", "127.0.0.1", 9002)
+
+
+async def test_presence_reconnects_when_its_connections_are_cut(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """Every presence connection of node 2 is cut (as a PostgreSQL restart or a network blip
+    would): its writer and its listener connect again, and the nodes work together again."""
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n2, client_ctx) as bob,
+        ):
+            await registered(alice, "alice", deposit=50)
+            await registered(bob, "bob")
+            await listed(alice, "bob")
+            await listed(bob, "alice")  # (node 2 has a reader connection now)
+            app = f"p2ppay presence {n2.presence.node_id}"[:63]
+            cut = _cut(postgres_url, app)
+            assert len(cut) == 3  # the writer, the listener, a reader
+
+            def listening_again() -> bool:
+                with psycopg.connect(postgres_url) as db:
+                    rows = db.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                        "AND query LIKE 'LISTEN%%'",
+                        (app,),
+                    ).fetchall()
+                return any(pid not in cut for (pid,) in rows)
+
+            await eventually(listening_again)
+            result = await pay(alice, "bob", 20)
+            event = await next_event(bob)  # through node 2's new listening connection
+            assert isinstance(event, p.PaymentReceived)
+            assert event.payment_id == result.payment_id
+            async with client_on(n2, client_ctx) as carol:
+                await registered(carol, "carol")  # written by node 2's new connection
+                await listed(alice, "carol")
+            # node 2's readers were cut too: its first read connects anew, not a failure
+            assert await bob.lookup("alice") == p.Presence("alice", "127.0.0.1", None)
+
+
+async def test_a_lost_take_over_notification_is_made_good_by_the_heartbeat(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """A newer login elsewhere whose notification never arrived (a listener reconnecting):
+    the node's heartbeat finds its row taken, and closes its session."""
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            client_on(n1, client_ctx) as alice,
+        ):
+            await registered(alice, "alice", p2p_port=9001)
+            await eventually(lambda: _rows(postgres_url, n1.presence.node_id) == 1)
+            with psycopg.connect(postgres_url, autocommit=True) as db:
+                db.execute("INSERT INTO nodes VALUES ('elsewhere', 1e15)")  # alive "forever"
+                db.execute(
+                    "UPDATE presence SET node_id = 'elsewhere', ip = '10.9.9.9', "
+                    "login_seq = nextval('presence_login_seq') WHERE name_key = 'alice'"
+                )
+            event = await next_event(alice)
+            assert isinstance(event, p.SessionReplaced) and "another node" in event.message
+            assert n1.server.presence.local("alice") is None
+
+
+async def test_logins_at_once_on_two_nodes_leave_exactly_one_session(postgres_url: str) -> None:
+    """Two logins of one name at the same moment on two nodes: the one with the higher login
+    number keeps the name on both nodes (its row, its session); the other is replaced, and
+    never both."""
+    with trio.fail_after(60):
+        async with (
+            open_pg_presence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY) as a,
+            open_pg_presence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY) as b,
+        ):
+            for attempt in range(8):
+                on_a = _Member("alice", "10.0.0.1", attempt)
+                on_b = _Member("alice", "10.0.0.2", attempt)
+                a.take_over(on_a)
+                b.take_over(on_b)
+                await eventually(lambda: on_a.user is None or on_b.user is None)  # noqa: B023
+                survivor, node = (on_b, b) if on_a.user is None else (on_a, a)
+                await eventually(lambda: _holder(postgres_url, "alice") == node.node_id)  # noqa: B023
+                await trio.sleep(0.3)  # room for a wrong second replacement to arrive
+                assert survivor.user == "alice", f"attempt {attempt}: both were replaced"
+                assert node.local("alice") is survivor
+                assert (a if node is b else b).local("alice") is None
+
+
+async def test_course_transfer_outcome_reaches_the_payer_on_its_node(
+    postgres_url: str, server_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            course_client(n1, "10.0.0.1") as carol,
+            course_client(n2, "10.0.0.2") as dave,
+        ):
+            await carol.exchange(b"REGISTER#carol", b"100 OK\n")
+            await dave.exchange(b"REGISTER#dave", b"100 OK\n")
+            await carol.exchange(b"carol#5001", roster(10000, ("carol", "10.0.0.1", 5001)))
+            await eventually(lambda: _rows(postgres_url, n1.presence.node_id) == 1)
+            # node 2's roster lists carol, online on node 1, before dave
+            await dave.exchange(
+                b"dave#5002",
+                roster(10000, ("carol", "10.0.0.1", 5001), ("dave", "10.0.0.2", 5002)),
+            )
+            # dave (the payee, on node 2) forwards carol's transfer; carol hears on node 1
+            await dave.send(b"carol#300#dave")
+            await carol.expect(b"Transfer OK!\n")
+            await dave.send(b"carol#999999#dave")  # more than she has
+            await carol.expect(b"Transfer Fail!\n")
+            await carol.exchange(
+                b"List", roster(9700, ("carol", "10.0.0.1", 5001), ("dave", "10.0.0.2", 5002))
+            )
+            # a course login on node 2 takes carol's name over: node 1 logs her out
+            async with course_client(n2, "10.0.0.3") as again:
+                await again.send(b"carol#5003")
+                await eventually(lambda: n1.server.presence.local("carol", course=True) is None)
+                await carol.exchange(b"List", b"Please login first\n")
+
+
+@asynccontextmanager
+async def course_client(node: Node, ip: str) -> AsyncIterator[CourseClient]:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.server.handle_course_connection, server_side, ip)
+        yield CourseClient(client_side, ip)
+        await trio.aclose_forcefully(client_side)
+
+
+class _Member:
+    """A session stand-in for a node run without a server."""
+
+    def __init__(self, user: str, ip: str, port: int) -> None:
+        self.user: str | None = user
+        self.ip = ip
+        self.listed_port: int | None = port
+
+    def replaced(self, by_ip: str) -> None:
+        self.user = None
+
+    def paid(self, transfer: object) -> None:
+        pass
+
+    def told(self, line: bytes) -> None:
+        pass
+
+
+def _holder(url: str, name: str) -> str | None:
+    """The node whose row ``name`` is (native), if any."""
+    with psycopg.connect(url) as db:
+        row = db.execute(
+            "SELECT node_id FROM presence WHERE name_key = %s AND NOT course", (name,)
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _cut(url: str, application_name: str) -> set[int]:
+    """Terminate the connections named so; their server process ids."""
+    with psycopg.connect(url, autocommit=True) as db:
+        cut = db.execute(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (application_name,),
+        ).fetchall()
+    return {int(pid) for pid, _ in cut}
+
+
+def _rows(url: str, node_id: str) -> int:
+    with psycopg.connect(url) as db:
+        row = db.execute("SELECT count(*) FROM presence WHERE node_id = %s", (node_id,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# --- the real command line -------------------------------------------------------------------
+
+
+def test_an_unreachable_postgresql_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    url = "postgresql://p2ppay:s3cret@127.0.0.1:1/p2ppay"  # nothing listens on port 1
+    cmd = [sys.executable, "-m", "p2ppay", "server", "--port", "0", "--state-dir", str(tmp_path)]
+    done = subprocess.run(
+        [*cmd, "--ledger", url], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert "the ledger cannot be used: cannot connect to PostgreSQL at 127.0.0.1:1/p2ppay" in last
+    assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
+
+
+@asynccontextmanager
+async def node_process(url: str, state: Path) -> AsyncIterator[Proc]:
+    cmd = [sys.executable, "-m", "p2ppay", "server", "--host", "127.0.0.1", "--port", "0",
+           "--scrypt-n", "16", "--state-dir", str(state), "--ledger", url,
+           "--node-heartbeat", "0.5", "--node-expiry", "3"]  # fmt: skip
+    async with spawn(cmd, "listening on 127.0.0.1") as proc:
+        yield proc
+
+
+@pytest.mark.slow
+async def test_two_server_processes_on_one_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"  # one state dir, so one PKI, for both
+    with trio.fail_after(120):
+        # One after the other: the first creates the CAs, the second uses them.
+        async with (
+            node_process(postgres_url, state) as node1,
+            node_process(postgres_url, state) as node2,
+        ):
+            ctx = client_context(state / "ca.pem")
+
+            def to(node: Proc) -> Connect:
+                def connect() -> AbstractAsyncContextManager[Client]:
+                    return Client.connect("127.0.0.1", node.port, ssl_context=ctx)
+
+                return connect
+
+            async with (
+                Wallet.using(to(node1), policy=accept_all, listen_host="127.0.0.1") as alice,
+                Wallet.using(to(node2), policy=accept_all, listen_host="127.0.0.1") as bob,
+            ):
+                await alice.register("alice", PASSWORD)
+                await alice.login("alice", PASSWORD)
+                await alice.deposit(100)
+                await bob.register("bob", PASSWORD)
+                await bob.login("bob", PASSWORD)
+                paid = await alice.pay("bob", 40)  # P2P, settled on node 1
+                event = await payment_received(bob)  # told on node 2
+                assert event.payment_id == paid.payment_id and event.balance == 40
+
+                # A login on node 2 closes alice's session on node 1.
+                async with (
+                    to(node1)() as old,
+                    to(node2)() as new,
+                ):
+                    await old.login("alice", PASSWORD)
+                    await new.login("alice", PASSWORD)
+                    replaced = await next_event(old)
+                    assert isinstance(replaced, p.SessionReplaced)
+
+                # kill -9 node 2: bob is gone from list on node 1 within 30 s.
+                async with to(node1)() as watcher:
+                    await watcher.register("watcher", PASSWORD)
+                    await watcher.login("watcher", PASSWORD)
+                    names = {u.name for u in (await watcher.list()).online}
+                    assert "bob" in names
+                    node2.process.kill()
+                    assert await node2.process.wait() == -signal.SIGKILL
+                    killed_at = trio.current_time()
+
+                    async def bob_gone() -> bool:
+                        return "bob" not in {u.name for u in (await watcher.list()).online}
+
+                    await eventually(bob_gone, within=30)
+                    # (3 s expiry and at most a heartbeat, give or take)
+                    assert trio.current_time() - killed_at < 10
+        assert await node1.process.wait() == 0
+    for line in node1.log + node2.log:
+        assert "Traceback" not in line
+    assert any("presence: node" in line for line in node1.log)
