@@ -9,7 +9,6 @@ printed as a table and written as JSON.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import math
 import os
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,10 +27,11 @@ from typing import Any, Final
 import trio
 import trio.lowlevel
 
+from . import loadgen
 from . import protocol as p
 from .client import Client, ServerError
 from .peer import PeerKey, accept_all
-from .pki import ensure_server_credentials, sign_acceptance
+from .pki import ensure_server_credentials
 from .tls import client_context, server_context
 from .wallet import Wallet
 
@@ -95,17 +94,50 @@ class Window:
         self.ops += 1
         self.latencies.append(time.perf_counter() - started)
 
-    def summary(self) -> dict[str, float]:
-        rate = self.ops / self.wall if self.wall else 0.0
-        return {
-            "ops": self.ops,
-            "per_second": rate,
-            "server_cpu_us_per_op": 1e6 * self.server_cpu / self.ops if self.ops else math.nan,
-            "p50_ms": 1e3 * percentile(self.latencies, 0.50),
-            "p99_ms": 1e3 * percentile(self.latencies, 0.99),
-            "server_cpu_share": self.server_cpu / self.wall if self.wall else 0.0,
-            "loadgen_cpu_share": self.loadgen_cpu / self.wall if self.wall else 0.0,
-        }
+    def summary(self) -> dict[str, Any]:
+        return summarise(self.ops, self.wall, self.server_cpu, [self.loadgen_cpu], self.latencies)
+
+
+def summarise(
+    ops: int, wall: float, server_cpu: float, loadgen_cpu: list[float], latencies: list[float]
+) -> dict[str, Any]:
+    """One phase's figures. ``loadgen_cpu``: CPU seconds of each load generator process."""
+    server_share = server_cpu / wall if wall else 0.0
+    shares = [c / wall if wall else 0.0 for c in loadgen_cpu]
+    return {
+        "ops": ops,
+        "per_second": ops / wall if wall else 0.0,
+        "server_cpu_us_per_op": 1e6 * server_cpu / ops if ops else math.nan,
+        "p50_ms": 1e3 * percentile(latencies, 0.50),
+        "p99_ms": 1e3 * percentile(latencies, 0.99),
+        "server_cpu_share": server_share,
+        "loadgen_processes": len(shares),
+        "loadgen_cpu_share": sum(shares),
+        "loadgen_max_share": max(shares, default=0.0),
+        "bottleneck": bottleneck(server_share, max(shares, default=0.0)),
+    }
+
+
+#: A phase is server-bound when the server used at least this share of a core (a CPython
+#: server's threads share one GIL: about one core is all it can use)...
+SERVER_BOUND_SHARE: Final = 0.85
+#: ...and a load generator process this busy may be what limits the rate instead.
+LOADGEN_BUSY_SHARE: Final = 0.70
+
+
+def bottleneck(server_share: float, loadgen_max_share: float) -> str:
+    """What limited a phase: ``"server"`` (its ratio may be claimed), ``"load generator"``,
+    or ``"neither"`` (waiting: commits, latency, or a machine busy with something else). Only
+    a server-bound phase measures the server's throughput."""
+    if server_share >= SERVER_BOUND_SHARE:
+        return "server"
+    if loadgen_max_share >= LOADGEN_BUSY_SHARE:
+        return "load generator"
+    return "neither"
+
+
+def server_bound(section: dict[str, Any]) -> bool:
+    return bool(section.get("bottleneck") == "server")
 
 
 def _self_cpu() -> float:
@@ -131,6 +163,111 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+# --------------------------------------------------------------------------------------------
+# Load generator processes (p2ppay.loadgen)
+# --------------------------------------------------------------------------------------------
+
+
+def loadgen_processes(requested: int | None, connections: int) -> int:
+    """How many load generator processes: as asked, else 4 (on this 2-core machine that keeps
+    each well under LOADGEN_BUSY_SHARE of a core while the server takes one), never more than
+    one per connection."""
+    return max(1, min(requested or 4, connections))
+
+
+def split(items: list[Any], parts: int) -> list[list[Any]]:
+    """``items`` dealt round robin into ``parts`` non-empty lists (fewer if too few items)."""
+    return [chunk for chunk in (items[k::parts] for k in range(parts)) if chunk]
+
+
+async def loadgen_phase(server_pid: int, specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run one ``python -m p2ppay.bench --loadgen-worker`` per spec; start them together once
+    all have connected; the phase's figures, with the server's and each process's CPU."""
+    workers: list[trio.Process] = []
+    results: list[dict[str, Any]] = []
+    cmd = [sys.executable, "-m", "p2ppay.bench", "--loadgen-worker"]
+    try:
+        for spec in specs:
+            worker = await trio.lowlevel.open_process(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            workers.append(worker)
+            assert worker.stdin is not None
+            await worker.stdin.send_all(json.dumps(spec).encode() + b"\n")
+        readers = [_Lines(w) for w in workers]
+        with trio.fail_after(600):
+            for reader in readers:
+                if (await reader.line()) != b"ready":
+                    raise RuntimeError("a load generator failed while setting up")
+        cpu0, main0, t0 = cpu_seconds(server_pid), main_thread_cpu(server_pid), time.perf_counter()
+        for worker in workers:
+            assert worker.stdin is not None
+            await worker.stdin.send_all(b"go\n")
+        profile(server_pid, specs[0]["phase"], specs[0]["seconds"])
+        with trio.fail_after(120 + max(s["seconds"] for s in specs)):
+            for reader in readers:
+                results.append(json.loads(await reader.line()))
+        wall = time.perf_counter() - t0
+        server_cpu = cpu_seconds(server_pid) - cpu0
+        main_cpu = main_thread_cpu(server_pid) - main0
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.kill()
+            with trio.CancelScope(shield=True):
+                await worker.wait()
+    # The workers ran ``seconds`` each from (nearly) the same moment: their rate is ops over
+    # their own run; the server's share is over the whole span the parent saw.
+    run_wall = max(r["wall"] for r in results)
+    latencies = [us / 1e6 for r in results for us in r["latencies_us"]]
+    figures = summarise(
+        sum(r["ops"] for r in results),
+        run_wall,
+        server_cpu * run_wall / wall,
+        [r["cpu"] * run_wall / r["wall"] for r in results],
+        latencies,
+    )
+    figures["server_main_thread_share"] = main_cpu / wall
+    return figures
+
+
+def profile(pid: int, phase: str, seconds: float) -> None:
+    """With ``P2PPAY_BENCH_PROFILE=DIR`` (and py-spy installed), sample the server with py-spy
+    while the phase is measured: ``DIR/<phase>-<pid>.raw`` (collapsed stacks). The sampling
+    costs the server CPU: profiled runs are for where the time goes, not for the figures."""
+    where = os.environ.get("P2PPAY_BENCH_PROFILE")
+    if not where:
+        return
+    out = Path(where) / f"{phase}-{pid}.raw"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)),
+           "--rate", "250", "--format", "raw", "--nonblocking", "-o", str(out)]  # fmt: skip
+    subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class _Lines:
+    """Lines from a worker's stdout."""
+
+    def __init__(self, process: trio.Process) -> None:
+        assert process.stdout is not None
+        self.stream = process.stdout
+        self.buffer = p.LineBuffer(1 << 30)
+
+    async def line(self) -> bytes:
+        while (line := self.buffer.next_line()) is None:
+            data = await self.stream.receive_some(1 << 20)
+            if not data:
+                raise RuntimeError("a load generator exited early")
+            self.buffer.feed(data)
+        return line
+
+
+def main_thread_cpu(pid: int) -> float:
+    """CPU of a process's main thread (a Trio server's event loop) so far."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,29 +365,15 @@ async def serve_echo(state: Path) -> None:
     await trio.serve_listeners(handle, listeners)
 
 
-async def echo_round_trips(port: int, ctx: Any, pid: int, seconds: float) -> dict[str, float]:
-    streams = []
-    for _ in range(CLIENTS):
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
-        await stream.do_handshake()
-        streams.append((stream, p.LineBuffer()))
-    message = b'{"id": 1, "op": "list"}\n'
-    window = Window(pid)
-
-    async def one(i: int) -> None:
-        stream, lines = streams[i]
-        started = time.perf_counter()
-        await stream.send_all(message)
-        while lines.next_line() is None:
-            lines.feed(await stream.receive_some())
-        window.record(started)
-
-    async with window.measuring():
-        await run_for(seconds, CLIENTS, one)
-    for stream, _ in streams:
-        await trio.aclose_forcefully(stream)
-    return window.summary()
+async def echo_round_trips(
+    port: int, ca: Path, pid: int, seconds: float, procs: int | None
+) -> dict[str, Any]:
+    n = loadgen_processes(procs, CLIENTS)
+    specs = [
+        {"phase": "echo", "port": port, "ca": str(ca), "seconds": seconds, "connections": len(c)}
+        for c in split(list(range(CLIENTS)), n)
+    ]
+    return await loadgen_phase(pid, specs)
 
 
 async def bare_handshakes(port: int, ctx: Any, pid: int, seconds: float) -> dict[str, float]:
@@ -315,41 +438,67 @@ async def logged_in(
         nursery.cancel_scope.cancel()
 
 
-async def settlements(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[str, float]:
+async def registered(port: int, ctx: Any, names: list[str], deposit: int) -> None:
+    """Register ``names`` and deposit ``deposit`` each (then log out: the workers log in)."""
+    async with logged_in(port, ctx, names, register=True, csr=False) as clients:
+        if deposit:
+            async with trio.open_nursery() as nursery:
+                for client, _ in clients:
+                    nursery.start_soon(client.deposit, deposit)
+
+
+async def total_balance(port: int, ctx: Any, names: list[str]) -> int:
+    async with logged_in(port, ctx, names, register=False, csr=False) as clients:
+        return sum([(await c.list()).balance for c, _ in clients])
+
+
+async def settlements(
+    port: int, ctx: Any, ca: Path, proc: Proc, seconds: float, procs: int | None
+) -> dict[str, Any]:
+    """Each of CLIENTS users settles 1-unit payments to random others of its load generator
+    process, strictly one after another (the acceptances are signed before the clock starts)."""
     names = [f"user{i:03d}" for i in range(CLIENTS)]
-    async with logged_in(port, ctx, names, register=True, csr=True) as clients:
-        for client, _ in clients:
-            await client.deposit(1_000_000)
-        keys = {name: key for name, (_, key) in zip(names, clients, strict=True)}
-        # Sign the acceptances up front: the load generator should not be what is measured.
-        rng = __import__("random").Random(42)
-        budget = int(seconds * 12_000 / CLIENTS) + 100
-        work: list[list[tuple[uuid.UUID, str, str]]] = []
-        for i, name in enumerate(names):
-            queue = []
-            for _ in range(budget):
-                payee = names[(i + rng.randrange(1, CLIENTS)) % CLIENTS]
-                pid = uuid.uuid4()
-                key = keys[payee]
-                assert key is not None
-                sig = sign_acceptance(key.key, str(pid), name, payee, 1)
-                queue.append((pid, payee, base64.b64encode(sig).decode()))
-            work.append(queue)
-        window = Window(proc.process.pid)
+    await registered(port, ctx, names, 1_000_000)
+    # Payees are drawn from the same process (which holds their keys): at least 2 users each.
+    n = loadgen_processes(procs, CLIENTS // 2)
+    budget = int(seconds * 12_000 / CLIENTS) + 100
+    specs = [
+        {"phase": "settle", "port": port, "ca": str(ca), "seconds": seconds, "names": group,
+         "budget": budget, "seed": k}
+        for k, group in enumerate(split(names, n))
+    ]  # fmt: skip
+    figures = await loadgen_phase(proc.process.pid, specs)
+    total = await total_balance(port, ctx, names)
+    assert total == CLIENTS * 1_000_000, "money was not conserved"
+    return figures
 
-        async def one(i: int) -> None:
-            pid, payee, acceptance = work[i].pop()
-            started = time.perf_counter()
-            await clients[i][0].settle(pid, payee, 1, acceptance)
-            window.record(started)
 
-        async with window.measuring():
-            await run_for(seconds, CLIENTS, one)
-        total = 0
-        for c, _ in clients:
-            total += (await c.list()).balance
-        assert total == CLIENTS * 1_000_000, "money was not conserved"
-    return window.summary()
+async def list_round_trips(
+    port: int, ctx: Any, ca: Path, proc: Proc, seconds: float, procs: int | None
+) -> dict[str, Any]:
+    """CLIENTS logged-in users each asking ``list`` (who is online: all CLIENTS of them)."""
+    names = [f"lister{i:03d}" for i in range(CLIENTS)]
+    await registered(port, ctx, names, 0)
+    n = loadgen_processes(procs, CLIENTS)
+    specs = [
+        {"phase": "list", "port": port, "ca": str(ca), "seconds": seconds, "names": group}
+        for group in split(names, n)
+    ]
+    return await loadgen_phase(proc.process.pid, specs)
+
+
+async def course_list_round_trips(
+    course_port: int, proc: Proc, seconds: float, procs: int | None
+) -> dict[str, Any]:
+    """CLIENTS course-dialect users (plain TCP) each asking ``List``."""
+    names = [f"course{i:03d}" for i in range(CLIENTS)]
+    n = loadgen_processes(procs, CLIENTS)
+    specs = [
+        {"phase": "course_list", "port": course_port, "seconds": seconds, "names": group,
+         "listed_port": 40000 + k}
+        for k, group in enumerate(split(names, n))
+    ]  # fmt: skip
+    return await loadgen_phase(proc.process.pid, specs)
 
 
 async def login_storm(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[str, Any]:
@@ -524,8 +673,33 @@ async def memory(port: int, ctx: Any, proc: Proc, sessions: int) -> dict[str, fl
     }
 
 
-async def peer_to_peer(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[str, float]:
+async def peer_to_peer(
+    port: int, ca: Path, proc: Proc, seconds: float, procs: int | None
+) -> dict[str, Any]:
+    """10 payer wallets paying 10 payee wallets end to end, the pairs dealt to load generator
+    processes (a wallet costs the generator as much as the server: one process was the
+    bottleneck)."""
     pairs = 10
+    n = loadgen_processes(procs, pairs)
+    specs = [
+        {"phase": "p2p", "port": port, "ca": str(ca), "seconds": seconds, "pairs": len(group),
+         "prefix": f"peer{k}x"}
+        for k, group in enumerate(split(list(range(pairs)), n))
+    ]  # fmt: skip
+    return await loadgen_phase(proc.process.pid, specs)
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """A load generator process's phase that needs Trio (see :mod:`p2ppay.loadgen`)."""
+    if spec["phase"] != "p2p":
+        raise ValueError(f"unknown phase {spec['phase']!r}")
+    return trio.run(p2p_worker, spec)
+
+
+async def p2p_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec["pairs"]`` payer wallets of this process paying as many payees of it."""
+    ctx = client_context(Path(spec["ca"]))
+    pairs: int = spec["pairs"]
     async with trio.open_nursery() as nursery:
         wallets: list[Wallet] = []
         ready = trio.Event()
@@ -533,7 +707,7 @@ async def peer_to_peer(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[
         async def hold(name: str) -> None:
             async with Wallet.open(
                 "127.0.0.1",
-                port,
+                spec["port"],
                 ctx,
                 server_hostname="localhost",
                 policy=accept_all,
@@ -549,22 +723,24 @@ async def peer_to_peer(port: int, ctx: Any, proc: Proc, seconds: float) -> dict[
                     pass
 
         for i in range(2 * pairs):
-            nursery.start_soon(hold, f"peer{i:02d}")
-        with trio.fail_after(60):
+            nursery.start_soon(hold, f"{spec['prefix']}{i:02d}")
+        with trio.fail_after(120):
             await ready.wait()
         wallets.sort(key=lambda w: w.user or "")
         payers, payees = wallets[:pairs], wallets[pairs:]
-        window = Window(proc.process.pid)
+        await trio.to_thread.run_sync(loadgen.ready_then_go)
+        latencies: list[int] = []
 
         async def one(i: int) -> None:
             started = time.perf_counter()
-            await payers[i].pay(payees[(i + window.ops) % pairs].user or "", 1)
-            window.record(started)
+            await payers[i].pay(payees[(i + len(latencies)) % pairs].user or "", 1)
+            latencies.append(int(1e6 * (time.perf_counter() - started)))
 
-        async with window.measuring():
-            await run_for(seconds, pairs, one)
+        cpu0, t0 = _self_cpu(), time.perf_counter()
+        await run_for(spec["seconds"], pairs, one)
+        wall, cpu = time.perf_counter() - t0, _self_cpu() - cpu0
         nursery.cancel_scope.cancel()
-    return window.summary()
+    return {"ops": len(latencies), "latencies_us": latencies, "cpu": cpu, "wall": wall}
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,9 +761,107 @@ def ledger_stats(log: list[str]) -> dict[str, float]:
     return {}
 
 
-async def run(full: bool, out: Path) -> dict[str, Any]:
-    seconds = 15.0 if full else 8.0
-    sessions = 10_000 if full else 2_000
+@dataclass
+class Run:
+    """What every phase of one run gets."""
+
+    full: bool
+    state: Path
+    #: load generator processes per request/reply phase (None: loadgen_processes' default)
+    procs: int | None
+
+    @property
+    def seconds(self) -> float:
+        return float(os.environ.get("P2PPAY_BENCH_SECONDS", 15.0 if self.full else 8.0))
+
+    @property
+    def sessions(self) -> int:
+        return 10_000 if self.full else 2_000
+
+    @asynccontextmanager
+    async def server(self, name: str, *extra: str, marker: str = "") -> AsyncIterator[Proc]:
+        """A p2ppay server of its own (state directory ``name``) for one phase."""
+        async with spawn(
+            p2ppay_server(self.state / name, *extra), marker or "listening on 127.0.0.1"
+        ) as server:
+            yield server
+
+    def ca(self, name: str) -> Path:
+        return self.state / name / "ca.pem"
+
+
+async def phase_baseline(r: Run) -> dict[str, Any]:
+    creds = ensure_server_credentials(r.state)
+    echo_cmd = [sys.executable, "-m", "p2ppay.bench", "--serve-echo", str(r.state)]
+    async with spawn(echo_cmd, "echo listening") as echo:
+        trips = await echo_round_trips(
+            echo.port, creds.ca_cert, echo.process.pid, r.seconds, r.procs
+        )
+        shakes = await bare_handshakes(
+            echo.port, client_context(creds.ca_cert), echo.process.pid, r.seconds / 2
+        )
+    return {"baseline_round_trips": trips, "baseline_handshakes": shakes}
+
+
+async def phase_settle(r: Run) -> dict[str, Any]:
+    async with r.server("settle", "--scrypt-n", "16") as server:
+        ca = r.ca("settle")
+        figures = await settlements(server.port, client_context(ca), ca, server, r.seconds, r.procs)
+    figures["ledger"] = ledger_stats(server.log)
+    return {"settlements": figures}
+
+
+async def phase_list(r: Run) -> dict[str, Any]:
+    async with r.server("list", "--scrypt-n", "16") as server:
+        ca = r.ca("list")
+        figures = await list_round_trips(
+            server.port, client_context(ca), ca, server, r.seconds, r.procs
+        )
+    return {"list_round_trips": figures}
+
+
+async def phase_course_list(r: Run) -> dict[str, Any]:
+    async with r.server(
+        "course", "--scrypt-n", "16", "--course-port", "0", marker="(course dialect"
+    ) as server:
+        figures = await course_list_round_trips(server.port, server, r.seconds, r.procs)
+    return {"course_list_round_trips": figures}
+
+
+async def phase_login(r: Run) -> dict[str, Any]:
+    async with r.server("login") as server:
+        storm = await login_storm(server.port, client_context(r.ca("login")), server, r.seconds / 2)
+    return {"login_storm": storm}
+
+
+async def phase_memory(r: Run) -> dict[str, Any]:
+    async with r.server("memory", "--scrypt-n", "16") as server:
+        figures = await memory(server.port, client_context(r.ca("memory")), server, r.sessions)
+    return {"memory": figures}
+
+
+async def phase_p2p(r: Run) -> dict[str, Any]:
+    async with r.server("p2p", "--scrypt-n", "16") as server:
+        figures = await peer_to_peer(server.port, r.ca("p2p"), server, r.seconds, r.procs)
+    return {"peer_to_peer": figures}
+
+
+#: The phases, in the order they run; each returns its sections of the results. Another
+#: phase is one more entry here (and, if it has figures with targets, rows in report()).
+PHASES: Final[dict[str, Callable[[Run], Awaitable[dict[str, Any]]]]] = {
+    "baseline": phase_baseline,
+    "settle": phase_settle,
+    "list": phase_list,
+    "course_list": phase_course_list,
+    "login": phase_login,
+    "memory": phase_memory,
+    "p2p": phase_p2p,
+}
+
+
+async def run(
+    full: bool, phases: list[str] | None = None, procs: int | None = None
+) -> dict[str, Any]:
     raise_fd_limit()
     results: dict[str, Any] = {
         "mode": "full" if full else "quick",
@@ -598,53 +872,54 @@ async def run(full: bool, out: Path) -> dict[str, Any]:
         },
     }
     with tempfile.TemporaryDirectory(prefix="p2ppay-bench-") as tmp:
-        state = Path(tmp)
-        creds = ensure_server_credentials(state)
-        ctx = client_context(creds.ca_cert)
-
-        echo_cmd = [sys.executable, "-m", "p2ppay.bench", "--serve-echo", str(state)]
-        async with spawn(echo_cmd, "echo listening") as echo:
-            results["baseline_round_trips"] = await echo_round_trips(
-                echo.port, ctx, echo.process.pid, seconds
-            )
-            results["baseline_handshakes"] = await bare_handshakes(
-                echo.port, ctx, echo.process.pid, seconds / 2
-            )
-
-        async with spawn(
-            p2ppay_server(state / "settle", "--scrypt-n", "16"), "listening on 127.0.0.1"
-        ) as server:
-            ctx_s = client_context(state / "settle" / "ca.pem")
-            results["settlements"] = await settlements(server.port, ctx_s, server, seconds)
-        results["settlements"]["ledger"] = ledger_stats(server.log)
-
-        async with spawn(p2ppay_server(state / "login"), "listening on 127.0.0.1") as server:
-            ctx_l = client_context(state / "login" / "ca.pem")
-            results["login_storm"] = await login_storm(server.port, ctx_l, server, seconds / 2)
-
-        async with spawn(
-            p2ppay_server(state / "memory", "--scrypt-n", "16"), "listening on 127.0.0.1"
-        ) as server:
-            ctx_m = client_context(state / "memory" / "ca.pem")
-            results["memory"] = await memory(server.port, ctx_m, server, sessions)
-
-        async with spawn(
-            p2ppay_server(state / "p2p", "--scrypt-n", "16"), "listening on 127.0.0.1"
-        ) as server:
-            ctx_p = client_context(state / "p2p" / "ca.pem")
-            results["peer_to_peer"] = await peer_to_peer(server.port, ctx_p, server, seconds)
-
-    path = trio.Path(out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    await path.parent.mkdir(parents=True, exist_ok=True)
-    await path.write_text(json.dumps(results, indent=2, default=float))
-    results["written_to"] = str(path)
+        r = Run(full, Path(tmp), procs)
+        for name in phases or list(PHASES):
+            results.update(await PHASES[name](r))
     return results
 
 
-def report(r: dict[str, Any]) -> str:
-    base, settle = r["baseline_round_trips"], r["settlements"]
-    hs, storm, mem, p2p = r["baseline_handshakes"], r["login_storm"], r["memory"], r["peer_to_peer"]
+def combine(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The median of every number over ``runs`` (same shape as one run; other values from the
+    first run, a phase's bottleneck judged again from its median shares), and the spread
+    (``[min, max]``) of every number."""
+
+    def walk(values: list[Any]) -> tuple[Any, Any]:
+        first = values[0]
+        if isinstance(first, dict):
+            median: dict[str, Any] = {}
+            spread: dict[str, Any] = {}
+            for key in first:
+                present = [v[key] for v in values if isinstance(v, dict) and key in v]
+                median[key], spread[key] = walk(present)
+            if "server_cpu_share" in median and "loadgen_max_share" in median:
+                median["bottleneck"] = bottleneck(
+                    median["server_cpu_share"], median["loadgen_max_share"]
+                )
+            return median, {k: v for k, v in spread.items() if v is not None}
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            numbers = sorted(float(v) for v in values)
+            mid = len(numbers) // 2
+            med = numbers[mid] if len(numbers) % 2 else (numbers[mid - 1] + numbers[mid]) / 2
+            return med, [numbers[0], numbers[-1]]
+        return first, None
+
+    median, spread = walk(runs)
+    return median, spread
+
+
+async def write_results(out: Path, results: dict[str, Any]) -> str:
+    path = trio.Path(out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    await path.parent.mkdir(parents=True, exist_ok=True)
+    await path.write_text(json.dumps(results, indent=2, default=float))
+    return str(path)
+
+
+def report(r: dict[str, Any], spread: dict[str, Any] | None = None) -> str:
+    """The figures as a table, each beside its target; with ``spread`` (from :func:`combine`),
+    each figure is a median and its run-to-run range follows it."""
+    spread = spread or {}
     rows: list[tuple[str, str, str, str]] = []
+    notes: list[str] = []
 
     def row(name: str, value: str, baseline: str = "", verdict: str = "") -> None:
         rows.append((name, value, baseline, verdict))
@@ -652,90 +927,180 @@ def report(r: dict[str, Any]) -> str:
     def flag(ok: bool) -> str:
         return "meets target" if ok else "MISSES target"
 
-    ratio = settle["per_second"] / base["per_second"]
-    row("baseline: TLS echo round trips/s (50 conns)", f"{base['per_second']:.0f}")
-    row("baseline: server CPU µs per round trip", f"{base['server_cpu_us_per_op']:.0f}")
-    row("baseline: p50 / p99 ms", f"{base['p50_ms']:.2f} / {base['p99_ms']:.2f}")
-    row(
-        "settled payments/s (50 clients)",
-        f"{settle['per_second']:.0f}",
-        f"ratio {ratio:.2f} (target ≥ 0.70)",
-        flag(ratio >= 0.7),
-    )
-    row(
-        "server CPU µs per payment",
-        f"{settle['server_cpu_us_per_op']:.0f}",
-        f"baseline {base['server_cpu_us_per_op']:.0f} (target ≤ 200)",
-        flag(settle["server_cpu_us_per_op"] <= 200),
-    )
-    row(
-        "settle p50 / p99 ms",
-        f"{settle['p50_ms']:.2f} / {settle['p99_ms']:.2f}",
-        f"baseline {base['p50_ms']:.2f} / {base['p99_ms']:.2f} (p99 target ≤ 25)",
-        flag(settle["p99_ms"] <= 25),
-    )
-    ledger = settle.get("ledger", {})
-    if ledger:
-        row(
-            "payments per commit (whole run)",
-            f"{ledger['operations_per_commit']:.1f}",
-            f"{ledger['commits']} commits",
+    def fig(*path: str, fmt: str = "{:.0f}") -> str:
+        """A figure at ``path`` in the results, and its range over the runs if it varied."""
+        value: Any = r
+        lo_hi: Any = spread
+        for key in path:
+            value = value[key]
+            lo_hi = lo_hi.get(key, {}) if isinstance(lo_hi, dict) else None
+        text = fmt.format(value)
+        if isinstance(lo_hi, list) and lo_hi[0] != lo_hi[1]:
+            text += f" ({fmt.format(lo_hi[0])}-{fmt.format(lo_hi[1])})"
+        return text
+
+    def bound(section: str) -> str:
+        s = r[section]
+        return (
+            f"bound: {s['bottleneck']} (server {s['server_cpu_share']:.2f} core, "
+            f"load generators {s['loadgen_cpu_share']:.2f} in {s['loadgen_processes']:.0f})"
         )
-    logins = storm["logins"]
-    row(
-        "logins/s (TLS + hello + login, scrypt 2^14)",
-        f"{logins['per_second']:.0f}",
-        f"bare TLS handshakes/s {hs['per_second']:.0f}",
-        f"ratio {logins['per_second'] / hs['per_second']:.3f}",
-    )
-    idle99, storm99 = storm["list_idle"]["p99_ms"], storm["list_during_storm"]["p99_ms"]
-    row(
-        "others' list p99 ms: idle / login storm",
-        f"{idle99:.2f} / {storm99:.2f}",
-        f"ratio {storm99 / idle99:.2f} (target ≤ 2)",
-        flag(storm99 <= 2 * idle99),
-    )
-    churn99 = storm["list_during_connection_churn"]["p99_ms"]
-    row(
-        "  same connection churn, no password check",
-        f"{churn99:.2f}",
-        f"storm / churn {storm99 / churn99:.2f} (what the hashing itself adds)",
-    )
-    quiet = storm["quiet_login"]
-    row(
-        f"quiet address's login p99 ms, idle / {STORM_ADDRESSES}x{STORM_CONNECTIONS} guessing",
-        f"{storm['quiet_login_idle']['p99_ms']:.0f} / {quiet['p99_ms']:.0f}",
-        f"{quiet['ops']} logins (target ≤ 1000)",
-        flag(quiet["p99_ms"] <= 1000),
-    )
-    row(
-        f"server RSS per idle session at {mem['sessions']}",
-        f"{mem['kib_per_session']:.1f} KiB",
-        "target ≤ 32 KiB",
-        flag(mem["kib_per_session"] <= 32),
-    )
-    row(
-        "peer-to-peer payments/s (10 payers, accept all)",
-        f"{p2p['per_second']:.0f}",
-        f"p50 / p99 ms {p2p['p50_ms']:.1f} / {p2p['p99_ms']:.1f}",
-    )
-    width = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-    notes = []
-    for name, section in (("baseline", base), ("settlements", settle), ("peer-to-peer", p2p)):
-        if section["loadgen_cpu_share"] >= 0.9:
-            notes.append(
-                f"note: the load generator used {section['loadgen_cpu_share']:.0%} of a "
-                f"core during {name}: it may have been the bottleneck there."
+
+    def vs_echo(section: str, target: float) -> tuple[str, str]:
+        if "baseline_round_trips" not in r:
+            return "", ""
+        ratio = r[section]["per_second"] / r["baseline_round_trips"]["per_second"]
+        text = f"{ratio:.2f} x echo (target >= {target:g})"
+        if not (server_bound(r[section]) and server_bound(r["baseline_round_trips"])):
+            return text, "not claimed: not server-bound"
+        return text, flag(ratio >= target)
+
+    for section in (
+        "baseline_round_trips",
+        "settlements",
+        "list_round_trips",
+        "course_list_round_trips",
+        "peer_to_peer",
+    ):
+        if section in r and r[section].get("bottleneck") != "server":
+            notes.append(f"note: {section} was not server-bound; {bound(section)}.")
+
+    if "baseline_round_trips" in r:
+        base = r["baseline_round_trips"]
+        row(
+            "baseline: TLS echo round trips/s (50 conns)", fig("baseline_round_trips", "per_second")
+        )
+        row(
+            "baseline: server CPU µs per round trip",
+            fig("baseline_round_trips", "server_cpu_us_per_op"),
+        )
+        row("baseline: p50 / p99 ms", f"{base['p50_ms']:.2f} / {base['p99_ms']:.2f}")
+        row(
+            "  ",
+            bound("baseline_round_trips"),
+            "target: server >= 0.85 core",
+            flag(base["server_cpu_share"] >= SERVER_BOUND_SHARE),
+        )
+    if "settlements" in r:
+        settle = r["settlements"]
+        row(
+            "settled payments/s (50 clients)",
+            fig("settlements", "per_second"),
+            *vs_echo("settlements", 0.25),
+        )
+        row(
+            "server CPU µs per payment",
+            fig("settlements", "server_cpu_us_per_op"),
+            "target <= 150",
+            flag(settle["server_cpu_us_per_op"] <= 150),
+        )
+        row(
+            "settle p50 / p99 ms",
+            f"{settle['p50_ms']:.2f} / {fig('settlements', 'p99_ms', fmt='{:.2f}')}",
+            "p99 target <= 25",
+            flag(settle["p99_ms"] <= 25),
+        )
+        row("  ", bound("settlements"))
+        ledger = settle.get("ledger", {})
+        if ledger:
+            row(
+                "payments per commit (whole run)",
+                f"{ledger['operations_per_commit']:.1f}",
+                f"{ledger['commits']:.0f} commits",
             )
-    return "\n".join([*lines, *notes, f"results: {r['written_to']}"])
+    if "list_round_trips" in r:
+        row(
+            "`list` round trips/s (50 online)",
+            fig("list_round_trips", "per_second"),
+            *vs_echo("list_round_trips", 0.5),
+        )
+        row(
+            "  server CPU µs per list",
+            fig("list_round_trips", "server_cpu_us_per_op"),
+            bound("list_round_trips"),
+        )
+    if "course_list_round_trips" in r:
+        row(
+            "course `List` round trips/s (50 online)",
+            fig("course_list_round_trips", "per_second"),
+            *vs_echo("course_list_round_trips", 0.0)[:1],
+        )
+        row(
+            "  server CPU µs per List",
+            fig("course_list_round_trips", "server_cpu_us_per_op"),
+            bound("course_list_round_trips"),
+        )
+    if "baseline_handshakes" in r and "login_storm" in r:
+        logins, hs = r["login_storm"]["logins"], r["baseline_handshakes"]
+        row(
+            "logins/s (TLS + hello + login, scrypt 2^14)",
+            f"{logins['per_second']:.0f}",
+            f"bare TLS handshakes/s {hs['per_second']:.0f}",
+            f"ratio {logins['per_second'] / hs['per_second']:.3f}",
+        )
+    if "login_storm" in r:
+        storm = r["login_storm"]
+        idle99, storm99 = storm["list_idle"]["p99_ms"], storm["list_during_storm"]["p99_ms"]
+        row(
+            "others' list p99 ms: idle / login storm",
+            f"{idle99:.2f} / {storm99:.2f}",
+            f"ratio {storm99 / idle99:.2f} (target <= 2)",
+            flag(storm99 <= 2 * idle99),
+        )
+        churn99 = storm["list_during_connection_churn"]["p99_ms"]
+        row(
+            "  same connection churn, no password check",
+            f"{churn99:.2f}",
+            f"storm / churn {storm99 / churn99:.2f} (what the hashing itself adds)",
+        )
+        quiet = storm["quiet_login"]
+        row(
+            f"quiet address's login p99 ms, idle / {STORM_ADDRESSES}x{STORM_CONNECTIONS} guessing",
+            f"{storm['quiet_login_idle']['p99_ms']:.0f} / "
+            + fig("login_storm", "quiet_login", "p99_ms"),
+            f"{quiet['ops']:.0f} logins (target <= 1000)",
+            flag(quiet["p99_ms"] <= 1000),
+        )
+    if "memory" in r:
+        mem = r["memory"]
+        row(
+            f"server RSS per idle session at {mem['sessions']:.0f}",
+            fig("memory", "kib_per_session", fmt="{:.1f}") + " KiB",
+            "target <= 32 KiB",
+            flag(mem["kib_per_session"] <= 32),
+        )
+    if "peer_to_peer" in r:
+        p2p = r["peer_to_peer"]
+        row(
+            "peer-to-peer payments/s (10 payers, accept all)",
+            fig("peer_to_peer", "per_second"),
+            f"p50 / p99 ms {p2p['p50_ms']:.1f} / {p2p['p99_ms']:.1f} (target >= 1000/s)",
+            flag(p2p["per_second"] >= 1000),
+        )
+    width = [max(len(row[i]) for row in rows) for i in range(4)] if rows else [0] * 4
+    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(x)).rstrip() for x in rows]
+    tail = [f"results: {r['written_to']}"] if "written_to" in r else []
+    return "\n".join([*lines, *notes, *tail])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m p2ppay.bench", description=__doc__)
     parser.add_argument("--full", action="store_true", help="longer runs, 10,000 sessions")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="run everything N times; report each figure's median and range",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loadgen-procs", type=int, default=None, metavar="N",
+        help="load generator processes per request/reply phase (default 4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--phases", default=",".join(PHASES),
+        help=f"which phases, comma-separated (default all: {','.join(PHASES)})",
+    )  # fmt: skip
     parser.add_argument("--serve-echo", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--phase",
         choices=["all", "scale"],
@@ -752,8 +1117,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_echo:
         trio.run(serve_echo, args.serve_echo)
         return 0
-    results = trio.run(run, args.full, args.out)
-    print(report(results))
+    if args.loadgen_worker:
+        return loadgen.main(run_worker)
+    phases = [name.strip() for name in args.phases.split(",") if name.strip()]
+    unknown = [name for name in phases if name not in PHASES]
+    if unknown or args.repeat < 1 or (args.loadgen_procs is not None and args.loadgen_procs < 1):
+        parser.error(
+            f"unknown phase(s): {', '.join(unknown)}" if unknown else "N must be at least 1"
+        )
+    runs = []
+    for k in range(args.repeat):
+        runs.append(trio.run(run, args.full, phases, args.loadgen_procs))
+        if args.repeat > 1:
+            print(f"run {k + 1} of {args.repeat} done", file=sys.stderr, flush=True)
+    median, spread = combine(runs)
+    results: dict[str, Any] = {**median, "repeat": args.repeat}
+    if args.repeat > 1:
+        results["spread"] = spread
+        results["runs"] = runs
+    results["written_to"] = trio.run(write_results, args.out, results)
+    print(report(results, spread if args.repeat > 1 else None))
     return 0
 
 

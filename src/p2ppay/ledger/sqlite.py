@@ -252,6 +252,11 @@ class SqliteLedger:
             readers = 0  # an in-memory database is the writer connection's alone
         self._read_limiter = trio.CapacityLimiter(readers) if readers else None
         self._idle_readers: list[sqlite3.Connection] = []
+        self.readers = readers
+        # Reads wait here; each of ``readers`` tasks takes every read waiting and runs them in
+        # one worker-thread call (like the writer's batches: a thread hop costs more than a
+        # point read, and 50 users asking ``list`` at once made 50 hops).
+        self._reads_send, self._reads = trio.open_memory_channel[_Op[Any]](math.inf)
         # Figures for the benchmark: how well group commit is doing.
         self.commits = 0
         self.ops_committed = 0
@@ -319,17 +324,48 @@ class SqliteLedger:
         if self.observer is not None:
             self.observer.committed(len(batch), time.perf_counter() - started)
 
-    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # In a worker thread. One read transaction: a consistent snapshot of committed data.
+    def _run_reads(self, batch: list[_Op[Any]]) -> None:
+        # In a worker thread. One read transaction for the batch: a consistent snapshot of
+        # what was committed before any of these reads was asked for (they all were queued
+        # before it began), which is all a read promises.
         db = self._idle_readers.pop() if self._idle_readers else _reader(self.path)
         try:
             db.execute("BEGIN")
             try:
-                return fn(db)
+                for op in batch:
+                    try:
+                        op.result = op.fn(db)
+                    except sqlite3.Error as exc:
+                        op.error = LedgerUnavailable(f"read failed: {exc}")
+                    except Exception as exc:  # a LedgerError, or a bug: that caller's alone
+                        op.error = exc
             finally:
                 db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            for op in batch:
+                if op.error is None:
+                    op.result = None
+                    op.error = LedgerUnavailable(f"read failed: {exc}")
         finally:
             self._idle_readers.append(db)
+
+    async def _reader_task(self) -> None:
+        """Run reads in batches, one worker-thread call each, until the ledger closes."""
+        async for first in self._reads:
+            batch: list[_Op[Any]] = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._reads.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await trio.to_thread.run_sync(self._run_reads, batch, limiter=self._read_limiter)
+            except sqlite3.Error as exc:  # opening a read connection failed
+                for op in batch:
+                    op.error = LedgerUnavailable(f"read failed: {exc}")
+            finally:
+                for op in batch:
+                    op.done.set()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on a read connection (or, with no readers, in the writer's queue)."""
@@ -337,10 +373,15 @@ class SqliteLedger:
             return await self._submit(fn)
         if self._db is None:
             raise LedgerUnavailable("the ledger is closed")
+        op: _Op[T] = _Op(fn)
         try:
-            return await trio.to_thread.run_sync(self._run_read, fn, limiter=self._read_limiter)
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(f"read failed: {exc}") from exc
+            self._reads_send.send_nowait(op)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise LedgerUnavailable("the ledger is closed") from None
+        await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[return-value]
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         op: _Op[T] = _Op(fn)
@@ -792,8 +833,12 @@ async def open_sqlite_ledger(
     ledger = SqliteLedger(path, limits or Limits(), max_batch, connect=connect, readers=readers)
     async with trio.open_nursery() as nursery:
         await nursery.start(ledger._writer)
+        for _ in range(ledger.readers):
+            nursery.start_soon(ledger._reader_task)
         try:
             yield ledger
         finally:
-            # Closing the channel lets the writer finish what is queued, then stop.
+            # Closing the channels lets the writer and the readers finish what is queued,
+            # then stop.
             ledger._send.close()
+            ledger._reads_send.close()

@@ -18,9 +18,11 @@ from .connection import (
     decode_request,
     encode_error,
     encode_event,
+    encode_json,
     encode_ok,
     encode_peer_message,
     encode_request,
+    list_result_json,
 )
 from .framing import (
     LineBuffer,
@@ -213,9 +215,11 @@ __all__ = [
     "decode_request",
     "encode_error",
     "encode_event",
+    "encode_json",
     "encode_ok",
     "encode_peer_message",
     "encode_request",
+    "list_result_json",
     "op_of",
     "too_deep",
     "too_deep_message",

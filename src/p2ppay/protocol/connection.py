@@ -136,6 +136,17 @@ def encode_event(event: Event) -> bytes:
     return _encoder.encode(event) + b"\n"
 
 
+def encode_json(value: Any) -> bytes:
+    """``value`` as JSON (no line end): a piece of a reply to cache (see ``send_ok_raw``)."""
+    return _encoder.encode(value)
+
+
+def list_result_json(balance: int, online: bytes) -> bytes:
+    """A ``list`` result with its ``online`` array already encoded (``encode_json``): the same
+    bytes as encoding ``ListResult(balance, online)``."""
+    return b'{"balance":%d,"online":%s}' % (balance, online)
+
+
 # --------------------------------------------------------------------------------------------
 # The two ends of a connection
 # --------------------------------------------------------------------------------------------
@@ -219,6 +230,16 @@ class ServerConnection(_Lines):
             )
         self.state = new_state
         return encode_ok(request.id, result)
+
+    def send_ok_raw(self, request: Request, result: bytes) -> bytes:
+        """Like :meth:`send_ok` for a result already encoded as JSON (built from cached
+        pieces); the caller vouches that it is the op's result type."""
+        key = (self.state, op_of(request))
+        new_state = TRANSITIONS.get(key)
+        if new_state is None:
+            raise LocalProtocolError(ErrorCode.BAD_STATE, f"cannot succeed {key[1]} in {key[0]}")
+        self.state = new_state
+        return _encoder.encode(_OkWire(request.id, msgspec.Raw(result))) + b"\n"
 
     def send_error(self, request_id: int | None, code: ErrorCode, message: str) -> bytes:
         return encode_error(request_id, code, message)

@@ -8,6 +8,7 @@ are both built on :class:`SessionBase`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, Protocol
 
@@ -64,6 +65,12 @@ class SessionBase:
         self.cancel_scope = trio.CancelScope()  # cancelled to drop the connection
         self.receive_scope = trio.CancelScope()  # cancelled to stop reading at shutdown
         self._out = Outgoing(stream)
+        self._write_timed_out = False  # the peer stopped reading: the session was cut
+        self._delivery_scheduled = False  # a _deliver task will flush what is queued
+        #: a request is being answered: its reply will be written soon and carries whatever
+        #: is queued by then (a subclass sets it only where every request gets a reply)
+        self.answering = False
+        self._close_after_flush = False  # replaced: close once the last message is out
 
     @property
     def listed_port(self) -> int | None:
@@ -90,6 +97,8 @@ class SessionBase:
         try:
             with self.cancel_scope:
                 await self.serve()
+            if self._write_timed_out:
+                self.host.limit_log.hit("write-timeout", f"{self.ip} stopped reading; dropped")
         except trio.BrokenResourceError:
             log.info("%s: connection lost", self.ip)
         except trio.ClosedResourceError:
@@ -107,23 +116,51 @@ class SessionBase:
         self.receive_scope.cancel()
 
     async def send(self, data: bytes) -> None:
-        """Write one message; a peer that will not take it within the write timeout is dropped."""
+        """Write one message (and any event queued before it); a peer that will not take it
+        within the write timeout is dropped.
+
+        The timeout is the session's own cancel scope's deadline, armed for the write: no
+        scope of its own per message. When it fires the whole session ends, which is what a
+        write timeout always did (see :meth:`run`)."""
+        scope = self.cancel_scope
+        scope.deadline = trio.current_time() + self.host.config.write_timeout
+        try:
+            self._out.queue(data)
+            if self.answering:
+                # Let the other tasks woken with this one (a commit answers a whole batch of
+                # payments at once) queue their events for this peer first: one write for all.
+                await trio.lowlevel.checkpoint()
+            await self._out.flush()
+        except trio.Cancelled:
+            self._write_timed_out = trio.current_time() >= scope.deadline
+            raise
+        finally:
+            scope.deadline = math.inf
+
+    def send_soon(self, data: bytes, *, then_close: bool = False) -> None:
+        """Send ``data`` (best effort) without making the caller wait for this peer.
+
+        It is queued behind whatever this session is writing; the reply the session sends
+        next carries it, or one delivery task for everything queued by then (one per burst,
+        not one per message)."""
+        idle = self._out.queue(data) and not self.answering
+        if then_close:
+            self._close_after_flush = True
+        if (idle or then_close) and not self._delivery_scheduled:
+            self._delivery_scheduled = True
+            self.host.spawn(self._deliver)
+
+    async def _deliver(self) -> None:
+        """Write what :meth:`send_soon` queued (spawned: another session's task queued it)."""
+        self._delivery_scheduled = False
+        logs.bind_connection(self)
         with trio.move_on_after(self.host.config.write_timeout) as scope:
-            await self._out.send(data)
+            try:
+                await self._out.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.host.metrics.event_dropped()
         if scope.cancelled_caught:
             self.host.limit_log.hit("write-timeout", f"{self.ip} stopped reading; dropped")
             self.cancel_scope.cancel()
-
-    def send_soon(self, data: bytes, *, then_close: bool = False) -> None:
-        """Send ``data`` (best effort) without making the caller wait for this peer."""
-
-        async def deliver() -> None:
-            logs.bind_connection(self)  # spawned by another session's task: about this one
-            try:
-                await self.send(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.host.metrics.event_dropped()
-            if then_close:
-                self.cancel_scope.cancel()
-
-        self.host.spawn(deliver)
+        elif self._close_after_flush:
+            self.cancel_scope.cancel()

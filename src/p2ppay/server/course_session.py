@@ -35,6 +35,7 @@ from ..course import (
     CourseTransfer,
 )
 from ..names import name_key
+from . import listing
 from .base import Host, SessionBase
 
 log = logging.getLogger("p2ppay.server")
@@ -185,8 +186,16 @@ class CourseSession(SessionBase):
         assert self.user is not None
         account = await self.host.ledger.account(self.user)
         balance = account.balance if account else 0
-        roster = await self.host.presence.course_roster()
-        return self.dialect.roster(balance, self.host.server_public_key, roster)
+        presence, dialect, key = self.host.presence, self.dialect, self.host.server_public_key
+
+        async def build() -> bytes:
+            return dialect.roster(0, key, await presence.course_roster()).split(b"\n", 1)[1]
+
+        # Both flavours' replies are a first line with the balance, then who is online: that
+        # part is encoded once per change of presence.
+        online = await listing.cached(presence, ("course", dialect.name, key), build)
+        first = dialect.roster(balance, key, ()).split(b"\n", 1)[0]
+        return first + b"\n" + online
 
     # -- money --
 

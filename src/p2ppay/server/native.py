@@ -22,10 +22,21 @@ from .. import protocol as p
 from ..constraints import memo_problem
 from ..names import name_key
 from ..receipts import ReceiptFacts
+from . import listing
 from .base import Host, SessionBase
 from .errors import LEDGER_CODES, RequestFailed
 
 log = logging.getLogger("p2ppay.server")
+
+
+@final
+class _Encoded:
+    """A handler's result already encoded as JSON (built from cached pieces)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, json: bytes) -> None:
+        self.json = json
 
 
 @final
@@ -44,10 +55,6 @@ class Session(SessionBase):
         self.p2p_port: int | None = None
         #: a newer login of the same account took over: nothing more is done for the user
         self.replaced_by: str | None = None
-        # One handler per op, named after it (_hello, _register, ...): a missing one fails here.
-        self._handlers: dict[str, Callable[[Any], Awaitable[p.Result]]] = {
-            op: getattr(self, f"_{op}") for op in p.OPS
-        }
 
     @property
     def listed_port(self) -> int | None:
@@ -133,7 +140,11 @@ class Session(SessionBase):
             else:
                 assert not isinstance(event, p.Sentinel)
                 self.line_started = None
-                await self.send(await self._answer(event))
+                self.answering = True  # events queued meanwhile go out with the reply
+                try:
+                    await self.send(await self._answer(event))
+                finally:
+                    self.answering = False
 
     async def _timed_out(self) -> None:
         cfg = self.host.config
@@ -178,7 +189,7 @@ class Session(SessionBase):
                 request.id, p.ErrorCode.NOT_LOGGED_IN, "this session was replaced by a newer login"
             )
         try:
-            result = await self._handlers[op](request)
+            result = await _HANDLERS[op](self, request)
         except RequestFailed as exc:
             self.host.metrics.request_failed(op, exc.code)
             return self.conn.send_error(request.id, exc.code, exc.message)
@@ -189,6 +200,8 @@ class Session(SessionBase):
                 log.error("%s: ledger failure on %s: %s", self.ip, op, exc)
                 return self.conn.send_error(request.id, code, "the ledger is unavailable")
             return self.conn.send_error(request.id, code, str(exc))
+        if isinstance(result, _Encoded):
+            return self.conn.send_ok_raw(request, result.json)
         return self.conn.send_ok(request, result)
 
     # -- one handler per op --
@@ -246,10 +259,17 @@ class Session(SessionBase):
             await self.host.ledger.deposit(self._me(), req.amount, req.deposit_id)
         )
 
-    async def _list(self, req: p.ListOnline) -> p.ListResult:
+    async def _list(self, req: p.ListOnline) -> _Encoded:
         account = await self.host.ledger.account(self._me())
         balance = account.balance if account else 0
-        return p.ListResult(balance, await self.host.presence.listing(self.host.config.max_list))
+        presence, limit = self.host.presence, self.host.config.max_list
+
+        async def build() -> bytes:
+            return p.encode_json(await presence.listing(limit))
+
+        # Who is online is encoded once per change of presence; the balance is this user's.
+        online = await listing.cached(presence, ("list", limit), build)
+        return _Encoded(p.list_result_json(balance, online))
 
     async def _lookup(self, req: p.Lookup) -> p.Presence:
         where = await self.host.presence.lookup(req.name)
@@ -467,3 +487,10 @@ def _request_info(r: lg.PaymentRequest) -> p.RequestInfo:
         r.state,
         r.closed_ms,
     )
+
+
+# One handler per op, named after it (_hello, _register, ...): a missing one fails here. Kept
+# once for the class, not per session (a dict of bound methods was ~1 KiB per idle session).
+_HANDLERS: dict[str, Callable[[Session, Any], Awaitable[p.Result | _Encoded]]] = {
+    op: getattr(Session, f"_{op}") for op in p.OPS
+}

@@ -46,6 +46,10 @@ class Member(Protocol):
 class Presence(Protocol):
     """Who is online in each dialect. Keys are account names in any letter case."""
 
+    #: moves on every change of who is online where (take_over, and forget of a current
+    #: member), in either dialect: what was derived from an older value is stale
+    generation: int
+
     def take_over(self, member: Member, *, course: bool = False) -> None: ...
 
     def forget(self, member: Member, *, course: bool = False) -> None: ...
@@ -82,6 +86,7 @@ class LocalPresence:
     def __init__(self) -> None:
         self._native: NameMap[Member] = NameMap()
         self._course: NameMap[Member] = NameMap()
+        self.generation = 0
 
     def _map(self, course: bool) -> NameMap[Member]:
         return self._course if course else self._native
@@ -92,6 +97,7 @@ class LocalPresence:
         # Re-inserted, not updated: the course roster lists users by when they came online.
         old = online.pop(member.user, None)
         online[member.user] = member
+        self.generation += 1
         if old is not None and old is not member:
             old.replaced(member.ip)
 
@@ -99,6 +105,7 @@ class LocalPresence:
         online = self._map(course)
         if member.user is not None and online.get(member.user) is member:
             del online[member.user]
+            self.generation += 1
 
     def is_current(self, member: Member, *, course: bool = False) -> bool:
         return member.user is not None and self._map(course).get(member.user) is member

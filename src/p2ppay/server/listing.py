@@ -1,0 +1,34 @@
+"""Who-is-online replies from cache: the encoded block of a ``list`` reply (and of a course
+``List``) is built once per change of presence, not once per request.
+
+:class:`~.presence.Presence` counts its changes (``generation``: every login that takes over a
+name, every logout or disconnect); an entry is good while that count has not moved. Entries
+are per presence object (tests run several servers in one process) and go with it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Final
+
+from .presence import Presence
+
+_caches: Final[weakref.WeakKeyDictionary[Presence, dict[Hashable, tuple[int, bytes]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def cached(presence: Presence, key: Hashable, build: Callable[[], Awaitable[bytes]]) -> bytes:
+    """``build()``'s bytes for ``key``, built again only when presence has changed since."""
+    entries = _caches.get(presence)
+    if entries is None:
+        entries = _caches[presence] = {}
+    generation = presence.generation
+    hit = entries.get(key)
+    if hit is not None and hit[0] == generation:
+        return hit[1]
+    value = await build()
+    if presence.generation == generation:  # nothing changed while it was built
+        entries[key] = (generation, value)
+    return value
