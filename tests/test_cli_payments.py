@@ -381,3 +381,19 @@ async def test_the_payee_is_asked_with_the_memo_and_changes_its_password_at_a_te
             srv.port, state, "bob", "balance", env={"P2PPAY_PASSWORD": "bob's new password"}
         )
         assert code == 0 and result(lines, "balance") == {"balance": 30}
+
+
+async def test_verify_receipt_refuses_hostile_files_in_one_line(tmp_path: Path) -> None:
+    from p2ppay.pki import create_ca
+
+    ca, _key = create_ca("a CA")
+    cafile = tmp_path / "ca.pem"
+    cafile.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    deep, huge = tmp_path / "deep.json", tmp_path / "huge.json"
+    deep.write_text("[" * 100_000)
+    huge.write_text(json.dumps({"pad": "x" * 100_000}))
+    for hostile in (deep, huge):
+        code, out, err = await verify(tmp_path, hostile, cafile)
+        assert code == 2, err  # cannot read: not "an invalid receipt"
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert out == ""

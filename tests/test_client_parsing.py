@@ -185,6 +185,22 @@ def test_csv_is_rfc_4180_with_a_header() -> None:
     assert rows[2][2:] == ["deposit", "100", "100", "", "", ""]
 
 
+def test_a_memo_never_becomes_a_spreadsheet_formula() -> None:
+    # The memo is the other party's text: a spreadsheet opening the export must not run it.
+    pid = uuid.UUID(PID)
+    memos = ['=HYPERLINK("http://evil")', "+1", "-2+3", "@SUM(A1)", "\tx", "fine = ok"]
+    entries = [p.HistoryEntry("received", 1, 1, 0, "mallory", pid, m) for m in memos]
+    rows = list(csv.reader(io.StringIO(csv_rows(entries), newline="")))
+    assert [row[-1] for row in rows] == [
+        '\'=HYPERLINK("http://evil")',
+        "'+1",
+        "'-2+3",
+        "'@SUM(A1)",
+        "'\tx",
+        "fine = ok",
+    ]
+
+
 # --- where the client connects ---------------------------------------------------------------
 
 

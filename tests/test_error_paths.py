@@ -188,10 +188,11 @@ class FlakyLedger:
         memo: str | None,
         expires_ms: int,
         max_open: int,
+        max_per_payer: int,
     ) -> lg.PaymentRequest:
         self._check()
         return await self.inner.create_request(
-            request_id, requester, payer, amount, memo, expires_ms, max_open
+            request_id, requester, payer, amount, memo, expires_ms, max_open, max_per_payer
         )
 
     async def open_requests(

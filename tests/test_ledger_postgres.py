@@ -310,3 +310,19 @@ def _waiting_on_locks(db: psycopg.Connection[tuple[object, ...]]) -> int:
     ).fetchone()
     db.rollback()
     return 0 if row is None else int(str(row[0]))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'not a usable PostgreSQL URL: "postgresql://postgres:s3cret@[::1:5999/x"',
+        "there is no ledger at host=127.0.0.1 port=5999 password=s3cret dbname=x",
+        "password = 's3cret' host=h",
+        "postgres://op:s3cret@db.example/p2ppay refused",
+    ],
+)
+def test_no_message_carries_a_password(text: str) -> None:
+    from p2ppay.ledger.pgschema import redact
+
+    shown = redact(text)
+    assert "s3cret" not in shown and "***" in shown

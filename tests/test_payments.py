@@ -140,21 +140,29 @@ async def test_requests_tell_both_sides_while_online(connect: Connect) -> None:
 
 @pytest.fixture
 def config() -> ServerConfig:
-    return ServerConfig(scrypt=FAST_SCRYPT, max_open_requests=2)
+    return ServerConfig(scrypt=FAST_SCRYPT, max_open_requests=3, max_requests_per_payer=2)
 
 
-async def test_open_requests_are_limited_both_ways(connect: Connect) -> None:
+async def test_open_requests_are_limited_per_requester(connect: Connect) -> None:
     with trio.fail_after(10):
-        async with connect("10.0.0.1") as a, connect("10.0.0.2") as b, connect("10.0.0.3") as c:
-            await registered(a, "alice")
-            await registered(b, "bob")
-            await registered(c, "carol")
+        async with (
+            connect("10.0.0.1") as a,
+            connect("10.0.0.2") as b,
+            connect("10.0.0.3") as c,
+            connect("10.0.0.4") as d,
+        ):
+            for client, name in ((a, "alice"), (b, "bob"), (c, "carol"), (d, "dave")):
+                await registered(client, name)
             first = await b.request("alice", 1)
             await b.request("alice", 2)
-            await expect_error("too_many_requests", b.request("carol", 3))  # bob made 2
-            await expect_error("too_many_requests", c.request("alice", 3))  # alice has 2
+            await expect_error("too_many_requests", b.request("alice", 3))  # 2 to alice
+            await b.request("carol", 3)
+            await expect_error("too_many_requests", b.request("dave", 3))  # bob made 3
+            # bob's flood does not stop anyone else from asking alice for money.
+            await c.request("alice", 3)
+            await d.request("alice", 4)
             await b.cancel_request(first.request_id)
-            await c.request("alice", 3)  # room again
+            await b.request("alice", 5)  # room again
 
 
 async def test_deposit_ids_and_passwd(connect: Connect) -> None:
@@ -183,7 +191,7 @@ async def test_a_request_is_paid_once_however_many_times_it_is_asked(
     await ledger.deposit("alice", 100)
     rid = uuid.uuid4()
     far = 2**52
-    await ledger.create_request(rid, "bob", "alice", 30, "x", far, 10)
+    await ledger.create_request(rid, "bob", "alice", 30, "x", far, 10, 10)
     outcomes: list[lg.Transfer] = []
 
     async def pay() -> None:
@@ -203,11 +211,11 @@ async def test_a_request_is_paid_once_however_many_times_it_is_asked(
     assert await ledger.request_news("bob") == []
     # An expired request cannot be paid; a declined one neither.
     old = uuid.uuid4()
-    await ledger.create_request(old, "bob", "alice", 1, None, 1, 10)
+    await ledger.create_request(old, "bob", "alice", 1, None, 1, 10, 10)
     with pytest.raises(lg.RequestExpired):
         await ledger.pay_request(old, "alice")
     no = uuid.uuid4()
-    await ledger.create_request(no, "bob", "alice", 1, None, far, 10)
+    await ledger.create_request(no, "bob", "alice", 1, None, far, 10, 10)
     await ledger.close_request(no, "alice", "declined")
     with pytest.raises(lg.RequestDeclined):
         await ledger.pay_request(no, "alice")

@@ -51,7 +51,7 @@ async def test_a_version_1_database_is_upgraded_with_everything_in_it(postgres_u
         paid = await ledger.settle(uuid.uuid4(), "alice", "bob", 5, memo="tea")
         assert paid.memo == "tea" and not paid.replayed
         rid = uuid.uuid4()
-        await ledger.create_request(rid, "bob", "alice", 1, "x", 2**52, 10)
+        await ledger.create_request(rid, "bob", "alice", 1, "x", 2**52, 10, 10)
         transfer, request = await ledger.pay_request(rid, "alice")
         assert (transfer.memo, request.state) == ("x", "paid")
     with psycopg.connect(postgres_url) as db:
@@ -72,7 +72,7 @@ async def test_two_nodes_paying_one_request_or_making_one_deposit_move_money_onc
         await one.deposit("alice", 1000)
         rids = [uuid.uuid4() for _ in range(20)]
         for rid in rids:
-            await one.create_request(rid, "bob", "alice", 7, None, 2**52, 100)
+            await one.create_request(rid, "bob", "alice", 7, None, 2**52, 100, 100)
         dids = [uuid.uuid4() for _ in range(20)]
         paid: list[lg.Transfer] = []
         deposited: list[int] = []

@@ -327,6 +327,10 @@ def _run_client(args: argparse.Namespace) -> int:
         return ExitCode.INTERRUPTED
 
 
+#: a receipt is a few hundred bytes; a file past this is refused unread
+MAX_RECEIPT_BYTES = 64 * 1024
+
+
 def _verify_receipt(args: argparse.Namespace) -> int:
     from cryptography import x509
 
@@ -341,7 +345,15 @@ def _verify_receipt(args: argparse.Namespace) -> int:
         )
         return ExitCode.USAGE
     try:
-        receipt = json.loads(args.file.read_text(encoding="utf-8"))
+        with args.file.open("rb") as f:
+            data = f.read(MAX_RECEIPT_BYTES + 1)
+        if len(data) > MAX_RECEIPT_BYTES:
+            raise ValueError(f"larger than {MAX_RECEIPT_BYTES} bytes: not a receipt")
+        receipt = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        print(f"p2ppay verify-receipt: cannot read {args.file}: nested too deeply to be a "
+              "receipt", file=sys.stderr)  # fmt: skip
+        return ExitCode.USAGE
     except (OSError, ValueError) as exc:
         print(f"p2ppay verify-receipt: cannot read {args.file}: {_reason(exc)}", file=sys.stderr)
         return ExitCode.USAGE

@@ -418,8 +418,19 @@ def _iso(at_ms: int) -> str:
     return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: what makes a spreadsheet take a cell for a formula (OWASP's "CSV injection" list)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(text: str) -> str:
+    """Text someone else chose (a memo) as a CSV cell that a spreadsheet shows, never runs: a
+    leading ``'`` before a formula's first character."""
+    return f"'{text}" if text.startswith(_FORMULA_START) else text
+
+
 def csv_rows(entries: list[p.HistoryEntry], header: bool = False) -> str:
-    """History entries as RFC 4180 CSV (CRLF line ends, quoted where needed)."""
+    """History entries as RFC 4180 CSV (CRLF line ends, quoted where needed). A memo that
+    would start a spreadsheet formula gets a leading ``'`` (the payer or requester wrote it)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     if header:
@@ -434,7 +445,7 @@ def csv_rows(entries: list[p.HistoryEntry], header: bool = False) -> str:
                 e.balance,
                 e.counterparty or "",
                 e.payment_id or "",
-                e.memo or "",
+                _cell(e.memo or ""),
             )
         )
     return out.getvalue()

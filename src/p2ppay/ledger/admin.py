@@ -35,6 +35,7 @@ from .interface import (
     ReferenceConflict,
     UnknownAccount,
 )
+from .pgschema import redact
 from .schema import connect_sqlite
 
 #: how long an admin command waits for the server to let go of the write lock (a batch is
@@ -147,7 +148,8 @@ class SqliteAdmin:
 
     def __init__(self, path: Path) -> None:
         if not path.is_file():
-            raise LedgerUnavailable(f"there is no ledger at {path} (is --state-dir right?)")
+            where = redact(str(path))  # (a mistyped PostgreSQL conninfo may carry a password)
+            raise LedgerUnavailable(f"there is no ledger at {where} (is --state-dir right?)")
         self.path = path
         self._db = connect_sqlite(path, BUSY_TIMEOUT_MS)
 

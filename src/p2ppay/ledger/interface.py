@@ -291,10 +291,12 @@ class Ledger(Protocol):
         memo: str | None,
         expires_ms: int,
         max_open: int,
+        max_per_payer: int,
     ) -> PaymentRequest:
         """Record ``requester``'s request that ``payer`` pay it ``amount``. Refused
-        (:class:`TooManyRequests`) when either has ``max_open`` unexpired open requests
-        already (the requester's outgoing, the payer's incoming)."""
+        (:class:`TooManyRequests`) when the requester has ``max_open`` unexpired open
+        requests already, or ``max_per_payer`` of them to this payer (a count per requester:
+        nobody can use up a payer's room for everyone else's requests)."""
         ...
 
     async def open_requests(

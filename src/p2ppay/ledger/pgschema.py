@@ -10,7 +10,9 @@ refused.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -395,15 +397,30 @@ def describe(url: str) -> str:
     return f"{host}:{port}/{params.get('dbname') or params.get('user') or ''}"
 
 
+#: a URL's ``user:password@`` and a conninfo's ``password=...``, wherever they are in a text
+_SECRETS = (
+    (re.compile(r"(\w+://[^\s:/@\"']*):[^\s@\"']*@"), r"\1:***@"),
+    (re.compile(r"(password\s*=\s*)('[^']*'|[^\s\"']+)", re.IGNORECASE), r"\1***"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with any password a URL or conninfo in it carries replaced by ``***``."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def _one_line(exc: BaseException, url: str) -> str:
     text = " ".join(str(exc).split())
     try:
         password = conninfo_to_dict(url).get("password")
     except psycopg.Error:
-        password = None
+        password = None  # (not parsed: the patterns below still find it)
     if password:
-        text = text.replace(str(password), "***")
-    return text
+        for form in {str(password), quote(str(password), safe="")}:
+            text = text.replace(form, "***")
+    return redact(text)
 
 
 def open_connection(url: str, **kwargs: Any) -> PgConnection:

@@ -683,6 +683,7 @@ class PostgresLedger:
         memo: str | None,
         expires_ms: int,
         max_open: int,
+        max_per_payer: int,
     ) -> PaymentRequest:
         limits = self.limits
         if amount < 1 or amount > limits.max_payment:
@@ -709,18 +710,24 @@ class PostgresLedger:
             if them is None:
                 raise UnknownAccount(f"no account named {payer!r}")
             now = _now_ms()
-            for column, name, whose in (
-                ("requester", me, "you have"),
-                ("payer", them, f"{them} has"),
-            ):
-                row = db.execute(
-                    f"SELECT COUNT(*) FROM payment_requests"
-                    f" WHERE {column} = %s AND state = 'open' AND expires_ms > %s",
-                    (name, now),
-                ).fetchone()
-                assert row is not None
-                if row[0] >= max_open:
-                    raise TooManyRequests(f"{whose} {row[0]} open requests already")
+            row = db.execute(
+                "SELECT COUNT(*) FROM payment_requests"
+                " WHERE requester = %s AND state = 'open' AND expires_ms > %s",
+                (me, now),
+            ).fetchone()
+            assert row is not None
+            if row[0] >= max_open:
+                raise TooManyRequests(f"you have {row[0]} open requests already")
+            # Counted per requester, not in all: otherwise anyone could fill the payer's
+            # quota and so stop everyone else from asking it for money.
+            row = db.execute(
+                "SELECT COUNT(*) FROM payment_requests WHERE payer = %s AND requester = %s"
+                " AND state = 'open' AND expires_ms > %s",
+                (them, me, now),
+            ).fetchone()
+            assert row is not None
+            if row[0] >= max_per_payer:
+                raise TooManyRequests(f"{them} has {row[0]} open requests of yours already")
             db.execute(
                 "INSERT INTO payment_requests(id, requester, payer, amount, memo,"
                 " created_ms, expires_ms) VALUES (%s, %s, %s, %s, %s, %s, %s)",

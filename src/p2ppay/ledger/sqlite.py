@@ -638,6 +638,7 @@ class SqliteLedger:
         memo: str | None,
         expires_ms: int,
         max_open: int,
+        max_per_payer: int,
     ) -> PaymentRequest:
         limits = self.limits
         if amount < 1 or amount > limits.max_payment:
@@ -660,17 +661,22 @@ class SqliteLedger:
             if them is None:
                 raise UnknownAccount(f"no account named {payer!r}")
             now = _now_ms()
-            for column, name, whose in (
-                ("requester", me, "you have"),
-                ("payer", them, f"{them} has"),
-            ):
-                (count,) = db.execute(
-                    f"SELECT COUNT(*) FROM payment_requests"
-                    f" WHERE {column} = ? AND state = 'open' AND expires_ms > ?",
-                    (name, now),
-                ).fetchone()
-                if count >= max_open:
-                    raise TooManyRequests(f"{whose} {count} open requests already")
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM payment_requests"
+                " WHERE requester = ? AND state = 'open' AND expires_ms > ?",
+                (me, now),
+            ).fetchone()
+            if count >= max_open:
+                raise TooManyRequests(f"you have {count} open requests already")
+            # Counted per requester, not in all: otherwise anyone could fill the payer's
+            # quota and so stop everyone else from asking it for money.
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM payment_requests WHERE payer = ? AND requester = ?"
+                " AND state = 'open' AND expires_ms > ?",
+                (them, me, now),
+            ).fetchone()
+            if count >= max_per_payer:
+                raise TooManyRequests(f"{them} has {count} open requests of yours already")
             db.execute(
                 "INSERT INTO payment_requests(id, requester, payer, amount, memo,"
                 " created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",

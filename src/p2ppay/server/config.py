@@ -135,7 +135,14 @@ class ServerConfig:
     max_open_requests: int = setting(
         100,
         "--max-open-requests",
-        "open payment requests one account may have made, and may have waiting for it",
+        "open payment requests one account may have made",
+        count,
+    )
+    #: counted per requester, so that nobody can fill a payer's room for everyone else's
+    max_requests_per_payer: int = setting(
+        10,
+        "--max-requests-per-payer",
+        "open payment requests one account may have made to any one payer",
         count,
     )
     #: "operator": users' deposits are refused (and course accounts start empty)

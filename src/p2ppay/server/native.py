@@ -389,6 +389,7 @@ class Session(SessionBase):
             req.memo,
             expires_ms,
             cfg.max_open_requests,
+            cfg.max_requests_per_payer,
         )
         info = _request_info(made)
         payer = self._local(made.payer)
