@@ -377,7 +377,7 @@ class Session(SessionBase):
         if lifetime > cfg.max_request_expiry:
             raise RequestFailed(
                 p.ErrorCode.BAD_REQUEST,
-                f"a request may stay open at most {cfg.max_request_expiry:g} s",
+                f"a request may stay open at most {cfg.max_request_expiry:.0f} s",
             )
         expires_ms = int((time.time() + lifetime) * 1000)
         # (no such payer: UnknownAccount, answered unknown_user)
