@@ -18,10 +18,10 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, Protocol, final
+from typing import Any, Final, Literal, Protocol, final
 
 from ..constraints import MAX_AMOUNT
 from ..names import name_key
@@ -139,6 +139,70 @@ def _now_ms() -> int:
 
 #: most offending rows an audit check names
 _SHOWN: Final = 10
+
+
+Rows = Callable[[str, tuple[object, ...]], list[Any]]
+
+
+def book_checks(rows: Rows, placeholder: str) -> Iterator[Check]:
+    """The checks of the books every backend makes (conservation, no negative balance, each
+    balance against its movements, each payment id once), through ``rows(sql, args)`` in one
+    snapshot; ``placeholder`` is the backend's parameter marker (``?``, ``%s``)."""
+    limit = f"LIMIT {placeholder}"
+    ((total, accounts),) = rows("SELECT COALESCE(SUM(balance), 0), COUNT(*) FROM accounts", ())
+    ((issued, withdrawn),) = rows(
+        "SELECT COALESCE(SUM(CASE WHEN payer IS NULL THEN amount END), 0),"
+        " COALESCE(SUM(CASE WHEN payee IS NULL THEN amount END), 0) FROM movements",
+        (),
+    )
+    found = rows("SELECT balance FROM issuance WHERE id = 1", ())
+    issuance = None if not found else int(found[0][0])
+    outstanding = int(issued) - int(withdrawn)
+    yield Check(
+        "conservation",
+        int(total) == outstanding and issuance == -outstanding,
+        f"sum of {accounts} balances {total}; issued {issued} - withdrawn {withdrawn}"
+        f" = {outstanding}; issuance account {issuance}",
+    )
+
+    negative = rows(
+        f"SELECT name, balance FROM accounts WHERE balance < 0 ORDER BY name {limit}", (_SHOWN,)
+    )
+    yield Check(
+        "no negative balance",
+        not negative,
+        ", ".join(f"{n}: {b}" for n, b in negative) or "none below 0",
+    )
+
+    # Each account's balance is what its movements say: in minus out.
+    wrong = rows(
+        "SELECT a.name, a.balance, COALESCE(i.total, 0) - COALESCE(o.total, 0)"
+        " FROM accounts AS a"
+        " LEFT JOIN (SELECT payee AS name, SUM(amount) AS total FROM movements"
+        "            WHERE payee IS NOT NULL GROUP BY payee) AS i ON i.name = a.name"
+        " LEFT JOIN (SELECT payer AS name, SUM(amount) AS total FROM movements"
+        "            WHERE payer IS NOT NULL GROUP BY payer) AS o ON o.name = a.name"
+        " WHERE a.balance <> COALESCE(i.total, 0) - COALESCE(o.total, 0)"
+        f" ORDER BY a.name {limit}",
+        (_SHOWN,),
+    )
+    yield Check(
+        "balances match movements",
+        not wrong,
+        ", ".join(f"{n}: balance {b}, movements say {m}" for n, b, m in wrong) or "every account",
+    )
+
+    repeated = rows(
+        "SELECT payment_id, COUNT(*) FROM movements WHERE payment_id IS NOT NULL"
+        f" GROUP BY payment_id HAVING COUNT(*) > 1 {limit}",
+        (_SHOWN,),
+    )
+    ((payments,),) = rows("SELECT COUNT(payment_id) FROM movements", ())
+    yield Check(
+        "each payment id once",
+        not repeated,
+        ", ".join(f"{pid} x{n}" for pid, n in repeated) or f"{payments} payments",
+    )
 
 
 @final
@@ -304,63 +368,7 @@ class SqliteAdmin:
             f"{len(orphans)} row(s) name a missing account" if orphans else "every name exists",
         )
 
-        total, accounts = db.execute(
-            "SELECT COALESCE(SUM(balance), 0), COUNT(*) FROM accounts"
-        ).fetchone()
-        issued, withdrawn = db.execute(
-            "SELECT COALESCE(SUM(CASE WHEN payer IS NULL THEN amount END), 0),"
-            " COALESCE(SUM(CASE WHEN payee IS NULL THEN amount END), 0) FROM movements"
-        ).fetchone()
-        row = db.execute("SELECT balance FROM issuance WHERE id = 1").fetchone()
-        issuance = None if row is None else row[0]
-        outstanding = issued - withdrawn
-        yield Check(
-            "conservation",
-            total == outstanding and issuance == -outstanding,
-            f"sum of {accounts} balances {total}; issued {issued} - withdrawn {withdrawn}"
-            f" = {outstanding}; issuance account {issuance}",
-        )
-
-        negative = db.execute(
-            "SELECT name, balance FROM accounts WHERE balance < 0 ORDER BY name LIMIT ?",
-            (_SHOWN,),
-        ).fetchall()
-        yield Check(
-            "no negative balance",
-            not negative,
-            ", ".join(f"{n}: {b}" for n, b in negative) or "none below 0",
-        )
-
-        # Each account's balance is what its movements say: in minus out.
-        wrong = db.execute(
-            "SELECT a.name, a.balance, COALESCE(i.total, 0) - COALESCE(o.total, 0)"
-            " FROM accounts AS a"
-            " LEFT JOIN (SELECT payee AS name, SUM(amount) AS total FROM movements"
-            "            WHERE payee IS NOT NULL GROUP BY payee) AS i ON i.name = a.name"
-            " LEFT JOIN (SELECT payer AS name, SUM(amount) AS total FROM movements"
-            "            WHERE payer IS NOT NULL GROUP BY payer) AS o ON o.name = a.name"
-            " WHERE a.balance <> COALESCE(i.total, 0) - COALESCE(o.total, 0)"
-            " ORDER BY a.name LIMIT ?",
-            (_SHOWN,),
-        ).fetchall()
-        yield Check(
-            "balances match movements",
-            not wrong,
-            ", ".join(f"{n}: balance {b}, movements say {m}" for n, b, m in wrong)
-            or "every account",
-        )
-
-        repeated = db.execute(
-            "SELECT payment_id, COUNT(*) FROM movements WHERE payment_id IS NOT NULL"
-            " GROUP BY payment_id HAVING COUNT(*) > 1 LIMIT ?",
-            (_SHOWN,),
-        ).fetchall()
-        payments = db.execute("SELECT COUNT(payment_id) FROM movements").fetchone()[0]
-        yield Check(
-            "each payment id once",
-            not repeated,
-            ", ".join(f"{pid} x{n}" for pid, n in repeated) or f"{payments} payments",
-        )
+        yield from book_checks(lambda sql, args: db.execute(sql, args).fetchall(), "?")
 
     def backup(self, dest: Path) -> None:
         if dest.exists():

@@ -25,9 +25,9 @@ from .admin import (
     Adjustment,
     AdjustmentKind,
     AuditReport,
-    Check,
     Movement,
     NotNative,
+    book_checks,
 )
 from .interface import (
     AmountOutOfRange,
@@ -42,8 +42,6 @@ from .pgschema import PgConnection, describe, migrate, open_connection
 
 #: no balance may pass this, whatever the server's --max-balance (which bounds only users)
 MAX_BALANCE: Final = MAX_AMOUNT
-#: most offending rows an audit check names
-_SHOWN: Final = 10
 #: a change that loses a deadlock to a node's batch is tried again this many times
 _ATTEMPTS: Final = 5
 
@@ -198,62 +196,9 @@ class PgAdmin:
         db = self._db
         with db.transaction():  # every check sees the same snapshot
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            return AuditReport(tuple(self._checks(db)))
-
-    def _checks(self, db: PgConnection) -> Iterator[Check]:
-        total, accounts = db.execute(
-            "SELECT COALESCE(SUM(balance), 0), COUNT(*) FROM accounts"
-        ).fetchone() or (0, 0)
-        issued, withdrawn = db.execute(
-            "SELECT COALESCE(SUM(CASE WHEN payer IS NULL THEN amount END), 0),"
-            " COALESCE(SUM(CASE WHEN payee IS NULL THEN amount END), 0) FROM movements"
-        ).fetchone() or (0, 0)
-        row = db.execute("SELECT balance FROM issuance WHERE id = 1").fetchone()
-        issuance = None if row is None else int(row[0])
-        outstanding = int(issued) - int(withdrawn)
-        yield Check(
-            "conservation",
-            int(total) == outstanding and issuance == -outstanding,
-            f"sum of {accounts} balances {total}; issued {issued} - withdrawn {withdrawn}"
-            f" = {outstanding}; issuance account {issuance}",
-        )
-        negative = db.execute(
-            "SELECT name, balance FROM accounts WHERE balance < 0 ORDER BY name LIMIT %s",
-            (_SHOWN,),
-        ).fetchall()
-        yield Check(
-            "no negative balance",
-            not negative,
-            ", ".join(f"{n}: {b}" for n, b in negative) or "none below 0",
-        )
-        wrong = db.execute(
-            "SELECT a.name, a.balance, COALESCE(i.total, 0) - COALESCE(o.total, 0)"
-            " FROM accounts AS a"
-            " LEFT JOIN (SELECT payee AS name, SUM(amount) AS total FROM movements"
-            "            WHERE payee IS NOT NULL GROUP BY payee) AS i ON i.name = a.name"
-            " LEFT JOIN (SELECT payer AS name, SUM(amount) AS total FROM movements"
-            "            WHERE payer IS NOT NULL GROUP BY payer) AS o ON o.name = a.name"
-            " WHERE a.balance <> COALESCE(i.total, 0) - COALESCE(o.total, 0)"
-            " ORDER BY a.name LIMIT %s",
-            (_SHOWN,),
-        ).fetchall()
-        yield Check(
-            "balances match movements",
-            not wrong,
-            ", ".join(f"{n}: balance {b}, movements say {m}" for n, b, m in wrong)
-            or "every account",
-        )
-        repeated = db.execute(
-            "SELECT payment_id, COUNT(*) FROM movements WHERE payment_id IS NOT NULL"
-            " GROUP BY payment_id HAVING COUNT(*) > 1 LIMIT %s",
-            (_SHOWN,),
-        ).fetchall()
-        (payments,) = db.execute("SELECT COUNT(payment_id) FROM movements").fetchone() or (0,)
-        yield Check(
-            "each payment id once",
-            not repeated,
-            ", ".join(f"{pid} x{n}" for pid, n in repeated) or f"{payments} payments",
-        )
+            return AuditReport(
+                tuple(book_checks(lambda sql, args: db.execute(sql, args).fetchall(), "%s"))
+            )
 
     def backup(self, dest: Path) -> None:
         raise LedgerError(
