@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import bench
+from p2ppay import bench, loadgen
 from p2ppay import protocol as p
 from p2ppay.ledger import LedgerUnavailable, Limits, SqliteLedger, open_sqlite_ledger
 from p2ppay.pki import Issuer
@@ -308,6 +308,12 @@ def test_load_is_dealt_to_processes() -> None:
     assert bench.split([1], 4) == [[1]]
     assert bench.loadgen_processes(None, 50) == 4
     assert bench.loadgen_processes(8, 3) == 3
+
+
+def test_connections_are_split_over_the_nodes_ports() -> None:
+    two = {"ports": [7001, 7002]}
+    assert [loadgen.port_of(two, i) for i in range(5)] == [7001, 7002, 7001, 7002, 7001]
+    assert [loadgen.port_of({"port": 7001}, i) for i in range(3)] == [7001] * 3
 
 
 def test_the_phases_can_be_chosen() -> None:

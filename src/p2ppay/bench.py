@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,12 +182,64 @@ def split(items: list[Any], parts: int) -> list[list[Any]]:
     return [chunk for chunk in (items[k::parts] for k in range(parts)) if chunk]
 
 
+#: Another CPU meter for a load generator run: called at ``go``, it returns a function that
+#: gives the CPU seconds used since (PostgreSQL's processes, the whole machine, ...).
+Meter = Callable[[], Callable[[], float]]
+
+
+def counter_meter(read: Callable[[], float]) -> Meter:
+    """A :data:`Meter` of a counter of CPU seconds so far (such as :func:`cpu_seconds`)."""
+
+    def start() -> Callable[[], float]:
+        before = read()
+        return lambda: read() - before
+
+    return start
+
+
+@dataclass
+class LoadgenRun:
+    """What one run of load generator processes measured. CPU seconds measured by this
+    process (the servers', the meters') are scaled from its span (``go`` to the last result)
+    to the generators' own run, ``wall``, as are each generator's own."""
+
+    ops: int
+    wall: float
+    latencies: list[float]
+    #: each server process's CPU seconds, by pid
+    server_cpu: dict[int, float]
+    #: the first server process's main thread (a Trio server's event loop), share of a core
+    main_thread_share: float
+    #: each load generator process's CPU seconds
+    loadgen_cpu: list[float]
+    #: each meter's CPU seconds, in the order given
+    meters: list[float]
+    #: connections that ran out of requests (pre-signed payments) before the end
+    ran_out: int
+
+    def figures(self) -> dict[str, Any]:
+        figures = summarise(
+            self.ops, self.wall, sum(self.server_cpu.values()), self.loadgen_cpu, self.latencies
+        )
+        figures["server_main_thread_share"] = self.main_thread_share
+        return figures
+
+
 async def loadgen_phase(server_pid: int, specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A phase's figures from :func:`run_loadgens` against one server process."""
+    return (await run_loadgens([server_pid], specs)).figures()
+
+
+async def run_loadgens(
+    server_pids: Sequence[int], specs: list[dict[str, Any]], meters: Sequence[Meter] = ()
+) -> LoadgenRun:
     """Run one ``python -m p2ppay.bench --loadgen-worker`` per spec; start them together once
-    all have connected; the phase's figures, with the server's and each process's CPU."""
+    all have connected (and again after their ``warmup``, if the specs have one); measure the
+    server processes' CPU and the ``meters`` over the counted run."""
     workers: list[trio.Process] = []
     results: list[dict[str, Any]] = []
     cmd = [sys.executable, "-m", "p2ppay.bench", "--loadgen-worker"]
+    warmup = max(s.get("warmup", 0) for s in specs)
     try:
         for spec in specs:
             worker = await trio.lowlevel.open_process(
@@ -197,21 +249,37 @@ async def loadgen_phase(server_pid: int, specs: list[dict[str, Any]]) -> dict[st
             assert worker.stdin is not None
             await worker.stdin.send_all(json.dumps(spec).encode() + b"\n")
         readers = [_Lines(w) for w in workers]
-        with trio.fail_after(600):
+
+        async def all_ready() -> None:
             for reader in readers:
                 if (await reader.line()) != b"ready":
                     raise RuntimeError("a load generator failed while setting up")
-        cpu0, main0, t0 = cpu_seconds(server_pid), main_thread_cpu(server_pid), time.perf_counter()
-        for worker in workers:
-            assert worker.stdin is not None
-            await worker.stdin.send_all(b"go\n")
-        profile(server_pid, specs[0]["phase"], specs[0]["seconds"])
+
+        async def go() -> None:
+            for worker in workers:
+                assert worker.stdin is not None
+                await worker.stdin.send_all(b"go\n")
+
+        with trio.fail_after(600):
+            await all_ready()
+        if warmup:
+            await go()
+            with trio.fail_after(120 + warmup):
+                await all_ready()
+        first = server_pids[0]
+        cpu0 = {pid: cpu_seconds(pid) for pid in server_pids}
+        main0, started = main_thread_cpu(first), [meter() for meter in meters]
+        t0 = time.perf_counter()
+        await go()
+        for pid in server_pids:
+            profile(pid, specs[0]["phase"], specs[0]["seconds"])
         with trio.fail_after(120 + max(s["seconds"] for s in specs)):
             for reader in readers:
                 results.append(json.loads(await reader.line()))
         wall = time.perf_counter() - t0
-        server_cpu = cpu_seconds(server_pid) - cpu0
-        main_cpu = main_thread_cpu(server_pid) - main0
+        server_cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in server_pids}
+        main_cpu = main_thread_cpu(first) - main0
+        metered = [stop() for stop in started]
     finally:
         for worker in workers:
             if worker.returncode is None:
@@ -221,16 +289,16 @@ async def loadgen_phase(server_pid: int, specs: list[dict[str, Any]]) -> dict[st
     # The workers ran ``seconds`` each from (nearly) the same moment: their rate is ops over
     # their own run; the server's share is over the whole span the parent saw.
     run_wall = max(r["wall"] for r in results)
-    latencies = [us / 1e6 for r in results for us in r["latencies_us"]]
-    figures = summarise(
-        sum(r["ops"] for r in results),
-        run_wall,
-        server_cpu * run_wall / wall,
-        [r["cpu"] * run_wall / r["wall"] for r in results],
-        latencies,
+    return LoadgenRun(
+        ops=sum(r["ops"] for r in results),
+        wall=run_wall,
+        latencies=[us / 1e6 for r in results for us in r["latencies_us"]],
+        server_cpu={pid: cpu * run_wall / wall for pid, cpu in server_cpu.items()},
+        main_thread_share=main_cpu / wall,
+        loadgen_cpu=[r["cpu"] * run_wall / r["wall"] for r in results],
+        meters=[cpu * run_wall / wall for cpu in metered],
+        ran_out=sum(r.get("ran_out", 0) for r in results),
     )
-    figures["server_main_thread_share"] = main_cpu / wall
-    return figures
 
 
 def profile(pid: int, phase: str, seconds: float) -> None:

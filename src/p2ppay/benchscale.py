@@ -2,7 +2,14 @@
 
 ``python -m p2ppay.benchscale --ledger postgresql://...`` (or ``python -m p2ppay.bench --phase
 scale --ledger ...``, ``nox -s bench -- --phase scale --ledger ...``). The same settle load
-(50 clients paying each other at random, acceptances signed beforehand) runs against:
+runs against each configuration: 50 users, registered and given a deposit through the first
+node, pay each other 1 unit at random, strictly request -> reply, driven by the main
+benchmark's load generator processes (:mod:`p2ppay.loadgen`: light ``epoll`` loops, the
+acceptances signed before the clock starts; bench.loadgen_processes' default number of
+processes, at least 2 users each, since a process pays only users whose keys it holds).
+Each process's connections alternate over the nodes' ports, so the users are split evenly over
+the nodes, and a payee is often on another node. The load runs WARM_UP seconds uncounted first
+(connections, caches, PL/pgSQL's plans). The configurations:
 
 - ``sqlite``: one node on the SQLite ledger (today's default);
 - ``postgres``: one node on PostgreSQL;
@@ -14,24 +21,23 @@ Each PostgreSQL configuration gets a database of its own, made for the run and d
 unique to the run). Measured for each: settles/s, p50/p99, the server processes' CPU per
 settle (user + system, all threads, from /proc), PostgreSQL's CPU per settle (its backends for
 that database, plus its shared background processes: WAL writer, checkpointer, background
-writer, which anything else using the server also feeds), and the load generator's CPU. A
-configuration where the load generator was near a full core, or the machine near all its
-cores, is marked: its figure says more about this machine than about p2ppay.
+writer, which anything else using the server also feeds), and the load generator processes'
+CPU, all over the same counted window. Afterwards the users' balances must still add up to
+their deposits. A configuration where the busiest load generator process was near a full core,
+or the machine near all its cores, is marked: its figure says more about this machine than
+about p2ppay.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
-import random
-import resource
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,16 +48,28 @@ import trio
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from .bench import CLK_TCK, Proc, cpu_seconds, p2ppay_server, percentile, raise_fd_limit, spawn
-from .client import Client
-from .peer import PeerKey
-from .pki import sign_acceptance
+from .bench import (
+    CLK_TCK,
+    LOADGEN_BUSY_SHARE,
+    Meter,
+    Proc,
+    counter_meter,
+    loadgen_processes,
+    p2ppay_server,
+    percentile,
+    raise_fd_limit,
+    registered,
+    run_loadgens,
+    spawn,
+    split,
+    total_balance,
+)
 from .tls import client_context
 
 CLIENTS: Final = 50
-PASSWORD: Final = "benchmark password"
 DEPOSIT: Final = 1_000_000
-#: the load generator (or the machine) counts as the bottleneck from this share on
+#: the machine counts as the bottleneck from this share of all its cores on (a load generator
+#: process, from bench.LOADGEN_BUSY_SHARE of a core)
 SATURATED: Final = 0.9
 #: cores other programs may use during a run that still counts as quiet
 QUIET: Final = 0.2
@@ -124,16 +142,21 @@ def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
+def postgres_meter(dbname: str) -> Meter:
+    """PostgreSQL's CPU for ``dbname`` (see :func:`postgres_cpu`) as a load generator meter."""
+
+    def start() -> Callable[[], float]:
+        before = postgres_cpu(dbname)
+        return lambda: cpu_between(before, postgres_cpu(dbname))
+
+    return start
+
+
 def machine_cpu() -> float:
     """CPU seconds every core of the machine has been busy so far (/proc/stat), whoever for."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def _self_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,11 +181,21 @@ class Measured:
     latencies: list[float] = field(default_factory=list)
 
     def summary(
-        self, wall: float, server: float, postgres: float | None, loadgen: float, machine: float
+        self,
+        wall: float,
+        server: float,
+        postgres: float | None,
+        loadgen: float | Sequence[float],
+        machine: float,
     ) -> dict[str, Any]:
+        """CPU in seconds over ``wall``; ``loadgen``: each load generator process's (a number:
+        one process's)."""
         n = self.settles
         cores = os.cpu_count() or 1
         busy = machine / wall / cores if wall else 0.0
+        each = [loadgen] if isinstance(loadgen, (int, float)) else list(loadgen)
+        loadgen = sum(each)
+        busiest = max(each, default=0.0) / wall if wall else 0.0
         ours = server + (postgres or 0.0) + loadgen
         return {
             "settles": n,
@@ -176,99 +209,46 @@ class Measured:
             "loadgen_cpu_us_per_settle": 1e6 * loadgen / n if n else None,
             "server_cpu_share": server / wall if wall else 0.0,
             "loadgen_cpu_share": loadgen / wall if wall else 0.0,
+            "loadgen_processes": len(each),
+            "loadgen_max_share": busiest,
             "machine_busy_share": busy,
             #: what other programs used meanwhile, in cores: a figure taken beside them is low
             "others_cores": max(0.0, machine - ours) / wall if wall else 0.0,
-            "loadgen_bound": loadgen / wall >= SATURATED if wall else False,
+            "loadgen_bound": busiest >= LOADGEN_BUSY_SHARE,
             "machine_bound": busy >= SATURATED,
         }
 
 
 async def settle_load(setup: Setup, seconds: float, prefix: str) -> dict[str, Any]:
-    """Log CLIENTS clients in (split over the nodes), then settle for ``seconds``."""
+    """Register CLIENTS users and their deposits (through the first node: the ledger is
+    shared), then settle for ``seconds`` after WARM_UP from load generator processes, the
+    users split over the nodes; then check that the balances still add up."""
     ctx = client_context(setup.ca)
     names = [f"{prefix}{i:03d}" for i in range(CLIENTS)]
-    keys = {name: PeerKey() for name in names}
-    rng = random.Random(42)
-    # Signed beforehand: the load generator should not be what is measured. Enough for
-    # RATE_BUDGET settles/s (a client that runs out stops, and the result says so).
+    await registered(setup.ports[0], ctx, names, DEPOSIT)
+    # Payees are drawn from the same process (which holds their keys): at least 2 users each.
+    groups = split(names, loadgen_processes(None, CLIENTS // 2))
+    # Enough pre-signed payments for RATE_BUDGET settles/s (a connection that runs out
+    # stops, and the result says so).
     budget = int((seconds + WARM_UP) * RATE_BUDGET / CLIENTS) + 100
-    work: list[list[tuple[uuid.UUID, str, str]]] = []
-    for i, name in enumerate(names):
-        queue = []
-        for _ in range(budget):
-            payee = names[(i + rng.randrange(1, CLIENTS)) % CLIENTS]
-            pid = uuid.uuid4()
-            signature = sign_acceptance(keys[payee].key, str(pid), name, payee, 1)
-            queue.append((pid, payee, base64.b64encode(signature).decode()))
-        work.append(queue)
-
-    measured = Measured()
-    clients: list[Client] = []
-    ready = trio.Event()
-    async with trio.open_nursery() as nursery:
-        limiter = trio.CapacityLimiter(10)  # connecting and logging in at once
-
-        async def hold(i: int, name: str) -> None:
-            port = setup.ports[i % len(setup.ports)]
-            async with Client.connect(
-                "127.0.0.1", port, ssl_context=ctx, server_hostname="localhost",
-                request_timeout=120,
-            ) as client:  # fmt: skip
-                async with limiter:
-                    await client.register(name, PASSWORD)
-                    await client.login(name, PASSWORD, None, keys[name].csr(name))
-                    await client.deposit(DEPOSIT)
-                clients.append(client)
-                if len(clients) == CLIENTS:
-                    ready.set()
-                async for _ in client.events:  # payment_received pushes: read and drop
-                    pass
-
-        for i, name in enumerate(names):
-            nursery.start_soon(hold, i, name)
-        with trio.fail_after(120):
-            await ready.wait()
-        by_name = {c.user: c for c in clients}
-        ordered = [by_name[name] for name in names]
-
-        async def pay_for(i: int, until: float) -> None:
-            client, queue = ordered[i], work[i]
-            while trio.current_time() < until and queue:
-                pid, payee, acceptance = queue.pop()
-                started = time.perf_counter()
-                await client.settle(pid, payee, 1, acceptance)
-                if trio.current_time() <= until:
-                    measured.settles += 1
-                    measured.latencies.append(time.perf_counter() - started)
-
-        async def load(for_seconds: float) -> None:
-            until = trio.current_time() + for_seconds
-            async with trio.open_nursery() as payers:
-                for i in range(CLIENTS):
-                    payers.start_soon(pay_for, i, until)
-
-        await load(WARM_UP)  # warm up: connections, caches, the JIT of PL/pgSQL
-        measured = Measured()
-        server0 = sum(cpu_seconds(pid) for pid in setup.pids)
-        pg0 = postgres_cpu(setup.dbname) if setup.dbname else None
-        self0, machine0, t0 = _self_cpu(), machine_cpu(), time.perf_counter()
-        await load(seconds)
-        wall = time.perf_counter() - t0
-        loadgen, machine = _self_cpu() - self0, machine_cpu() - machine0
-        server = sum(cpu_seconds(pid) for pid in setup.pids) - server0
-        pg = (
-            cpu_between(pg0, postgres_cpu(setup.dbname))
-            if setup.dbname and pg0 is not None
-            else None
-        )
-        total = 0
-        for client in ordered:
-            total += (await client.list()).balance
-        nursery.cancel_scope.cancel()
-    result = measured.summary(wall, server, pg, loadgen, machine)
-    result["conserved"] = total == CLIENTS * DEPOSIT
-    result["ran_out_of_payments"] = not all(work)
+    ports = setup.ports
+    specs = [
+        {"phase": "settle", "ca": str(setup.ca), "seconds": seconds, "warmup": WARM_UP,
+         "names": group, "budget": budget, "seed": k,
+         # each process starts on another node: groups of odd size even out over them
+         "ports": ports[k % len(ports) :] + ports[: k % len(ports)]}
+        for k, group in enumerate(groups)
+    ]  # fmt: skip
+    meters = [counter_meter(machine_cpu)]
+    if setup.dbname:
+        meters.append(postgres_meter(setup.dbname))
+    run = await run_loadgens(setup.pids, specs, meters)
+    machine, postgres = run.meters[0], (run.meters[1] if setup.dbname else None)
+    result = Measured(run.ops, run.latencies).summary(
+        run.wall, sum(run.server_cpu.values()), postgres, run.loadgen_cpu, machine
+    )
+    result["conserved"] = await total_balance(ports[0], ctx, names) == CLIENTS * DEPOSIT
+    result["ran_out_of_payments"] = run.ran_out > 0
     return result
 
 
@@ -357,8 +337,8 @@ def report(results: dict[str, Any]) -> str:
         )
         if r["loadgen_bound"]:
             notes.append(
-                f"note: {label}: the load generator used {r['loadgen_cpu_share']:.0%} of a core: "
-                "it may have been the bottleneck"
+                f"note: {label}: the busiest of {r['loadgen_processes']} load generator processes "
+                f"used {r['loadgen_max_share']:.0%} of a core: it may have been the bottleneck"
             )
         if r["machine_bound"]:
             notes.append(

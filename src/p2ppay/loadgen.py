@@ -6,7 +6,15 @@ server it measures, so a Python generator in one process starved the echo baseli
 This loop costs a fraction of that, and :mod:`p2ppay.bench` runs several of them as separate
 processes. Each process: reads its spec (one JSON line) on stdin, connects and logs in, prints
 ``ready``, waits for ``go``, runs for the spec's seconds and prints one JSON line of results
-(operations, latencies in microseconds, its own CPU seconds and wall time).
+(operations, latencies in microseconds, its own CPU seconds and wall time, and how many
+connections ran out of requests early).
+
+A spec gives the server's ``port``, or ``ports``: connection i (in the order of ``names``, or
+of ``connections``) then connects to ``ports[i % len(ports)]``, which splits the connections
+evenly over several nodes. With ``warmup`` seconds, the load first runs that long uncounted,
+every reply is awaited, and the process says ``ready`` and waits for ``go`` once more before
+the counted run: the server's caches and plans are warm, and nothing is in flight when the
+benchmark starts its clocks.
 
 Phases (``spec["phase"]``):
 
@@ -14,6 +22,7 @@ Phases (``spec["phase"]``):
 - ``list``: native ``list`` requests of logged-in users;
 - ``settle``: native ``settle`` of 1 unit to another user of the same process, with the
   payee's acceptance signed before ``go`` (``payment_received`` events are read and skipped);
+  ``budget`` acceptances per connection, after which that connection stops;
 - ``course_list``: course-dialect ``List`` of logged-in course users (plain TCP).
 """
 
@@ -122,21 +131,27 @@ def _reply_end_roster(buf: bytearray) -> int:
     return end
 
 
+def port_of(spec: dict[str, Any], i: int) -> int:
+    """The port connection ``i`` of ``spec`` connects to: ``port``, or ``ports`` in turn."""
+    ports: list[int] = spec.get("ports") or [spec["port"]]
+    return ports[i % len(ports)]
+
+
 def _set_up(spec: dict[str, Any]) -> tuple[list[_Conn], Callable[[bytearray], int]]:
-    phase, port = spec["phase"], spec["port"]
+    phase = spec["phase"]
     ctx: ssl.SSLContext | None = None
     if phase != "course_list":
         ctx = ssl.create_default_context(cafile=spec["ca"])
     conns: list[_Conn] = []
     if phase == "echo":
-        for _ in range(spec["connections"]):
-            c = _connect(port, ctx)
+        for i in range(spec["connections"]):
+            c = _connect(port_of(spec, i), ctx)
             c.make = lambda c: b'{"id": 1, "op": "list"}\n'
             conns.append(c)
         return conns, _reply_end_line
     if phase == "course_list":
-        for name in spec["names"]:
-            c = _connect(port, None)
+        for i, name in enumerate(spec["names"]):
+            c = _connect(port_of(spec, i), None)
             c.sock.sendall(f"REGISTER#{name}\n".encode())
             c.line()  # 100 OK, or 210 FAIL if it exists from an earlier round: either will do
             c.sock.sendall(f"{name}#{spec['listed_port']}\n".encode())
@@ -146,8 +161,8 @@ def _set_up(spec: dict[str, Any]) -> tuple[list[_Conn], Callable[[bytearray], in
         return conns, _reply_end_roster
     names: list[str] = spec["names"]
     keys: dict[str, PeerKey] = {}
-    for name in names:
-        c = _connect(port, ctx)
+    for i, name in enumerate(names):
+        c = _connect(port_of(spec, i), ctx)
         c.request({"op": "hello", "id": 1, "version": 1})
         login: dict[str, Any] = {"op": "login", "id": 2, "name": name, "password": PASSWORD}
         if phase == "settle":
@@ -185,7 +200,8 @@ def _list_request(c: _Conn) -> bytes:
 
 
 def _from_queue(queue: list[bytes]) -> Callable[[_Conn], bytes]:
-    return lambda c: queue.pop()
+    """The queue's requests one by one, then ``b""``: nothing more to send."""
+    return lambda c: queue.pop() if queue else b""
 
 
 def _send(c: _Conn, data: bytes) -> None:
@@ -200,22 +216,25 @@ def _send(c: _Conn, data: bytes) -> None:
         c.sock.setblocking(False)
 
 
-def run(spec: dict[str, Any], go: Callable[[], None]) -> dict[str, Any]:
-    """Set up, call ``go`` (which returns when the measurement starts), run, report."""
-    conns, reply_end = _set_up(spec)
-    go()
-    seconds: float = spec["seconds"]
-    latencies: list[int] = []
-    record = latencies.append
-    sel = selectors.DefaultSelector()
+def _drive(
+    sel: selectors.BaseSelector,
+    conns: list[_Conn],
+    reply_end: Callable[[bytearray], int],
+    seconds: float,
+    record: Callable[[int], None],
+) -> int:
+    """Each connection sends a request, and on its reply the next, until ``seconds`` have
+    passed; returns once every request sent has its reply, with how many connections ran out
+    of requests before the end. ``record`` gets each round trip's latency (µs)."""
+    deadline = time.perf_counter() + seconds
+    active = ran_out = 0
     for c in conns:
-        c.sock.setblocking(False)
-        sel.register(c.sock, selectors.EVENT_READ, c)
-    cpu0, t0 = _cpu(), time.perf_counter()
-    deadline = t0 + seconds
-    for c in conns:
-        _send(c, c.make(c))
-    active = len(conns)
+        if data := c.make(c):
+            sel.register(c.sock, selectors.EVENT_READ, c)
+            _send(c, data)
+            active += 1
+        else:
+            ran_out += 1
     while active:
         for key, _ in sel.select(timeout=1.0):
             c = key.data
@@ -232,19 +251,44 @@ def run(spec: dict[str, Any], go: Callable[[], None]) -> dict[str, Any]:
                 del c.buf[:end]
                 now = time.perf_counter()
                 record(int(1e6 * (now - c.sent_at)))
-                if now < deadline:
-                    _send(c, c.make(c))
+                data = c.make(c) if now < deadline else b""
+                if data:
+                    _send(c, data)
                 else:
+                    ran_out += now < deadline
                     sel.unregister(sock)
                     active -= 1
                     break
         if time.perf_counter() > deadline + 30:
             raise TimeoutError(f"{active} replies still missing 30 s after the end")
+    return ran_out
+
+
+def run(spec: dict[str, Any], go: Callable[[], None]) -> dict[str, Any]:
+    """Set up, call ``go`` (which returns when the load may start), run, report. With
+    ``spec["warmup"]``, ``go`` is called again between the warm-up and the counted run."""
+    conns, reply_end = _set_up(spec)
+    go()
+    sel = selectors.DefaultSelector()
+    for c in conns:
+        c.sock.setblocking(False)
+    if warmup := spec.get("warmup", 0):
+        _drive(sel, conns, reply_end, warmup, lambda us: None)
+        go()
+    latencies: list[int] = []
+    cpu0, t0 = _cpu(), time.perf_counter()
+    ran_out = _drive(sel, conns, reply_end, spec["seconds"], latencies.append)
     wall = time.perf_counter() - t0
     cpu = _cpu() - cpu0
     for c in conns:
         c.sock.close()
-    return {"ops": len(latencies), "latencies_us": latencies, "cpu": cpu, "wall": wall}
+    return {
+        "ops": len(latencies),
+        "latencies_us": latencies,
+        "cpu": cpu,
+        "wall": wall,
+        "ran_out": ran_out,
+    }
 
 
 def ready_then_go() -> None:
