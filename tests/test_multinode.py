@@ -196,6 +196,62 @@ async def test_the_payee_is_told_once_on_either_node(
                 assert quiet.cancelled_caught, f"{payee} was told twice"
 
 
+async def test_payment_request_news_reaches_each_party_on_its_node(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """alice (node 1) asks bob (node 2): bob hears of the request at once; alice hears when
+    bob pays or declines it, bob when alice cancels one; each once."""
+
+    async def news(client: Client, kind: type[p.Event]) -> p.RequestInfo:
+        with trio.fail_after(10):
+            while not isinstance(event := await client.next_event(), kind):
+                assert isinstance(event, p.PaymentReceived), event  # (alice is paid too)
+        assert isinstance(event, p.PaymentRequested | p.RequestClosed)
+        return event.request
+
+    async def quiet(client: Client) -> None:
+        with trio.move_on_after(0.5) as nothing:
+            event = await client.next_event()
+            raise AssertionError(f"told again: {event}")
+        assert nothing.cancelled_caught
+
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n2, client_ctx) as bob,
+        ):
+            await registered(alice, "alice")
+            await registered(bob, "bob", deposit=100)
+            asked = await alice.request("bob", 30, "lunch")
+            heard = await news(bob, p.PaymentRequested)
+            assert heard == asked
+            await quiet(bob)
+            paid = await bob.pay_request(asked.request_id)
+            closed = await news(alice, p.RequestClosed)
+            assert (closed.request_id, closed.state, closed.memo) == (
+                paid.payment_id,
+                "paid",
+                "lunch",
+            )
+            await quiet(alice)
+
+            declined = await alice.request("bob", 5)
+            assert (await news(bob, p.PaymentRequested)).request_id == declined.request_id
+            await bob.decline_request(declined.request_id)
+            closed = await news(alice, p.RequestClosed)
+            assert (closed.request_id, closed.state) == (declined.request_id, "declined")
+
+            cancelled = await alice.request("bob", 7)
+            assert (await news(bob, p.PaymentRequested)).request_id == cancelled.request_id
+            await alice.cancel_request(cancelled.request_id)
+            closed = await news(bob, p.RequestClosed)
+            assert (closed.request_id, closed.state) == (cancelled.request_id, "cancelled")
+            await quiet(bob)
+            assert await bob.balance() == 70
+
+
 async def test_a_retry_on_the_other_node_gets_the_stored_outcome(
     postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:
@@ -519,6 +575,9 @@ class _Member:
         pass
 
     def told(self, line: bytes) -> None:
+        pass
+
+    def push(self, event: object) -> None:
         pass
 
 

@@ -137,6 +137,9 @@ class Member:
     def told(self, line: bytes) -> None:
         pass
 
+    def push(self, event: object) -> None:
+        pass
+
 
 async def test_presence_generation_moves_on_every_change_and_the_cache_follows() -> None:
     presence = LocalPresence()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .connection import (
     ClientConnection,
     ServerConnection,
+    decode_event,
     decode_peer_message,
     decode_request,
     encode_error,
@@ -211,6 +212,7 @@ __all__ = [
     "State",
     "check_max_depth",
     "dec_hook",
+    "decode_event",
     "decode_peer_message",
     "decode_request",
     "encode_error",

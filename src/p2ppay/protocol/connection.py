@@ -136,6 +136,14 @@ def encode_event(event: Event) -> bytes:
     return _encoder.encode(event) + b"\n"
 
 
+def decode_event(line: bytes) -> Event:
+    """One event line back (what another server node relays); ValueError if it is not one."""
+    try:
+        return _event_decoder.decode(line)
+    except msgspec.MsgspecError as exc:
+        raise ValueError(f"not an event: {exc}") from None
+
+
 def encode_json(value: Any) -> bytes:
     """``value`` as JSON (no line end): a piece of a reply to cache (see ``send_ok_raw``)."""
     return _encoder.encode(value)

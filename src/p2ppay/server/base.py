@@ -16,6 +16,7 @@ import trio
 
 from .. import ledger as lg
 from .. import logs
+from .. import protocol as p
 from ..course import Dialect
 from ..limits import LimitLog
 from ..metrics import ServerMetrics
@@ -87,6 +88,9 @@ class SessionBase:
     def told(self, line: bytes) -> None:
         """A line for this session's client from elsewhere (a course transfer's outcome)."""
         self.send_soon(line)
+
+    def push(self, event: p.Event) -> None:
+        """An event for this session's client (only native sessions have events)."""
 
     async def serve(self) -> None:
         """Answer the peer until the conversation is over."""

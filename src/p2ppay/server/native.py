@@ -319,11 +319,6 @@ class Session(SessionBase):
         )
         self.host.presence.settled(t)  # (presence knows how to reach the payee's node)
 
-    def _local(self, name: str) -> Session | None:
-        """``name``'s native session on this server, if it is online here."""
-        session = self.host.presence.local(name)
-        return session if isinstance(session, Session) else None
-
     async def _history(self, req: p.History) -> p.HistoryResult:
         # One row more than asked says whether there is a next page.
         entries = await self.host.ledger.history(
@@ -392,9 +387,7 @@ class Session(SessionBase):
             cfg.max_requests_per_payer,
         )
         info = _request_info(made)
-        payer = self._local(made.payer)
-        if payer is not None:
-            payer.push(p.PaymentRequested(info))
+        self.host.presence.tell(made.payer, p.PaymentRequested(info))
         log.info("%s: %s asks %s for %d", self.ip, made.requester, made.payer, made.amount)
         return info
 
@@ -412,28 +405,24 @@ class Session(SessionBase):
         t, paid = await self.host.ledger.pay_request(req.request_id, self._me())
         if not t.replayed:
             self._settled(t)
-            # The requester hears now if online here; otherwise at its next login.
-            requester = self._local(t.payee)
-            if requester is not None:
-                requester.push(p.RequestClosed(_request_info(paid)))
+            # The requester hears now if online here (on another node: there too, and again
+            # at its next login, since nobody here knows that it arrived); if offline, at its
+            # next login.
+            if self.host.presence.tell(t.payee, p.RequestClosed(_request_info(paid))):
                 await self.host.ledger.told(req.request_id)
         return p.SettleResult(t.payment_id, t.payer, t.payee, t.amount, t.payer_balance, t.memo)
 
     async def _decline_request(self, req: p.DeclineRequest) -> p.RequestInfo:
         closed = await self.host.ledger.close_request(req.request_id, self._me(), "declined")
         info = _request_info(closed)
-        requester = self._local(closed.requester)
-        if requester is not None:
-            requester.push(p.RequestClosed(info))
+        if self.host.presence.tell(closed.requester, p.RequestClosed(info)):
             await self.host.ledger.told(req.request_id)
         return info
 
     async def _cancel_request(self, req: p.CancelRequest) -> p.RequestInfo:
         closed = await self.host.ledger.close_request(req.request_id, self._me(), "cancelled")
         info = _request_info(closed)
-        payer = self._local(closed.payer)
-        if payer is not None:
-            payer.push(p.RequestClosed(info))
+        self.host.presence.tell(closed.payer, p.RequestClosed(info))
         return info
 
     async def _receipt(self, req: p.GetReceipt) -> p.Receipt:

@@ -17,6 +17,9 @@ which address (table ``presence``) and which nodes are alive (table ``nodes``, a
   transaction that wrote its row, so delivered only after commit) and the node holding an older
   session of that name closes it. Each heartbeat also checks this node's rows, so a lost
   notification (a listener reconnecting) is made good within one heartbeat.
+- Events for a user on another node (a course transfer's outcome, a payment request's news)
+  are announced the same way (``NOTIFY p2ppay_presence``); the node holding that user's
+  session sends it on.
 - Settled payments: the ledger sends ``NOTIFY p2ppay_settled`` inside the settle transaction;
   every node's listener pushes the event to the payee if it is connected there, and
   :meth:`PgPresence.settled` does nothing, so the settling node never sends a second copy.
@@ -150,10 +153,12 @@ class _Withdraw:
 
 @dataclass(slots=True, eq=False)
 class _Line:
-    """A course line for a user connected to another node (``NOTIFY``; that node sends it)."""
+    """A line for a user connected to another node (``NOTIFY``; that node sends it): a course
+    line, or a native event (``course`` False)."""
 
     name: str
     line: bytes
+    course: bool = True
 
 
 @dataclass(slots=True, eq=False)
@@ -296,6 +301,15 @@ class PgPresence:
             member.told(line)
         else:
             self._writes_in.send_nowait(_Line(name, line))
+
+    def tell(self, name: str, event: p.Event) -> bool:
+        member = self._native.get(name)
+        if member is not None:
+            member.push(event)
+            return True
+        # (to every node: the one where ``name`` is online sends it)
+        self._writes_in.send_nowait(_Line(name, p.encode_event(event), course=False))
+        return False
 
     # -- reads: every live node's rows --
 
@@ -488,8 +502,9 @@ class PgPresence:
                         if gone:
                             self._notify(conn, {"kind": "logout"})
                     elif isinstance(w, _Line):
+                        kind = "line" if w.course else "event"
                         line = w.line.decode()
-                        self._notify(conn, {"kind": "line", "name": w.name, "line": line})
+                        self._notify(conn, {"kind": kind, "name": w.name, "line": line})
                     elif isinstance(w, _Heartbeat):
                         check = True
                     else:
@@ -628,7 +643,7 @@ class PgPresence:
                 if channel == lg.SETTLED_CHANNEL:
                     self._on_settled(data)
                 elif data.get("node") != self.node_id:
-                    if data["kind"] != "line":  # a login, logout, restore, node gone
+                    if data["kind"] not in ("line", "event"):  # a login, logout, restore, ...
                         self._changed()
                     if data["kind"] == "login":
                         course, seq = bool(data["course"]), int(data["seq"])
@@ -637,6 +652,10 @@ class PgPresence:
                         member = self._course.get(data["name"])
                         if member is not None:
                             member.told(str(data["line"]).encode())
+                    elif data["kind"] == "event":
+                        member = self._native.get(data["name"])
+                        if member is not None:
+                            member.push(p.decode_event(str(data["line"]).encode()))
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("presence: a %s notification could not be read: %r", channel, exc)
 

@@ -7,7 +7,8 @@ between several server nodes on one PostgreSQL database, behind the same interfa
 
 What crosses nodes goes through presence too, so that the sessions never ask which backend
 they run on: a settled payment's event for the payee (:meth:`Presence.settled`) and a course
-transfer's outcome for the payer (:meth:`Presence.tell_course`).
+transfer's outcome for the payer (:meth:`Presence.tell_course`), a payment request's news
+for the other party (:meth:`Presence.tell`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Member(Protocol):
     def told(self, line: bytes) -> None:
         """Send the course client this line (a transfer's outcome), best effort."""
 
+    def push(self, event: p.Event) -> None:
+        """Send the native client this event (a payment request's news), best effort."""
+
 
 class Presence(Protocol):
     """Who is online in each dialect. Keys are account names in any letter case."""
@@ -74,6 +78,11 @@ class Presence(Protocol):
 
     def tell_course(self, name: str, line: bytes) -> None:
         """Send ``line`` to the course user ``name``, wherever it is online (best effort)."""
+
+    def tell(self, name: str, event: p.Event) -> bool:
+        """Send ``event`` to the native user ``name``, wherever it is online (best effort).
+        True if it was online here and the event is on its way; False if it is not here
+        (then another node may deliver it, but nobody here can know that it did)."""
 
     def names(self, *, course: bool = False) -> list[str]:
         """Who is online through this server process (as registered)."""
@@ -135,6 +144,13 @@ class LocalPresence:
         member = self._course.get(name)
         if member is not None:
             member.told(line)
+
+    def tell(self, name: str, event: p.Event) -> bool:
+        member = self._native.get(name)
+        if member is None:
+            return False
+        member.push(event)
+        return True
 
     def __len__(self) -> int:
         return len(self._native) + len(self._course)
