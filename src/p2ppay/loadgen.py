@@ -41,8 +41,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final, final
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from .peer import PeerKey
-from .pki import sign_acceptance
+from .pki import acceptance_bytes_v1, sign_acceptance
 
 PASSWORD: Final = "benchmark password"
 #: the phases this module drives
@@ -176,15 +179,18 @@ def _set_up(spec: dict[str, Any]) -> tuple[list[_Conn], Callable[[bytearray], in
         return conns, _reply_end_line
     if phase != "settle":
         raise ValueError(f"unknown phase {phase!r}")
-    # Sign the acceptances up front: the generator should not be what is measured.
+    # Sign the acceptances up front: the generator should not be what is measured. Format 1
+    # (``"acceptance_format": 1``) is what a server from before memos understands (and every
+    # server since, for a payment without a memo): for comparing against an older checkout.
     rng = random.Random(spec.get("seed", 42))
     budget: int = spec["budget"]
+    sign = sign_acceptance_v1 if spec.get("acceptance_format", 2) == 1 else sign_acceptance
     for i, (name, c) in enumerate(zip(names, conns, strict=True)):
         queue: list[bytes] = []
         for _ in range(budget):
             payee = names[(i + rng.randrange(1, len(names))) % len(names)]
             pid = str(uuid.uuid4())
-            sig = base64.b64encode(sign_acceptance(keys[payee].key, pid, name, payee, 1)).decode()
+            sig = base64.b64encode(sign(keys[payee].key, pid, name, payee, 1)).decode()
             queue.append(
                 b'{"op":"settle","id":%d,"payment_id":"%s","payee":"%s","amount":1,'
                 b'"acceptance":"%s"}\n'
@@ -192,6 +198,15 @@ def _set_up(spec: dict[str, Any]) -> tuple[list[_Conn], Callable[[bytearray], in
             )
         c.make = _from_queue(queue)
     return conns, _reply_end_line
+
+
+def sign_acceptance_v1(
+    key: ec.EllipticCurvePrivateKey, payment_id: str, payer: str, payee: str, amount: int
+) -> bytes:
+    """An acceptance in format 1 (before memos; docs/protocol.md)."""
+    return key.sign(
+        acceptance_bytes_v1(payment_id, payer, payee, amount), ec.ECDSA(hashes.SHA256())
+    )
 
 
 def _list_request(c: _Conn) -> bytes:

@@ -54,7 +54,8 @@ class Login(RequestBase, tag="login"):
     csr: Pem | None = None
 
 
-class Deposit(RequestBase, tag="deposit"):
+class Deposit(RequestBase, tag="deposit", omit_defaults=True):
+    # (omit_defaults: a deposit without an id stays what servers before deposit ids understand)
     amount: Amount
     #: the client's id for this deposit: a retry with it moves money once
     deposit_id: PaymentId | None = None
@@ -68,7 +69,8 @@ class Lookup(RequestBase, tag="lookup"):
     name: Name
 
 
-class Settle(RequestBase, tag="settle"):
+class Settle(RequestBase, tag="settle", omit_defaults=True):
+    # (omit_defaults: a settle without a memo stays what servers before memos understand)
     payment_id: PaymentId
     payee: Name
     amount: Amount
