@@ -15,6 +15,7 @@ import trio.testing
 from p2ppay import course as c
 from p2ppay.cli import build_parser, server_options
 from p2ppay.ledger import SqliteLedger
+from p2ppay.limits import RegistrationConfig
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
 
@@ -362,3 +363,18 @@ def test_the_course_idle_timeout_flag() -> None:
     assert options("--course-idle-timeout", "0") == math.inf  # off
     with pytest.raises(SystemExit):
         options("--course-idle-timeout", "-1")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ServerConfig(scrypt=FAST_SCRYPT, registrations=RegistrationConfig(2, 600))],
+)
+async def test_new_accounts_per_address_are_limited(course_connect: CourseConnect) -> None:
+    """REGISTER#name makes an account with money in it, at no cost to the caller: without a
+    limit anyone could fill the ledger. Two per address here (--max-registrations-per-ip)."""
+    async with course_connect("10.0.0.9") as a:
+        await a.exchange(b"REGISTER#ann", b"100 OK\n")
+        await a.exchange(b"REGISTER#ann", b"210 FAIL\n")  # taken: uses none of the allowance
+        await a.exchange(b"REGISTER#bob", b"100 OK\n")
+        await a.exchange(b"REGISTER#cat", b"210 FAIL\n")  # the address's allowance is used up
+        await a.exchange(b"ann#5000", roster(10_000, ("ann", a.ip, 5000)))  # the others work

@@ -16,12 +16,19 @@ import trio.testing
 from p2ppay import protocol as p
 from p2ppay.addresses import address_key
 from p2ppay.ledger import SqliteLedger
-from p2ppay.limits import LoginThrottle, Refusal, ThrottleConfig
+from p2ppay.limits import (
+    LoginThrottle,
+    Refusal,
+    RegistrationConfig,
+    RegistrationLimit,
+    ThrottleConfig,
+)
 from p2ppay.peer import Dialer, PeerConfig, PeerError, PeerIdentity, PeerKey
 from p2ppay.pki import Issuer, sign_acceptance
 from p2ppay.server import Server, ServerConfig
 
 from .conftest import (
+    FAST_SCRYPT,
     KEYS,
     Connect,
     Open,
@@ -438,6 +445,44 @@ async def test_hashing_never_runs_on_the_event_loop(
     async with connect() as alice:
         await registered(alice, "alice")
     assert in_thread == [True]
+
+
+def test_new_accounts_per_address_come_from_an_allowance_that_refills() -> None:
+    now = [0.0]
+    limit = RegistrationLimit(RegistrationConfig(3, 60), lambda: now[0])
+    assert [limit.admit("10.0.0.1") for _ in range(3)] == [None, None, None]
+    assert limit.admit("10.0.0.1") == pytest.approx(20)  # 3 per 60 s: one each 20 s
+    assert limit.admit("10.0.0.2") is None  # another address has its own
+    assert limit.admit("2001:db8::1") is None
+    assert limit.admit("2001:db8::2") is None  # ...and an IPv6 /64 is one address
+    now[0] = 15
+    assert limit.admit("10.0.0.1") == pytest.approx(5)
+    now[0] = 20
+    assert limit.admit("10.0.0.1") is None
+    assert limit.admit("10.0.0.1") is not None
+    now[0] = 1000  # a long pause refills it, but no further than the allowance
+    assert [limit.admit("10.0.0.1") for _ in range(4)][-1] is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("p2ppay.limits.MAX_TRACKED", 50)
+        for i in range(200):
+            limit.admit(f"10.1.{i // 256}.{i % 256}")
+    assert limit.tracked() <= 50
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ServerConfig(scrypt=FAST_SCRYPT, registrations=RegistrationConfig(2, 600))],
+)
+async def test_new_accounts_per_address_are_limited(connect: Connect) -> None:
+    async with connect(ip="10.0.0.9") as client:
+        await client.register("ann", "correct horse")
+        await expect_error("name_taken", client.register("ann", "correct horse"))  # uses none
+        await client.register("bob", "correct horse")
+        refused = await expect_error("rate_limited", client.register("cat", "correct horse"))
+        assert "try again in 300 s" in refused.message
+        await login(client, "ann")  # what is there still works
+    async with connect(ip="10.0.0.10") as other:
+        await other.register("cat", "correct horse")  # another address is not affected
 
 
 def test_every_login_limit_is_a_server_flag() -> None:

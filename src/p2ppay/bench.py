@@ -400,13 +400,15 @@ SERVER_SRC: Final = "P2PPAY_BENCH_SERVER_SRC"
 def p2ppay_server(state: Path, *extra: str) -> list[str]:
     # The load generator is one address (the guessing storm, ten more): no per-address limits.
     src = os.environ.get(SERVER_SRC)
-    # (``env`` execs the server: its pid is the server's)
+    # (``env`` execs the server: its pid is the server's; a server from before the
+    # registration limit has no such flag, nor limit)
     other = ["env", f"PYTHONPATH={Path(src).resolve()}"] if src else []
+    registrations = [] if src else ["--max-registrations-per-ip", "1000000"]
     return [
         *other,
         sys.executable, "-m", "p2ppay", "server", "--host", "127.0.0.1", "--port", "0",
         "--state-dir", str(state), "--max-connections-per-ip", "20000",
-        "--hash-queue-per-address", "20000", "--log-level", "info", *extra,
+        "--hash-queue-per-address", "20000", *registrations, "--log-level", "info", *extra,
     ]  # fmt: skip
 
 

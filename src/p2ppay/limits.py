@@ -169,12 +169,12 @@ class LoginThrottle:
         now = self.clock()
         cfg = self.config
         name, address = name_key(name), address_key(ip)
-        pair = self._remember(self._pairs, (name, address), _Pair)
+        pair = _remember(self._pairs, (name, address), _Pair)
         pair.failures += 1
         if pair.failures >= cfg.max_account_failures:
             pair.failures = 0
             pair.locked_until = now + cfg.account_lockout
-        account = self._remember(self._accounts, name, _Account)
+        account = _remember(self._accounts, name, _Account)
         if account.guarded_until <= now and account.window_start + cfg.guard_window <= now:
             account.window_start, account.failures = now, 0
         account.failures += 1
@@ -182,7 +182,7 @@ class LoginThrottle:
             account.guarded_until = now + cfg.guard_window
         source = self._addresses.get(address)
         if source is None or source.window_start + cfg.address_window <= now:
-            source = self._remember(self._addresses, address, lambda: _Address(now))
+            source = _remember(self._addresses, address, lambda: _Address(now))
             source.window_start, source.failures = now, 0
         source.failures += 1
 
@@ -192,7 +192,7 @@ class LoginThrottle:
         account's own failure count stays: its owner logging in does not end an attack."""
         name, address = name_key(name), address_key(ip)
         self._pairs.pop((name, address), None)
-        known = self._remember(self._accounts, name, _Account).known
+        known = _remember(self._accounts, name, _Account).known
         known[address] = None
         known.move_to_end(address)
         if len(known) > KNOWN_ADDRESSES:
@@ -211,16 +211,72 @@ class LoginThrottle:
         pair = self._pairs.get((name_key(name), address_key(ip)))
         return 0 if pair is None else pair.failures
 
-    @staticmethod
-    def _remember(table: OrderedDict[K, T], key: K, make: Callable[[], T]) -> T:
-        entry = table.get(key)
-        if entry is None:
-            entry = table[key] = make()
-            if len(table) > MAX_TRACKED:
-                table.popitem(last=False)
-        else:
-            table.move_to_end(key)
-        return entry
+
+def _remember(table: OrderedDict[K, T], key: K, make: Callable[[], T]) -> T:
+    """``table[key]``, made if missing; the least recently used entry beyond MAX_TRACKED goes."""
+    entry = table.get(key)
+    if entry is None:
+        entry = table[key] = make()
+        if len(table) > MAX_TRACKED:
+            table.popitem(last=False)
+    else:
+        table.move_to_end(key)
+    return entry
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationConfig:
+    """How many new accounts one address may make; each field is also its command-line flag.
+    Generous by default: a classroom behind one NAT registers at once."""
+
+    max_registrations_per_ip: int = setting(
+        100,
+        "--max-registrations-per-ip",
+        "new accounts (either dialect) one address may make at once; the allowance comes back "
+        "over --registration-window",
+        count,
+    )
+    registration_window: float = setting(
+        600.0,
+        "--registration-window",
+        "seconds in which a used-up --max-registrations-per-ip allowance comes back in full",
+        seconds,
+    )
+
+
+@dataclass(slots=True)
+class _Allowance:
+    tokens: float
+    at: float
+
+
+class RegistrationLimit:
+    """A token bucket per source address (IPv6 by /64, like the other per-address limits): up
+    to ``max_registrations_per_ip`` at once, refilled evenly over ``registration_window``.
+    Without it, account creation is bounded only by hashing (native) or not at all (course
+    accounts, which also start with money): anyone could fill the ledger's disk."""
+
+    def __init__(self, config: RegistrationConfig, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.clock = clock
+        self._addresses: OrderedDict[str, _Allowance] = OrderedDict()
+
+    def admit(self, ip: str) -> float | None:
+        """None if ``ip`` may register an account now (this uses one of its allowance); else
+        the seconds until it may."""
+        cap = float(self.config.max_registrations_per_ip)
+        rate = cap / self.config.registration_window
+        now = self.clock()
+        entry = _remember(self._addresses, address_key(ip), lambda: _Allowance(cap, now))
+        entry.tokens = min(cap, entry.tokens + (now - entry.at) * rate)
+        entry.at = now
+        if entry.tokens < 1.0:
+            return (1.0 - entry.tokens) / rate
+        entry.tokens -= 1.0
+        return None
+
+    def tracked(self) -> int:
+        return len(self._addresses)
 
 
 class LimitLog:

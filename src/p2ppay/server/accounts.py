@@ -26,7 +26,7 @@ from .. import ledger as lg
 from .. import protocol as p
 from ..addresses import address_key
 from ..hashing import Hasher, HashQueueFull, Work
-from ..limits import LimitLog, LoginThrottle, Refusal
+from ..limits import LimitLog, LoginThrottle, Refusal, RegistrationLimit
 from ..names import NameMap
 from ..passwords import hash_password, verify_password
 from ..pki import (
@@ -64,6 +64,7 @@ class Accounts:
         self.limit_log = limit_log
         self.wall_clock = wall_clock
         self.throttle = LoginThrottle(config.throttle, clock)
+        self.registrations = RegistrationLimit(config.registrations, clock)
         # name -> (public key, expiry in ms) certified for the account's current session, or
         # None once revoked; a cache of what the ledger stores, set before every change of a
         # key is written (so no settle checked after the change uses the old key) and filled
@@ -143,6 +144,17 @@ class Accounts:
             return False
         ok: bool = await self._hash_job(ip, partial(verify_password, password, stored))
         return ok
+
+    def admit_registration(self, ip: str) -> None:
+        """A new account from ``ip`` may be made now (one of its allowance is used), or
+        ``rate_limited``: both dialects ask before they create one."""
+        wait = self.registrations.admit(ip)
+        if wait is not None:
+            self.limit_log.hit("registrations-per-ip", f"{ip} made too many new accounts")
+            raise RequestFailed(
+                p.ErrorCode.RATE_LIMITED,
+                f"too many new accounts from your address; try again in {math.ceil(wait)} s",
+            )
 
     async def check_login(self, name: str, password: str, ip: str) -> lg.Account:
         """The account ``name`` if ``password`` is its own; else ``rate_limited`` or the one

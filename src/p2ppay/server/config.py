@@ -10,7 +10,7 @@ from typing import Final, Literal
 from .. import ledger as lg
 from .. import protocol as p
 from ..course import DIALECTS, REFERENCE, Dialect
-from ..limits import ThrottleConfig
+from ..limits import RegistrationConfig, ThrottleConfig
 from ..passwords import ScryptParams
 from ..settings import count, seconds, seconds_or_off, setting, whole
 from ..settings import port as flag_port
@@ -90,6 +90,7 @@ class ServerConfig:
         shown_default=24.0,
     )
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    registrations: RegistrationConfig = field(default_factory=RegistrationConfig)
     #: those in the TLS handshake count
     max_connections: int = setting(
         20_000, "--max-connections", "connections at once, in all", count

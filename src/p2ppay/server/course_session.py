@@ -37,6 +37,7 @@ from ..course import (
 from ..names import name_key
 from . import listing
 from .base import Host, SessionBase
+from .errors import RequestFailed
 
 log = logging.getLogger("p2ppay.server")
 
@@ -140,6 +141,13 @@ class CourseSession(SessionBase):
     # -- accounts and presence --
 
     async def _create(self, name: str, deposit: int) -> bool:
+        if await self.host.ledger.account(name) is not None:
+            return False  # taken (and so no new account: none of the allowance is used)
+        try:
+            self.host.accounts.admit_registration(self.ip)
+        except RequestFailed as exc:
+            log.info("%s: course register %s refused: %s", self.ip, name, exc.message)
+            return False
         try:
             await self.host.ledger.create_account(name, None, "course", deposit)
         except lg.LedgerError as exc:

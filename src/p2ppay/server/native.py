@@ -217,6 +217,7 @@ class Session(SessionBase):
         ledger = self.host.ledger
         if await ledger.account(req.name) is not None:  # cheap check before the slow hash
             raise RequestFailed(p.ErrorCode.NAME_TAKEN, f"the name {req.name!r} is taken")
+        self.host.accounts.admit_registration(self.ip)  # (a taken name used none of it)
         digest = await self.host.accounts.hash_password(req.password, self.ip)
         await ledger.create_account(req.name, digest)
         log.info("%s: registered %s", self.ip, req.name)
