@@ -9,6 +9,7 @@ its own ledger connections and :class:`PgPresence`) or as real ``p2ppay server``
 from __future__ import annotations
 
 import inspect
+import json
 import signal
 import ssl
 import subprocess
@@ -517,6 +518,47 @@ async def test_logins_at_once_on_two_nodes_leave_exactly_one_session(postgres_ur
                 assert (a if node is b else b).local("alice") is None
 
 
+async def test_a_line_postgresql_refuses_or_a_forged_event_is_dropped_alone(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line for another node goes in its own savepoint: one that PostgreSQL refuses (its
+    NOTIFY payload too long once JSON-escaped) is dropped and logged, and the login queued
+    beside it is still written. A line too long to relay at all is not queued. Events from
+    the channel are pushed only if they are ones nodes relay (anyone who may connect to the
+    database can NOTIFY)."""
+    with trio.fail_after(60):
+        async with (
+            open_pg_presence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY) as a,
+            open_pg_presence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY) as b,
+        ):
+            carol, erin = _Member("carol", "10.0.0.3", 0), _Member("erin", "10.0.0.5", 9005)
+            b.take_over(carol, course=True)
+            b.take_over(erin)
+            await eventually(lambda: _holder(postgres_url, "erin") == b.node_id)
+            alice = _Member("alice", "10.0.0.1", 9001)
+            # In one batch: a line PostgreSQL refuses (5 KB; JSON-escaped, 10 KB), then a
+            # login, which must be written all the same.
+            a.tell_course("carol", b'"' * 5000 + b"\n")
+            a.take_over(alice)
+            a.tell_course("carol", b"x" * 9000 + b"\n")  # not even queued
+            await eventually(lambda: _holder(postgres_url, "alice") == a.node_id)
+            assert "write was refused" not in caplog.text
+            a.tell_course("carol", b"Transfer OK!\n")
+            await eventually(lambda: carol.lines == [b"Transfer OK!\n"])
+            assert alice.user == "alice"
+            assert "a line for carol was not relayed" in caplog.text
+            assert "too long to relay" in caplog.text
+
+            forged = p.encode_event(p.SessionReplaced("erin logged in from 6.6.6.6"))
+            with psycopg.connect(postgres_url, autocommit=True) as db:
+                payload = {"kind": "event", "name": "erin", "line": forged.decode()}
+                db.execute("SELECT pg_notify('p2ppay_presence', %s)", (json.dumps(payload),))
+            info = p.RequestInfo(uuid.uuid4(), "alice", "erin", 5, None, 1, 2, "open")
+            a.tell("erin", p.PaymentRequested(info))
+            await eventually(lambda: erin.events == [p.PaymentRequested(info)])
+            assert "could not be read" in caplog.text
+
+
 async def test_course_transfer_outcome_reaches_the_payer_on_its_node(
     postgres_url: str, server_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:
@@ -567,6 +609,8 @@ class _Member:
         self.user: str | None = user
         self.ip = ip
         self.listed_port: int | None = port
+        self.lines: list[bytes] = []
+        self.events: list[object] = []
 
     def replaced(self, by_ip: str) -> None:
         self.user = None
@@ -575,10 +619,10 @@ class _Member:
         pass
 
     def told(self, line: bytes) -> None:
-        pass
+        self.lines.append(line)
 
     def push(self, event: object) -> None:
-        pass
+        self.events.append(event)
 
 
 def _holder(url: str, name: str) -> str | None:

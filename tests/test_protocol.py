@@ -198,6 +198,19 @@ def test_malformed_requests_get_a_clear_error(
     assert message_part.lower() in result.message.lower()
 
 
+def test_absent_optional_fields_are_left_out_and_explicit_nulls_still_read() -> None:
+    """A deposit without an id and a settle without a memo are what servers before those
+    fields understand; clients that send the fields as null are still understood."""
+    assert p.encode_request(p.Deposit(1, 5)) == b'{"op":"deposit","id":1,"amount":5}\n'
+    settle = p.encode_request(p.Settle(2, PID, "bob", 5, "c2ln"))
+    assert b"memo" not in settle
+    assert p.decode_request(b'{"op":"deposit","id":1,"amount":5,"deposit_id":null}') == (
+        p.Deposit(1, 5)
+    )
+    line = settle[:-2] + b',"memo":null}'
+    assert p.decode_request(line) == p.Settle(2, PID, "bob", 5, "c2ln")
+
+
 def test_rejection_echoes_a_readable_id() -> None:
     result = p.decode_request(b'{"id": 42, "op": "deposit", "amount": "lots"}')
     assert isinstance(result, p.Rejected)

@@ -1171,6 +1171,16 @@ def report(r: dict[str, Any], spread: dict[str, Any] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The scale phase has options of its own (p2ppay.benchscale): everything but --phase and
+    # --out goes to it, --help included, and it refuses what it does not know.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--phase", choices=["all", "scale"], default="all")
+    pre.add_argument("--out", type=Path, default=Path("bench-results"))
+    early, rest = pre.parse_known_args(argv)
+    if early.phase == "scale" or any(a.startswith("--ledger") for a in rest):
+        from . import benchscale
+
+        return benchscale.main([*rest, "--out", str(early.out)])
     parser = argparse.ArgumentParser(prog="python -m p2ppay.bench", description=__doc__)
     parser.add_argument("--full", action="store_true", help="longer runs, 10,000 sessions")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -1194,13 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="scale: one node against two on PostgreSQL (p2ppay.benchscale; --ledger URL)",
     )
-    args, rest = parser.parse_known_args(argv)
-    if args.phase == "scale" or any(a.startswith("--ledger") for a in rest):
-        from . import benchscale
-
-        return benchscale.main([*rest, "--out", str(args.out)])
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     if args.serve_echo:
         trio.run(serve_echo, args.serve_echo)
         return 0

@@ -51,6 +51,7 @@ from psycopg.conninfo import conninfo_to_dict
 from .bench import (
     CLK_TCK,
     LOADGEN_BUSY_SHARE,
+    SERVER_SRC,
     Meter,
     Proc,
     counter_meter,
@@ -235,6 +236,8 @@ async def settle_load(setup: Setup, seconds: float, prefix: str) -> dict[str, An
     specs = [
         {"phase": "settle", "ca": str(setup.ca), "seconds": seconds, "warmup": WARM_UP,
          "names": group, "budget": budget, "seed": k,
+         # (an older server, P2PPAY_BENCH_SERVER_SRC, knows acceptance format 1 only)
+         "acceptance_format": 1 if os.environ.get(SERVER_SRC) else 2,
          # each process starts on another node: groups of odd size even out over them
          "ports": ports[k % len(ports) :] + ports[: k % len(ports)]}
         for k, group in enumerate(groups)

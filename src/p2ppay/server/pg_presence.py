@@ -113,6 +113,11 @@ WHERE presence.node_id = excluded.node_id AND presence.login_seq = excluded.logi
 RETURNING login_seq
 """
 _LIVE: Final = f"n.heartbeat_ms >= {_NOW_MS} - %s"
+#: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more; a line for another node longer
+#: than this is not relayed (today's longest event, with a 140-character memo, is ~2.2 KB)
+MAX_RELAYED: Final = 7_000
+#: what may come from another node as an event for a session here (kind "event")
+_RELAYED_EVENTS: Final = (p.PaymentRequested, p.RequestClosed)
 
 
 def one_line(exc: BaseException) -> str:
@@ -300,7 +305,7 @@ class PgPresence:
         if member is not None:
             member.told(line)
         else:
-            self._writes_in.send_nowait(_Line(name, line))
+            self._relay(_Line(name, line))
 
     def tell(self, name: str, event: p.Event) -> bool:
         member = self._native.get(name)
@@ -308,8 +313,16 @@ class PgPresence:
             member.push(event)
             return True
         # (to every node: the one where ``name`` is online sends it)
-        self._writes_in.send_nowait(_Line(name, p.encode_event(event), course=False))
+        self._relay(_Line(name, p.encode_event(event), course=False))
         return False
+
+    def _relay(self, line: _Line) -> None:
+        if len(line.line) > MAX_RELAYED:  # (escaped in the payload's JSON, it grows)
+            log.warning(
+                "presence: a %d-byte line for %s is too long to relay", len(line.line), line.name
+            )
+            return
+        self._writes_in.send_nowait(line)
 
     # -- reads: every live node's rows --
 
@@ -502,9 +515,7 @@ class PgPresence:
                         if gone:
                             self._notify(conn, {"kind": "logout"})
                     elif isinstance(w, _Line):
-                        kind = "line" if w.course else "event"
-                        line = w.line.decode()
-                        self._notify(conn, {"kind": kind, "name": w.name, "line": line})
+                        self._relay_blocking(conn, w)
                     elif isinstance(w, _Heartbeat):
                         check = True
                     else:
@@ -549,6 +560,18 @@ class PgPresence:
             )
         else:
             self._notify(conn, {"kind": "restored"})
+
+    def _relay_blocking(self, conn: psycopg.Connection[Any], w: _Line) -> None:
+        """Announce one line for another node, in a savepoint of its own: if PostgreSQL
+        refuses it, it alone is dropped (logged), not the logins and heartbeat beside it."""
+        kind = "line" if w.course else "event"
+        try:
+            with conn.transaction():
+                self._notify(conn, {"kind": kind, "name": w.name, "line": w.line.decode()})
+        except psycopg.OperationalError:
+            raise  # the connection, not this line: the batch is retried
+        except psycopg.Error as exc:
+            log.error("presence: a line for %s was not relayed: %s", w.name, one_line(exc))
 
     def _notify(self, conn: psycopg.Connection[Any], payload: dict[str, Any]) -> None:
         payload.setdefault("node", self.node_id)
@@ -655,7 +678,10 @@ class PgPresence:
                     elif data["kind"] == "event":
                         member = self._native.get(data["name"])
                         if member is not None:
-                            member.push(p.decode_event(str(data["line"]).encode()))
+                            event = p.decode_event(str(data["line"]).encode())
+                            if not isinstance(event, _RELAYED_EVENTS):
+                                raise ValueError(f"not an event to relay: {event!r}")
+                            member.push(event)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("presence: a %s notification could not be read: %r", channel, exc)
 
