@@ -201,7 +201,8 @@ async def test_payment_request_news_reaches_each_party_on_its_node(
     postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:
     """alice (node 1) asks bob (node 2): bob hears of the request at once; alice hears when
-    bob pays or declines it, bob when alice cancels one; each once."""
+    bob pays or declines it, bob when alice cancels one; each once, and alice not again at
+    her next login."""
 
     async def news(client: Client, kind: type[p.Event]) -> p.RequestInfo:
         with trio.fail_after(10):
@@ -251,6 +252,17 @@ async def test_payment_request_news_reaches_each_party_on_its_node(
             assert (closed.request_id, closed.state) == (cancelled.request_id, "cancelled")
             await quiet(bob)
             assert await bob.balance() == 70
+
+            # alice heard of the paid and the declined request on node 1, so her next login
+            # has no news of them (node 1 marked them told; node 2 could not know).
+            def told() -> bool:
+                with psycopg.connect(postgres_url) as db:
+                    rows = db.execute("SELECT bool_and(told) FROM payment_requests").fetchall()
+                return rows == [(True,)]
+
+            await eventually(told)
+            async with client_on(n2, client_ctx) as again:
+                assert (await login(again, "alice")).request_news == []
 
 
 async def test_a_retry_on_the_other_node_gets_the_stored_outcome(

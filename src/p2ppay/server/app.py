@@ -18,11 +18,13 @@ import trio
 
 from .. import ledger as lg
 from .. import logs
+from .. import protocol as p
 from ..addresses import peer_ip, peer_port
 from ..course import REFERENCE, Dialect
 from ..hashing import Work
 from ..limits import LimitLog
 from ..metrics import ServerMetrics
+from ..names import name_key
 from ..pki import Issuer, create_ca
 from ..receipts import ReceiptSigner
 from .accounts import Accounts
@@ -77,6 +79,7 @@ class Server:
         self.presence: Presence = presence if presence is not None else LocalPresence()
         if isinstance(presence, PgPresence):  # a login elsewhere may have changed a key
             presence.logged_in_elsewhere = self.accounts.forget_peer_key
+            presence.delivered = self._delivered
         self.sessions: set[SessionBase] = set()
         #: the course dialect's login reply names this (base64 DER of the server's key)
         self.server_public_key = server_public_key
@@ -164,6 +167,24 @@ class Server:
     def _wake_sessions(self) -> None:
         for session in list(self.sessions):
             session.wake()
+
+    def _delivered(self, name: str, event: p.Event) -> None:
+        """An event from another node reached ``name`` here. A requester told that its
+        request was paid or declined needs no ``request_news`` of it at its next login (the
+        node that closed the request could not know it arrived)."""
+        if not isinstance(event, p.RequestClosed):
+            return
+        request = event.request
+        if name_key(request.requester) != name_key(name) or request.state == "cancelled":
+            return
+
+        async def told() -> None:
+            try:
+                await self.ledger.told(request.request_id)
+            except lg.LedgerError as exc:  # (then it is news at the next login: no harm)
+                log.info("request %s not marked as told: %s", request.request_id, exc)
+
+        self.spawn(told)
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a short background job (an event delivery) under the server's nursery."""

@@ -241,6 +241,9 @@ class PgPresence:
         self._left = trio.Event()  # this node's rows are deleted (shutting down)
         #: told the name of each native login made on another node (a peer-key cache drops it)
         self.logged_in_elsewhere: Callable[[str], None] | None = None
+        #: called with (name, event) when an event from another node was pushed to a session
+        #: here (the server marks a requester's closed request as told)
+        self.delivered: Callable[[str, p.Event], None] | None = None
         #: notifications handled (tests and metrics)
         self.notifications = 0
         #: bumped at every change of presence seen here (a login, a logout, anywhere)
@@ -682,6 +685,8 @@ class PgPresence:
                             if not isinstance(event, _RELAYED_EVENTS):
                                 raise ValueError(f"not an event to relay: {event!r}")
                             member.push(event)
+                            if self.delivered is not None:
+                                self.delivered(str(data["name"]), event)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("presence: a %s notification could not be read: %r", channel, exc)
 
