@@ -403,3 +403,27 @@ async def _leave_with(tmp_path: Path, key: str) -> None:
         )
         listing = json_lines(done.stdout)[-1]["result"]
         assert [u["name"] for u in listing["online"]] == ["watcher"]
+
+
+async def test_output_read_by_nobody_stops_the_client_quietly(tmp_path: Path) -> None:
+    """``client -c "history --csv" | head``: once the reader has gone, the client stops
+    with status 0 and no traceback (its output is a pipe nobody reads from any more)."""
+    state = tmp_path / "state"
+    with trio.fail_after(120):
+        async with server_process(state) as srv:
+            read_end, write_end = os.pipe()
+            os.close(read_end)  # the reader is gone before the first word
+            try:
+                env = {**os.environ, "P2PPAY_PASSWORD": "ann's password"}
+                cmd = client_cmd(srv.port, state, "--user", "ann", "-c", "register; history")
+                done = await trio.run_process(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=write_end,
+                    capture_stderr=True,
+                    check=False,
+                    env=env,
+                )
+            finally:
+                os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, b"")

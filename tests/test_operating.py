@@ -414,3 +414,32 @@ async def test_freeze_stops_a_payment_already_accepted(tmp_path: Path) -> None:
                 assert (await run_admin(state, "unfreeze", "bob")).returncode == 0
                 # The refusal stored nothing: the same payment settles now, once.
                 assert (await alice.settle(pid, "bob", 5, signed)).balance == 95
+
+
+async def test_an_export_whose_reader_stops_early_ends_quietly(tmp_path: Path) -> None:
+    """``p2ppay admin export | head``: the reader goes away; no traceback, no error."""
+    from p2ppay.ledger import open_ledger
+
+    state = tmp_path / "state"
+    state.mkdir()
+    async with open_ledger(state / "ledger.sqlite3") as ledger:
+        await ledger.create_account("ann", None, "course", 0)
+        async with trio.open_nursery() as nursery:
+            for _ in range(1000):  # ~250 KB of JSON lines: more than a pipe holds
+                nursery.start_soon(ledger.deposit, "ann", 1)
+    with trio.fail_after(60):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "p2ppay", "admin", "--state-dir", str(state), "export"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        first = await process.stdout.receive_some(4096)
+        assert first.startswith(b'{"seq": 1,')
+        await process.stdout.aclose()  # like head, having read enough
+        errors = b""
+        while chunk := await process.stderr.receive_some():
+            errors += chunk
+        status = await process.wait()
+    assert (status, errors) == (0, b"")

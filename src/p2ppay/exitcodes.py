@@ -17,3 +17,18 @@ class ExitCode(IntEnum):
     UNREACHABLE = 3
     #: stopped by Ctrl-C (SIGINT) before it was ready to handle it (128 + SIGINT)
     INTERRUPTED = 130
+
+
+def quiet_stdout() -> None:
+    """Whoever read standard output has gone (``p2ppay admin export | head``): point it at
+    the null device, so that what is still buffered, and the interpreter's flush at exit,
+    go nowhere instead of failing with a traceback."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # (no real stdout: nothing to quiet)
+        pass

@@ -28,7 +28,7 @@ from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port, memo_problem,
 from .exitcodes import ExitCode
 from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
-from .terminal import RichBackend, Terminal, make_terminal, printable
+from .terminal import OutputClosed, RichBackend, Terminal, make_terminal, printable
 from .tls import MissingCA, client_context
 from .wallet import (
     CannotConnect,
@@ -608,8 +608,11 @@ class Shell:
         self.terminal.write(json.dumps(obj, sort_keys=True))
 
     async def show_events(self) -> None:
-        async for event in self.wallet.events:
-            self.show_event(event)
+        try:
+            async for event in self.wallet.events:
+                self.show_event(event)
+        except OutputClosed:
+            return  # (the script, if any, stops at its next word)
 
     def show_event(self, event: WalletEvent) -> None:
         if isinstance(event, p.SessionReplaced):
@@ -1132,7 +1135,10 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                         terminal.backend.complete = shell.complete
                         terminal.backend.toolbar = shell.toolbar
                     nursery.start_soon(shell.show_events)
-                    code = await _until_signalled(nursery, shell)
+                    try:
+                        code = await _until_signalled(nursery, shell)
+                    except OutputClosed:
+                        code = ExitCode.OK  # the reader of our output had what it wanted
                     if code == ExitCode.INTERRUPTED:
                         message = (
                             "interrupted; the command under way may or may not have been done "

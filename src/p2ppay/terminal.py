@@ -24,6 +24,7 @@ from typing import Any, Final, Protocol, TextIO, final
 
 import trio
 
+from .exitcodes import quiet_stdout
 from .protocol import LineBuffer
 
 MAX_INPUT_LINE: Final = 64 * 1024
@@ -47,6 +48,11 @@ class Interrupted:
     """A prompt was taken off the screen for a question; ``partial`` is what had been typed."""
 
     partial: str
+
+
+class OutputClosed(Exception):
+    """Whoever read the client's standard output has gone: nothing more can be said, so
+    the client stops (not an ``OSError``: it is not the server's or a peer's)."""
 
 
 class Backend(Protocol):
@@ -120,8 +126,14 @@ class PlainBackend:
             self._scope.cancel()
 
     def write(self, text: str) -> None:
-        self._out.write(text + "\n")
-        self._out.flush()
+        try:
+            self._out.write(text + "\n")
+            self._out.flush()
+        except BrokenPipeError:
+            # (``client -c "history --csv" | head``): whoever reads our output has gone;
+            # the client stops there, as a program writing to a closed pipe does.
+            quiet_stdout()
+            raise OutputClosed("standard output was closed") from None
 
 
 def open_history_file(path: Path) -> Path:
