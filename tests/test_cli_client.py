@@ -14,6 +14,10 @@ import pexpect
 import pytest
 import trio
 
+from p2ppay.client import Client
+from p2ppay.exitcodes import ExitCode
+from p2ppay.tls import client_context
+
 from .test_loopback import server_process
 
 pytestmark = pytest.mark.slow
@@ -407,23 +411,37 @@ async def _leave_with(tmp_path: Path, key: str) -> None:
 
 async def test_output_read_by_nobody_stops_the_client_quietly(tmp_path: Path) -> None:
     """``client -c "history --csv" | head``: once the reader has gone, the client stops
-    with status 0 and no traceback (its output is a pipe nobody reads from any more)."""
+    quietly, as a program killed by SIGPIPE (141), the rest of the script not run; a command
+    that had failed keeps its status. Never a traceback. (Buffered output, as for a person:
+    the test's environment may ask for unbuffered.)"""
     state = tmp_path / "state"
+
+    async def unread(*args: str) -> subprocess.CompletedProcess[bytes]:
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first word
+        env = {**os.environ, "P2PPAY_PASSWORD": "ann's password"}
+        env.pop("PYTHONUNBUFFERED", None)
+        try:
+            return await trio.run_process(
+                client_cmd(srv.port, state, "--user", "ann", *args),
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                capture_stderr=True,
+                check=False,
+                env=env,
+            )
+        finally:
+            os.close(write_end)
+
     with trio.fail_after(120):
         async with server_process(state) as srv:
-            read_end, write_end = os.pipe()
-            os.close(read_end)  # the reader is gone before the first word
-            try:
-                env = {**os.environ, "P2PPAY_PASSWORD": "ann's password"}
-                cmd = client_cmd(srv.port, state, "--user", "ann", "-c", "register; history")
-                done = await trio.run_process(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=write_end,
-                    capture_stderr=True,
-                    check=False,
-                    env=env,
-                )
-            finally:
-                os.close(write_end)
-    assert (done.returncode, done.stderr) == (0, b"")
+            done = await unread("-c", "register; deposit 5; history")
+            assert (done.returncode, done.stderr) == (ExitCode.OUTPUT_CLOSED, b"")
+            failed = await unread("--user", "zed", "-c", "balance")  # (no such account)
+            assert (failed.returncode, failed.stderr) == (ExitCode.FAILED, b"")
+            async with Client.connect(
+                "127.0.0.1", srv.port, ssl_context=client_context(state / "ca.pem"),
+                server_hostname="localhost",
+            ) as client:  # fmt: skip
+                await client.login("ann", "ann's password")
+                assert await client.balance() == 0  # the deposit after the first word never ran

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from p2ppay.bench import Proc, spawn
 from p2ppay.client import Client
+from p2ppay.exitcodes import ExitCode
 from p2ppay.tls import client_context
 
 from .conftest import acceptance, expect_error, login, pay, registered
@@ -442,4 +443,4 @@ async def test_an_export_whose_reader_stops_early_ends_quietly(tmp_path: Path) -
         while chunk := await process.stderr.receive_some():
             errors += chunk
         status = await process.wait()
-    assert (status, errors) == (0, b"")
+    assert (status, errors) == (ExitCode.OUTPUT_CLOSED, b"")

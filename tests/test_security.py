@@ -460,6 +460,8 @@ def test_new_accounts_per_address_come_from_an_allowance_that_refills() -> None:
     now[0] = 20
     assert limit.admit("10.0.0.1") is None
     assert limit.admit("10.0.0.1") is not None
+    limit.refund("10.0.0.1")  # no account was made after all: given back
+    assert limit.admit("10.0.0.1") is None
     now[0] = 1000  # a long pause refills it, but no further than the allowance
     assert [limit.admit("10.0.0.1") for _ in range(4)][-1] is not None
     with pytest.MonkeyPatch.context() as mp:

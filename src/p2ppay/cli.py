@@ -17,7 +17,7 @@ import platformdirs
 import trio
 
 from . import __version__, admin, logs
-from .exitcodes import ExitCode
+from .exitcodes import ExitCode, quiet_stdout, stdout_reader_gone
 from .ledger import LedgerUnavailable
 from .profiles import (
     CAFILE_ENV,
@@ -31,6 +31,7 @@ from .profiles import (
 from .server import DEFAULT_PORT, ServerOptions, StartupError, run_server, workers
 from .settings import add_flags, from_flags, port, seconds
 from .shell import PASSWORD_ENV, ClientOptions, run_client
+from .terminal import OutputClosed
 
 STATE_ENV = "P2PPAY_STATE_DIR"
 
@@ -373,6 +374,23 @@ def _reason(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # Whoever reads our output may go away at any moment (``... | head``): then we stop
+    # quietly with OUTPUT_CLOSED (a command that had already failed keeps its status), never
+    # a traceback, and nothing more is written there.
+    code: int = ExitCode.OUTPUT_CLOSED
+    try:
+        code = _dispatch(args, argv)
+        sys.stdout.flush()
+    except* OutputClosed:
+        quiet_stdout()
+    except* BrokenPipeError:
+        if not stdout_reader_gone():
+            raise  # (another pipe: not ours to explain here)
+        quiet_stdout()
+    return code
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "server":
         return _run_server(args, argv)
     if args.command == "client":

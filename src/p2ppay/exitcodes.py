@@ -17,6 +17,22 @@ class ExitCode(IntEnum):
     UNREACHABLE = 3
     #: stopped by Ctrl-C (SIGINT) before it was ready to handle it (128 + SIGINT)
     INTERRUPTED = 130
+    #: whoever read standard output went away (``... | head``): stopped quietly, as a Unix
+    #: program killed by SIGPIPE (128 + SIGPIPE); a command that had failed keeps its status
+    OUTPUT_CLOSED = 141
+
+
+def stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reader has closed it."""
+    import select
+    import sys
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(mask & select.POLLERR for _, mask in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def quiet_stdout() -> None:

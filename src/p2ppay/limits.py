@@ -275,6 +275,13 @@ class RegistrationLimit:
         entry.tokens -= 1.0
         return None
 
+    def refund(self, ip: str) -> None:
+        """Give back what :meth:`admit` took: no account was made after all (its hash was
+        refused, or another took the name first)."""
+        entry = self._addresses.get(address_key(ip))
+        if entry is not None:
+            entry.tokens = min(float(self.config.max_registrations_per_ip), entry.tokens + 1.0)
+
     def tracked(self) -> int:
         return len(self._addresses)
 

@@ -25,7 +25,7 @@ import trio
 from . import protocol as p
 from .client import ClientError, ConnectionLost, ServerError
 from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port, memo_problem, parse_duration
-from .exitcodes import ExitCode
+from .exitcodes import ExitCode, quiet_stdout
 from .names import NAME_MAX, is_valid_name
 from .peer import PeerConfig, Policy, accept_all, decline_all
 from .terminal import OutputClosed, RichBackend, Terminal, make_terminal, printable
@@ -608,11 +608,9 @@ class Shell:
         self.terminal.write(json.dumps(obj, sort_keys=True))
 
     async def show_events(self) -> None:
-        try:
-            async for event in self.wallet.events:
-                self.show_event(event)
-        except OutputClosed:
-            return  # (the script, if any, stops at its next word)
+        # (OutputClosed from here ends the client: cli.main says how)
+        async for event in self.wallet.events:
+            self.show_event(event)
 
     def show_event(self, event: WalletEvent) -> None:
         if isinstance(event, p.SessionReplaced):
@@ -1138,7 +1136,8 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                     try:
                         code = await _until_signalled(nursery, shell)
                     except OutputClosed:
-                        code = ExitCode.OK  # the reader of our output had what it wanted
+                        # Nothing more can be said; a command that failed keeps its status.
+                        code = shell.status or ExitCode.OUTPUT_CLOSED
                     if code == ExitCode.INTERRUPTED:
                         message = (
                             "interrupted; the command under way may or may not have been done "
@@ -1149,18 +1148,25 @@ async def run_client(options: ClientOptions, out: TextIO | None = None) -> int:
                             message += f"; payment {shell.payment_id}: status tells"
                             error.update(message=message, payment_id=str(shell.payment_id))
                         if options.json:
-                            print(json.dumps({"ok": False, "error": error}), file=out, flush=True)
+                            _print_json(out, {"ok": False, "error": error})
                         print(f"p2ppay client: {message}", file=sys.stderr)
             except CannotConnect as exc:
                 if options.json:
                     failure = {"code": "server_unreachable", "message": str(exc)}
-                    print(
-                        json.dumps({"command": "connect", "ok": False, "error": failure}), file=out
-                    )
+                    _print_json(out, {"command": "connect", "ok": False, "error": failure})
                 print(f"p2ppay client: {exc}", file=sys.stderr)
                 code = ExitCode.UNREACHABLE
             nursery.cancel_scope.cancel()
     return code
+
+
+def _print_json(out: TextIO, obj: dict[str, Any]) -> None:
+    """A last JSON line on the way out; if nobody reads it any more, the exit status says
+    what happened all the same."""
+    try:
+        print(json.dumps(obj), file=out, flush=True)
+    except BrokenPipeError:
+        quiet_stdout()
 
 
 async def _until_signalled(nursery: trio.Nursery, shell: Shell) -> int:

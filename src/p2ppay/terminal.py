@@ -86,8 +86,7 @@ class PlainBackend:
         self, message: str, default: str, secret: bool, *, remember: bool = False
     ) -> str | Interrupted:
         if message:
-            self._out.write(message)
-            self._out.flush()
+            self._say(message)
         with trio.CancelScope() as scope:
             self._scope = scope
             if self._interrupt_pending:
@@ -126,8 +125,11 @@ class PlainBackend:
             self._scope.cancel()
 
     def write(self, text: str) -> None:
+        self._say(text + "\n")
+
+    def _say(self, text: str) -> None:
         try:
-            self._out.write(text + "\n")
+            self._out.write(text)
             self._out.flush()
         except BrokenPipeError:
             # (``client -c "history --csv" | head``): whoever reads our output has gone;

@@ -217,9 +217,16 @@ class Session(SessionBase):
         ledger = self.host.ledger
         if await ledger.account(req.name) is not None:  # cheap check before the slow hash
             raise RequestFailed(p.ErrorCode.NAME_TAKEN, f"the name {req.name!r} is taken")
-        self.host.accounts.admit_registration(self.ip)  # (a taken name used none of it)
-        digest = await self.host.accounts.hash_password(req.password, self.ip)
-        await ledger.create_account(req.name, digest)
+        accounts = self.host.accounts
+        accounts.admit_registration(self.ip)  # (a taken name used none of it)
+        try:
+            digest = await accounts.hash_password(req.password, self.ip)
+            await ledger.create_account(req.name, digest)
+        except Exception:
+            # No account was made (the hash queue was full, the name was taken meanwhile):
+            # nothing used. (Not when cancelled: the account may yet be committed.)
+            accounts.registrations.refund(self.ip)
+            raise
         log.info("%s: registered %s", self.ip, req.name)
         return p.RegisterResult(req.name)
 
