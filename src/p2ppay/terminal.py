@@ -210,6 +210,8 @@ class RichBackend:
         )
         self._interrupt_pending = False
         self._ending = False  # the prompt was cancelled: end it, and any not yet started
+        #: a prompt is on screen, or its thread is starting or ending
+        self._prompting = False
 
     def _toolbar_text(self) -> str | None:
         return None if self.toolbar is None else self.toolbar()
@@ -237,15 +239,19 @@ class RichBackend:
             finally:
                 token.run_sync_soon(done.set)
 
+        self._prompting = True
         try:
-            await trio.to_thread.run_sync(run, abandon_on_cancel=True)
-        except trio.Cancelled:
-            self._ending = True
-            self._wake_prompt()
-            with trio.CancelScope(shield=True):
-                await done.wait()
-            raise
-        await done.wait()
+            try:
+                await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+            except trio.Cancelled:
+                self._ending = True
+                self._wake_prompt()
+                with trio.CancelScope(shield=True):
+                    await done.wait()
+                raise
+            await done.wait()
+        finally:
+            self._prompting = False  # (its thread has finished)
         self._interrupt_pending = False
         if errors:
             raise errors[0]
@@ -281,7 +287,16 @@ class RichBackend:
             loop.call_soon_threadsafe(self._exit_if_interrupted)
 
     def write(self, text: str) -> None:
-        print(text, flush=True)  # patch_stdout() puts it above the prompt
+        if self._prompting:
+            print(text, flush=True)  # patch_stdout() puts it above the prompt
+            return
+        # No prompt: straight to the terminal, at once. Through patch_stdout's proxy the
+        # line would be written later by its own thread, which could then meet the next
+        # prompt as it starts in another thread (a prompt that never appeared was seen).
+        stream = getattr(sys.stdout, "original_stdout", None) or sys.__stdout__
+        if stream is not None:
+            stream.write(text + "\n")
+            stream.flush()
 
 
 @dataclass(eq=False, slots=True)
