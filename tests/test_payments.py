@@ -15,15 +15,13 @@ from contextlib import asynccontextmanager
 import msgspec
 import pytest
 import trio
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from p2ppay import ledger as lg
 from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.constraints import is_memo, parse_duration
 from p2ppay.ledger import SqliteLedger
-from p2ppay.pki import acceptance_bytes_v1, sign_acceptance
+from p2ppay.pki import sign_acceptance, sign_acceptance_v1
 from p2ppay.server import ServerConfig
 from p2ppay.shell import Shell
 from p2ppay.terminal import Terminal
@@ -74,9 +72,7 @@ async def test_the_acceptance_covers_the_memo(connect: Connect) -> None:
             # The first acceptance format (no memo) still settles a payment without a memo,
             # and never one with a memo.
             pid3 = uuid.uuid4()
-            v1 = KEYS["bob"].key.sign(
-                acceptance_bytes_v1(str(pid3), "alice", "bob", 7), ec.ECDSA(hashes.SHA256())
-            )
+            v1 = sign_acceptance_v1(KEYS["bob"].key, str(pid3), "alice", "bob", 7)
             v1_text = base64.b64encode(v1).decode()
             await expect_error("bad_acceptance", alice.settle(pid3, "bob", 7, v1_text, "memo"))
             assert (await alice.settle(pid3, "bob", 7, v1_text)).amount == 7

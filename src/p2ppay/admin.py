@@ -27,7 +27,7 @@ import psycopg
 
 from . import logs
 from .constraints import MAX_AMOUNT
-from .exitcodes import ExitCode, quiet_stdout, stdout_reader_gone
+from .exitcodes import ExitCode
 from .ledger import LedgerError, ReferenceConflict, UnknownAccount, is_postgres_url
 from .ledger.admin import (
     AccountRow,
@@ -359,12 +359,7 @@ def run_admin(args: argparse.Namespace, state_dir: Path, out: TextIO | None = No
         print(f"p2ppay admin: the ledger cannot be used: {_first_line(exc)}", file=sys.stderr)
         return ExitCode.FAILED
     except BrokenPipeError:
-        if not stdout_reader_gone():
-            raise
-        # Whoever read our output stopped (``export | head``). Later writes (the
-        # interpreter's own flush at exit) go nowhere instead of failing.
-        quiet_stdout()
-        return ExitCode.OUTPUT_CLOSED
+        raise  # (not "Broken pipe": cli.main knows whether our reader went away)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"p2ppay admin: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -397,6 +397,13 @@ async def spawn(
 SERVER_SRC: Final = "P2PPAY_BENCH_SERVER_SRC"
 
 
+def acceptance_format() -> int:
+    """The acceptance format the load generators sign: 1 for a server from another checkout
+    (``SERVER_SRC``; an older one knows only that, and checks it with one verify, as today's
+    checks format 2), else 2."""
+    return 1 if os.environ.get(SERVER_SRC) else 2
+
+
 def p2ppay_server(state: Path, *extra: str) -> list[str]:
     # The load generator is one address (the guessing storm, ten more): no per-address limits.
     src = os.environ.get(SERVER_SRC)
@@ -543,10 +550,7 @@ async def settlements(
     budget = int(seconds * 12_000 / CLIENTS) + 100
     specs = [
         {"phase": "settle", "port": port, "ca": str(ca), "seconds": seconds, "names": group,
-         "budget": budget, "seed": k,
-         # (an older server knows format 1 only, and checks it with one verify, as today's
-         # checks format 2)
-         "acceptance_format": 1 if os.environ.get(SERVER_SRC) else 2}
+         "budget": budget, "seed": k, "acceptance_format": acceptance_format()}
         for k, group in enumerate(split(names, n))
     ]  # fmt: skip
     figures = await loadgen_phase(proc.process.pid, specs)

@@ -51,9 +51,9 @@ from psycopg.conninfo import conninfo_to_dict
 from .bench import (
     CLK_TCK,
     LOADGEN_BUSY_SHARE,
-    SERVER_SRC,
     Meter,
     Proc,
+    acceptance_format,
     counter_meter,
     loadgen_processes,
     p2ppay_server,
@@ -236,8 +236,7 @@ async def settle_load(setup: Setup, seconds: float, prefix: str) -> dict[str, An
     specs = [
         {"phase": "settle", "ca": str(setup.ca), "seconds": seconds, "warmup": WARM_UP,
          "names": group, "budget": budget, "seed": k,
-         # (an older server, P2PPAY_BENCH_SERVER_SRC, knows acceptance format 1 only)
-         "acceptance_format": 1 if os.environ.get(SERVER_SRC) else 2,
+         "acceptance_format": acceptance_format(),
          # each process starts on another node: groups of odd size even out over them
          "ports": ports[k % len(ports) :] + ports[: k % len(ports)]}
         for k, group in enumerate(groups)

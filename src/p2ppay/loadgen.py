@@ -41,11 +41,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final, final
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from .peer import PeerKey
-from .pki import acceptance_bytes_v1, sign_acceptance
+from .pki import sign_acceptance, sign_acceptance_v1
 
 PASSWORD: Final = "benchmark password"
 #: the phases this module drives
@@ -198,15 +195,6 @@ def _set_up(spec: dict[str, Any]) -> tuple[list[_Conn], Callable[[bytearray], in
             )
         c.make = _from_queue(queue)
     return conns, _reply_end_line
-
-
-def sign_acceptance_v1(
-    key: ec.EllipticCurvePrivateKey, payment_id: str, payer: str, payee: str, amount: int
-) -> bytes:
-    """An acceptance in format 1 (before memos; docs/protocol.md)."""
-    return key.sign(
-        acceptance_bytes_v1(payment_id, payer, payee, amount), ec.ECDSA(hashes.SHA256())
-    )
 
 
 def _list_request(c: _Conn) -> bytes:

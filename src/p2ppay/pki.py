@@ -458,6 +458,16 @@ def sign_acceptance(
     )
 
 
+def sign_acceptance_v1(
+    key: ec.EllipticCurvePrivateKey, payment_id: str, payer: str, payee: str, amount: int
+) -> bytes:
+    """An acceptance in the first format (no memo): what clients before memos signed, and
+    what a server from before memos checks."""
+    return key.sign(
+        acceptance_bytes_v1(payment_id, payer, payee, amount), ec.ECDSA(hashes.SHA256())
+    )
+
+
 def verify_acceptance(
     key: ec.EllipticCurvePublicKey,
     signature: bytes,

@@ -4,8 +4,9 @@ records it hands out, its limits, and the :class:`Ledger` interface the server u
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from ..constraints import MAX_AMOUNT, is_amount
 from ..settings import count, setting
@@ -152,6 +153,53 @@ class Entry:
     #: the movement's place in the ledger's one sequence: a history cursor (``before``)
     seq: int
     memo: str | None = None
+
+
+#: No cursor and no time bound in a history query: the widest range of a 64-bit integer (an
+#: SQLite integer, a PostgreSQL BIGINT).
+_NO_BOUND_LOW: Final = -(2**63)
+_NO_BOUND_HIGH: Final = 2**63 - 1
+
+
+def history_params(
+    registered: str,
+    other: str | None,
+    limit: int,
+    before: int | None,
+    since_ms: int | None,
+    until_ms: int | None,
+) -> dict[str, object]:
+    """The named parameters of either backend's history query, for the account ``registered``
+    (and ``other``, the counterparty's name as registered, if any)."""
+    return {
+        "name": registered,
+        "limit": limit,
+        "before": _NO_BOUND_HIGH if before is None else before,
+        "other": other,
+        "since": _NO_BOUND_LOW if since_ms is None else since_ms,
+        "until": _NO_BOUND_HIGH if until_ms is None else until_ms,
+    }
+
+
+def history_entries(rows: Iterable[Sequence[Any]], registered: str) -> list[Entry]:
+    """Rows of either backend's history query as ``registered`` sees them: (seq, kind, payer,
+    payee, amount, payer_after, payee_after, at_ms, payment_id, memo); a payment id as a UUID
+    or as its text (SQLite)."""
+    entries = []
+    for seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
+        if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
+            entries.append(Entry("deposit", amount, payee_after, at, None, None, seq))
+        elif kind == "debit":  # and a debit as money sent to nobody in particular
+            entries.append(Entry("sent", amount, payer_after, at, None, None, seq))
+        else:
+            payment_id = pid if isinstance(pid, uuid.UUID) else uuid.UUID(pid)
+            if payer == registered:
+                entries.append(Entry("sent", amount, payer_after, at, payee, payment_id, seq, memo))
+            else:
+                entries.append(
+                    Entry("received", amount, payee_after, at, payer, payment_id, seq, memo)
+                )
+    return entries
 
 
 RequestState = Literal["open", "paid", "declined", "cancelled", "expired"]

@@ -77,6 +77,8 @@ from .interface import (
     UnknownAccount,
     UnknownPayee,
     UnknownRequest,
+    history_entries,
+    history_params,
 )
 from .pgschema import PgConnection, connect_postgres, describe, open_connection
 
@@ -113,9 +115,6 @@ _HISTORY = (
     f" ({_SIDE.format(columns=_COLUMNS, side='payee', other='payer')})"
     f" ORDER BY seq DESC LIMIT %(limit)s"
 )
-#: No cursor and no time bound: the widest range of a BIGINT.
-_NO_BOUND_LOW = -(2**63)
-_NO_BOUND_HIGH = 2**63 - 1
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 
@@ -609,28 +608,8 @@ class PostgresLedger:
                 if row is None:
                     return []
                 other = row[0]
-            params = {
-                "name": registered,
-                "limit": limit,
-                "before": _NO_BOUND_HIGH if before is None else before,
-                "other": other,
-                "since": _NO_BOUND_LOW if since_ms is None else since_ms,
-                "until": _NO_BOUND_HIGH if until_ms is None else until_ms,
-            }
-            rows = db.execute(_HISTORY, params).fetchall()
-            entries = []
-            for seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
-                if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
-                    entries.append(Entry("deposit", amount, payee_after, at, None, None, seq))
-                elif kind == "debit":  # and a debit as money sent to nobody in particular
-                    entries.append(Entry("sent", amount, payer_after, at, None, None, seq))
-                elif payer == registered:
-                    entries.append(Entry("sent", amount, payer_after, at, payee, pid, seq, memo))
-                else:
-                    entries.append(
-                        Entry("received", amount, payee_after, at, payer, pid, seq, memo)
-                    )
-            return entries
+            params = history_params(registered, other, limit, before, since_ms, until_ms)
+            return history_entries(db.execute(_HISTORY, params).fetchall(), registered)
 
         return await self._read(op)
 

@@ -56,6 +56,8 @@ from .interface import (
     UnknownAccount,
     UnknownPayee,
     UnknownRequest,
+    history_entries,
+    history_params,
 )
 from .schema import (
     connect_sqlite,
@@ -94,9 +96,6 @@ _HISTORY = (
     f" SELECT * FROM ({_SIDE.format(columns=_COLUMNS, side='payee', other='payer')})"
     f" ORDER BY seq DESC LIMIT :limit"
 )
-#: No cursor and no time bound: the widest range, as plain SQLite integers.
-_NO_BOUND_LOW = -(2**63)
-_NO_BOUND_HIGH = 2**63 - 1
 
 
 def _now_ms() -> int:
@@ -575,30 +574,8 @@ class SqliteLedger:
                 if row is None:
                     return []
                 other = row[0]
-            params = {
-                "name": registered,
-                "limit": limit,
-                "before": _NO_BOUND_HIGH if before is None else before,
-                "other": other,
-                "since": _NO_BOUND_LOW if since_ms is None else since_ms,
-                "until": _NO_BOUND_HIGH if until_ms is None else until_ms,
-            }
-            rows = db.execute(_HISTORY, params).fetchall()
-            entries = []
-            for seq, kind, payer, payee, amount, payer_after, payee_after, at, pid, memo in rows:
-                if kind in ("deposit", "credit"):  # an operator's credit reads as a deposit
-                    entries.append(Entry("deposit", amount, payee_after, at, None, None, seq))
-                elif kind == "debit":  # and a debit as money sent to nobody in particular
-                    entries.append(Entry("sent", amount, payer_after, at, None, None, seq))
-                elif payer == registered:
-                    entries.append(
-                        Entry("sent", amount, payer_after, at, payee, uuid.UUID(pid), seq, memo)
-                    )
-                else:
-                    entries.append(
-                        Entry("received", amount, payee_after, at, payer, uuid.UUID(pid), seq, memo)
-                    )
-            return entries
+            params = history_params(registered, other, limit, before, since_ms, until_ms)
+            return history_entries(db.execute(_HISTORY, params).fetchall(), registered)
 
         return await self._read(op)
 

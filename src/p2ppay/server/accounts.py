@@ -14,8 +14,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, final
 
@@ -145,9 +145,13 @@ class Accounts:
         ok: bool = await self._hash_job(ip, partial(verify_password, password, stored))
         return ok
 
-    def admit_registration(self, ip: str) -> None:
-        """A new account from ``ip`` may be made now (one of its allowance is used), or
-        ``rate_limited``: both dialects ask before they create one."""
+    @contextmanager
+    def registering(self, ip: str) -> Iterator[None]:
+        """Around making a new account from ``ip`` (both dialects): one of the address's
+        allowance is used, or ``rate_limited`` is raised at once. If the block fails (the
+        hash queue was full, the name was taken meanwhile) no account was made, and the
+        allowance is given back; not when it is cancelled, as the account may yet be
+        committed."""
         wait = self.registrations.admit(ip)
         if wait is not None:
             self.limit_log.hit("registrations-per-ip", f"{ip} made too many new accounts")
@@ -155,6 +159,11 @@ class Accounts:
                 p.ErrorCode.RATE_LIMITED,
                 f"too many new accounts from your address; try again in {math.ceil(wait)} s",
             )
+        try:
+            yield
+        except Exception:
+            self.registrations.refund(ip)
+            raise
 
     async def check_login(self, name: str, password: str, ip: str) -> lg.Account:
         """The account ``name`` if ``password`` is its own; else ``rate_limited`` or the one

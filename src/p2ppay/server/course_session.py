@@ -143,16 +143,13 @@ class CourseSession(SessionBase):
     async def _create(self, name: str, deposit: int) -> bool:
         if await self.host.ledger.account(name) is not None:
             return False  # taken (and so no new account: none of the allowance is used)
-        accounts = self.host.accounts
         try:
-            accounts.admit_registration(self.ip)
+            with self.host.accounts.registering(self.ip):
+                await self.host.ledger.create_account(name, None, "course", deposit)
         except RequestFailed as exc:  # (logged once a minute by the limit log, not each time)
             log.debug("%s: course register %s refused: %s", self.ip, name, exc.message)
             return False
-        try:
-            await self.host.ledger.create_account(name, None, "course", deposit)
         except lg.LedgerError as exc:
-            accounts.registrations.refund(self.ip)
             log.info("%s: course register %s failed: %s", self.ip, name, exc)
             return False
         log.info("%s: registered course account %s", self.ip, name)

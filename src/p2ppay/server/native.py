@@ -217,16 +217,9 @@ class Session(SessionBase):
         ledger = self.host.ledger
         if await ledger.account(req.name) is not None:  # cheap check before the slow hash
             raise RequestFailed(p.ErrorCode.NAME_TAKEN, f"the name {req.name!r} is taken")
-        accounts = self.host.accounts
-        accounts.admit_registration(self.ip)  # (a taken name used none of it)
-        try:
-            digest = await accounts.hash_password(req.password, self.ip)
+        with self.host.accounts.registering(self.ip):  # (a taken name used none of it)
+            digest = await self.host.accounts.hash_password(req.password, self.ip)
             await ledger.create_account(req.name, digest)
-        except Exception:
-            # No account was made (the hash queue was full, the name was taken meanwhile):
-            # nothing used. (Not when cancelled: the account may yet be committed.)
-            accounts.registrations.refund(self.ip)
-            raise
         log.info("%s: registered %s", self.ip, req.name)
         return p.RegisterResult(req.name)
 
@@ -413,9 +406,8 @@ class Session(SessionBase):
         t, paid = await self.host.ledger.pay_request(req.request_id, self._me())
         if not t.replayed:
             self._settled(t)
-            # The requester hears now if online here (on another node: there too, and again
-            # at its next login, since nobody here knows that it arrived); if offline, at its
-            # next login.
+            # The requester hears now if online here (on another node, that node tells it and
+            # marks it told); if offline, at its next login.
             if self.host.presence.tell(t.payee, p.RequestClosed(_request_info(paid))):
                 await self.host.ledger.told(req.request_id)
         return p.SettleResult(t.payment_id, t.payer, t.payee, t.amount, t.payer_balance, t.memo)
