@@ -155,6 +155,10 @@ class FlakyLedger:
         self._check()
         return await self.inner.account(name)
 
+    async def balance(self, name: str) -> int | None:
+        self._check()
+        return await self.inner.balance(name)
+
     async def set_peer_key(self, name: str, key_der: bytes | None, expires_ms: int | None) -> None:
         self._check()
         await self.inner.set_peer_key(name, key_der, expires_ms)

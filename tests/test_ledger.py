@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from p2ppay import ledger as lg
 from p2ppay.ledger import Limits, open_ledger, open_sqlite_ledger
+from p2ppay.ledger.admin import SqliteAdmin
 
 
 async def funded(ledger: lg.AnyLedger, **balances: int) -> None:
@@ -227,6 +228,7 @@ async def test_a_failed_commit_acknowledges_nothing(tmp_path: Path) -> None:
         assert (audit.total_balances, audit.transfers) == (100, 0)
         alice = await ledger.account("alice")
         assert alice is not None and alice.balance == 100
+        assert await ledger.balance("alice") == 100  # the cache has nothing uncommitted
         # The writer goes on: the next batch commits.
         assert (await ledger.settle(uuid.uuid4(), "alice", "bob", 10)).payer_balance == 90
 
@@ -238,6 +240,51 @@ async def test_closed_ledger_refuses_work(ledger_target: str | Path) -> None:
         await ledger.deposit("alice", 1)
     with pytest.raises(lg.LedgerUnavailable):
         await ledger.settle(uuid.uuid4(), "alice", "bob", 1)
+
+
+async def test_balance_is_the_accounts_balance(ledger: lg.AnyLedger) -> None:
+    await funded(ledger, Alice=100, bob=0)
+    assert await ledger.balance("ALICE") == 100
+    await ledger.settle(uuid.uuid4(), "alice", "bob", 30)
+    assert (await ledger.balance("alice"), await ledger.balance("Bob")) == (70, 30)
+    assert await ledger.deposit("bob", 5) == 35
+    assert await ledger.balance("bob") == 35
+    assert await ledger.balance("nobody") is None
+
+
+async def test_cached_balances_follow_our_writes_at_once_and_others_within_the_ttl(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with open_sqlite_ledger(path, balance_ttl=0.2) as ledger:
+        await funded(ledger, alice=100, bob=0)
+        await ledger.settle(uuid.uuid4(), "alice", "bob", 10)
+        hits = ledger.balance_cache_hits
+        assert (await ledger.balance("Alice"), await ledger.balance("bob")) == (90, 10)
+        assert ledger.balance_cache_hits == hits + 2  # our own commit: cached before answered
+        # Another process (the operator's) writes the file: nothing tells this one, so the
+        # cache is checked by each batch, and by an empty one at least every ttl / 2.
+        admin = SqliteAdmin(path)
+        try:
+            assert admin.adjust("credit", "alice", 50, "wire-1").balance == 140
+        finally:
+            admin.close()
+        with trio.fail_after(10):
+            while (seen := await ledger.balance("alice")) != 140:
+                assert seen == 90  # the old balance, or the new one: nothing in between
+                await trio.sleep(0.01)
+        # ...and the cache serves the new balance (read back into it by the next batch).
+        with trio.fail_after(10):
+            while True:
+                hits = ledger.balance_cache_hits
+                assert await ledger.balance("alice") == 140
+                if ledger.balance_cache_hits > hits:
+                    break
+                await trio.sleep(0.01)
+        await ledger.settle(uuid.uuid4(), "bob", "alice", 10)
+        assert await ledger.balance("alice") == 150
+        audit = await ledger.audit()
+        assert audit.conserved
 
 
 # --- property: conservation under random operations -----------------------------------------
@@ -299,6 +346,9 @@ async def test_random_operations_conserve_money(
         assert audit.total_balances == audit.total_deposits == deposited
         assert audit.min_balance is not None and audit.min_balance >= 0
         assert audit.transfers == len(outcomes)
+        for name in NAMES:  # the balance cache agrees with the table
+            account = await ledger.account(name)
+            assert account is not None and await ledger.balance(name) == account.balance
 
 
 async def test_history_merges_both_sides_newest_first(ledger: lg.AnyLedger) -> None:

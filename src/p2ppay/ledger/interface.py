@@ -279,6 +279,12 @@ class Ledger(Protocol):
 
     async def account(self, name: str) -> Account | None: ...
 
+    async def balance(self, name: str) -> int | None:
+        """The account's balance, or None if there is none. A backend may answer from a cache
+        that lags another process's writes by a bounded time (SQLite: ``balance_ttl``), never
+        its own."""
+        ...
+
     async def set_peer_key(
         self, name: str, key_der: bytes | None, expires_ms: int | None
     ) -> None: ...

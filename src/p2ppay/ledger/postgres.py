@@ -480,6 +480,18 @@ class PostgresLedger:
 
         return await self._read(op)
 
+    async def balance(self, name: str) -> int | None:
+        """``name``'s balance (None: no such account). Always read: other nodes move money
+        too, and nothing here would tell a cache."""
+
+        def op(db: PgConnection) -> int | None:
+            row = db.execute(
+                "SELECT balance FROM accounts WHERE name_key = %s", (name_key(name),)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._read(op)
+
     async def set_peer_key(self, name: str, key_der: bytes | None, expires_ms: int | None) -> None:
         """Make ``key_der`` the account's current peer key; None revokes the current one."""
 

@@ -73,6 +73,46 @@ _INSERT_DEPOSIT = (
 _ISSUE = "UPDATE issuance SET balance = balance - ? WHERE id = 1"
 
 
+#: The writer connection's record of every balance it writes (temporary: this connection's
+#: alone, and rolled back with the transaction that wrote it), read at the end of each batch
+#: into :attr:`SqliteLedger` 's balance cache. Triggers, not each operation, so that no
+#: operation that moves money can forget to tell the cache.
+_BALANCES_SEEN = (
+    "PRAGMA temp_store=MEMORY",
+    "CREATE TEMP TABLE IF NOT EXISTS balances_seen (name_key TEXT PRIMARY KEY, balance INTEGER)",
+    "CREATE TEMP TRIGGER IF NOT EXISTS balances_seen_insert AFTER INSERT ON main.accounts BEGIN"
+    " INSERT OR REPLACE INTO balances_seen VALUES (new.name_key, new.balance); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS balances_seen_update AFTER UPDATE ON main.accounts BEGIN"
+    " INSERT OR REPLACE INTO balances_seen SELECT old.name_key, NULL"
+    " WHERE old.name_key IS NOT new.name_key;"
+    " INSERT OR REPLACE INTO balances_seen VALUES (new.name_key, new.balance); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS balances_seen_delete AFTER DELETE ON main.accounts BEGIN"
+    " INSERT OR REPLACE INTO balances_seen VALUES (old.name_key, NULL); END",
+)
+#: at most this many balances are cached (beyond it the cache starts again, empty)
+MAX_CACHED_BALANCES = 200_000
+
+
+#: at most this many balances asked for and not cached wait for the next batch to read them
+_MAX_MISSED = 10_000
+
+
+def _read_balances(db: sqlite3.Connection, keys: list[str]) -> list[tuple[str, int | None]]:
+    found: list[tuple[str, int | None]] = []
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        found += db.execute(
+            "SELECT name_key, balance FROM accounts"
+            f" WHERE name_key IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        ).fetchall()
+    return found
+
+
+def _check_balances(db: sqlite3.Connection) -> None:
+    """An empty operation: its batch checks whether another process wrote (see ``balance``)."""
+
+
 _COLUMNS = (
     "seq, kind, payer, payee, amount, payer_balance_after, payee_balance_after, at_ms, payment_id,"
     " memo"
@@ -230,10 +270,11 @@ class SqliteLedger:
         *,
         connect: Callable[[str], sqlite3.Connection] = connect_sqlite,
         readers: int = 2,
+        balance_ttl: float = 0.5,
     ) -> None:
         """``connect`` opens the writer's connection (creating and migrating the file);
         ``readers`` connections serve reads beside it (0, and always for ``":memory:"``:
-        reads queue with the writes)."""
+        reads queue with the writes). ``balance_ttl``: see :meth:`balance` (0: no cache)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if readers < 0:
@@ -260,11 +301,35 @@ class SqliteLedger:
         self.commits = 0
         self.ops_committed = 0
         self.observer: LedgerObserver | None = None
+        # Balances as committed, kept by the writer thread, read by :meth:`balance` (the
+        # ``list`` and course ``List`` replies) without a trip to a read connection. Hard
+        # choice: another process (``p2ppay admin``) may write the file too, and nothing tells
+        # us when. Each batch asks SQLite whether anyone else committed since the last one
+        # (``PRAGMA data_version``) and forgets every balance if so; the cache is used only
+        # while that check is under ``balance_ttl`` old, and :meth:`_keep_balances_checked`
+        # runs an empty batch when nothing else did. So an operator's change shows within
+        # ``balance_ttl``, and this process's own changes at once (they are in the cache
+        # before their callers are answered).
+        self.balance_ttl = balance_ttl
+        self._balances: dict[str, int] = {}
+        self._balances_checked = -math.inf  # time.monotonic() of the last batch's check
+        self._balances_wanted = False  # :meth:`balance` was asked since the last check
+        self._balances_missed: set[str] = set()  # asked for, not cached: the next batch reads them
+        self._data_version: int | None = None
+        #: how many :meth:`balance` answers came from the cache
+        self.balance_cache_hits = 0
 
     # -- lifecycle --
 
     def _open_blocking(self) -> None:
-        self._db = self._connect(self.path)
+        db = self._connect(self.path)
+        try:
+            for statement in _BALANCES_SEEN:
+                db.execute(statement)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
 
     async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
         await trio.to_thread.run_sync(self._open_blocking, limiter=self._limiter)
@@ -299,6 +364,11 @@ class SqliteLedger:
         started = time.perf_counter()
         try:
             db.execute("BEGIN IMMEDIATE")
+            # What the file looks like now that we hold the write lock: nobody else can
+            # commit until we do, so the cache, once this batch's balances are in it, is
+            # exactly the file's (for the accounts it holds).
+            (version,) = db.execute("PRAGMA data_version").fetchone()
+            checked = time.monotonic()
             for op in batch:
                 try:
                     op.result = op.fn(db)
@@ -306,6 +376,11 @@ class SqliteLedger:
                     # Every operation checks before it writes, so a refusal has written
                     # nothing: no savepoint to roll back to (that saves two statements an op).
                     op.error = exc
+            seen = db.execute("SELECT name_key, balance FROM temp.balances_seen").fetchall()
+            if seen:
+                db.execute("DELETE FROM temp.balances_seen")
+            if self._balances_missed:
+                seen += _read_balances(db, self._take_missed())
             db.execute("COMMIT")
         except BaseException as exc:
             # Anything else (an I/O error, a constraint that should have been impossible)
@@ -318,10 +393,35 @@ class SqliteLedger:
             if not isinstance(exc, Exception):
                 raise
             return
-        self.commits += 1
-        self.ops_committed += len(batch)
-        if self.observer is not None:
-            self.observer.committed(len(batch), time.perf_counter() - started)
+        self._cache_balances(version, seen, checked)
+        ops = sum(op.fn is not _check_balances for op in batch)
+        if ops:
+            self.commits += 1
+            self.ops_committed += ops
+            if self.observer is not None:
+                self.observer.committed(ops, time.perf_counter() - started)
+
+    def _take_missed(self) -> list[str]:
+        # (the event loop may add one meanwhile, to the set being taken: it is asked for again)
+        missed, self._balances_missed = self._balances_missed, set()
+        return list(missed)
+
+    def _cache_balances(
+        self, version: int, seen: list[tuple[str, int | None]], checked: float
+    ) -> None:
+        # In the writer thread, after a commit. The event loop reads the dict meanwhile:
+        # each step below is one dict operation (atomic under the GIL), and a reader that
+        # meets the cache half-updated sees balances that were each committed.
+        balances = self._balances
+        if version != self._data_version or len(balances) > MAX_CACHED_BALANCES:
+            balances.clear()  # another process committed: any balance may have changed
+            self._data_version = version
+        for key, balance in seen:
+            if balance is None:
+                balances.pop(key, None)
+            else:
+                balances[key] = balance
+        self._balances_checked = checked
 
     def _run_reads(self, batch: list[_Op[Any]]) -> None:
         # In a worker thread. One read transaction for the batch: a consistent snapshot of
@@ -436,6 +536,38 @@ class SqliteLedger:
             return None if row is None else Account(*row)
 
         return await self._read(op)
+
+    async def balance(self, name: str) -> int | None:
+        """``name``'s balance (None: no such account), for ``list`` replies.
+
+        From the cache when it holds the account and was checked under ``balance_ttl`` ago
+        (see ``__init__``); else read like :meth:`account`."""
+        if self.balance_ttl > 0:
+            self._balances_wanted = True
+            key = name_key(name)
+            if time.monotonic() - self._balances_checked < self.balance_ttl:
+                cached = self._balances.get(key)
+                if cached is not None:
+                    self.balance_cache_hits += 1
+                    return cached
+            if key not in self._balances and len(self._balances_missed) < _MAX_MISSED:
+                self._balances_missed.add(key)  # the next batch caches it
+        account = await self.account(name)
+        return None if account is None else account.balance
+
+    async def _keep_balances_checked(self) -> None:
+        """While :meth:`balance` is being asked, make sure a batch checks for other writers
+        at least every half ``balance_ttl`` (an empty one when there is no other work)."""
+        while True:
+            await trio.sleep(self.balance_ttl / 2)
+            if not self._balances_wanted:
+                continue
+            self._balances_wanted = False
+            if time.monotonic() - self._balances_checked >= self.balance_ttl / 2:
+                try:
+                    await self._submit(_check_balances)
+                except LedgerUnavailable:
+                    pass  # the cache goes unused until a batch succeeds again
 
     async def set_peer_key(self, name: str, key_der: bytes | None, expires_ms: int | None) -> None:
         """Make ``key_der`` the account's current peer key; None revokes the current one."""
@@ -811,16 +943,29 @@ async def open_sqlite_ledger(
     max_batch: int = 512,
     connect: Callable[[str], sqlite3.Connection] = connect_sqlite,
     readers: int = 2,
+    balance_ttl: float = 0.5,
 ) -> AsyncIterator[SqliteLedger]:
     """Open (creating if needed) the ledger at ``path``; on exit, drain queued work and close."""
-    ledger = SqliteLedger(path, limits or Limits(), max_batch, connect=connect, readers=readers)
+    ledger = SqliteLedger(
+        path, limits or Limits(), max_batch, connect=connect, readers=readers,
+        balance_ttl=balance_ttl,
+    )  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(ledger._writer)
         for _ in range(ledger.readers):
             nursery.start_soon(ledger._reader_task)
+        checker = trio.CancelScope()
+        if balance_ttl > 0:
+
+            async def keep_checked() -> None:
+                with checker:
+                    await ledger._keep_balances_checked()
+
+            nursery.start_soon(keep_checked)
         try:
             yield ledger
         finally:
+            checker.cancel()
             # Closing the channels lets the writer and the readers finish what is queued,
             # then stop.
             ledger._send.close()

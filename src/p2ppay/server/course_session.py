@@ -191,8 +191,7 @@ class CourseSession(SessionBase):
 
     async def _roster(self) -> bytes:
         assert self.user is not None
-        account = await self.host.ledger.account(self.user)
-        balance = account.balance if account else 0
+        balance = await self.host.ledger.balance(self.user) or 0
         presence, dialect, key = self.host.presence, self.dialect, self.host.server_public_key
 
         async def build() -> bytes:

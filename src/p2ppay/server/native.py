@@ -261,8 +261,7 @@ class Session(SessionBase):
         )
 
     async def _list(self, req: p.ListOnline) -> _Encoded:
-        account = await self.host.ledger.account(self._me())
-        balance = account.balance if account else 0
+        balance = await self.host.ledger.balance(self._me()) or 0
         presence, limit = self.host.presence, self.host.config.max_list
 
         async def build() -> bytes:
