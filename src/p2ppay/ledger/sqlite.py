@@ -313,7 +313,7 @@ class SqliteLedger:
         self.balance_ttl = balance_ttl
         self._balances: dict[str, int] = {}
         self._balances_checked = -math.inf  # time.monotonic() of the last batch's check
-        self._balances_wanted = False  # :meth:`balance` was asked since the last check
+        self._balances_asked = trio.Event()  # set by :meth:`balance` when a check is due
         self._balances_missed: set[str] = set()  # asked for, not cached: the next batch reads them
         self._data_version: int | None = None
         #: how many :meth:`balance` answers came from the cache
@@ -543,9 +543,11 @@ class SqliteLedger:
         From the cache when it holds the account and was checked under ``balance_ttl`` ago
         (see ``__init__``); else read like :meth:`account`."""
         if self.balance_ttl > 0:
-            self._balances_wanted = True
             key = name_key(name)
-            if time.monotonic() - self._balances_checked < self.balance_ttl:
+            age = time.monotonic() - self._balances_checked
+            if age >= self.balance_ttl / 2:
+                self._balances_asked.set()
+            if age < self.balance_ttl:
                 cached = self._balances.get(key)
                 if cached is not None:
                     self.balance_cache_hits += 1
@@ -557,17 +559,17 @@ class SqliteLedger:
 
     async def _keep_balances_checked(self) -> None:
         """While :meth:`balance` is being asked, make sure a batch checks for other writers
-        at least every half ``balance_ttl`` (an empty one when there is no other work)."""
+        at least every half ``balance_ttl`` (an empty one when there is no other work).
+        Idle, it waits without a deadline (no timer ticks on a server nobody asks)."""
         while True:
-            await trio.sleep(self.balance_ttl / 2)
-            if not self._balances_wanted:
-                continue
-            self._balances_wanted = False
+            await self._balances_asked.wait()
+            self._balances_asked = trio.Event()
             if time.monotonic() - self._balances_checked >= self.balance_ttl / 2:
                 try:
                     await self._submit(_check_balances)
                 except LedgerUnavailable:
                     pass  # the cache goes unused until a batch succeeds again
+            await trio.sleep(self.balance_ttl / 2)  # at most one empty batch per half ttl
 
     async def set_peer_key(self, name: str, key_der: bytes | None, expires_ms: int | None) -> None:
         """Make ``key_der`` the account's current peer key; None revokes the current one."""

@@ -65,12 +65,18 @@ class SessionBase:
         self.user: str | None = None  # as registered
         self.cancel_scope = trio.CancelScope()  # cancelled to drop the connection
         self.receive_scope = trio.CancelScope()  # cancelled to stop reading at shutdown
+        #: waiting for the peer's next request with no receive scope (see :meth:`wake`)
+        self.idle_read = False
+        self._woken_in_idle_read = False
         self._out = Outgoing(stream)
         self._write_timed_out = False  # the peer stopped reading: the session was cut
         self._delivery_scheduled = False  # a _deliver task will flush what is queued
         #: a request is being answered: its reply will be written soon and carries whatever
         #: is queued by then (a subclass sets it only where every request gets a reply)
         self.answering = False
+        #: the request being answered was a write: other sessions' events from its commit may
+        #: be queued for this peer in the same scheduling pass (see :meth:`send`)
+        self.answering_a_write = False
         self._close_after_flush = False  # replaced: close once the last message is out
 
     @property
@@ -101,6 +107,9 @@ class SessionBase:
         try:
             with self.cancel_scope:
                 await self.serve()
+            if self._woken_in_idle_read:
+                with trio.move_on_after(self.host.config.write_timeout):
+                    await self.goodbye()
             if self._write_timed_out:
                 self.host.limit_log.hit("write-timeout", f"{self.ip} stopped reading; dropped")
         except trio.BrokenResourceError:
@@ -118,6 +127,13 @@ class SessionBase:
     def wake(self) -> None:
         """Stop waiting for the peer (the server is shutting down)."""
         self.receive_scope.cancel()
+        if self.idle_read:
+            # Nothing is in flight: the session itself is cancelled, and says goodbye after.
+            self._woken_in_idle_read = True
+            self.cancel_scope.cancel()
+
+    async def goodbye(self) -> None:
+        """Tell the peer the server is shutting down (and what it sent that was not done)."""
 
     async def send(self, data: bytes) -> None:
         """Write one message (and any event queued before it); a peer that will not take it
@@ -130,9 +146,10 @@ class SessionBase:
         scope.deadline = trio.current_time() + self.host.config.write_timeout
         try:
             self._out.queue(data)
-            if self.answering:
+            if self.answering and self.answering_a_write:
                 # Let the other tasks woken with this one (a commit answers a whole batch of
                 # payments at once) queue their events for this peer first: one write for all.
+                # (A read's reply does not wait: nothing woke with it.)
                 await trio.lowlevel.checkpoint()
             await self._out.flush()
         except trio.Cancelled:

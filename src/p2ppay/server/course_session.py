@@ -199,7 +199,10 @@ class CourseSession(SessionBase):
 
         # Both flavours' replies are a first line with the balance, then who is online: that
         # part is encoded once per change of presence.
-        online = await listing.cached(presence, ("course", dialect.name, key), build)
+        cache_key = ("course", dialect.name, key)
+        online = listing.get(presence, cache_key)
+        if online is None:
+            online = await listing.cached(presence, cache_key, build)
         first = dialect.roster(balance, key, ()).split(b"\n", 1)[0]
         return first + b"\n" + online
 

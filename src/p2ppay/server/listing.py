@@ -19,6 +19,15 @@ _caches: Final[weakref.WeakKeyDictionary[Presence, dict[Hashable, tuple[int, byt
 )
 
 
+def get(presence: Presence, key: Hashable) -> bytes | None:
+    """The bytes cached for ``key`` if presence has not changed since (no await, no build)."""
+    entries = _caches.get(presence)
+    if entries is None:
+        return None
+    hit = entries.get(key)
+    return hit[1] if hit is not None and hit[0] == presence.generation else None
+
+
 async def cached(presence: Presence, key: Hashable, build: Callable[[], Awaitable[bytes]]) -> bytes:
     """``build()``'s bytes for ``key``, built again only when presence has changed since."""
     entries = _caches.get(presence)
