@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -271,11 +272,14 @@ async def run_loadgens(
         main0, started = main_thread_cpu(first), [meter() for meter in meters]
         t0 = time.perf_counter()
         await go()
-        for pid in server_pids:
-            profile(pid, specs[0]["phase"], specs[0]["seconds"])
+        samplers = [profile(pid, specs[0]["phase"], specs[0]["seconds"]) for pid in server_pids]
         with trio.fail_after(120 + max(s["seconds"] for s in specs)):
             for reader in readers:
                 results.append(json.loads(await reader.line()))
+        for sampler in samplers:  # py-spy writes its file as it exits
+            if sampler is not None:
+                with trio.fail_after(60):
+                    await trio.to_thread.run_sync(sampler.wait)
         wall = time.perf_counter() - t0
         server_cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in server_pids}
         main_cpu = main_thread_cpu(first) - main0
@@ -301,18 +305,26 @@ async def run_loadgens(
     )
 
 
-def profile(pid: int, phase: str, seconds: float) -> None:
+def py_spy() -> str | None:
+    """The py-spy program: beside this Python (a venv's ``bin``), else on ``PATH``."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
+def profile(pid: int, phase: str, seconds: float) -> subprocess.Popen[bytes] | None:
     """With ``P2PPAY_BENCH_PROFILE=DIR`` (and py-spy installed), sample the server with py-spy
     while the phase is measured: ``DIR/<phase>-<pid>.raw`` (collapsed stacks). The sampling
-    costs the server CPU: profiled runs are for where the time goes, not for the figures."""
+    costs the server CPU: profiled runs are for where the time goes, not for the figures.
+    The caller waits for the returned process."""
     where = os.environ.get("P2PPAY_BENCH_PROFILE")
-    if not where:
-        return
+    program = py_spy()
+    if not where or program is None:  # (main() refuses to start without py-spy)
+        return None
     out = Path(where) / f"{phase}-{pid}.raw"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)),
+    cmd = [program, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)),
            "--rate", "250", "--format", "raw", "--nonblocking", "-o", str(out)]  # fmt: skip
-    subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class _Lines:
@@ -1220,6 +1232,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"unknown phase(s): {', '.join(unknown)}" if unknown else "N must be at least 1"
         )
+    if os.environ.get("P2PPAY_BENCH_PROFILE") and py_spy() is None:
+        parser.error("P2PPAY_BENCH_PROFILE needs py-spy (pip install -e '.[bench]')")
     runs = []
     for k in range(args.repeat):
         runs.append(trio.run(run, args.full, phases, args.loadgen_procs))

@@ -179,6 +179,7 @@ def connect_sqlite(
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA temp_store=MEMORY")  # the writer's record of balances (sqlite.py)
         if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
             return db  # nothing to migrate: no need to wait for the write lock
         db.execute("BEGIN IMMEDIATE")

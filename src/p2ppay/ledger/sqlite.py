@@ -78,7 +78,6 @@ _ISSUE = "UPDATE issuance SET balance = balance - ? WHERE id = 1"
 #: into :attr:`SqliteLedger` 's balance cache. Triggers, not each operation, so that no
 #: operation that moves money can forget to tell the cache.
 _BALANCES_SEEN = (
-    "PRAGMA temp_store=MEMORY",
     "CREATE TEMP TABLE IF NOT EXISTS balances_seen (name_key TEXT PRIMARY KEY, balance INTEGER)",
     "CREATE TEMP TRIGGER IF NOT EXISTS balances_seen_insert AFTER INSERT ON main.accounts BEGIN"
     " INSERT OR REPLACE INTO balances_seen VALUES (new.name_key, new.balance); END",
