@@ -632,3 +632,85 @@ async def test_history_pages_through_the_protocol(connect: Connect) -> None:
             late = whole.entries[0].at_ms
             assert (await alice.history_page(10, since_ms=late + 1)).entries == []
             assert (await alice.history_page(10, until_ms=late + 1)).entries == whole.entries[:10]
+
+
+# --- shutdown of a logged-in session waiting for its next request (read with no scope) ---------
+
+
+class ShutdownOnRead(trio.abc.Stream):
+    """The server's side of a connection that, once armed, calls ``server.shutdown()`` as the
+    next bytes from the client arrive: the read completes in the same scheduling pass as the
+    shutdown, the race a server under load meets."""
+
+    def __init__(self, inner: trio.abc.Stream, server: Server) -> None:
+        self.inner, self.server, self.armed = inner, server, False
+
+    async def send_all(self, data: Any) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> Any:
+        data = await self.inner.receive_some(max_bytes)
+        if self.armed and data:
+            self.armed = False
+            self.server.shutdown()
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _until_closed(stream: trio.SSLStream[Any], conn: p.ClientConnection) -> list[object]:
+    """Everything the server sends until it closes; the last item says how it closed."""
+    seen: list[object] = []
+    while True:
+        event = conn.next_event()
+        if event is p.CLOSED:
+            return [*seen, "close_notify"]
+        if not isinstance(event, p.Sentinel):
+            seen.append(event)
+            continue
+        try:
+            conn.receive_data(await stream.receive_some())
+        except trio.BrokenResourceError as exc:
+            return [*seen, exc]
+
+
+@pytest.mark.parametrize("request_in_flight", [False, True])
+async def test_shutdown_says_goodbye_to_an_idle_session_and_closes_politely(
+    server: Server, client_ctx: ssl.SSLContext, request_in_flight: bool
+) -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    wrapped = ShutdownOnRead(server_side, server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, wrapped, "10.5.5.5")
+        stream = trio.SSLStream(client_side, client_ctx, server_hostname=SERVER_NAME)
+        conn = p.ClientConnection()
+
+        async def reply() -> object:
+            while isinstance(event := conn.next_event(), p.Sentinel):
+                conn.receive_data(await stream.receive_some())
+            return event
+
+        with trio.fail_after(5):
+            for request in (p.Hello(1, 1), p.Register(2, "alice", "password1"),
+                            p.Login(3, "alice", "password1", None, None)):  # fmt: skip
+                await stream.send_all(conn.send_request(request))
+                assert isinstance(await reply(), p.ReplyOk)
+            await trio.testing.wait_all_tasks_blocked()  # alice's session waits for a request
+            if request_in_flight:
+                # The request arrives with the shutdown: it is refused, not dropped.
+                wrapped.armed = True
+                await stream.send_all(conn.send_request(p.ListOnline(4)))
+            else:
+                server.shutdown()
+            seen = await _until_closed(stream, conn)
+        nursery.cancel_scope.cancel()
+    refused = [e for e in seen if isinstance(e, p.ReplyError)]
+    assert [(e.id, e.code) for e in refused] == (
+        [(4, "shutting_down")] if request_in_flight else []
+    )
+    assert isinstance(seen[-2], p.ServerClosing), seen
+    assert seen[-1] == "close_notify", seen  # a polite TLS close, not a cut connection

@@ -108,8 +108,9 @@ class SessionBase:
             with self.cancel_scope:
                 await self.serve()
             if self._woken_in_idle_read:
-                with trio.move_on_after(self.host.config.write_timeout):
+                with trio.move_on_after(self.host.config.write_timeout) as bye:
                     await self.goodbye()
+                self._write_timed_out |= bye.cancelled_caught
             if self._write_timed_out:
                 self.host.limit_log.hit("write-timeout", f"{self.ip} stopped reading; dropped")
         except trio.BrokenResourceError:

@@ -83,7 +83,8 @@ class Session(SessionBase):
     async def close_stream(self) -> None:
         # A polite close (TLS close_notify) only if nobody is writing and the peer takes it
         # promptly; otherwise drop the transport.
-        if self.cancel_scope.cancel_called or self._out.busy:
+        cut = self.cancel_scope.cancel_called and not self._woken_in_idle_read
+        if cut or self._write_timed_out or self._out.busy:
             await trio.aclose_forcefully(self.stream)
             return
         with trio.move_on_after(1) as scope:
@@ -100,7 +101,10 @@ class Session(SessionBase):
         cfg = self.host.config
         while True:
             if self.host.closing:
-                await self.goodbye()
+                # Woken in the idle read, the session's scope is cancelled (the read may have
+                # completed anyway): run() says goodbye, outside it.
+                if not self._woken_in_idle_read:
+                    await self.goodbye()
                 return
             try:
                 event = self.conn.next_event()
