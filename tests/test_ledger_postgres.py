@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from p2ppay import ledger as lg
 from p2ppay.ledger import Limits, PostgresLedger, open_ledger, open_postgres_ledger
+from p2ppay.ledger.pgschema import node_channel
 
 
 async def funded(ledger: lg.AnyLedger, **balances: int) -> None:
@@ -178,6 +179,37 @@ async def test_a_new_transfer_is_announced_after_commit(postgres_url: str) -> No
             (event,) = await notifications(listener, within=5)
             assert event["payment_id"] == str(second)
             assert await notifications(listener, within=0.2) == []
+
+
+async def test_a_transfer_is_announced_on_the_payees_node_alone(postgres_url: str) -> None:
+    """Where the payee has a presence row, only that node's channel hears of the transfer;
+    with none (offline, or a login not written yet), every node does."""
+    async with open_postgres_ledger(postgres_url) as ledger:
+        await funded(ledger, alice=100, bob=0, carol=0)
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            db.execute("INSERT INTO nodes VALUES ('node-b', 0)")
+            db.execute(
+                "INSERT INTO presence VALUES ('bob', false, 'bob', 'node-b', '127.0.0.1', 1, 0, 1)"
+            )
+        with (
+            listening(postgres_url) as everyone,
+            psycopg.connect(postgres_url, autocommit=True) as node_b,
+        ):
+            node_b.execute(f"LISTEN {node_channel('node-b')}")
+            to_bob, to_carol = uuid.uuid4(), uuid.uuid4()
+            await ledger.settle(to_bob, "alice", "bob", 10)
+            await ledger.settle(to_carol, "alice", "carol", 20)
+
+            def heard(conn: psycopg.Connection[tuple[object, ...]]) -> list[tuple[str, object]]:
+                found = conn.notifies(timeout=1.0, stop_after=2)
+                return [(n.channel, json.loads(n.payload)["payment_id"]) for n in found]
+
+            assert await trio.to_thread.run_sync(heard, node_b) == [
+                (node_channel("node-b"), str(to_bob))
+            ]
+            assert await trio.to_thread.run_sync(heard, everyone) == [
+                (lg.SETTLED_CHANNEL, str(to_carol))
+            ]
 
 
 async def test_no_announcement_before_commit_nor_after_rollback(postgres_url: str) -> None:

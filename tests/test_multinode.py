@@ -197,6 +197,34 @@ async def test_the_payee_is_told_once_on_either_node(
                 assert quiet.cancelled_caught, f"{payee} was told twice"
 
 
+async def test_a_transfer_is_heard_by_the_payees_node_alone(
+    postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    """The ledger announces a transfer on the payee's node's channel: the other node does not
+    even parse it (every node parsing every transfer grew with the number of nodes)."""
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n2, client_ctx) as bob,
+        ):
+            await registered(alice, "alice", deposit=100)
+            await registered(bob, "bob")
+            await listed(alice, "bob")  # bob's row is written: the ledger knows his node
+            heard = n1.presence.transfers_heard, n2.presence.transfers_heard
+            result = await pay(alice, "bob", 10)
+            event = await next_event(bob)
+            assert isinstance(event, p.PaymentReceived)
+            assert event.payment_id == result.payment_id
+            with trio.move_on_after(0.5):  # time for a stray copy to reach node 1
+                await next_event(alice)
+            assert (n1.presence.transfers_heard, n2.presence.transfers_heard) == (
+                heard[0],
+                heard[1] + 1,
+            )
+
+
 async def test_payment_request_news_reaches_each_party_on_its_node(
     postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:

@@ -10,6 +10,7 @@ refused.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +23,7 @@ from .interface import LedgerUnavailable
 
 PgConnection = psycopg.Connection[TupleRow]
 
-PG_SCHEMA_VERSION = 2
+PG_SCHEMA_VERSION = 3
 
 #: The advisory lock key migrations hold (any constant; "p2ppay" in ASCII).
 _MIGRATION_LOCK = 0x703270706179
@@ -378,10 +379,81 @@ _TO_V2 = (
     _SETTLE_FUNCTION_V2,
 )
 
+#: The advisory lock every creator of the presence tables holds (server/pg_presence.py at each
+#: node's start, and the migration to version 3): CREATE ... IF NOT EXISTS can still race.
+PRESENCE_SCHEMA_LOCK = 0x7032_7070
+
+#: Who is online on which node: the server nodes' shared presence (server/pg_presence.py owns
+#: what is in it). Defined here since version 3, because the settle function reads it.
+PRESENCE_TABLES = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    heartbeat_ms BIGINT NOT NULL
+);
+CREATE SEQUENCE IF NOT EXISTS presence_login_seq;
+CREATE TABLE IF NOT EXISTS presence (
+    name_key TEXT NOT NULL,
+    course BOOLEAN NOT NULL,
+    name TEXT NOT NULL,
+    node_id TEXT NOT NULL REFERENCES nodes ON DELETE CASCADE,
+    ip TEXT NOT NULL,
+    port INTEGER,
+    since_ms BIGINT NOT NULL,
+    login_seq BIGINT NOT NULL,
+    PRIMARY KEY (name_key, course)
+);
+CREATE INDEX IF NOT EXISTS presence_node ON presence (node_id);
+"""
+
+
+def node_channel(node_id: str) -> str:
+    """The channel a node LISTENs on for the transfers to its users (as the settle function's
+    ``p2ppay_node_channel`` names it: a valid identifier whatever the node id)."""
+    return "p2ppay_node_" + hashlib.md5(node_id.encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+_NODE_CHANNEL_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION p2ppay_node_channel(node_id text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'p2ppay_node_' || left(md5(node_id), 16) $fn$
+"""
+
+
+def _routed(function: str) -> str:
+    """Version 3's settle function: version 2's, announcing each transfer to the payee's node
+    alone (every node parsed every transfer's notification, which grows with the nodes), or to
+    every node when the payee has no presence row (offline, or a login whose row is not written
+    yet: whichever node holds its session then tells it)."""
+    edits = (
+        ("CREATE FUNCTION p2ppay_settle_batch", "CREATE OR REPLACE FUNCTION p2ppay_settle_batch"),
+        ("    inserted bigint;\nBEGIN", "    inserted bigint;\n    payee_node text;\nBEGIN"),
+        (
+            "            PERFORM pg_notify('p2ppay_settled', json_strip_nulls(json_build_object(",
+            "            SELECT p.node_id INTO payee_node FROM presence p\n"
+            "                WHERE p.name_key = v_payee_key AND p.course = (dst.kind = 'course');\n"
+            "            PERFORM pg_notify(CASE WHEN payee_node IS NULL THEN 'p2ppay_settled'\n"
+            "                                   ELSE p2ppay_node_channel(payee_node) END,\n"
+            "                              json_strip_nulls(json_build_object(",
+        ),
+    )
+    for old, new in edits:
+        assert function.count(old) == 1, old
+        function = function.replace(old, new)
+    return function
+
+
+# Version 3 (issue 11): a settled transfer is announced on its payee's node's channel.
+_TO_V3 = (
+    f"SELECT pg_advisory_xact_lock({PRESENCE_SCHEMA_LOCK})",
+    PRESENCE_TABLES,
+    _NODE_CHANNEL_FUNCTION,
+    _routed(_SETTLE_FUNCTION_V2),
+)
+
 #: The statements that take a database from version N to N + 1, by N (0: a new database).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     0: (*_TABLES, _SETTLE_FUNCTION),
     1: _TO_V2,
+    2: _TO_V3,
 }
 assert sorted(_MIGRATIONS) == list(range(PG_SCHEMA_VERSION))
 

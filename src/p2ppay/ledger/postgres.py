@@ -21,8 +21,10 @@ Reads (an account, a transfer, a history, the audit) run on a small pool of read
 each used by one thread at a time, so they never wait behind a commit.
 
 Events across nodes (the contract another node relies on): for each *new* transfer (not for a
-replay, not for a refusal), the settle transaction runs
-``pg_notify('p2ppay_settled', payload)`` with the JSON object payload::
+replay, not for a refusal), the settle transaction runs ``pg_notify(channel, payload)``, where
+``channel`` is the payee's node's (``pgschema.node_channel`` of the node id in the payee's
+``presence`` row) or, when the payee has no row, ``p2ppay_settled`` (every node), with the JSON
+object payload::
 
     {"payment_id": str, "payer": str, "payee": str, "amount": int,
      "payer_balance": int, "payee_balance": int, "at_ms": int, "memo": str}
@@ -30,8 +32,8 @@ replay, not for a refusal), the settle transaction runs
 (``memo`` only when the transfer has one),
 
 names as registered, balances right after the transfer. PostgreSQL delivers it to every
-connection that has run ``LISTEN p2ppay_settled`` only after the transaction commits, and never
-if it rolls back, so an event can never announce money that was not committed.
+connection that has run ``LISTEN`` on that channel only after the transaction commits, and
+never if it rolls back, so an event can never announce money that was not committed.
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ which address (table ``presence``) and which nodes are alive (table ``nodes``, a
 - Events for a user on another node (a course transfer's outcome, a payment request's news)
   are announced the same way (``NOTIFY p2ppay_presence``); the node holding that user's
   session sends it on.
-- Settled payments: the ledger sends ``NOTIFY p2ppay_settled`` inside the settle transaction;
-  every node's listener pushes the event to the payee if it is connected there, and
-  :meth:`PgPresence.settled` does nothing, so the settling node never sends a second copy.
+- Settled payments: the ledger sends a NOTIFY inside the settle transaction, on the channel of
+  the node the payee's row names (``pgschema.node_channel``), or on ``p2ppay_settled`` for
+  every node when the payee has none; that listener pushes the event to the payee if it is
+  connected there, and :meth:`PgPresence.settled` does nothing, so the settling node never
+  sends a second copy.
 - A node whose heartbeat is older than ``expiry`` is dead: readers ignore its rows and the next
   heartbeat of any node deletes them. A node that finds itself deleted (cut off from PostgreSQL
   for longer than that) puts its sessions' rows back, unless a newer login took a name meanwhile
@@ -53,7 +55,7 @@ import trio
 
 from .. import ledger as lg
 from .. import protocol as p
-from ..ledger.pgschema import describe
+from ..ledger.pgschema import PRESENCE_SCHEMA_LOCK, PRESENCE_TABLES, describe, node_channel
 from ..names import NameMap, name_key
 from .presence import Member
 
@@ -61,33 +63,11 @@ log = logging.getLogger("p2ppay.server")
 
 #: a login (and a course line for a user on another node) is announced here
 PRESENCE_CHANNEL: Final = "p2ppay_presence"
-#: (the PostgreSQL ledger announces each new transfer on lg.SETTLED_CHANNEL, inside its settle
-#: transaction: every node listens there too)
+#: (the PostgreSQL ledger announces each new transfer inside its settle transaction, on the
+#: payee's node's channel, ``pgschema.node_channel``, or on lg.SETTLED_CHANNEL for every node
+#: when the payee has no row here: every node listens on both)
 #: PostgreSQL's clock, not each node's: nodes on several machines judge heartbeats alike
 _NOW_MS: Final = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
-#: nodes starting together create the tables once (CREATE ... IF NOT EXISTS can still race)
-_SCHEMA_LOCK: Final = 0x7032_7070
-
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS nodes (
-    node_id TEXT PRIMARY KEY,
-    heartbeat_ms BIGINT NOT NULL
-);
-CREATE SEQUENCE IF NOT EXISTS presence_login_seq;
-CREATE TABLE IF NOT EXISTS presence (
-    name_key TEXT NOT NULL,
-    course BOOLEAN NOT NULL,
-    name TEXT NOT NULL,
-    node_id TEXT NOT NULL REFERENCES nodes ON DELETE CASCADE,
-    ip TEXT NOT NULL,
-    port INTEGER,
-    since_ms BIGINT NOT NULL,
-    login_seq BIGINT NOT NULL,
-    PRIMARY KEY (name_key, course)
-);
-CREATE INDEX IF NOT EXISTS presence_node ON presence (node_id);
-"""
-
 _HEARTBEAT_SQL: Final = f"""
 INSERT INTO nodes (node_id, heartbeat_ms) VALUES (%s, {_NOW_MS})
 ON CONFLICT (node_id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms
@@ -246,6 +226,10 @@ class PgPresence:
         self.delivered: Callable[[str, p.Event], None] | None = None
         #: notifications handled (tests and metrics)
         self.notifications = 0
+        #: transfers' notifications handled (those for this node and those for every node)
+        self.transfers_heard = 0
+        #: where the ledger announces transfers to users connected here
+        self.channel = node_channel(self.node_id)
         #: bumped at every change of presence seen here (a login, a logout, anywhere)
         self.generation = 0
         self._live_rows: dict[bool, _Rows] = {}
@@ -469,8 +453,9 @@ class PgPresence:
     def _start_blocking(self) -> None:
         conn = self._write_conn = self._connect()
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            conn.execute(SCHEMA)
+            # (nodes starting together create the tables once; so does the ledger's migration)
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRESENCE_SCHEMA_LOCK,))
+            conn.execute(PRESENCE_TABLES)
             conn.execute(_HEARTBEAT_SQL, (self.node_id,))
         log.info("presence: node %s on PostgreSQL at %s", self.node_id, describe(self.url))
 
@@ -639,6 +624,7 @@ class PgPresence:
                 with self._connect() as conn:
                     conn.execute(f"LISTEN {PRESENCE_CHANNEL}")
                     conn.execute(f"LISTEN {lg.SETTLED_CHANNEL}")
+                    conn.execute(f"LISTEN {self.channel}")
                     trio.from_thread.run_sync(started)
                     delay = 0.1
                     while not self._stop.is_set():
@@ -666,7 +652,7 @@ class PgPresence:
             self.notifications += 1
             try:
                 data = json.loads(payload)
-                if channel == lg.SETTLED_CHANNEL:
+                if channel == lg.SETTLED_CHANNEL or channel == self.channel:
                     self._on_settled(data)
                 elif data.get("node") != self.node_id:
                     if data["kind"] not in ("line", "event"):  # a login, logout, restore, ...
@@ -691,6 +677,7 @@ class PgPresence:
                 log.error("presence: a %s notification could not be read: %r", channel, exc)
 
     def _on_settled(self, data: dict[str, Any]) -> None:
+        self.transfers_heard += 1
         member = self._native.get(str(data["payee"]))
         if member is None:
             return
