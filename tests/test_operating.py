@@ -444,3 +444,28 @@ async def test_an_export_whose_reader_stops_early_ends_quietly(tmp_path: Path) -
             errors += chunk
         status = await process.wait()
     assert (status, errors) == (ExitCode.OUTPUT_CLOSED, b"")
+
+
+@pytest.mark.parametrize(("flags", "ttl"), [((), 0.5), (("--balance-cache-ttl", "0"), 0.0)])
+async def test_the_balance_cache_ttl_reaches_the_ledger(
+    tmp_path: Path, flags: tuple[str, ...], ttl: float
+) -> None:
+    from functools import partial
+
+    from p2ppay import ledger as lg
+    from p2ppay.cli import build_parser, server_options
+    from p2ppay.server import run_server
+
+    opened: list[float] = []
+
+    def open_ledger(target: Any, limits: Any, **kwargs: Any) -> Any:
+        opened.append(kwargs["balance_ttl"])
+        return lg.open_ledger(target, limits, **kwargs)
+
+    argv = ["server", "--state-dir", str(tmp_path / "state"), "--port", "0", *flags]
+    options = server_options(build_parser().parse_args(argv))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_server, options, open_ledger=open_ledger))
+            nursery.cancel_scope.cancel()
+    assert opened == [ttl]

@@ -180,6 +180,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    """Seconds, or 0 (what the setting then turns off is its own)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 seconds or more")
+    return value
+
+
 def seconds_or_off(text: str) -> float:
     """Seconds, or 0 for no limit at all."""
     try:

@@ -65,12 +65,17 @@ def is_postgres_url(target: str | Path) -> bool:
 
 
 def open_ledger(
-    target: str | Path, limits: Limits | None = None, *, max_batch: int = 512
+    target: str | Path,
+    limits: Limits | None = None,
+    *,
+    max_batch: int = 512,
+    balance_ttl: float = 0.5,
 ) -> AbstractAsyncContextManager[AnyLedger]:
-    """The ledger at ``target``: a PostgreSQL URL, or else the path of an SQLite file."""
+    """The ledger at ``target``: a PostgreSQL URL, or else the path of an SQLite file
+    (``balance_ttl``: see :class:`SqliteLedger`; PostgreSQL has no balance cache)."""
     if is_postgres_url(target):
         return open_postgres_ledger(str(target), limits, max_batch=max_batch)
-    return open_sqlite_ledger(target, limits, max_batch=max_batch)
+    return open_sqlite_ledger(target, limits, max_batch=max_batch, balance_ttl=balance_ttl)
 
 
 __all__ = [

@@ -12,7 +12,7 @@ from .. import protocol as p
 from ..course import DIALECTS, REFERENCE, Dialect
 from ..limits import RegistrationConfig, ThrottleConfig
 from ..passwords import ScryptParams
-from ..settings import count, seconds, seconds_or_off, setting, whole
+from ..settings import count, seconds, seconds_or_off, seconds_or_zero, setting, whole
 from ..settings import port as flag_port
 
 DEFAULT_PORT: Final = 8700
@@ -213,6 +213,13 @@ class ServerOptions:
     limits: lg.Limits = field(default_factory=lg.Limits)
     config: ServerConfig = field(default_factory=ServerConfig)
     max_batch: int = setting(512, "--max-batch", "most operations in one ledger commit", count)
+    balance_cache_ttl: float = setting(
+        0.5,
+        "--balance-cache-ttl",
+        "with an SQLite ledger: seconds within which a change made beside the server "
+        "(p2ppay admin credit/debit) shows in list and balance (0: no cache, read every time)",
+        seconds_or_zero,
+    )
     course_port: int | None = setting(
         None,
         "--course-port",

@@ -159,7 +159,12 @@ async def run_server(
             metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
         async with AsyncExitStack() as opened:
             ledger = await opened.enter_async_context(
-                open_ledger(target, options.limits, max_batch=options.max_batch)
+                open_ledger(
+                    target,
+                    options.limits,
+                    max_batch=options.max_batch,
+                    balance_ttl=options.balance_cache_ttl,
+                )
             )
             presence: PgPresence | None = None
             if postgres:  # who is online is shared by the nodes of that database too
