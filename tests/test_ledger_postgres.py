@@ -212,6 +212,16 @@ async def test_a_transfer_is_announced_on_the_payees_node_alone(postgres_url: st
             ]
 
 
+async def test_sql_and_python_name_a_nodes_channel_alike(postgres_url: str) -> None:
+    async with open_postgres_ledger(postgres_url):
+        pass
+    with psycopg.connect(postgres_url) as db:
+        for node_id in ("host-1234-abcd", "hôte-ünï-€-42", "x" * 300, ""):
+            row = db.execute("SELECT p2ppay_node_channel(%s)", (node_id,)).fetchone()
+            assert row is not None and row[0] == node_channel(node_id)
+            assert len(row[0]) == 28 and row[0].isidentifier()
+
+
 async def test_no_announcement_before_commit_nor_after_rollback(postgres_url: str) -> None:
     async with open_postgres_ledger(postgres_url) as ledger:
         await funded(ledger, alice=100, bob=0)

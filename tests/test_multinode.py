@@ -17,7 +17,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -25,6 +25,7 @@ import pytest
 import trio
 import trio.testing
 
+from p2ppay import ledger as lg
 from p2ppay import protocol as p
 from p2ppay.client import Client, ConnectionLost
 from p2ppay.ledger import AnyLedger, open_ledger
@@ -223,6 +224,61 @@ async def test_a_transfer_is_heard_by_the_payees_node_alone(
                 heard[0],
                 heard[1] + 1,
             )
+
+
+@dataclass(eq=False)
+class FakeSession:
+    """What presence needs of a session (server.presence.Member), recording what it is told."""
+
+    user: str
+    ip: str = "127.0.0.1"
+    listed_port: int | None = 1
+    paid_amounts: list[int] = field(default_factory=list)
+
+    def replaced(self, by_ip: str) -> None:
+        pass
+
+    def paid(self, transfer: lg.Transfer) -> None:
+        self.paid_amounts.append(transfer.amount)
+
+    def told(self, line: bytes) -> None:
+        pass
+
+    def push(self, event: p.Event) -> None:
+        pass
+
+
+async def test_a_payee_who_moved_node_before_its_row_did_still_hears(postgres_url: str) -> None:
+    """bob's row still names node A (its writer is held up) when bob, reconnected to node B,
+    is paid: the ledger tells A, which does not have him and says it again to every node."""
+    async with (
+        open_ledger(postgres_url) as ledger,
+        open_pg_presence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY) as a,
+        open_pg_presence(postgres_url, heartbeat=HEARTBEAT, expiry=EXPIRY) as b,
+    ):
+        for name in ("alice", "bob"):
+            await ledger.create_account(name, "h")
+        await ledger.deposit("alice", 100)
+
+        def row_node() -> object:
+            with psycopg.connect(postgres_url) as db:
+                row = db.execute("SELECT node_id FROM presence WHERE name_key = 'bob'").fetchone()
+            return None if row is None else row[0]
+
+        bob_on_a = FakeSession("bob")
+        a.take_over(bob_on_a)
+        await eventually(lambda: row_node() == a.node_id)
+        with psycopg.connect(postgres_url) as hold:  # a slow presence writer, or PostgreSQL
+            hold.execute("SELECT 1 FROM presence WHERE name_key = 'bob' FOR UPDATE")
+            a.forget(bob_on_a)  # bob's connection to A drops; he logs in on B
+            bob_on_b = FakeSession("bob")
+            b.take_over(bob_on_b)
+            with trio.fail_after(10):  # (the settle only reads the row: it does not wait)
+                await ledger.settle(uuid.uuid4(), "alice", "bob", 10)
+            assert row_node() == a.node_id
+            hold.rollback()
+        await eventually(lambda: bob_on_b.paid_amounts == [10])
+        assert bob_on_a.paid_amounts == []
 
 
 async def test_payment_request_news_reaches_each_party_on_its_node(

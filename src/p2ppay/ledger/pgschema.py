@@ -408,13 +408,16 @@ CREATE INDEX IF NOT EXISTS presence_node ON presence (node_id);
 
 def node_channel(node_id: str) -> str:
     """The channel a node LISTENs on for the transfers to its users (as the settle function's
-    ``p2ppay_node_channel`` names it: a valid identifier whatever the node id)."""
+    ``p2ppay_node_channel`` names it: a valid identifier whatever the node id; both hash its
+    UTF-8 bytes, whatever the database's encoding)."""
     return "p2ppay_node_" + hashlib.md5(node_id.encode(), usedforsecurity=False).hexdigest()[:16]
 
 
 _NODE_CHANNEL_FUNCTION = r"""
 CREATE OR REPLACE FUNCTION p2ppay_node_channel(node_id text) RETURNS text
-LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'p2ppay_node_' || left(md5(node_id), 16) $fn$
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT 'p2ppay_node_' || left(md5(convert_to(node_id, 'UTF8')), 16)
+$fn$
 """
 
 

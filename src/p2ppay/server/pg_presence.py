@@ -24,7 +24,8 @@ which address (table ``presence``) and which nodes are alive (table ``nodes``, a
   the node the payee's row names (``pgschema.node_channel``), or on ``p2ppay_settled`` for
   every node when the payee has none; that listener pushes the event to the payee if it is
   connected there, and :meth:`PgPresence.settled` does nothing, so the settling node never
-  sends a second copy.
+  sends a second copy. A node told of a payee it does not have (who moved to another node
+  before the row did) says it again on ``p2ppay_settled``, once.
 - A node whose heartbeat is older than ``expiry`` is dead: readers ignore its rows and the next
   heartbeat of any node deletes them. A node that finds itself deleted (cut off from PostgreSQL
   for longer than that) puts its sessions' rows back, unless a newer login took a name meanwhile
@@ -156,7 +157,14 @@ class _Leave:
     """Shutting down: this node's rows go at once (not after the expiry)."""
 
 
-_Write = _Publish | _Withdraw | _Line | _Heartbeat | _Leave
+@dataclass(slots=True, eq=False)
+class _Rebroadcast:
+    """A transfer announced on this node's channel for a payee not here (moved meanwhile)."""
+
+    payload: str
+
+
+_Write = _Publish | _Withdraw | _Line | _Heartbeat | _Leave | _Rebroadcast
 
 
 @dataclass(slots=True)
@@ -506,6 +514,8 @@ class PgPresence:
                         self._relay_blocking(conn, w)
                     elif isinstance(w, _Heartbeat):
                         check = True
+                    elif isinstance(w, _Rebroadcast):
+                        conn.execute("SELECT pg_notify(%s, %s)", (lg.SETTLED_CHANNEL, w.payload))
                     else:
                         conn.execute("DELETE FROM nodes WHERE node_id = %s", (self.node_id,))
                         self._notify(conn, {"kind": "left"})
@@ -653,7 +663,12 @@ class PgPresence:
             try:
                 data = json.loads(payload)
                 if channel == lg.SETTLED_CHANNEL or channel == self.channel:
-                    self._on_settled(data)
+                    if (
+                        not self._on_settled(data)
+                        and channel == self.channel
+                        and str(data["payee"]) not in self._course  # (course: nobody reads it)
+                    ):
+                        self._writes_in.send_nowait(_Rebroadcast(payload))
                 elif data.get("node") != self.node_id:
                     if data["kind"] not in ("line", "event"):  # a login, logout, restore, ...
                         self._changed()
@@ -676,11 +691,11 @@ class PgPresence:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("presence: a %s notification could not be read: %r", channel, exc)
 
-    def _on_settled(self, data: dict[str, Any]) -> None:
+    def _on_settled(self, data: dict[str, Any]) -> bool:
         self.transfers_heard += 1
         member = self._native.get(str(data["payee"]))
         if member is None:
-            return
+            return False
         member.paid(
             lg.Transfer(
                 uuid.UUID(str(data["payment_id"])),
@@ -693,6 +708,7 @@ class PgPresence:
                 memo=None if data.get("memo") is None else str(data["memo"]),
             )
         )
+        return True
 
     def _on_login(self, name: str, course: bool, seq: int, ip: str) -> None:
         if not course and self.logged_in_elsewhere is not None:
