@@ -102,6 +102,20 @@ async def client_on(node: Node, client_ctx: ssl.SSLContext) -> AsyncIterator[Cli
         yield client
 
 
+@asynccontextmanager
+async def two_nodes(
+    url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
+) -> AsyncIterator[tuple[Node, Node, Client, Client]]:
+    """Two nodes on the database at ``url`` and a client connected to each (node 1's first)."""
+    async with (
+        pg_node(url, server_ctx, issuer) as n1,
+        pg_node(url, server_ctx, issuer) as n2,
+        client_on(n1, client_ctx) as first,
+        client_on(n2, client_ctx) as second,
+    ):
+        yield n1, n2, first, second
+
+
 async def eventually(check: Callable[[], object | Awaitable[object]], within: float = 10) -> None:
     """Wait until ``check()`` is true (or its awaitable gives true): a condition that comes with
     time (a heartbeat, an expiry) or from PostgreSQL, with nothing in this process to wait on,
@@ -204,12 +218,7 @@ async def test_a_transfer_is_heard_by_the_payees_node_alone(
     """The ledger announces a transfer on the payee's node's channel: the other node does not
     even parse it (every node parsing every transfer grew with the number of nodes)."""
     with trio.fail_after(60):
-        async with (
-            pg_node(postgres_url, server_ctx, issuer) as n1,
-            pg_node(postgres_url, server_ctx, issuer) as n2,
-            client_on(n1, client_ctx) as alice,
-            client_on(n2, client_ctx) as bob,
-        ):
+        async with two_nodes(postgres_url, server_ctx, client_ctx, issuer) as (n1, n2, alice, bob):
             await registered(alice, "alice", deposit=100)
             await registered(bob, "bob")
             await listed(alice, "bob")  # bob's row is written: the ledger knows his node
@@ -302,12 +311,7 @@ async def test_payment_request_news_reaches_each_party_on_its_node(
         assert nothing.cancelled_caught
 
     with trio.fail_after(60):
-        async with (
-            pg_node(postgres_url, server_ctx, issuer) as n1,
-            pg_node(postgres_url, server_ctx, issuer) as n2,
-            client_on(n1, client_ctx) as alice,
-            client_on(n2, client_ctx) as bob,
-        ):
+        async with two_nodes(postgres_url, server_ctx, client_ctx, issuer) as (_, n2, alice, bob):
             await registered(alice, "alice")
             await registered(bob, "bob", deposit=100)
             asked = await alice.request("bob", 30, "lunch")
@@ -353,12 +357,7 @@ async def test_a_retry_on_the_other_node_gets_the_stored_outcome(
     postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:
     with trio.fail_after(60):
-        async with (
-            pg_node(postgres_url, server_ctx, issuer) as n1,
-            pg_node(postgres_url, server_ctx, issuer) as n2,
-            client_on(n1, client_ctx) as alice1,
-            client_on(n2, client_ctx) as bob,
-        ):
+        async with two_nodes(postgres_url, server_ctx, client_ctx, issuer) as (n1, n2, alice1, bob):
             await registered(alice1, "alice", deposit=100)
             await registered(bob, "bob")
             pid = uuid.uuid4()
@@ -511,12 +510,7 @@ async def test_a_node_taken_for_dead_puts_its_users_back(
     """Cut off from PostgreSQL for longer than the expiry, a node is deleted by the others;
     its next heartbeat restores its sessions' rows (none was taken by a newer login)."""
     with trio.fail_after(60):
-        async with (
-            pg_node(postgres_url, server_ctx, issuer) as n1,
-            pg_node(postgres_url, server_ctx, issuer) as n2,
-            client_on(n1, client_ctx) as alice,
-            client_on(n2, client_ctx) as bob,
-        ):
+        async with two_nodes(postgres_url, server_ctx, client_ctx, issuer) as (_, n2, alice, bob):
             await registered(alice, "alice", p2p_port=9001)
             await registered(bob, "bob", p2p_port=9002)
             await eventually(lambda: _rows(postgres_url, n2.presence.node_id) == 1)
@@ -533,12 +527,7 @@ async def test_presence_reconnects_when_its_connections_are_cut(
     """Every presence connection of node 2 is cut (as a PostgreSQL restart or a network blip
     would): its writer and its listener connect again, and the nodes work together again."""
     with trio.fail_after(60):
-        async with (
-            pg_node(postgres_url, server_ctx, issuer) as n1,
-            pg_node(postgres_url, server_ctx, issuer) as n2,
-            client_on(n1, client_ctx) as alice,
-            client_on(n2, client_ctx) as bob,
-        ):
+        async with two_nodes(postgres_url, server_ctx, client_ctx, issuer) as (_, n2, alice, bob):
             await registered(alice, "alice", deposit=50)
             await registered(bob, "bob")
             await listed(alice, "bob")
