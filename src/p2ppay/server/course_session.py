@@ -193,15 +193,15 @@ class CourseSession(SessionBase):
         assert self.user is not None
         balance = await self.host.ledger.balance(self.user) or 0
         presence, dialect, key = self.host.presence, self.dialect, self.host.server_public_key
-
-        async def build() -> bytes:
-            return dialect.roster(0, key, await presence.course_roster()).split(b"\n", 1)[1]
-
         # Both flavours' replies are a first line with the balance, then who is online: that
         # part is encoded once per change of presence.
         cache_key = ("course", dialect.name, key)
         online = listing.get(presence, cache_key)
         if online is None:
+
+            async def build() -> bytes:
+                return dialect.roster(0, key, await presence.course_roster()).split(b"\n", 1)[1]
+
             online = await listing.cached(presence, cache_key, build)
         first = dialect.roster(balance, key, ()).split(b"\n", 1)[0]
         return first + b"\n" + online

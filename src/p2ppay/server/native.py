@@ -281,14 +281,14 @@ class Session(SessionBase):
     async def _list(self, req: p.ListOnline) -> _Encoded:
         balance = await self.host.ledger.balance(self._me()) or 0
         presence, limit = self.host.presence, self.host.config.max_list
-
-        async def build() -> bytes:
-            return p.encode_json(await presence.listing(limit))
-
         # Who is online is encoded once per change of presence; the balance is this user's.
         key = ("list", limit)
         online = listing.get(presence, key)
         if online is None:
+
+            async def build() -> bytes:
+                return p.encode_json(await presence.listing(limit))
+
             online = await listing.cached(presence, key, build)
         return _Encoded(p.list_result_json(balance, online))
 
