@@ -27,6 +27,32 @@ async def funded(ledger: lg.AnyLedger, **balances: int) -> None:
             await ledger.deposit(name, amount)
 
 
+async def test_a_settled_payment_replays_where_a_new_one_would_be_refused(
+    ledger: lg.AnyLedger,
+) -> None:
+    # The stored outcome wins over every check a new payment must pass: the funds it spent,
+    # the payee key it was accepted with.
+    await funded(ledger, alice=30, bob=0)
+    await ledger.set_peer_key("bob", b"key-1", 1)
+    pid = uuid.uuid4()
+    first = await ledger.settle(pid, "alice", "bob", 30, accepted_with=b"key-1")
+    assert not first.replayed
+    await ledger.set_peer_key("bob", b"key-2", 2)
+    for accepted_with in (b"key-1", b"key-2", None):
+        again = await ledger.settle(pid, "alice", "bob", 30, accepted_with=accepted_with)
+        assert again.replayed
+        assert (again.payer_balance, again.payee_balance, again.at_ms) == (0, 30, first.at_ms)
+    with pytest.raises(lg.InsufficientFunds):
+        await ledger.settle(uuid.uuid4(), "alice", "bob", 30)
+    await ledger.deposit("alice", 5)
+    with pytest.raises(lg.Unauthorized):
+        await ledger.settle(uuid.uuid4(), "alice", "bob", 5, accepted_with=b"key-1")
+    with pytest.raises(lg.PaymentIdConflict):
+        await ledger.settle(pid, "alice", "bob", 29)
+    audit = await ledger.audit()
+    assert (audit.total_balances, audit.transfers) == (35, 1)
+
+
 async def test_accounts_and_deposits(ledger: lg.AnyLedger) -> None:
     account = await ledger.create_account("alice", "h1")
     assert account == lg.Account("alice", "native", "h1", 0)
