@@ -190,6 +190,56 @@ async def test_settle_retried_after_the_server_connection_is_cut(
     assert audit.transfers == 1 and audit.conserved
 
 
+async def test_an_open_link_spares_the_lookup_until_it_breaks(
+    open_wallet: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[str] = []
+    lookup = Client.lookup
+
+    async def counted(self: Client, name: str) -> p.Presence:
+        lookups.append(name)
+        return await lookup(self, name)
+
+    monkeypatch.setattr(Client, "lookup", counted)
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice:
+            async with open_wallet("bob") as bob:
+                await alice.pay("bob", 10)
+                await alice.pay("BOB", 10)  # on the open link: the server is not asked
+                assert lookups == ["bob"]
+                assert bob.listener is not None and bob.listener.connections_accepted == 1
+                # bob logs in again elsewhere: his first wallet stops taking offers, so the
+                # link breaks, and alice's next payment asks the server where he is now
+                async with open_wallet("bob", register=False) as bob_again:
+                    assert (await alice.pay("bob", 5)).balance == 75
+                    assert lookups == ["bob", "bob"]
+                    assert bob_again.listener is not None
+                    assert bob_again.listener.connections_accepted == 1
+            # bob logged out: the link breaks and the server says he is offline
+            await expect_failure("payee_offline", alice, "bob", 10)
+            assert lookups == ["bob", "bob", "bob"]
+            assert alice.dialer is not None and alice.dialer.linked("bob") is None
+            assert await alice.balance() == 75
+
+
+async def test_a_link_to_a_replaced_login_is_dropped_when_its_acceptance_fails(
+    open_wallet: Open,
+) -> None:
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            await alice.pay("bob", 10)
+            # A login of bob's that has not yet heard it was replaced: it still answers on
+            # alice's link, signing with a key the server no longer has for bob.
+            bob._forget_login = lambda: None  # type: ignore[method-assign]
+            async with open_wallet("bob", register=False) as bob_again:
+                await expect_failure("bad_acceptance", alice, "bob", 20)
+                assert alice.dialer is not None and alice.dialer.linked("bob") is None
+                assert (await alice.pay("bob", 20)).balance == 70  # asks the server: bob_again
+                assert bob_again.listener is not None
+                assert bob_again.listener.connections_accepted == 1
+                assert await bob_again.balance() == 30
+
+
 async def test_listener_refuses_misaddressed_and_malformed_offers(open_wallet: Open) -> None:
     import uuid
 

@@ -81,6 +81,14 @@ class PeerError(CodedError):
 
 
 @final
+class LinkBroke(PeerError):
+    """The open link an offer went out on broke before the payee answered."""
+
+
+def _same_place(a: p.Presence, b: p.Presence) -> bool:
+    return (a.ip, a.port) == (b.ip, b.port)
+
+
 class PeerKey:
     """This session's private key, made before login; the server certifies it."""
 
@@ -345,7 +353,7 @@ class PeerLink:
         self.lines = _Lines(stream, max_line)
         self.max_depth = max_depth
         #: where the payee was when we connected (a newer login listens elsewhere)
-        self.address: tuple[str, int | None] | None = None
+        self.where: p.Presence | None = None
         self.lock = trio.Lock()
         self.offers_sent = 0
 
@@ -382,14 +390,24 @@ class Dialer:
         lock = self._connecting.setdefault(where.name, trio.Lock())
         async with lock:
             link = self.links.get(where.name)
-            if link is not None and link.address == (where.ip, where.port):
+            if link is not None and link.where is not None and _same_place(link.where, where):
                 return link
             if link is not None:  # the payee logged in again elsewhere: that link is stale
                 await self.drop(where.name, link)
             link = await self._connect(where)
-            link.address = (where.ip, where.port)
+            link.where = where
             self.links[where.name] = link
             return link
+
+    def linked(self, name: str) -> p.Presence | None:
+        """Where ``name`` was when our open link to them was made, if we hold one.
+
+        Their listener answering on that link is as good as the server's word on where they
+        are (the link is mutual TLS with their certificate for that login), so a payer may
+        offer on it without asking the server first; it may have closed since, which the
+        offer finds out (:class:`LinkBroke`)."""
+        link = self.links.get(name)
+        return None if link is None else link.where
 
     @staticmethod
     def _explain(where: p.Presence, exc: BaseException) -> str:
@@ -436,9 +454,13 @@ class Dialer:
         where: p.Presence,
         offer: p.Offer,
         on_sent: Callable[[p.Offer], None] | None = None,
+        *,
+        reconnect: bool = True,
     ) -> p.Accept | p.Decline:
-        """Ask the payee at ``where``; a broken reused link is replaced once. ``on_sent`` is
-        called once a secure connection to the payee is there and the offer goes out."""
+        """Ask the payee at ``where``; a broken reused link is replaced once (with
+        ``reconnect=False`` it raises :class:`LinkBroke` instead: ``where`` came from that
+        link, so the payee may be elsewhere now). ``on_sent`` is called once a secure
+        connection to the payee is there and the offer goes out."""
         for attempt in (1, 2):
             link = await self._link(where)
             if on_sent is not None and attempt == 1:
@@ -452,6 +474,10 @@ class Dialer:
                 raise PeerError(Outcome.TIMED_OUT, f"{where.name} did not answer in time") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.drop(where.name, link)
+                if not reconnect:
+                    raise LinkBroke(
+                        Outcome.UNREACHABLE, f"the connection to {where.name} broke"
+                    ) from None
                 if attempt == 2:
                     raise PeerError(
                         Outcome.UNREACHABLE, f"the connection to {where.name} broke"

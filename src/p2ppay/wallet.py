@@ -31,6 +31,7 @@ from .names import name_key
 from .outcomes import Outcome
 from .peer import (
     Dialer,
+    LinkBroke,
     OfferListener,
     PeerConfig,
     PeerError,
@@ -641,14 +642,29 @@ class Wallet:
                 raise PaymentFailed(
                     Outcome.INSUFFICIENT_FUNDS, f"your balance {balance} is less than {amount}"
                 )
-        try:
-            where = await self._call(lambda c: c.lookup(payee))
-        except ServerError as exc:
-            raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
+        # An open link to the payee says where they are: the offer goes out on it without
+        # asking the server (one round trip of three). If it has closed since (they logged
+        # out, or in again elsewhere), the payment asks the server and goes there instead.
+        dialer = self.dialer
+        where = dialer.linked(payee)
+        linked = where is not None
+        if where is None:
+            where = await self._lookup(payee)
         # The payee's name as registered (it was typed in any letter case).
         offer = p.Offer(payment_id or uuid.uuid4(), me, where.name, amount, memo)
+        told: list[p.Offer] = []
+
+        def sent(offer: p.Offer) -> None:
+            if not told and on_offer is not None:
+                on_offer(offer)
+            told.append(offer)
+
         try:
-            answer = await self.dialer.offer(where, offer, on_sent=on_offer)
+            try:
+                answer = await dialer.offer(where, offer, on_sent=sent, reconnect=not linked)
+            except LinkBroke:
+                linked, where = False, await self._lookup(payee)
+                answer = await dialer.offer(where, offer, on_sent=sent)
         except PeerError as exc:
             raise PaymentFailed(exc.code, exc.message) from None
         if isinstance(answer, p.Decline):
@@ -658,10 +674,21 @@ class Wallet:
             result = await self._settle(offer, answer.signature)
         except PaymentFailed as exc:
             if exc.code is not Outcome.SERVER_UNREACHABLE:  # then it may yet be settled by a retry
-                await self.dialer.tell(payee, p.NotSettled(offer.payment_id, exc.message[:200]))
+                await dialer.tell(payee, p.NotSettled(offer.payment_id, exc.message[:200]))
+            if linked and exc.code is Outcome.BAD_ACCEPTANCE:
+                # Signed with a key the server no longer has for them: the link may reach a
+                # login of theirs that a newer one replaced. The next payment asks the server.
+                await dialer.drop(payee)
             raise
         self.known_balance = result.balance
         return result
+
+    async def _lookup(self, payee: str) -> p.Presence:
+        """Where the server says ``payee`` is online."""
+        try:
+            return await self._call(lambda c: c.lookup(payee))
+        except ServerError as exc:
+            raise PaymentFailed(Outcome.from_server(exc.code), exc.message) from None
 
     async def _settled_before(
         self, payment_id: uuid.UUID, me: str, payee: str, amount: int, memo: str | None
