@@ -18,8 +18,8 @@ from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import SqliteLedger
 from p2ppay.outcomes import Outcome
-from p2ppay.peer import PeerConfig, decline_all
-from p2ppay.wallet import NotSettledNews, OfferAnswered, PaymentFailed, Wallet
+from p2ppay.peer import PeerConfig, accept_all, decline_all
+from p2ppay.wallet import Disconnected, NotSettledNews, OfferAnswered, PaymentFailed, Wallet
 
 from .conftest import Open, SettleCutter
 
@@ -215,11 +215,77 @@ async def test_an_open_link_spares_the_lookup_until_it_breaks(
                     assert lookups == ["bob", "bob"]
                     assert bob_again.listener is not None
                     assert bob_again.listener.connections_accepted == 1
-            # bob logged out: the link breaks and the server says he is offline
-            await expect_failure("payee_offline", alice, "bob", 10)
+            # bob logged out: his client closed the link, and the server says he is offline
+            await trio.testing.wait_all_tasks_blocked()
+            offered: list[p.Offer] = []
+            with pytest.raises(PaymentFailed) as info:
+                await alice.pay("bob", 10, on_offer=offered.append)
+            assert info.value.code == "payee_offline" and offered == []
             assert lookups == ["bob", "bob", "bob"]
-            assert alice.dialer is not None and alice.dialer.linked("bob") is None
+            assert alice.dialer is not None and "bob" not in alice.dialer.links
             assert await alice.balance() == 75
+
+
+async def test_a_payee_who_lost_the_server_is_not_paid_on_an_old_link(
+    server_port: int, client_ctx: ssl.SSLContext, open_wallet: Open
+) -> None:
+    # The server cannot tell an offline payee of a payment: while bob's client has lost the
+    # server it closes its payers' links, and alice hears from the server that he is offline.
+    clients: list[Client] = []
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Client]:
+        async with Client.connect(
+            "127.0.0.1", server_port, ssl_context=client_ctx, server_hostname="localhost"
+        ) as client:
+            clients.append(client)
+            yield client
+
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice:
+            async with Wallet.using(
+                connect, policy=accept_all, listen_host="127.0.0.1", reconnect_delays=(60, 60)
+            ) as bob:
+                await bob.register("bob", "correct horse battery")
+                await bob.login("bob", "correct horse battery")
+                await alice.pay("bob", 10)
+                assert bob.listener is not None and bob.listener.connections_accepted == 1
+                # bob's server connection drops (he tries again in a minute)
+                await trio.aclose_forcefully(clients[-1].stream)
+                await next_of(bob, Disconnected)
+                await trio.testing.wait_all_tasks_blocked()
+                offered: list[p.Offer] = []
+                with pytest.raises(PaymentFailed) as info:
+                    await alice.pay("bob", 20, on_offer=offered.append)
+                assert info.value.code == "payee_offline" and offered == []
+                assert bob.listener.connections_accepted == 1  # not asked again
+            assert await alice.balance() == 90
+
+
+async def test_a_payer_who_logs_out_during_the_lookup_offers_nothing(
+    open_wallet: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked, go_on = trio.Event(), trio.Event()
+    lookup = Client.lookup
+
+    async def held(self: Client, name: str) -> p.Presence:
+        where = await lookup(self, name)
+        looked.set()
+        await go_on.wait()
+        return where
+
+    monkeypatch.setattr(Client, "lookup", held)
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            dialer = alice.dialer
+            assert dialer is not None and bob.listener is not None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(expect_failure, "not_logged_in", alice, "bob", 20)
+                await looked.wait()
+                await alice.logout()
+                go_on.set()
+            assert bob.listener.connections_accepted == 0  # bob was never asked
+            assert not dialer.links
 
 
 async def test_a_link_to_a_replaced_login_is_dropped_when_its_acceptance_fails(
@@ -229,11 +295,15 @@ async def test_a_link_to_a_replaced_login_is_dropped_when_its_acceptance_fails(
         async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
             await alice.pay("bob", 10)
             # A login of bob's that has not yet heard it was replaced: it still answers on
-            # alice's link, signing with a key the server no longer has for bob.
+            # alice's link, signing with a key the server no longer has for bob (and does not
+            # log in again by itself).
+            assert bob.listener is not None
             bob._forget_login = lambda: None  # type: ignore[method-assign]
+            bob.listener.close_payers = lambda: None  # type: ignore[method-assign]
+            bob._closing = True
             async with open_wallet("bob", register=False) as bob_again:
                 await expect_failure("bad_acceptance", alice, "bob", 20)
-                assert alice.dialer is not None and alice.dialer.linked("bob") is None
+                assert alice.dialer is not None and "bob" not in alice.dialer.links
                 assert (await alice.pay("bob", 20)).balance == 70  # asks the server: bob_again
                 assert bob_again.listener is not None
                 assert bob_again.listener.connections_accepted == 1

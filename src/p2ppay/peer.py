@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import select
 import ssl
 import uuid
 from collections import OrderedDict
@@ -80,7 +81,6 @@ class PeerError(CodedError):
         super().__init__(code, message)
 
 
-@final
 class LinkBroke(PeerError):
     """The open link an offer went out on broke before the payee answered."""
 
@@ -89,6 +89,7 @@ def _same_place(a: p.Presence, b: p.Presence) -> bool:
     return (a.ip, a.port) == (b.ip, b.port)
 
 
+@final
 class PeerKey:
     """This session's private key, made before login; the server certifies it."""
 
@@ -176,6 +177,7 @@ class OfferListener:
         self._waiting: dict[str, int] = {}  # payer -> offers awaiting a decision
         self._per_payer: dict[str, int] = {}  # payer's name key -> its connections open
         self._handshaking: OrderedDict[object, trio.CancelScope] = OrderedDict()
+        self._payers: set[trio.CancelScope] = set()  # one per payer connection past handshake
         # Offers we accepted (payment id -> the payer's name key): only those may be reported
         # as not settled, by that payer, once each.
         self._accepted: OrderedDict[uuid.UUID, str] = OrderedDict()
@@ -192,6 +194,11 @@ class OfferListener:
         oldest.cancel()
         self.limit_log.hit("payer-handshakes", "made way for a new connection")
         return True
+
+    def close_payers(self) -> None:
+        """Close every payer's connection (they look us up again, and hear where we are)."""
+        for scope in self._payers:
+            scope.cancel()
 
     def settled(self, payment_id: uuid.UUID) -> None:
         """The server says this payment reached us: no payer may call it unsettled now."""
@@ -249,8 +256,11 @@ class OfferListener:
                 return
             self._per_payer[key] = self._per_payer.get(key, 0) + 1
             try:
-                await self._serve_payer(stream, payer)
+                with trio.CancelScope() as closable:
+                    self._payers.add(closable)
+                    await self._serve_payer(stream, payer)
             finally:
+                self._payers.discard(closable)
                 left = self._per_payer[key] - 1
                 if left:
                     self._per_payer[key] = left
@@ -347,13 +357,14 @@ class PeerLink:
         stream: trio.SSLStream[Any],
         max_line: int,
         max_depth: int = p.DEFAULT_MAX_DEPTH,
+        where: p.Presence | None = None,
     ) -> None:
         self.payee = payee
         self.stream = stream
         self.lines = _Lines(stream, max_line)
         self.max_depth = max_depth
         #: where the payee was when we connected (a newer login listens elsewhere)
-        self.where: p.Presence | None = None
+        self.where = where
         self.lock = trio.Lock()
         self.offers_sent = 0
 
@@ -372,6 +383,21 @@ class PeerLink:
                 return answer
             # An answer to an offer we gave up on earlier: skip it.
 
+    def closed_by_payee(self) -> bool:
+        """Whether the payee has closed this link, as far as can be told without reading:
+        with no offer out, a payee sends nothing, so a socket with anything to read holds
+        its close (or junk; the link is done either way)."""
+        sock = getattr(self.stream.transport_stream, "socket", None)
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except ValueError:  # a descriptor select cannot watch: cannot tell
+            return False
+        except OSError:  # closed under us
+            return True
+        return bool(readable)
+
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
 
@@ -385,29 +411,35 @@ class Dialer:
         self.config = config or PeerConfig()
         self.links: NameMap[PeerLink] = NameMap()
         self._connecting: NameMap[trio.Lock] = NameMap()
+        self.closed = False  # (the login these links were made for has ended)
 
     async def _link(self, where: p.Presence) -> PeerLink:
         lock = self._connecting.setdefault(where.name, trio.Lock())
         async with lock:
+            if self.closed:
+                raise PeerError(Outcome.NOT_LOGGED_IN, "logged out before the offer went out")
             link = self.links.get(where.name)
             if link is not None and link.where is not None and _same_place(link.where, where):
                 return link
             if link is not None:  # the payee logged in again elsewhere: that link is stale
                 await self.drop(where.name, link)
             link = await self._connect(where)
-            link.where = where
             self.links[where.name] = link
             return link
 
-    def linked(self, name: str) -> p.Presence | None:
-        """Where ``name`` was when our open link to them was made, if we hold one.
+    async def linked(self, name: str) -> PeerLink | None:
+        """Our open link to ``name``, if we hold one that has not visibly closed.
 
-        Their listener answering on that link is as good as the server's word on where they
-        are (the link is mutual TLS with their certificate for that login), so a payer may
-        offer on it without asking the server first; it may have closed since, which the
-        offer finds out (:class:`LinkBroke`)."""
+        Their listener answering on it is as good as the server's word on where they are
+        (the link is mutual TLS with their certificate for that login, and a payee's client
+        closes its payers' links when it logs out or loses the server), so a payer may offer
+        on it without asking the server first (:meth:`ask` with ``via``). A link the payee
+        has closed is dropped here, before any offer goes out on it."""
         link = self.links.get(name)
-        return None if link is None else link.where
+        if link is None or self.closed or link.lock.locked() or not link.closed_by_payee():
+            return None if self.closed else link
+        await self.drop(name, link)
+        return None
 
     @staticmethod
     def _explain(where: p.Presence, exc: BaseException) -> str:
@@ -447,34 +479,45 @@ class Dialer:
                 Outcome.WRONG_PEER,
                 f"the peer at {where.ip} port {where.port} is {presented!r}, not {where.name}",
             )
-        return PeerLink(where.name, stream, cfg.max_line, cfg.max_depth)
+        return PeerLink(where.name, stream, cfg.max_line, cfg.max_depth, where)
 
     async def offer(
         self,
         where: p.Presence,
         offer: p.Offer,
         on_sent: Callable[[p.Offer], None] | None = None,
-        *,
-        reconnect: bool = True,
     ) -> p.Accept | p.Decline:
-        """Ask the payee at ``where``; a broken reused link is replaced once (with
-        ``reconnect=False`` it raises :class:`LinkBroke` instead: ``where`` came from that
-        link, so the payee may be elsewhere now). ``on_sent`` is called once a secure
-        connection to the payee is there and the offer goes out."""
+        """Ask the payee at ``where``: see :meth:`ask`."""
+        answer, _ = await self.ask(where, offer, on_sent)
+        return answer
+
+    async def ask(
+        self,
+        where: p.Presence,
+        offer: p.Offer,
+        on_sent: Callable[[p.Offer], None] | None = None,
+        *,
+        via: PeerLink | None = None,
+    ) -> tuple[p.Accept | p.Decline, PeerLink]:
+        """Ask the payee at ``where``: their answer, and the link it came on. A broken
+        reused link is replaced once; ``via`` (a link from :meth:`linked`, ``where`` its
+        own) is the only link tried, and if it broke, :class:`LinkBroke` says so (the payee
+        may be elsewhere now). ``on_sent`` is called once a secure connection to the payee
+        is there and the offer goes out."""
         for attempt in (1, 2):
-            link = await self._link(where)
+            link = via if via is not None else await self._link(where)
             if on_sent is not None and attempt == 1:
                 on_sent(offer)
             try:
                 async with link.lock:
                     with trio.fail_after(self.config.answer_timeout):
-                        return await link.ask(offer)
+                        return await link.ask(offer), link
             except trio.TooSlowError:
                 await self.drop(where.name, link)
                 raise PeerError(Outcome.TIMED_OUT, f"{where.name} did not answer in time") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.drop(where.name, link)
-                if not reconnect:
+                if via is not None:
                     raise LinkBroke(
                         Outcome.UNREACHABLE, f"the connection to {where.name} broke"
                     ) from None
@@ -489,9 +532,10 @@ class Dialer:
                 ) from None
         raise AssertionError("unreachable")
 
-    async def tell(self, name: str, news: p.NotSettled) -> None:
-        """Best effort: send ``news`` on the open link to ``name``, if there is one."""
-        link = self.links.get(name)
+    async def tell(self, name: str, news: p.NotSettled, link: PeerLink | None = None) -> None:
+        """Best effort: send ``news`` on ``link`` (the one the offer went out on), else on the
+        open link to ``name``, if there is one."""
+        link = link or self.links.get(name)
         if link is None:
             return
         try:
@@ -510,6 +554,7 @@ class Dialer:
             await link.aclose()
 
     async def aclose(self) -> None:
+        self.closed = True
         for name in list(self.links):
             await self.drop(name)
 

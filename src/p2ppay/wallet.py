@@ -2,8 +2,9 @@
 
 The shell, the tests and the benchmark drive a :class:`Wallet`; it owns (in its nursery) the
 connection to the server, this session's offer listener and the links to payees. A payment is
-the flow of docs/protocol.md §8: lookup, offer to the payee directly, settle with the payee's
-signed acceptance, retried with the same payment id if the server connection drops.
+the flow of docs/protocol.md §8: lookup (none while an open link to the payee says where they
+are), offer to the payee directly, settle with the payee's signed acceptance, retried with the
+same payment id if the server connection drops.
 """
 
 from __future__ import annotations
@@ -281,6 +282,10 @@ class Wallet:
                         if isinstance(event, p.SessionReplaced):
                             self._forget_login()
                         self._emit(event)
+                    if self.listener is not None:
+                        # Offline, as far as the server knows: payers holding links to us
+                        # must ask it again, not pay someone it cannot tell of the payment.
+                        self.listener.close_payers()
                     reviving = self._credentials is not None and not self._closing
                     self._emit(Disconnected("the connection to the server was lost", reviving))
                     if reviving and not self._reviving:
@@ -644,12 +649,13 @@ class Wallet:
                 )
         # An open link to the payee says where they are: the offer goes out on it without
         # asking the server (one round trip of three). If it has closed since (they logged
-        # out, or in again elsewhere), the payment asks the server and goes there instead.
+        # out, or in again elsewhere, or lost the server), the payment asks the server.
         dialer = self.dialer
-        where = dialer.linked(payee)
-        linked = where is not None
-        if where is None:
-            where = await self._lookup(payee)
+        link = await dialer.linked(payee)
+        if link is not None and link.where is not None:
+            where = link.where
+        else:
+            link, where = None, await self._lookup(payee)
         # The payee's name as registered (it was typed in any letter case).
         offer = p.Offer(payment_id or uuid.uuid4(), me, where.name, amount, memo)
         told: list[p.Offer] = []
@@ -661,10 +667,10 @@ class Wallet:
 
         try:
             try:
-                answer = await dialer.offer(where, offer, on_sent=sent, reconnect=not linked)
+                answer, used = await dialer.ask(where, offer, on_sent=sent, via=link)
             except LinkBroke:
-                linked, where = False, await self._lookup(payee)
-                answer = await dialer.offer(where, offer, on_sent=sent)
+                link, where = None, await self._lookup(payee)
+                answer, used = await dialer.ask(where, offer, on_sent=sent)
         except PeerError as exc:
             raise PaymentFailed(exc.code, exc.message) from None
         if isinstance(answer, p.Decline):
@@ -674,11 +680,13 @@ class Wallet:
             result = await self._settle(offer, answer.signature)
         except PaymentFailed as exc:
             if exc.code is not Outcome.SERVER_UNREACHABLE:  # then it may yet be settled by a retry
-                await dialer.tell(payee, p.NotSettled(offer.payment_id, exc.message[:200]))
-            if linked and exc.code is Outcome.BAD_ACCEPTANCE:
+                news = p.NotSettled(offer.payment_id, exc.message[:200])
+                await dialer.tell(payee, news, used)
+            if link is not None and exc.code is Outcome.BAD_ACCEPTANCE:
                 # Signed with a key the server no longer has for them: the link may reach a
-                # login of theirs that a newer one replaced. The next payment asks the server.
-                await dialer.drop(payee)
+                # login of theirs that a newer one has just replaced. The next payment to
+                # them asks the server.
+                await dialer.drop(payee, used)
             raise
         self.known_balance = result.balance
         return result
