@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import re
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,10 @@ from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import SqliteLedger
 from p2ppay.outcomes import Outcome
-from p2ppay.peer import PeerConfig, accept_all, decline_all
+from p2ppay.peer import Dialer, PeerConfig, PeerLink, accept_all, decline_all
 from p2ppay.wallet import Disconnected, NotSettledNews, OfferAnswered, PaymentFailed, Wallet
 
-from .conftest import Open, SettleCutter
+from .conftest import PASSWORD, Open, SettleCutter
 
 
 async def next_of(wallet: Wallet, kind: type[Any]) -> Any:
@@ -31,6 +31,36 @@ async def next_of(wallet: Wallet, kind: type[Any]) -> Any:
             if isinstance(event, kind):
                 return event
     raise AssertionError("the wallet's events ended")
+
+
+def keeping(
+    server_port: int, client_ctx: ssl.SSLContext, clients: list[Client]
+) -> Callable[[], AbstractAsyncContextManager[Client]]:
+    """A wallet's way to the server that keeps each client it opens in ``clients`` (so that a
+    test can cut the connection)."""
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Client]:
+        async with Client.connect(
+            "127.0.0.1", server_port, ssl_context=client_ctx, server_hostname="localhost"
+        ) as client:
+            clients.append(client)
+            yield client
+
+    return connect
+
+
+def offline_bob(
+    server_port: int, client_ctx: ssl.SSLContext, clients: list[Client], **kw: Any
+) -> AbstractAsyncContextManager[Wallet]:
+    """bob's wallet, whose lost server connection is tried again only after a minute."""
+    kw.setdefault("policy", accept_all)
+    return Wallet.using(
+        keeping(server_port, client_ctx, clients),
+        listen_host="127.0.0.1",
+        reconnect_delays=(60, 60),
+        **kw,
+    )
 
 
 async def expect_failure(code: str, wallet: Wallet, payee: str, amount: Any) -> PaymentFailed:
@@ -232,22 +262,11 @@ async def test_a_payee_who_lost_the_server_is_not_paid_on_an_old_link(
     # The server cannot tell an offline payee of a payment: while bob's client has lost the
     # server it closes its payers' links, and alice hears from the server that he is offline.
     clients: list[Client] = []
-
-    @asynccontextmanager
-    async def connect() -> AsyncIterator[Client]:
-        async with Client.connect(
-            "127.0.0.1", server_port, ssl_context=client_ctx, server_hostname="localhost"
-        ) as client:
-            clients.append(client)
-            yield client
-
     with trio.fail_after(30):
         async with open_wallet("alice", deposit=100) as alice:
-            async with Wallet.using(
-                connect, policy=accept_all, listen_host="127.0.0.1", reconnect_delays=(60, 60)
-            ) as bob:
-                await bob.register("bob", "correct horse battery")
-                await bob.login("bob", "correct horse battery")
+            async with offline_bob(server_port, client_ctx, clients) as bob:
+                await bob.register("bob", PASSWORD)
+                await bob.login("bob", PASSWORD)
                 await alice.pay("bob", 10)
                 assert bob.listener is not None and bob.listener.connections_accepted == 1
                 # bob's server connection drops (he tries again in a minute)
@@ -260,6 +279,132 @@ async def test_a_payee_who_lost_the_server_is_not_paid_on_an_old_link(
                 assert info.value.code == "payee_offline" and offered == []
                 assert bob.listener.connections_accepted == 1  # not asked again
             assert await alice.balance() == 90
+
+
+async def test_a_payee_offline_takes_no_new_payer_either(
+    server_port: int, client_ctx: ssl.SSLContext, open_wallet: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # alice's lookup answers just before bob loses the server; her connection comes after.
+    looked, go_on = trio.Event(), trio.Event()
+    lookup = Client.lookup
+
+    async def held(self: Client, name: str) -> p.Presence:
+        where = await lookup(self, name)
+        looked.set()
+        await go_on.wait()
+        return where
+
+    monkeypatch.setattr(Client, "lookup", held)
+    clients: list[Client] = []
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice:
+            async with offline_bob(server_port, client_ctx, clients) as bob:
+                await bob.register("bob", PASSWORD)
+                await bob.login("bob", PASSWORD)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(expect_failure, "unreachable", alice, "bob", 10)
+                    await looked.wait()
+                    await trio.aclose_forcefully(clients[-1].stream)
+                    await next_of(bob, Disconnected)
+                    await trio.testing.wait_all_tasks_blocked()
+                    go_on.set()
+                assert alice.dialer is not None and "bob" not in alice.dialer.links
+                await expect_failure("payee_offline", alice, "bob", 10)
+            assert await alice.balance() == 100
+
+
+async def test_an_offer_on_a_link_that_breaks_while_the_payee_decides_asks_the_server(
+    server_port: int, client_ctx: ssl.SSLContext, open_wallet: Open
+) -> None:
+    asked: list[p.Offer] = []
+    deciding = trio.Event()
+
+    async def slow(offer: p.Offer) -> bool:
+        asked.append(offer)
+        if len(asked) == 2:
+            deciding.set()
+            await trio.sleep_forever()
+        return True
+
+    clients: list[Client] = []
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice:
+            async with offline_bob(server_port, client_ctx, clients, policy=slow) as bob:
+                await bob.register("bob", PASSWORD)
+                await bob.login("bob", PASSWORD)
+                await alice.pay("bob", 10)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(expect_failure, "payee_offline", alice, "bob", 20)
+                    await deciding.wait()
+                    await trio.aclose_forcefully(clients[-1].stream)  # bob loses the server
+                assert len(asked) == 2
+            assert await alice.balance() == 90
+
+
+async def test_an_offer_waiting_for_a_busy_link_is_not_announced_if_the_link_closes(
+    open_wallet: Open,
+) -> None:
+    asked, release = trio.Event(), trio.Event()
+    decided: list[p.Offer] = []
+
+    async def policy(offer: p.Offer) -> bool:
+        decided.append(offer)
+        if len(decided) == 2:
+            asked.set()
+            await release.wait()
+        return True
+
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice:
+            async with open_wallet("bob", policy=policy) as bob:
+                await alice.pay("bob", 10)
+                failures: list[PaymentFailed] = []
+                offered: list[p.Offer] = []
+
+                async def pay(on_offer: Callable[[p.Offer], None] | None = None) -> None:
+                    with pytest.raises(PaymentFailed) as info:
+                        await alice.pay("bob", 5, on_offer=on_offer)
+                    failures.append(info.value)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pay)
+                    await asked.wait()  # the first offer is out: the link is busy
+                    nursery.start_soon(pay, offered.append)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await bob.logout()
+                # (unreachable or payee_offline, by whether the server has heard of the
+                # logout when the payer asks it: the client stops listening first)
+                assert {f.code for f in failures} <= {"unreachable", "payee_offline"}
+                assert len(failures) == 2 and len(decided) == 2
+                assert offered == []  # the second offer never went out, nor was announced
+            assert await alice.balance() == 90
+
+
+async def test_a_payer_who_logs_out_during_the_handshake_offers_nothing(
+    open_wallet: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shaken, go_on = trio.Event(), trio.Event()
+    connect = Dialer._connect
+
+    async def held(self: Dialer, where: p.Presence) -> PeerLink:
+        link = await connect(self, where)
+        shaken.set()
+        await go_on.wait()
+        return link
+
+    monkeypatch.setattr(Dialer, "_connect", held)
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
+            dialer = alice.dialer
+            assert dialer is not None and bob.listener is not None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(expect_failure, "not_logged_in", alice, "bob", 20)
+                await shaken.wait()
+                await alice.logout()
+                go_on.set()
+            assert not dialer.links
+            await trio.testing.wait_all_tasks_blocked()
+            assert bob.listener.connections_open == 0  # the link was closed, bob never asked
 
 
 async def test_a_payer_who_logs_out_during_the_lookup_offers_nothing(
@@ -299,7 +444,7 @@ async def test_a_link_to_a_replaced_login_is_dropped_when_its_acceptance_fails(
             # log in again by itself).
             assert bob.listener is not None
             bob._forget_login = lambda: None  # type: ignore[method-assign]
-            bob.listener.close_payers = lambda: None  # type: ignore[method-assign]
+            bob.listener.go_offline = lambda: None  # type: ignore[method-assign]
             bob._closing = True
             async with open_wallet("bob", register=False) as bob_again:
                 await expect_failure("bad_acceptance", alice, "bob", 20)

@@ -178,6 +178,9 @@ class OfferListener:
         self._per_payer: dict[str, int] = {}  # payer's name key -> its connections open
         self._handshaking: OrderedDict[object, trio.CancelScope] = OrderedDict()
         self._payers: set[trio.CancelScope] = set()  # one per payer connection past handshake
+        #: our client has lost the server: no payer is taken until it is logged in again (the
+        #: server calls us offline and could not tell us of a payment)
+        self.offline = False
         # Offers we accepted (payment id -> the payer's name key): only those may be reported
         # as not settled, by that payer, once each.
         self._accepted: OrderedDict[uuid.UUID, str] = OrderedDict()
@@ -195,10 +198,15 @@ class OfferListener:
         self.limit_log.hit("payer-handshakes", "made way for a new connection")
         return True
 
-    def close_payers(self) -> None:
-        """Close every payer's connection (they look us up again, and hear where we are)."""
-        for scope in self._payers:
+    def go_offline(self) -> None:
+        """Close every payer's connection, those still in their handshake too, and take none
+        until :meth:`go_online` (payers look us up again and hear that we are offline)."""
+        self.offline = True
+        for scope in (*self._payers, *self._handshaking.values()):
             scope.cancel()
+
+    def go_online(self) -> None:
+        self.offline = False
 
     def settled(self, payment_id: uuid.UUID) -> None:
         """The server says this payment reached us: no payer may call it unsettled now."""
@@ -217,6 +225,10 @@ class OfferListener:
 
     async def handle(self, transport: trio.abc.Stream) -> None:
         """Own one payer connection: handshake, then offers answered one at a time."""
+        if self.offline:
+            log.info("payer connection refused: we are offline (no server connection)")
+            await trio.aclose_forcefully(transport)
+            return
         if self.connections_open >= self.config.max_connections and not self._make_room():
             self.limit_log.hit("payer-connections", f"{self.connections_open} open")
             await trio.aclose_forcefully(transport)
@@ -390,13 +402,17 @@ class PeerLink:
         sock = getattr(self.stream.transport_stream, "socket", None)
         if sock is None:
             return False
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except ValueError:  # a descriptor select cannot watch: cannot tell
-            return False
-        except OSError:  # closed under us
+        fd = sock.fileno()
+        if fd < 0:  # closed here (dropped)
             return True
-        return bool(readable)
+        if not hasattr(select, "poll"):  # (Windows: select, for the descriptors it can watch)
+            try:
+                return bool(select.select([fd], [], [], 0)[0])
+            except (ValueError, OSError):
+                return False
+        poller = select.poll()  # (no limit on descriptor numbers, unlike select)
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -424,6 +440,9 @@ class Dialer:
             if link is not None:  # the payee logged in again elsewhere: that link is stale
                 await self.drop(where.name, link)
             link = await self._connect(where)
+            if self.closed:  # logged out during the handshake
+                await link.aclose()
+                raise PeerError(Outcome.NOT_LOGGED_IN, "logged out before the offer went out")
             self.links[where.name] = link
             return link
 
@@ -504,12 +523,17 @@ class Dialer:
         own) is the only link tried, and if it broke, :class:`LinkBroke` says so (the payee
         may be elsewhere now). ``on_sent`` is called once a secure connection to the payee
         is there and the offer goes out."""
+        announced = False
         for attempt in (1, 2):
             link = via if via is not None else await self._link(where)
-            if on_sent is not None and attempt == 1:
-                on_sent(offer)
             try:
                 async with link.lock:
+                    if via is not None and link.closed_by_payee():
+                        # (closed while another offer had it: nothing goes out on it)
+                        raise trio.ClosedResourceError
+                    if on_sent is not None and not announced:
+                        announced = True
+                        on_sent(offer)
                     with trio.fail_after(self.config.answer_timeout):
                         return await link.ask(offer), link
             except trio.TooSlowError:

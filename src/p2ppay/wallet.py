@@ -285,7 +285,7 @@ class Wallet:
                     if self.listener is not None:
                         # Offline, as far as the server knows: payers holding links to us
                         # must ask it again, not pay someone it cannot tell of the payment.
-                        self.listener.close_payers()
+                        self.listener.go_offline()
                     reviving = self._credentials is not None and not self._closing
                     self._emit(Disconnected("the connection to the server was lost", reviving))
                     if reviving and not self._reviving:
@@ -386,6 +386,8 @@ class Wallet:
                 result = await client.login(name, password, self.p2p_port, self._key.csr(name))
                 self.known_balance = result.balance
                 self._tell_news(result)
+                if self.listener is not None:
+                    self.listener.go_online()
             return client
 
     def _tell_news(self, result: p.LoginResult) -> None:
