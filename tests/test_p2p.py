@@ -18,8 +18,15 @@ from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import SqliteLedger
 from p2ppay.outcomes import Outcome
-from p2ppay.peer import Dialer, PeerConfig, PeerLink, accept_all, decline_all
-from p2ppay.wallet import Disconnected, NotSettledNews, OfferAnswered, PaymentFailed, Wallet
+from p2ppay.peer import Dialer, OfferListener, PeerConfig, PeerLink, accept_all, decline_all
+from p2ppay.wallet import (
+    CannotConnect,
+    Disconnected,
+    NotSettledNews,
+    OfferAnswered,
+    PaymentFailed,
+    Wallet,
+)
 
 from .conftest import PASSWORD, Open, SettleCutter
 
@@ -405,6 +412,73 @@ async def test_a_payer_who_logs_out_during_the_handshake_offers_nothing(
             assert not dialer.links
             await trio.testing.wait_all_tasks_blocked()
             assert bob.listener.connections_open == 0  # the link was closed, bob never asked
+
+
+async def test_a_payer_without_the_server_asks_no_payee(
+    server_port: int, client_ctx: ssl.SSLContext, open_wallet: Open
+) -> None:
+    # alice cannot settle without the server: her open link to bob must not ask him.
+    asked: list[p.Offer] = []
+
+    async def policy(offer: p.Offer) -> bool:
+        asked.append(offer)
+        return True
+
+    clients: list[Client] = []
+    keep = keeping(server_port, client_ctx, clients)
+    down = False
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Client]:
+        if down:
+            raise OSError("connection refused")
+        async with keep() as client:
+            yield client
+
+    with trio.fail_after(30):
+        async with (
+            open_wallet("bob", policy=policy),
+            Wallet.using(connect, listen_host="127.0.0.1", reconnect_delays=(60, 60)) as alice,
+        ):
+            await alice.register("alice", PASSWORD)
+            await alice.login("alice", PASSWORD)
+            await alice.deposit(100)
+            await alice.pay("bob", 10)
+            down = True
+            await trio.aclose_forcefully(clients[-1].stream)
+            await next_of(alice, Disconnected)
+            with pytest.raises(CannotConnect):
+                await alice.pay("bob", 20)
+            assert len(asked) == 1
+
+
+async def test_a_handshake_done_as_the_payee_goes_offline_is_not_served(
+    open_wallet: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The payee's client loses the server just as a payer's handshake completes.
+    listeners: list[OfferListener] = []
+    handshake = trio.SSLStream.do_handshake
+
+    async def then_offline(self: trio.SSLStream[Any]) -> None:
+        await handshake(self)
+        if self.server_side and listeners:  # type: ignore[attr-defined]
+            listeners[0].go_offline()
+
+    monkeypatch.setattr(trio.SSLStream, "do_handshake", then_offline)
+    asked: list[p.Offer] = []
+
+    async def policy(offer: p.Offer) -> bool:
+        asked.append(offer)
+        return True
+
+    with trio.fail_after(30):
+        async with open_wallet("alice", deposit=100) as alice:
+            async with open_wallet("bob", policy=policy) as bob:
+                assert bob.listener is not None
+                listeners.append(bob.listener)
+                await expect_failure("unreachable", alice, "bob", 10)
+                assert asked == []
+            assert await alice.balance() == 100
 
 
 async def test_a_payer_who_logs_out_during_the_lookup_offers_nothing(

@@ -237,6 +237,38 @@ async def test_a_script_in_json(wallet_at: WalletAt, open_wallet: Open, tmp_path
     assert not any(r.get("text", "").startswith("Offering") for r in replies)
 
 
+async def test_pay_asks_whether_a_payment_was_settled_only_for_an_id_given(
+    wallet_at: WalletAt, open_wallet: Open, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh id cannot have been paid: asking costs a round trip for nothing. An id the
+    # user gives may have been (a retry): then it is asked.
+    asked: list[uuid.UUID] = []
+    status = Client.payment_status
+
+    async def counted(self: Client, payment_id: uuid.UUID) -> p.PaymentStatusResult:
+        asked.append(payment_id)
+        return await status(self, payment_id)
+
+    monkeypatch.setattr(Client, "payment_status", counted)
+    password_file = tmp_path / "erin.pw"
+    password_file.write_text("erin's password\n")
+    retried = uuid.uuid4()
+    opts = options(
+        user="erin",
+        password_file=password_file,
+        json=True,
+        commands=f"register; deposit 10; pay dave 3; pay dave 2 --id {retried}",
+    )
+    typist = Typist()
+    with trio.fail_after(30):
+        async with open_wallet("dave") as dave, wallet_at() as wallet:
+            async with shell_on(wallet, typist, opts) as shell:
+                assert opts.commands is not None
+                assert await shell.run_script(opts.commands) == ExitCode.OK
+            assert await dave.balance() == 5
+    assert asked == [retried]
+
+
 @pytest.mark.parametrize(
     ("script", "code", "message"),
     [

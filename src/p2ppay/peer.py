@@ -254,7 +254,9 @@ class OfferListener:
                         await stream.do_handshake()
                 finally:
                     self._handshaking.pop(token, None)
-            if handshake.cancelled_caught or evictable.cancelled_caught:
+            # (cancel_called, not cancelled_caught: a handshake that had just completed when we
+            # went offline, or made way, is not served either)
+            if handshake.cancelled_caught or evictable.cancel_called or self.offline:
                 log.info("payer connection: TLS handshake timed out or made way")
                 return
             payer = peer_name(stream)

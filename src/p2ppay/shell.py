@@ -832,7 +832,8 @@ class Shell:
             )
         elif command == "pay":
             # The id is chosen here, before anything can fail, so that every outcome names it.
-            self.payment_id = options.get("--id") or uuid.uuid4()
+            given = options.get("--id")
+            self.payment_id = given or uuid.uuid4()
             payee = parse_name(args[0]) if args else await self._prompted("payee: ", parse_name)
             amount = await self._amount(args, 1)
             paid = await wallet.pay(
@@ -841,6 +842,7 @@ class Shell:
                 self.payment_id,
                 on_offer=lambda o: self.say(f"Offering {o.amount} to {o.payee}..."),
                 memo=options.get("--memo"),
+                new_id=given is None,  # (a retry names its id: only then was it perhaps paid)
             )
             self.emit(
                 "pay",

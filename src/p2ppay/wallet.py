@@ -617,12 +617,15 @@ class Wallet:
         *,
         on_offer: Callable[[p.Offer], None] | None = None,
         memo: str | None = None,
+        new_id: bool = False,
     ) -> p.SettleResult:
         """Pay ``payee`` directly: offer, their signed acceptance, then settlement (once).
 
         With a ``payment_id`` this is safe to repeat (after ``server_unreachable``, say): if
         that payment is settled already, its first outcome is returned and nothing moves (the
         payee is not asked again); the id of a different payment is ``payment_id_conflict``.
+        ``new_id``: the caller has just made ``payment_id`` up (to name it in every outcome),
+        so the server is not asked whether it was settled before.
 
         ``on_offer`` is called as the offer goes to the payee (after every check that can
         refuse the payment without asking them, and once a secure connection is there)."""
@@ -637,7 +640,7 @@ class Wallet:
             raise PaymentFailed(Outcome.SELF_PAYMENT, "you cannot pay yourself")
         if memo is not None and (problem := memo_problem(memo)) is not None:
             raise PaymentFailed(Outcome.BAD_MEMO, problem)
-        if payment_id is not None:
+        if payment_id is not None and not new_id:
             settled = await self._settled_before(payment_id, me, payee, amount, memo)
             if settled is not None:
                 return settled
@@ -652,8 +655,9 @@ class Wallet:
         # An open link to the payee says where they are: the offer goes out on it without
         # asking the server (one round trip of three). If it has closed since (they logged
         # out, or in again elsewhere, or lost the server), the payment asks the server.
+        # (Only while we have the server: without it the payee would be asked for nothing.)
         dialer = self.dialer
-        link = await dialer.linked(payee)
+        link = await dialer.linked(payee) if self._usable(self._client) else None
         if link is not None and link.where is not None:
             where = link.where
         else:
