@@ -461,7 +461,7 @@ async def test_a_handshake_done_as_the_payee_goes_offline_is_not_served(
 
     async def then_offline(self: trio.SSLStream[Any]) -> None:
         await handshake(self)
-        if self.server_side and listeners:  # type: ignore[attr-defined]
+        if self.server_side and listeners:
             listeners[0].go_offline()
 
     monkeypatch.setattr(trio.SSLStream, "do_handshake", then_offline)
