@@ -257,7 +257,7 @@ class OfferListener:
             # (cancel_called, not cancelled_caught: a handshake that had just completed when we
             # went offline, or made way, is not served either)
             if handshake.cancelled_caught or evictable.cancel_called or self.offline:
-                log.info("payer connection: TLS handshake timed out or made way")
+                log.info("payer connection: TLS handshake timed out, made way, or we went offline")
                 return
             payer = peer_name(stream)
             if payer is None:  # cannot happen with CERT_REQUIRED, but never assume a name
@@ -456,9 +456,11 @@ class Dialer:
         closes its payers' links when it logs out or loses the server), so a payer may offer
         on it without asking the server first (:meth:`ask` with ``via``). A link the payee
         has closed is dropped here, before any offer goes out on it."""
+        if self.closed:
+            return None
         link = self.links.get(name)
-        if link is None or self.closed or link.lock.locked() or not link.closed_by_payee():
-            return None if self.closed else link
+        if link is None or link.lock.locked() or not link.closed_by_payee():
+            return link  # (a link with an offer out is judged by that offer)
         await self.drop(name, link)
         return None
 
@@ -525,7 +527,6 @@ class Dialer:
         own) is the only link tried, and if it broke, :class:`LinkBroke` says so (the payee
         may be elsewhere now). ``on_sent`` is called once a secure connection to the payee
         is there and the offer goes out."""
-        announced = False
         for attempt in (1, 2):
             link = via if via is not None else await self._link(where)
             try:
@@ -533,8 +534,7 @@ class Dialer:
                     if via is not None and link.closed_by_payee():
                         # (closed while another offer had it: nothing goes out on it)
                         raise trio.ClosedResourceError
-                    if on_sent is not None and not announced:
-                        announced = True
+                    if on_sent is not None and attempt == 1:
                         on_sent(offer)
                     with trio.fail_after(self.config.answer_timeout):
                         return await link.ask(offer), link

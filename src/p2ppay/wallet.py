@@ -664,12 +664,13 @@ class Wallet:
             link, where = None, await self._lookup(payee)
         # The payee's name as registered (it was typed in any letter case).
         offer = p.Offer(payment_id or uuid.uuid4(), me, where.name, amount, memo)
-        told: list[p.Offer] = []
+        told = False
 
-        def sent(offer: p.Offer) -> None:
+        def sent(offer: p.Offer) -> None:  # (once, should the offer go out a second time)
+            nonlocal told
             if not told and on_offer is not None:
                 on_offer(offer)
-            told.append(offer)
+            told = True
 
         try:
             try:
