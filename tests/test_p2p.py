@@ -18,7 +18,7 @@ from p2ppay import protocol as p
 from p2ppay.client import Client
 from p2ppay.ledger import SqliteLedger
 from p2ppay.outcomes import Outcome
-from p2ppay.peer import Dialer, OfferListener, PeerConfig, PeerLink, accept_all, decline_all
+from p2ppay.peer import Dialer, OfferListener, PeerConfig, accept_all, decline_all
 from p2ppay.wallet import (
     CannotConnect,
     Disconnected,
@@ -57,17 +57,40 @@ def keeping(
     return connect
 
 
-def offline_bob(
+@asynccontextmanager
+async def offline_bob(
     server_port: int, client_ctx: ssl.SSLContext, clients: list[Client], **kw: Any
-) -> AbstractAsyncContextManager[Wallet]:
-    """bob's wallet, whose lost server connection is tried again only after a minute."""
+) -> AsyncIterator[Wallet]:
+    """bob's wallet, registered and logged in, whose lost server connection is tried again
+    only after a minute."""
     kw.setdefault("policy", accept_all)
-    return Wallet.using(
+    async with Wallet.using(
         keeping(server_port, client_ctx, clients),
         listen_host="127.0.0.1",
         reconnect_delays=(60, 60),
         **kw,
-    )
+    ) as bob:
+        await bob.register("bob", PASSWORD)
+        await bob.login("bob", PASSWORD)
+        yield bob
+
+
+def hold_after(
+    monkeypatch: pytest.MonkeyPatch, owner: type[Any], method: str
+) -> tuple[trio.Event, trio.Event]:
+    """Patch ``owner.method`` so that, once it has done its work, it sets the first event and
+    returns only when the second is set."""
+    reached, go_on = trio.Event(), trio.Event()
+    real = getattr(owner, method)
+
+    async def held(self: Any, *args: Any) -> Any:
+        result = await real(self, *args)
+        reached.set()
+        await go_on.wait()
+        return result
+
+    monkeypatch.setattr(owner, method, held)
+    return reached, go_on
 
 
 async def expect_failure(code: str, wallet: Wallet, payee: str, amount: Any) -> PaymentFailed:
@@ -272,8 +295,6 @@ async def test_a_payee_who_lost_the_server_is_not_paid_on_an_old_link(
     with trio.fail_after(30):
         async with open_wallet("alice", deposit=100) as alice:
             async with offline_bob(server_port, client_ctx, clients) as bob:
-                await bob.register("bob", PASSWORD)
-                await bob.login("bob", PASSWORD)
                 await alice.pay("bob", 10)
                 assert bob.listener is not None and bob.listener.connections_accepted == 1
                 # bob's server connection drops (he tries again in a minute)
@@ -292,22 +313,11 @@ async def test_a_payee_offline_takes_no_new_payer_either(
     server_port: int, client_ctx: ssl.SSLContext, open_wallet: Open, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # alice's lookup answers just before bob loses the server; her connection comes after.
-    looked, go_on = trio.Event(), trio.Event()
-    lookup = Client.lookup
-
-    async def held(self: Client, name: str) -> p.Presence:
-        where = await lookup(self, name)
-        looked.set()
-        await go_on.wait()
-        return where
-
-    monkeypatch.setattr(Client, "lookup", held)
+    looked, go_on = hold_after(monkeypatch, Client, "lookup")
     clients: list[Client] = []
     with trio.fail_after(30):
         async with open_wallet("alice", deposit=100) as alice:
             async with offline_bob(server_port, client_ctx, clients) as bob:
-                await bob.register("bob", PASSWORD)
-                await bob.login("bob", PASSWORD)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(expect_failure, "unreachable", alice, "bob", 10)
                     await looked.wait()
@@ -336,9 +346,7 @@ async def test_an_offer_on_a_link_that_breaks_while_the_payee_decides_asks_the_s
     clients: list[Client] = []
     with trio.fail_after(30):
         async with open_wallet("alice", deposit=100) as alice:
-            async with offline_bob(server_port, client_ctx, clients, policy=slow) as bob:
-                await bob.register("bob", PASSWORD)
-                await bob.login("bob", PASSWORD)
+            async with offline_bob(server_port, client_ctx, clients, policy=slow):
                 await alice.pay("bob", 10)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(expect_failure, "payee_offline", alice, "bob", 20)
@@ -390,16 +398,7 @@ async def test_an_offer_waiting_for_a_busy_link_is_not_announced_if_the_link_clo
 async def test_a_payer_who_logs_out_during_the_handshake_offers_nothing(
     open_wallet: Open, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shaken, go_on = trio.Event(), trio.Event()
-    connect = Dialer._connect
-
-    async def held(self: Dialer, where: p.Presence) -> PeerLink:
-        link = await connect(self, where)
-        shaken.set()
-        await go_on.wait()
-        return link
-
-    monkeypatch.setattr(Dialer, "_connect", held)
+    shaken, go_on = hold_after(monkeypatch, Dialer, "_connect")
     with trio.fail_after(30):
         async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
             dialer = alice.dialer
@@ -484,16 +483,7 @@ async def test_a_handshake_done_as_the_payee_goes_offline_is_not_served(
 async def test_a_payer_who_logs_out_during_the_lookup_offers_nothing(
     open_wallet: Open, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    looked, go_on = trio.Event(), trio.Event()
-    lookup = Client.lookup
-
-    async def held(self: Client, name: str) -> p.Presence:
-        where = await lookup(self, name)
-        looked.set()
-        await go_on.wait()
-        return where
-
-    monkeypatch.setattr(Client, "lookup", held)
+    looked, go_on = hold_after(monkeypatch, Client, "lookup")
     with trio.fail_after(30):
         async with open_wallet("alice", deposit=100) as alice, open_wallet("bob") as bob:
             dialer = alice.dialer

@@ -190,14 +190,16 @@ async def test_ctrl_c_leaves_the_interactive_shell(wallet_at: WalletAt) -> None:
     assert typist.written[-1] == ""
 
 
-async def test_a_script_in_json(wallet_at: WalletAt, open_wallet: Open, tmp_path: Path) -> None:
+def erin_script(tmp_path: Path, commands: str) -> ClientOptions:
+    """Options for a ``--json`` script run as erin, her password in a file (its first line)."""
     password_file = tmp_path / "erin.pw"
     password_file.write_text("erin's password\nignored\n")
-    opts = options(
-        user="erin",
-        password_file=password_file,
-        json=True,
-        commands="register; deposit 10; balance; list; history 5; pay dave 3; pay erin 1; list",
+    return options(user="erin", password_file=password_file, json=True, commands=commands)
+
+
+async def test_a_script_in_json(wallet_at: WalletAt, open_wallet: Open, tmp_path: Path) -> None:
+    opts = erin_script(
+        tmp_path, "register; deposit 10; balance; list; history 5; pay dave 3; pay erin 1; list"
     )
     typist = Typist()
     with trio.fail_after(30):
@@ -250,15 +252,8 @@ async def test_pay_asks_whether_a_payment_was_settled_only_for_an_id_given(
         return await status(self, payment_id)
 
     monkeypatch.setattr(Client, "payment_status", counted)
-    password_file = tmp_path / "erin.pw"
-    password_file.write_text("erin's password\n")
     retried = uuid.uuid4()
-    opts = options(
-        user="erin",
-        password_file=password_file,
-        json=True,
-        commands=f"register; deposit 10; pay dave 3; pay dave 2 --id {retried}",
-    )
+    opts = erin_script(tmp_path, f"register; deposit 10; pay dave 3; pay dave 2 --id {retried}")
     typist = Typist()
     with trio.fail_after(30):
         async with open_wallet("dave") as dave, wallet_at() as wallet:
