@@ -341,6 +341,52 @@ async def test_twenty_wrong_passwords_lock_out_the_guessers_address_not_the_owne
         assert (await guesser.login("alice", "correct horse")).name == "alice"
 
 
+async def test_an_address_block_does_not_stop_accounts_that_logged_in_from_it(
+    autojump_clock: trio.testing.MockClock, connect: Connect, server: Server
+) -> None:
+    """Issue 22.10: 100 wrong logins from one address used to block every user there (a
+    classroom behind one NAT; the walk-through on 127.0.0.1). The block now stops only accounts
+    that have never logged in from that address; guessing at one that has is still held to the
+    per-(account, address) lockout."""
+    shared = "10.5.0.1"
+    cfg = server.config.throttle
+    async with connect(shared, request_timeout=math.inf) as client:
+        await registered(client, "alice")
+    async with connect(shared, request_timeout=math.inf) as client:
+        await registered(client, "bob")
+    async with connect("10.9.0.1", request_timeout=math.inf) as client:
+        await registered(client, "carol")  # has logged in, but never from the shared address
+    async with connect(shared, request_timeout=math.inf) as guesser:
+        for i in range(cfg.max_address_failures):  # names that do not exist: no pair lockout
+            await expect_error("auth_failed", guesser.login(f"nobody{i}", "a guess"))
+        err = await expect_error("rate_limited", guesser.login("carol", "correct horse"))
+        assert err.message.startswith("too many failed logins from your address; try again in ")
+    for name in ("alice", "bob"):
+        async with connect(shared, request_timeout=math.inf) as owner:
+            assert (await owner.login(name, "correct horse")).name == name
+    async with connect(shared, request_timeout=math.inf) as guesser:
+        for i in range(cfg.max_account_failures):
+            await expect_error("auth_failed", guesser.login("alice", f"guess {i}"))
+        err = await expect_error("rate_limited", guesser.login("alice", "correct horse"))
+        assert err.message.startswith("too many failed logins to this account from your address")
+
+
+def test_a_blocked_address_admits_only_the_accounts_that_logged_in_from_it() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(
+        ThrottleConfig(max_address_failures=3, address_window=60), lambda: now[0]
+    )
+    throttle.succeeded("alice", "10.0.0.1")
+    throttle.succeeded("bob", "10.0.0.2")
+    for name in ("x", "y", "z"):
+        throttle.failed(name, "10.0.0.1")
+    assert throttle.admit("Alice", "10.0.0.1") is None  # canonical names: the same account
+    assert throttle.admit("bob", "10.0.0.1") == Refusal(
+        "too many failed logins from your address", 60
+    )
+    assert throttle.admit("carol", "10.0.0.1") is not None
+
+
 def test_throttle_per_address_and_memory_bound() -> None:
     now = [0.0]
     throttle = LoginThrottle(

@@ -4,7 +4,8 @@ Pure bookkeeping with an injected clock (the server passes ``trio.current_time``
 on Trio's mock clock); no I/O.
 
 The login throttle is built so that nobody can lock an owner out from elsewhere: failures lock
-one *(account, address)* pair, never the account. What stands against many addresses guessing
+one *(account, address)* pair, never the account, and an address's block does not stop the
+accounts that have logged in from that address before. What stands against many addresses guessing
 one account is the account's *guard* (docs/security.md, "Guessing"): past a number of failures
 the account is on guard, and addresses it has never logged in from share one password check
 per interval, while the addresses its owner has logged in from are not slowed at all.
@@ -53,7 +54,8 @@ class ThrottleConfig:
     max_address_failures: int = setting(
         100,
         "--address-failures",
-        "failed logins from one address that block it for --address-window",
+        "failed logins from one address that block it for --address-window (except for "
+        "accounts that have logged in from it before)",
         count,
     )
     address_window: float = setting(
@@ -140,16 +142,21 @@ class LoginThrottle:
                     pair.locked_until - now,
                 )
             )
+        account = self._accounts.get(name)
+        # An address's block is against guessing many accounts from it; it does not stop an
+        # account that has logged in from this address before (a classroom behind one NAT, the
+        # walk-through on 127.0.0.1): its owner is very likely here, and guessing at it from
+        # here is still held to the per-(account, address) lockout above.
+        known_here = account is not None and address in account.known
         source = self._addresses.get(address)
         if source is not None:
             end = source.window_start + self.config.address_window
             if end <= now:
                 del self._addresses[address]
-            elif source.failures >= self.config.max_address_failures:
+            elif source.failures >= self.config.max_address_failures and not known_here:
                 refusals.append(Refusal("too many failed logins from your address", end - now))
-        account = self._accounts.get(name)
         guarded = account if account and account.guarded_until > now else None
-        if guarded is not None and address in guarded.known:
+        if known_here:
             guarded = None  # an address the owner logged in from is never slowed
         if guarded is not None and guarded.next_stranger_at > now:
             refusals.append(
