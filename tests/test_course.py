@@ -40,7 +40,9 @@ KEY = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEserverkey=="
         (b"alice#80", c.CourseBadInput(b"alice#80", "the port must be 1024-65535")),
         (b"alice#-5#bob", c.CourseTransfer("alice", -5, "bob")),  # refused by the ledger
         (b"alice#5#bob#x", c.CourseBadInput(b"alice#5#bob#x", "not a course message")),
-        (b"alice#1.5#bob", c.CourseTransfer("alice", 0, "bob")),  # refused as 0: payer hears
+        (b"alice#1.5#bob", c.CourseTransfer("alice", None, "bob")),  # not whole: payer hears
+        (b"alice#abc#bob", c.CourseTransfer("alice", None, "bob")),  # no digit at all: the same
+        (b"alice##bob", c.CourseTransfer("alice", None, "bob")),
         (b"list", c.CourseBadInput(b"list", "not a course message")),
         (b"hello there", c.CourseBadInput(b"hello there", "not a course message")),
         (b"\xff\xfe", c.CourseBadInput(b"\xff\xfe", "not UTF-8")),
@@ -248,6 +250,34 @@ async def test_transfer_between_course_clients(
         )
     audit = await ledger.audit()
     assert audit.conserved and audit.total_deposits == 30000 and audit.transfers == 2
+
+
+async def test_a_word_as_the_amount_fails_to_the_payer(
+    course_connect: CourseConnect, ledger: SqliteLedger
+) -> None:
+    """Real clients forward the word their person typed as the amount. The payer waits for
+    the outcome of that transfer like any other: it hears Transfer Fail!, and the payee hears
+    nothing (a 230 to the payee would leave the payer waiting for ever and put the payee's
+    replies one behind)."""
+    async with course_connect("10.0.0.1") as ann, course_connect("10.0.0.2") as bob:
+        await ann.exchange(b"REGISTER#ann", b"100 OK\n")
+        await bob.exchange(b"REGISTER#bob", b"100 OK\n")
+        await ann.exchange(b"ann#5001", roster(10000, ("ann", ann.ip, 5001)))
+        both = (("ann", ann.ip, 5001), ("bob", bob.ip, 5002))
+        await bob.exchange(b"bob#5002", roster(10000, *both))
+        for amount in (b"abc", b"", b"ten", b"-"):
+            await bob.send(b"ann#" + amount + b"#bob")
+            await ann.expect(b"Transfer Fail!\n")
+        # bob's next reply is the one to his List, in line: he was told nothing
+        await bob.exchange(b"List", roster(10000, *both))
+        await ann.exchange(b"List", roster(10000, *both))
+        # from a sender that is not the payee such a line is no transfer of its own: no
+        # course message (a seed client's DEPOSIT has that shape), and the payer hears nothing
+        await ann.exchange(b"ann#abc#bob", b"230 Input format error\n")
+        await ann.exchange(b"DEPOSIT#ann#500", b"230 Input format error\n")
+        await bob.exchange(b"List", roster(10000, *both))
+    audit = await ledger.audit()
+    assert audit.conserved and audit.transfers == 0
 
 
 async def test_login_takeover_and_disconnect(course_connect: CourseConnect) -> None:

@@ -46,7 +46,9 @@ from .test_course import CourseClient
         (b"Paid#nancy#300#bill", c.CoursePayment("nancy", 300, "bill")),  # report, figure 5
         (b"Paid#300#bill", c.CoursePayment("Paid", 300, "bill")),  # an account called Paid
         (b"nancy#-3#bill", c.CoursePayment("nancy", -3, "bill")),  # refused by the ledger
-        (b"nancy#1.5#bill", c.CoursePayment("nancy", 0, "bill")),  # refused as an amount of 0
+        (b"nancy#1.5#bill", c.CoursePayment("nancy", None, "bill")),  # not a whole number
+        (b"nancy#abc#bill", c.CoursePayment("nancy", None, "bill")),  # a word: refused the same
+        (b"Paid#nancy##bill", c.CoursePayment("nancy", None, "bill")),
         (b"Sent#nancy#3#bill", c.CourseBadInput(b"Sent#nancy#3#bill", "not a course message")),
         (b"\xff", c.CourseBadInput(b"\xff", "not UTF-8")),
     ],
@@ -58,7 +60,8 @@ def test_parse(raw: bytes, message: c.CourseMessage) -> None:
 def test_the_flavours_read_the_same_bytes_differently() -> None:
     assert c.parse_message(b"REGISTER#ray#5566") == c.CourseRegister("ray", 5566)  # a deposit
     assert c.parse_message(b"nancy#300#bill") == c.CourseTransfer("nancy", 300, "bill")
-    assert isinstance(c.parse_message(b"DEPOSIT#ray#500"), c.CourseBadInput)
+    # a transfer's shape to the reference flavour, but no amount: 230 unless from the payee
+    assert c.parse_message(b"DEPOSIT#ray#500") == c.CourseTransfer("DEPOSIT", None, "500")
     assert c.DIALECTS == {"reference": c.REFERENCE, "seed": c.SEED}
     assert c.SEED.roster(500, "KEY", [("ray", "127.0.0.1", 5566)]) == (
         b"Account Balance: 500\nOnline Clients: 1\nOnline Clients Info:\nray#127.0.0.1#5566\n"
@@ -257,12 +260,17 @@ async def test_refused_payments_move_nothing(
         await bill.exchange(b"bill#0#nancy", b"Failed: invalid amount\n")
         await bill.exchange(b"bill#-5#nancy", b"Failed: invalid amount\n")
         await nancy.exchange(b"nancy#1000001#bill", b"Failed: invalid amount\n")
+        # an amount with no digit at all (a word the person typed), or none: the same answer
+        await nancy.exchange(b"nancy#abc#bill", b"Failed: invalid amount\n")
+        await nancy.exchange(b"Paid#nancy##bill", b"Failed: invalid amount\n")
         # a payer naming someone else's account: logged in as bill, although from nancy's
         # address; from another address; for an account nobody is online as
         await bill.exchange(b"nancy#100#bill", b"Failed: not your account\n")
         async with seed_connect("10.0.0.9") as stranger:
             await stranger.exchange(b"nancy#100#stranger", b"Failed: not your account\n")
             await stranger.exchange(b"Paid#nancy#100#bill", b"Failed: not your account\n")
+            # with no amount it is no payment the stranger could make: no course message
+            await stranger.exchange(b"nancy#abc#bill", b"230 Input format error\n")
         async with seed_connect() as anonymous:
             await anonymous.exchange(b"nina#1#bill", b"Failed: not your account\n")
             await anonymous.exchange(b"ghost#1#bill", b"Failed: not your account\n")

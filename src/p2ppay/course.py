@@ -113,19 +113,26 @@ class CourseDeposit:
 
 @dataclass(frozen=True, slots=True)
 class CourseTransfer:
-    """Reference: the *payee* forwards what the payer sent it."""
+    """Reference: the *payee* forwards what the payer sent it.
+
+    ``amount`` None: the middle field is not a whole number. From the payee that is a failed
+    transfer (the payer hears it); from anyone else it is no course message at all (230, as
+    ``DEPOSIT#ray#500`` from a seed client is)."""
 
     payer: str
-    amount: int
+    amount: int | None
     payee: str
 
 
 @dataclass(frozen=True, slots=True)
 class CoursePayment:
-    """Seed: the *payer* asks the server to move its own money."""
+    """Seed: the *payer* asks the server to move its own money.
+
+    ``amount`` None: the middle field is not a whole number. From the payer that is a failed
+    payment (an invalid amount); from anyone else it is no course message at all (230)."""
 
     payer: str
-    amount: int
+    amount: int | None
     payee: str
 
 
@@ -198,20 +205,18 @@ def _common(raw: bytes, parts: list[str]) -> CourseMessage | None:
     return None
 
 
-def _money_move(parts: list[str]) -> tuple[str, int, str] | None:
-    """``payer#amount#payee``, the amount any whole number (the ledger judges its value).
+def _money_move(parts: list[str]) -> tuple[str, int | None, str] | None:
+    """``payer#amount#payee``: the amount any whole number (the ledger judges its value), or
+    None when the middle field is not one (``1.5``, ``+5``, ``1e3``, twenty digits, a digit
+    of another script, a word, nothing).
 
-    An amount with a digit in it that is not a whole number the ledger can take (``1.5``,
-    ``+5``, ``1e3``, twenty digits, a digit of another script) is read as 0, which the ledger
-    refuses: the payer then hears that the transfer failed, instead of waiting for an answer
-    that never comes."""
+    A line of that shape is a money move whatever its middle field: real clients send the
+    word their person typed as the amount, and their payer waits for the outcome like any
+    other. Who may send it is the session's to judge (see :class:`CourseTransfer`)."""
     if len(parts) != 3 or not (NAME_RE.fullmatch(parts[0]) and NAME_RE.fullmatch(parts[2])):
         return None
-    if AMOUNT_RE.fullmatch(parts[1]):
-        return parts[0], int(parts[1]), parts[2]
-    if any(ch.isdigit() for ch in parts[1]):  # meant as an amount (no digit: another message)
-        return parts[0], 0, parts[2]
-    return None
+    amount = int(parts[1]) if AMOUNT_RE.fullmatch(parts[1]) else None
+    return parts[0], amount, parts[2]
 
 
 def _fields(raw: bytes) -> list[str] | CourseBadInput:

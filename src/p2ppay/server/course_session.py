@@ -236,14 +236,12 @@ class CourseSession(SessionBase):
         return session is not None and session.ip == self.ip
 
     async def _move(
-        self, what: str, message: CoursePayment | CourseTransfer
+        self, what: str, message: CoursePayment | CourseTransfer, amount: int
     ) -> lg.Transfer | lg.LedgerError:
         """Move a course payment's money (a fresh payment id: the dialect has none); the
         ledger's refusal, if it refuses."""
         try:
-            t = await self.host.ledger.settle(
-                uuid.uuid4(), message.payer, message.payee, message.amount
-            )
+            t = await self.host.ledger.settle(uuid.uuid4(), message.payer, message.payee, amount)
         except lg.LedgerError as exc:
             log.info("%s: course %s %r failed: %s", self.ip, what, message, exc)
             return exc
@@ -252,9 +250,14 @@ class CourseSession(SessionBase):
 
     async def _pay(self, message: CoursePayment) -> bytes:
         if not self._speaks_for(message.payer):
+            if message.amount is None:  # not a payment this sender could make: no message
+                return course.FORMAT_ERROR
             log.info("%s: course payment %r refused: not the payer's", self.ip, message)
             return course.PAY_NOT_YOURS
-        moved = await self._move("payment", message)
+        if message.amount is None:
+            log.info("%s: course payment %r refused: not a whole amount", self.ip, message)
+            return course.PAY_BAD_AMOUNT
+        moved = await self._move("payment", message, message.amount)
         if isinstance(moved, lg.LedgerError):
             return _PAYMENT_REFUSALS.get(type(moved), course.PAY_FAILED)
         return course.SUCCESSFUL  # settle() returns once the transfer is committed
@@ -264,10 +267,19 @@ class CourseSession(SessionBase):
         # sent it. Only a sender logged in as the payee is heard; the ledger keeps course and
         # native accounts apart. A sender that is not the payee gets Transfer Fail! itself and
         # the payer hears nothing: a stranger must not put lines into the payer's connection.
+        # (Unless its middle field is no amount at all: then the line is no transfer of the
+        # sender's, just no course message, e.g. a seed client's DEPOSIT#ray#500.)
         if self.user is None or name_key(self.user) != name_key(message.payee):
-            return course.TRANSFER_FAIL
-        moved = await self._move("transfer", message)
-        outcome = course.TRANSFER_FAIL if isinstance(moved, lg.LedgerError) else course.TRANSFER_OK
+            return course.TRANSFER_FAIL if message.amount is not None else course.FORMAT_ERROR
+        if message.amount is None:
+            # The payee forwarded what its person typed as the amount (a word, say): the
+            # payer waits for this transfer's outcome like any other's.
+            log.info("%s: course transfer %r refused: not a whole amount", self.ip, message)
+            outcome = course.TRANSFER_FAIL
+        else:
+            moved = await self._move("transfer", message, message.amount)
+            failed = isinstance(moved, lg.LedgerError)
+            outcome = course.TRANSFER_FAIL if failed else course.TRANSFER_OK
         # Success or not, the outcome is the payer's, who waits for it; the payee is told
         # nothing (its client is not reading for a reply).
         presence = self.host.presence
