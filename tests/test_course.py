@@ -169,6 +169,7 @@ async def test_register_login_list_exit(course_connect: CourseConnect) -> None:
         await a.exchange(b"alice#5001", roster(10000, ("alice", a.ip, 5001)))
         await a.exchange(b"List\r\n", roster(10000, ("alice", a.ip, 5001)))
         await a.exchange(b"what is this", b"230 Input format error\n")
+        await a.exchange(b"alice", b"230 Input format error\n")  # (a lookup in the seed flavour)
         await a.exchange(b"Exit", b"Bye\n")
         assert await a.closed()
     async with course_connect("10.0.0.2") as r:

@@ -42,6 +42,9 @@ from .test_course import CourseClient
         (b"rick#80", c.CourseBadInput(b"rick#80", "the port must be 1024-65535")),
         (b"List", c.CourseList()),
         (b"Exit", c.CourseExit()),
+        (b"bill", c.CourseLookup("bill")),  # 五.2: "Payee account name: bill"
+        (b"BILL", c.CourseLookup("BILL")),
+        (b"no one", c.CourseBadInput(b"no one", "not a course message")),
         (b"nancy#300#bill", c.CoursePayment("nancy", 300, "bill")),
         (b"Paid#nancy#300#bill", c.CoursePayment("nancy", 300, "bill")),  # report, figure 5
         (b"Paid#300#bill", c.CoursePayment("Paid", 300, "bill")),  # an account called Paid
@@ -63,6 +66,7 @@ def test_the_flavours_read_the_same_bytes_differently() -> None:
     # a transfer's shape to the reference flavour, but no amount: 230 unless from the payee
     assert c.parse_message(b"DEPOSIT#ray#500") == c.CourseTransfer("DEPOSIT", None, "500")
     assert c.DIALECTS == {"reference": c.REFERENCE, "seed": c.SEED}
+    assert c.parse_message(b"bill") == c.CourseBadInput(b"bill", "not a course message")
     assert c.SEED.roster(500, "KEY", [("ray", "127.0.0.1", 5566)]) == (
         b"Account Balance: 500\nOnline Clients: 1\nOnline Clients Info:\nray#127.0.0.1#5566\n"
     )
@@ -234,6 +238,8 @@ async def test_the_payer_settles(seed_connect: SeedConnect, ledger: SqliteLedger
         await nancy.exchange(b"REGISTER#nancy#6688", b"100 OK\n")
         await nancy.exchange(b"DEPOSIT#nancy#1000", b"DEPOSIT OK\n")
         await nancy.exchange(b"List", block(1000, ("bill", 1177), ("nancy", 6688)))
+        # "Payee account name: bill": where bill's client listens, before nancy connects to it
+        await nancy.exchange(b"bill", b"On#127.0.0.1#1177\n")
         async with seed_connect() as settling:
             await settling.exchange(b"nancy#300#bill", b"Successful\n")
         # bill is told nothing: his next reply is his List
@@ -244,6 +250,36 @@ async def test_the_payer_settles(seed_connect: SeedConnect, ledger: SqliteLedger
         await nancy.exchange(b"List", block(600, ("bill", 1177), ("nancy", 6688)))
     audit = await ledger.audit()
     assert audit.conserved and audit.total_deposits == 1050 and audit.transfers == 2
+
+
+async def test_the_payee_lookup(seed_connect: SeedConnect, connect: Connect) -> None:
+    """The report's client asks for its payee by name and gets On#ip#port (五.2); the other
+    answers are inferred (see the README): Off, the payment's unknown-payee words, and the
+    flavour's Please login first."""
+    async with seed_connect() as bill, seed_connect() as nancy, connect() as native:
+        await registered(native, "nina")
+        await nancy.exchange(b"bill", b"Please login first\n")
+        await bill.exchange(b"REGISTER#bill#1177", b"100 OK\n")
+        await nancy.exchange(b"bill\n", b"Please login first\n")  # bill is online: still
+        await nancy.exchange(b"REGISTER#nancy#6688", b"100 OK\n")
+        await nancy.exchange(b"bill", b"On#127.0.0.1#1177\n")
+        await nancy.exchange(b"BILL\r\n", b"On#127.0.0.1#1177\n")  # names have no case
+        await nancy.exchange(b"nancy", b"On#127.0.0.1#6688\n")  # (paying her is refused)
+        await nancy.exchange(b"ghost", b"Failed: unknown payee\n")
+        await nancy.exchange(b"nina", b"Failed: unknown payee\n")  # a native account: never
+        await bill.exchange(b"Exit", b"Bye\n")
+        assert await bill.closed()  # (the server has forgotten him by then)
+        await nancy.exchange(b"bill", b"Off\n")
+        async with seed_connect() as again:  # back, at another port: the lookup follows him
+            await again.exchange(b"bill#2277", block(0, ("nancy", 6688), ("bill", 2277)))
+            await nancy.exchange(b"bill", b"On#127.0.0.1#2277\n")
+        async with seed_connect("10.0.0.9") as far:  # the address the server sees
+            await far.exchange(
+                b"bill#3377",
+                b"Account Balance: 0\nOnline Clients: 2\nOnline Clients Info:\n"
+                b"nancy#127.0.0.1#6688\nbill#10.0.0.9#3377\n",
+            )
+            await far.exchange(b"bill", b"On#10.0.0.9#3377\n")
 
 
 async def test_refused_payments_move_nothing(

@@ -7,7 +7,8 @@ The classic socket-programming assignment's protocol (``REGISTER#name``, ``name#
   is balance, server key, count, then ``name#ip#port``; the *payee* forwards a transfer.
 - :data:`SEED`: the older variant spoken by the course report p2ppay grew out of
   (``../shared/seed/part3-report.md``): ``210 FALL``/``220 AUTH_FALL`` (sic), ``DEPOSIT#``,
-  ``Account Balance: ...`` blocks, registering logs in, and the *payer* settles.
+  ``Account Balance: ...`` blocks, registering logs in, a bare ``name`` asks where that payee
+  listens (``On#ip#port``), and the *payer* settles.
 
 Framing is the same for both, parsed exactly as the course's server does:
 
@@ -68,6 +69,9 @@ PAY_UNKNOWN_PAYEE: Final = b"Failed: unknown payee\n"
 PAY_SELF: Final = b"Failed: cannot pay yourself\n"
 PAY_BALANCE_LIMIT: Final = b"Failed: the payee's balance limit\n"
 PAY_FAILED: Final = b"Failed\n"
+# The payee lookup's answer when the payee is offline: the report shows only the online one
+# (``On#<ip>#<port>``), and ``Off`` is its counterpart (see the README).
+PAYEE_OFF: Final = b"Off\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,13 @@ class CourseList:
 @dataclass(frozen=True, slots=True)
 class CourseExit:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class CourseLookup:
+    """Seed: a bare ``name``, the payer's question where its payee listens (before it pays)."""
+
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +177,7 @@ CourseMessage: TypeAlias = (
     | CourseLogin
     | CourseList
     | CourseExit
+    | CourseLookup
     | CourseDeposit
     | CourseTransfer
     | CoursePayment
@@ -275,6 +287,10 @@ def parse_seed_message(raw: bytes) -> CourseMessage:
         return CourseDeposit(parts[1], amount)
     if (common := _common(raw, parts)) is not None:
         return common
+    # The report's client asks for its payee by name alone (its 4.b.i-ii: "send the payee to
+    # the server, receive the payee's IP and port"; 五.2 shows "bill" answered On#...).
+    if len(parts) == 1 and NAME_RE.fullmatch(parts[0]):
+        return CourseLookup(parts[0])
     # The report's client (its figure 5) prefixes "Paid#"; its text shows it without.
     if len(parts) == 4 and parts[0] == "Paid":
         parts = parts[1:]
@@ -310,6 +326,11 @@ def encode_seed_roster(balance: int, online: Iterable[tuple[str, str, int]]) -> 
     ]
     lines += [f"{name}#{ip}#{port}" for name, ip, port in users]
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def encode_payee_on(ip: str, port: int) -> bytes:
+    """The seed payee lookup's answer for an online payee: where its client listens."""
+    return f"On#{ip}#{port}\n".encode()
 
 
 def _seed_roster(balance: int, server_key: str, online: Online) -> bytes:

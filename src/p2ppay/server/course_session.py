@@ -4,8 +4,8 @@ The server owns the connection (limits, TLS, presence, shutdown); this session r
 lets :mod:`p2ppay.course` parse them with the server's
 :class:`~p2ppay.course.Dialect`, and acts on course accounts only. Each kind of message has
 one handler; the dialect's parser decides which kinds a connection can send (only the seed
-flavour's parser makes a ``CourseDeposit`` or a ``CoursePayment``, only the reference
-flavour's a ``CourseTransfer``), so no handler asks which flavour it serves.
+flavour's parser makes a ``CourseDeposit``, a ``CourseLookup`` or a ``CoursePayment``, only
+the reference flavour's a ``CourseTransfer``), so no handler asks which flavour it serves.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..course import (
     CourseExit,
     CourseList,
     CourseLogin,
+    CourseLookup,
     CourseMessage,
     CoursePayment,
     CourseRegister,
@@ -124,6 +125,8 @@ class CourseSession(SessionBase):
                 reply = await self._login(message)
             case CourseList():
                 reply = await self._roster() if self.user else course.LOGIN_FIRST
+            case CourseLookup():
+                reply = await self._lookup(message) if self.user else course.LOGIN_FIRST
             case CourseBadDeposit():
                 reply = course.DEPOSIT_FAIL
             case CourseDeposit():
@@ -205,6 +208,19 @@ class CourseSession(SessionBase):
             online = await listing.cached(presence, cache_key, build)
         first = dialect.roster(balance, key, ()).split(b"\n", 1)[0]
         return first + b"\n" + online
+
+    async def _lookup(self, message: CourseLookup) -> bytes:
+        """The seed flavour's payee lookup: where ``name`` listens, if it is online."""
+        # A scan of who is online (the List reply reads the same, at each change of presence);
+        # it sees the users of every node.
+        key = name_key(message.name)
+        for name, ip, port in await self.host.presence.course_roster():
+            if name_key(name) == key:
+                return course.encode_payee_on(ip, port)
+        account = await self.host.ledger.account(message.name)
+        if account is None or account.kind != "course":
+            return course.PAY_UNKNOWN_PAYEE  # the words of a payment to such a payee
+        return course.PAYEE_OFF
 
     # -- money --
 
