@@ -396,6 +396,46 @@ def test_the_course_idle_timeout_flag() -> None:
         options("--course-idle-timeout", "-1")
 
 
+GREETING = ServerConfig(scrypt=FAST_SCRYPT, course_greeting="Connection accepted.")
+
+
+@pytest.mark.parametrize("config", [GREETING])
+async def test_the_greeting_comes_once_on_each_connection(
+    course_connect: CourseConnect,
+) -> None:
+    """Clients of the 2020-2021 editions wait for their server's greeting before they show
+    a menu (--course-greeting): it comes first, once, and the replies after it are in line."""
+    async with course_connect("10.0.0.1") as a:
+        await a.expect(b"Connection accepted.\n")
+        await a.exchange(b"REGISTER#alice", b"100 OK\n")
+        await a.exchange(b"alice#5001", roster(10000, ("alice", a.ip, 5001)))
+        async with course_connect("10.0.0.2") as b:
+            await b.expect(b"Connection accepted.\n")
+            await b.exchange(b"List", b"Please login first\n")
+        await a.exchange(b"List", roster(10000, ("alice", a.ip, 5001)))
+        await a.exchange(b"Exit", b"Bye\n")
+        assert await a.closed()
+
+
+def test_the_course_greeting_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    def greeting(*flags: str) -> str | None:
+        args = build_parser().parse_args(["server", *flags])
+        return server_options(args).config.course_greeting
+
+    assert greeting() is None  # off: the first bytes a client gets answer its first message
+    assert greeting("--course-greeting", "Connection accepted.") == "Connection accepted."
+    for bad in ("two\nlines", "Connection accepted.\r\n", "a\rb", "a\u2028b", ""):
+        with pytest.raises(SystemExit) as exited:
+            greeting("--course-greeting", bad)
+        assert exited.value.code == 2  # a usage error
+        assert capsys.readouterr().err == (
+            "p2ppay: --course-greeting must be one line of text, not empty and without a line "
+            "break (leave the flag out for no greeting)\n"
+        )
+    with pytest.raises(ValueError, match="--course-greeting"):
+        ServerConfig(course_greeting="a\nb")
+
+
 @pytest.mark.parametrize(
     "config",
     [ServerConfig(scrypt=FAST_SCRYPT, registrations=RegistrationConfig(2, 600))],

@@ -3,6 +3,7 @@ part3-report.md, sections 五 and 六), replayed byte for byte over TLS, and wha
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -382,4 +383,37 @@ async def test_the_real_listener_sees_the_source_port(
             await may.exchange(b"Exit", b"Bye\n")
             assert await may.closed()
             await trio.aclose_forcefully(stream)
+            server.shutdown()
+
+
+@pytest.mark.parametrize("greeting", [None, "Connection accepted."], ids=["off", "greeting"])
+async def test_the_greeting_comes_after_the_tls_handshake(
+    greeting: str | None,
+    ledger: SqliteLedger,
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    issuer: Issuer,
+    config: ServerConfig,
+) -> None:
+    """With --course-tls the greeting is the first thing inside TLS (a greeting before the
+    handshake would break it), once; without --course-greeting nothing comes first."""
+    config = dataclasses.replace(config, course_greeting=greeting)
+    server = Server(ledger, server_ctx, issuer, config, course_tls=True, course_dialect=c.SEED)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            course_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            await nursery.start(server.serve, [], course_listeners)
+            port = course_listeners[0].socket.getsockname()[1]
+            for name in (b"ray", b"may"):  # each new connection is greeted
+                tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                stream = trio.SSLStream(tcp, client_ctx, server_hostname=SERVER_NAME)
+                await stream.do_handshake()
+                client = CourseClient(stream, "127.0.0.1")
+                if greeting is not None:  # the client waits for it before it sends anything
+                    await client.expect(b"Connection accepted.\n")
+                await client.exchange(b"REGISTER#" + name + b"#5566", b"100 OK\n")
+                await client.exchange(b"DEPOSIT#" + name + b"#5", b"DEPOSIT OK\n")
+                await client.exchange(b"Exit", b"Bye\n")
+                assert await client.closed()
+                await trio.aclose_forcefully(stream)
             server.shutdown()

@@ -81,6 +81,8 @@ class CourseSession(SessionBase):
 
     async def serve(self) -> None:
         cfg = self.host.config
+        if cfg.course_greeting is not None:  # once, before anything is read (and after TLS)
+            await self.send(cfg.course_greeting.encode() + b"\n")
         read_size = max(4096, cfg.course_max_message + 2)
         while not self.host.closing:
             # Not the native idle timeout: a menu-driven course client connects at start-up
