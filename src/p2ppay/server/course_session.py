@@ -213,8 +213,8 @@ class CourseSession(SessionBase):
 
     async def _lookup(self, message: CourseLookup) -> bytes:
         """The seed flavour's payee lookup: where ``name`` listens, if it is online."""
-        # A scan of who is online (the List reply reads the same, at each change of presence);
-        # it sees the users of every node.
+        # Who is online, as List reads it (with a PostgreSQL ledger: every node's users): a
+        # scan, no dearer than a List, then a ledger read only for a name nobody is online as.
         key = name_key(message.name)
         for name, ip, port in await self.host.presence.course_roster():
             if name_key(name) == key:
