@@ -123,6 +123,12 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     done = server(tmp_path / "state", "--port", "8790", "--course-port", "8790")
     assert done.returncode == ExitCode.USAGE
     assert last_line(done) == "p2ppay: --port and --course-port are both 8790: give each its own"
+    done = server(tmp_path / "state", "--course-greeting", "Connection\naccepted.")
+    assert done.returncode == ExitCode.USAGE
+    assert last_line(done) == (
+        "p2ppay: --course-greeting must be one line of text, not empty and without a line "
+        "break (leave the flag out for no greeting)"
+    )
     done = p2ppay("client", "--frobnicate")
     assert done.returncode == ExitCode.USAGE
     assert "unrecognized arguments: --frobnicate" in last_line(done)

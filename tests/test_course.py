@@ -40,7 +40,9 @@ KEY = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEserverkey=="
         (b"alice#80", c.CourseBadInput(b"alice#80", "the port must be 1024-65535")),
         (b"alice#-5#bob", c.CourseTransfer("alice", -5, "bob")),  # refused by the ledger
         (b"alice#5#bob#x", c.CourseBadInput(b"alice#5#bob#x", "not a course message")),
-        (b"alice#1.5#bob", c.CourseTransfer("alice", 0, "bob")),  # refused as 0: payer hears
+        (b"alice#1.5#bob", c.CourseTransfer("alice", None, "bob")),  # not whole: payer hears
+        (b"alice#abc#bob", c.CourseTransfer("alice", None, "bob")),  # no digit at all: the same
+        (b"alice##bob", c.CourseTransfer("alice", None, "bob")),
         (b"list", c.CourseBadInput(b"list", "not a course message")),
         (b"hello there", c.CourseBadInput(b"hello there", "not a course message")),
         (b"\xff\xfe", c.CourseBadInput(b"\xff\xfe", "not UTF-8")),
@@ -167,6 +169,7 @@ async def test_register_login_list_exit(course_connect: CourseConnect) -> None:
         await a.exchange(b"alice#5001", roster(10000, ("alice", a.ip, 5001)))
         await a.exchange(b"List\r\n", roster(10000, ("alice", a.ip, 5001)))
         await a.exchange(b"what is this", b"230 Input format error\n")
+        await a.exchange(b"alice", b"230 Input format error\n")  # (a lookup in the seed flavour)
         await a.exchange(b"Exit", b"Bye\n")
         assert await a.closed()
     async with course_connect("10.0.0.2") as r:
@@ -248,6 +251,34 @@ async def test_transfer_between_course_clients(
         )
     audit = await ledger.audit()
     assert audit.conserved and audit.total_deposits == 30000 and audit.transfers == 2
+
+
+async def test_a_word_as_the_amount_fails_to_the_payer(
+    course_connect: CourseConnect, ledger: SqliteLedger
+) -> None:
+    """Real clients forward the word their person typed as the amount. The payer waits for
+    the outcome of that transfer like any other: it hears Transfer Fail!, and the payee hears
+    nothing (a 230 to the payee would leave the payer waiting for ever and put the payee's
+    replies one behind)."""
+    async with course_connect("10.0.0.1") as ann, course_connect("10.0.0.2") as bob:
+        await ann.exchange(b"REGISTER#ann", b"100 OK\n")
+        await bob.exchange(b"REGISTER#bob", b"100 OK\n")
+        await ann.exchange(b"ann#5001", roster(10000, ("ann", ann.ip, 5001)))
+        both = (("ann", ann.ip, 5001), ("bob", bob.ip, 5002))
+        await bob.exchange(b"bob#5002", roster(10000, *both))
+        for amount in (b"abc", b"", b"ten", b"-"):
+            await bob.send(b"ann#" + amount + b"#bob")
+            await ann.expect(b"Transfer Fail!\n")
+        # bob's next reply is the one to his List, in line: he was told nothing
+        await bob.exchange(b"List", roster(10000, *both))
+        await ann.exchange(b"List", roster(10000, *both))
+        # from a sender that is not the payee such a line is no transfer of its own: no
+        # course message (a seed client's DEPOSIT has that shape), and the payer hears nothing
+        await ann.exchange(b"ann#abc#bob", b"230 Input format error\n")
+        await ann.exchange(b"DEPOSIT#ann#500", b"230 Input format error\n")
+        await bob.exchange(b"List", roster(10000, *both))
+    audit = await ledger.audit()
+    assert audit.conserved and audit.transfers == 0
 
 
 async def test_login_takeover_and_disconnect(course_connect: CourseConnect) -> None:
@@ -363,6 +394,46 @@ def test_the_course_idle_timeout_flag() -> None:
     assert options("--course-idle-timeout", "0") == math.inf  # off
     with pytest.raises(SystemExit):
         options("--course-idle-timeout", "-1")
+
+
+GREETING = ServerConfig(scrypt=FAST_SCRYPT, course_greeting="Connection accepted.")
+
+
+@pytest.mark.parametrize("config", [GREETING])
+async def test_the_greeting_comes_once_on_each_connection(
+    course_connect: CourseConnect,
+) -> None:
+    """Clients of the 2020-2021 editions wait for their server's greeting before they show
+    a menu (--course-greeting): it comes first, once, and the replies after it are in line."""
+    async with course_connect("10.0.0.1") as a:
+        await a.expect(b"Connection accepted.\n")
+        await a.exchange(b"REGISTER#alice", b"100 OK\n")
+        await a.exchange(b"alice#5001", roster(10000, ("alice", a.ip, 5001)))
+        async with course_connect("10.0.0.2") as b:
+            await b.expect(b"Connection accepted.\n")
+            await b.exchange(b"List", b"Please login first\n")
+        await a.exchange(b"List", roster(10000, ("alice", a.ip, 5001)))
+        await a.exchange(b"Exit", b"Bye\n")
+        assert await a.closed()
+
+
+def test_the_course_greeting_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    def greeting(*flags: str) -> str | None:
+        args = build_parser().parse_args(["server", *flags])
+        return server_options(args).config.course_greeting
+
+    assert greeting() is None  # off: the first bytes a client gets answer its first message
+    assert greeting("--course-greeting", "Connection accepted.") == "Connection accepted."
+    for bad in ("two\nlines", "Connection accepted.\r\n", "a\rb", "a\u2028b", ""):
+        with pytest.raises(SystemExit) as exited:
+            greeting("--course-greeting", bad)
+        assert exited.value.code == 2  # a usage error
+        assert capsys.readouterr().err == (
+            "p2ppay: --course-greeting must be one line of text, not empty and without a line "
+            "break (leave the flag out for no greeting)\n"
+        )
+    with pytest.raises(ValueError, match="--course-greeting"):
+        ServerConfig(course_greeting="a\nb")
 
 
 @pytest.mark.parametrize(

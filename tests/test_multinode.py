@@ -25,6 +25,7 @@ import pytest
 import trio
 import trio.testing
 
+from p2ppay import course
 from p2ppay import ledger as lg
 from p2ppay import protocol as p
 from p2ppay.client import Client, ConnectionLost
@@ -676,6 +677,36 @@ async def test_course_transfer_outcome_reaches_the_payer_on_its_node(
                 await again.send(b"carol#5003")
                 await eventually(lambda: n1.server.presence.local("carol", course=True) is None)
                 await carol.exchange(b"List", b"Please login first\n")
+
+
+async def test_the_seed_payee_lookup_finds_the_payee_on_another_node(
+    postgres_url: str, server_ctx: ssl.SSLContext, issuer: Issuer
+) -> None:
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer) as n1,
+            pg_node(postgres_url, server_ctx, issuer) as n2,
+        ):
+            for node in (n1, n2):  # (read by each course connection as it opens)
+                node.server.course_dialect = course.SEED
+
+            async def node_2_sees_bill() -> bool:
+                return any(name == "bill" for name, _, _ in await n2.presence.course_roster())
+
+            async def node_2_lost_bill() -> bool:
+                return not await node_2_sees_bill()
+
+            async with (
+                course_client(n1, "10.0.0.1") as bill,
+                course_client(n2, "10.0.0.2") as nancy,
+            ):
+                await bill.exchange(b"REGISTER#bill#1177", b"100 OK\n")
+                await nancy.exchange(b"REGISTER#nancy#6688", b"100 OK\n")
+                await eventually(node_2_sees_bill)
+                await nancy.exchange(b"bill", b"On#10.0.0.1#1177\n")  # online on node 1
+                await bill.exchange(b"Exit", b"Bye\n")
+                await eventually(node_2_lost_bill)
+                await nancy.exchange(b"bill", b"Off\n")
 
 
 @asynccontextmanager

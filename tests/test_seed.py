@@ -3,6 +3,7 @@ part3-report.md, sections 五 and 六), replayed byte for byte over TLS, and wha
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -42,11 +43,16 @@ from .test_course import CourseClient
         (b"rick#80", c.CourseBadInput(b"rick#80", "the port must be 1024-65535")),
         (b"List", c.CourseList()),
         (b"Exit", c.CourseExit()),
+        (b"bill", c.CourseLookup("bill")),  # 五.2: "Payee account name: bill"
+        (b"BILL", c.CourseLookup("BILL")),
+        (b"no one", c.CourseBadInput(b"no one", "not a course message")),
         (b"nancy#300#bill", c.CoursePayment("nancy", 300, "bill")),
         (b"Paid#nancy#300#bill", c.CoursePayment("nancy", 300, "bill")),  # report, figure 5
         (b"Paid#300#bill", c.CoursePayment("Paid", 300, "bill")),  # an account called Paid
         (b"nancy#-3#bill", c.CoursePayment("nancy", -3, "bill")),  # refused by the ledger
-        (b"nancy#1.5#bill", c.CoursePayment("nancy", 0, "bill")),  # refused as an amount of 0
+        (b"nancy#1.5#bill", c.CoursePayment("nancy", None, "bill")),  # not a whole number
+        (b"nancy#abc#bill", c.CoursePayment("nancy", None, "bill")),  # a word: refused the same
+        (b"Paid#nancy##bill", c.CoursePayment("nancy", None, "bill")),
         (b"Sent#nancy#3#bill", c.CourseBadInput(b"Sent#nancy#3#bill", "not a course message")),
         (b"\xff", c.CourseBadInput(b"\xff", "not UTF-8")),
     ],
@@ -58,8 +64,10 @@ def test_parse(raw: bytes, message: c.CourseMessage) -> None:
 def test_the_flavours_read_the_same_bytes_differently() -> None:
     assert c.parse_message(b"REGISTER#ray#5566") == c.CourseRegister("ray", 5566)  # a deposit
     assert c.parse_message(b"nancy#300#bill") == c.CourseTransfer("nancy", 300, "bill")
-    assert isinstance(c.parse_message(b"DEPOSIT#ray#500"), c.CourseBadInput)
+    # a transfer's shape to the reference flavour, but no amount: 230 unless from the payee
+    assert c.parse_message(b"DEPOSIT#ray#500") == c.CourseTransfer("DEPOSIT", None, "500")
     assert c.DIALECTS == {"reference": c.REFERENCE, "seed": c.SEED}
+    assert c.parse_message(b"bill") == c.CourseBadInput(b"bill", "not a course message")
     assert c.SEED.roster(500, "KEY", [("ray", "127.0.0.1", 5566)]) == (
         b"Account Balance: 500\nOnline Clients: 1\nOnline Clients Info:\nray#127.0.0.1#5566\n"
     )
@@ -231,6 +239,8 @@ async def test_the_payer_settles(seed_connect: SeedConnect, ledger: SqliteLedger
         await nancy.exchange(b"REGISTER#nancy#6688", b"100 OK\n")
         await nancy.exchange(b"DEPOSIT#nancy#1000", b"DEPOSIT OK\n")
         await nancy.exchange(b"List", block(1000, ("bill", 1177), ("nancy", 6688)))
+        # "Payee account name: bill": where bill's client listens, before nancy connects to it
+        await nancy.exchange(b"bill", b"On#127.0.0.1#1177\n")
         async with seed_connect() as settling:
             await settling.exchange(b"nancy#300#bill", b"Successful\n")
         # bill is told nothing: his next reply is his List
@@ -241,6 +251,36 @@ async def test_the_payer_settles(seed_connect: SeedConnect, ledger: SqliteLedger
         await nancy.exchange(b"List", block(600, ("bill", 1177), ("nancy", 6688)))
     audit = await ledger.audit()
     assert audit.conserved and audit.total_deposits == 1050 and audit.transfers == 2
+
+
+async def test_the_payee_lookup(seed_connect: SeedConnect, connect: Connect) -> None:
+    """The report's client asks for its payee by name and gets On#ip#port (五.2); the other
+    answers are inferred (see the README): Off, the payment's unknown-payee words, and the
+    flavour's Please login first."""
+    async with seed_connect() as bill, seed_connect() as nancy, connect() as native:
+        await registered(native, "nina")
+        await nancy.exchange(b"bill", b"Please login first\n")
+        await bill.exchange(b"REGISTER#bill#1177", b"100 OK\n")
+        await nancy.exchange(b"bill\n", b"Please login first\n")  # bill is online: still
+        await nancy.exchange(b"REGISTER#nancy#6688", b"100 OK\n")
+        await nancy.exchange(b"bill", b"On#127.0.0.1#1177\n")
+        await nancy.exchange(b"BILL\r\n", b"On#127.0.0.1#1177\n")  # names have no case
+        await nancy.exchange(b"nancy", b"On#127.0.0.1#6688\n")  # (paying her is refused)
+        await nancy.exchange(b"ghost", b"Failed: unknown payee\n")
+        await nancy.exchange(b"nina", b"Failed: unknown payee\n")  # a native account: never
+        await bill.exchange(b"Exit", b"Bye\n")
+        assert await bill.closed()  # (the server has forgotten him by then)
+        await nancy.exchange(b"bill", b"Off\n")
+        async with seed_connect() as again:  # back, at another port: the lookup follows him
+            await again.exchange(b"bill#2277", block(0, ("nancy", 6688), ("bill", 2277)))
+            await nancy.exchange(b"bill", b"On#127.0.0.1#2277\n")
+        async with seed_connect("10.0.0.9") as far:  # the address the server sees
+            await far.exchange(
+                b"bill#3377",
+                b"Account Balance: 0\nOnline Clients: 2\nOnline Clients Info:\n"
+                b"nancy#127.0.0.1#6688\nbill#10.0.0.9#3377\n",
+            )
+            await far.exchange(b"bill", b"On#10.0.0.9#3377\n")
 
 
 async def test_refused_payments_move_nothing(
@@ -257,12 +297,17 @@ async def test_refused_payments_move_nothing(
         await bill.exchange(b"bill#0#nancy", b"Failed: invalid amount\n")
         await bill.exchange(b"bill#-5#nancy", b"Failed: invalid amount\n")
         await nancy.exchange(b"nancy#1000001#bill", b"Failed: invalid amount\n")
+        # an amount with no digit at all (a word the person typed), or none: the same answer
+        await nancy.exchange(b"nancy#abc#bill", b"Failed: invalid amount\n")
+        await nancy.exchange(b"Paid#nancy##bill", b"Failed: invalid amount\n")
         # a payer naming someone else's account: logged in as bill, although from nancy's
         # address; from another address; for an account nobody is online as
         await bill.exchange(b"nancy#100#bill", b"Failed: not your account\n")
         async with seed_connect("10.0.0.9") as stranger:
             await stranger.exchange(b"nancy#100#stranger", b"Failed: not your account\n")
             await stranger.exchange(b"Paid#nancy#100#bill", b"Failed: not your account\n")
+            # with no amount it is no payment the stranger could make: no course message
+            await stranger.exchange(b"nancy#abc#bill", b"230 Input format error\n")
         async with seed_connect() as anonymous:
             await anonymous.exchange(b"nina#1#bill", b"Failed: not your account\n")
             await anonymous.exchange(b"ghost#1#bill", b"Failed: not your account\n")
@@ -338,4 +383,37 @@ async def test_the_real_listener_sees_the_source_port(
             await may.exchange(b"Exit", b"Bye\n")
             assert await may.closed()
             await trio.aclose_forcefully(stream)
+            server.shutdown()
+
+
+@pytest.mark.parametrize("greeting", [None, "Connection accepted."], ids=["off", "greeting"])
+async def test_the_greeting_comes_after_the_tls_handshake(
+    greeting: str | None,
+    ledger: SqliteLedger,
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    issuer: Issuer,
+    config: ServerConfig,
+) -> None:
+    """With --course-tls the greeting is the first thing inside TLS (a greeting before the
+    handshake would break it), once; without --course-greeting nothing comes first."""
+    config = dataclasses.replace(config, course_greeting=greeting)
+    server = Server(ledger, server_ctx, issuer, config, course_tls=True, course_dialect=c.SEED)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            course_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            await nursery.start(server.serve, [], course_listeners)
+            port = course_listeners[0].socket.getsockname()[1]
+            for name in (b"ray", b"may"):  # each new connection is greeted
+                tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                stream = trio.SSLStream(tcp, client_ctx, server_hostname=SERVER_NAME)
+                await stream.do_handshake()
+                client = CourseClient(stream, "127.0.0.1")
+                if greeting is not None:  # the client waits for it before it sends anything
+                    await client.expect(b"Connection accepted.\n")
+                await client.exchange(b"REGISTER#" + name + b"#5566", b"100 OK\n")
+                await client.exchange(b"DEPOSIT#" + name + b"#5", b"DEPOSIT OK\n")
+                await client.exchange(b"Exit", b"Bye\n")
+                assert await client.closed()
+                await trio.aclose_forcefully(stream)
             server.shutdown()

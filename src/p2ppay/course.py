@@ -7,7 +7,8 @@ The classic socket-programming assignment's protocol (``REGISTER#name``, ``name#
   is balance, server key, count, then ``name#ip#port``; the *payee* forwards a transfer.
 - :data:`SEED`: the older variant spoken by the course report p2ppay grew out of
   (``../shared/seed/part3-report.md``): ``210 FALL``/``220 AUTH_FALL`` (sic), ``DEPOSIT#``,
-  ``Account Balance: ...`` blocks, registering logs in, and the *payer* settles.
+  ``Account Balance: ...`` blocks, registering logs in, a bare ``name`` asks where that payee
+  listens (``On#ip#port``), and the *payer* settles.
 
 Framing is the same for both, parsed exactly as the course's server does:
 
@@ -68,6 +69,9 @@ PAY_UNKNOWN_PAYEE: Final = b"Failed: unknown payee\n"
 PAY_SELF: Final = b"Failed: cannot pay yourself\n"
 PAY_BALANCE_LIMIT: Final = b"Failed: the payee's balance limit\n"
 PAY_FAILED: Final = b"Failed\n"
+# The payee lookup's answer when the payee is offline: the report shows only the online one
+# (``On#<ip>#<port>``), and ``Off`` is its counterpart (see the README).
+PAYEE_OFF: Final = b"Off\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +108,13 @@ class CourseExit:
 
 
 @dataclass(frozen=True, slots=True)
+class CourseLookup:
+    """Seed: a bare ``name``, the payer's question where its payee listens (before it pays)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class CourseDeposit:
     """Seed: ``DEPOSIT#name#amount`` into the account this connection is logged in as."""
 
@@ -113,19 +124,26 @@ class CourseDeposit:
 
 @dataclass(frozen=True, slots=True)
 class CourseTransfer:
-    """Reference: the *payee* forwards what the payer sent it."""
+    """Reference: the *payee* forwards what the payer sent it.
+
+    ``amount`` None: the middle field is not a whole number. From the payee that is a failed
+    transfer (the payer hears it); from anyone else it is no course message at all (230, as
+    ``DEPOSIT#ray#500`` from a seed client is)."""
 
     payer: str
-    amount: int
+    amount: int | None
     payee: str
 
 
 @dataclass(frozen=True, slots=True)
 class CoursePayment:
-    """Seed: the *payer* asks the server to move its own money."""
+    """Seed: the *payer* asks the server to move its own money.
+
+    ``amount`` None: the middle field is not a whole number. From the payer that is a failed
+    payment (an invalid amount); from anyone else it is no course message at all (230)."""
 
     payer: str
-    amount: int
+    amount: int | None
     payee: str
 
 
@@ -159,6 +177,7 @@ CourseMessage: TypeAlias = (
     | CourseLogin
     | CourseList
     | CourseExit
+    | CourseLookup
     | CourseDeposit
     | CourseTransfer
     | CoursePayment
@@ -198,20 +217,18 @@ def _common(raw: bytes, parts: list[str]) -> CourseMessage | None:
     return None
 
 
-def _money_move(parts: list[str]) -> tuple[str, int, str] | None:
-    """``payer#amount#payee``, the amount any whole number (the ledger judges its value).
+def _money_move(parts: list[str]) -> tuple[str, int | None, str] | None:
+    """``payer#amount#payee``: the amount any whole number (the ledger judges its value), or
+    None when the middle field is not one (``1.5``, ``+5``, ``1e3``, twenty digits, a digit
+    of another script, a word, nothing).
 
-    An amount with a digit in it that is not a whole number the ledger can take (``1.5``,
-    ``+5``, ``1e3``, twenty digits, a digit of another script) is read as 0, which the ledger
-    refuses: the payer then hears that the transfer failed, instead of waiting for an answer
-    that never comes."""
+    A line of that shape is a money move whatever its middle field: real clients send the
+    word their person typed as the amount, and their payer waits for the outcome like any
+    other. Who may send it is the session's to judge (see :class:`CourseTransfer`)."""
     if len(parts) != 3 or not (NAME_RE.fullmatch(parts[0]) and NAME_RE.fullmatch(parts[2])):
         return None
-    if AMOUNT_RE.fullmatch(parts[1]):
-        return parts[0], int(parts[1]), parts[2]
-    if any(ch.isdigit() for ch in parts[1]):  # meant as an amount (no digit: another message)
-        return parts[0], 0, parts[2]
-    return None
+    amount = int(parts[1]) if AMOUNT_RE.fullmatch(parts[1]) else None
+    return parts[0], amount, parts[2]
 
 
 def _fields(raw: bytes) -> list[str] | CourseBadInput:
@@ -270,6 +287,10 @@ def parse_seed_message(raw: bytes) -> CourseMessage:
         return CourseDeposit(parts[1], amount)
     if (common := _common(raw, parts)) is not None:
         return common
+    # The report's client asks for its payee by name alone (its 4.b.i-ii: "send the payee to
+    # the server, receive the payee's IP and port"; 五.2 shows "bill" answered On#...).
+    if len(parts) == 1 and NAME_RE.fullmatch(parts[0]):
+        return CourseLookup(parts[0])
     # The report's client (its figure 5) prefixes "Paid#"; its text shows it without.
     if len(parts) == 4 and parts[0] == "Paid":
         parts = parts[1:]
@@ -305,6 +326,11 @@ def encode_seed_roster(balance: int, online: Iterable[tuple[str, str, int]]) -> 
     ]
     lines += [f"{name}#{ip}#{port}" for name, ip, port in users]
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def encode_payee_on(ip: str, port: int) -> bytes:
+    """The seed payee lookup's answer for an online payee: where its client listens."""
+    return f"On#{ip}#{port}\n".encode()
 
 
 def _seed_roster(balance: int, server_key: str, online: Online) -> bytes:

@@ -119,6 +119,15 @@ class ServerConfig:
         "seconds a course connection that has not logged in may stay silent (0: forever)",
         seconds_or_off,
     )
+    #: For the clients (of the 2020-2021 editions) that wait for their server to speak
+    #: first, before they show a menu. One line: a client reads one line for it.
+    course_greeting: str | None = setting(
+        None,
+        "--course-greeting",
+        "one line sent to each new course connection as it opens (after the TLS handshake "
+        "with --course-tls), for clients that wait for a greeting; off unless given",
+        metavar="TEXT",
+    )
     scrypt: ScryptParams = field(default_factory=ScryptParams)
     request_expiry: float = setting(
         24 * 3600.0,
@@ -159,6 +168,13 @@ class ServerConfig:
             raise ValueError(f"--max-depth must be within 1..{p.MAX_DEPTH_CAP}")
         if not 1 <= self.request_expiry <= self.max_request_expiry:
             raise ValueError("--request-expiry must be within 1 s..--max-request-expiry")
+        # (Every line break str.splitlines knows, not only "\n": a client may split at any.)
+        greeting = self.course_greeting
+        if greeting is not None and greeting.splitlines() != [greeting]:
+            raise ValueError(
+                "--course-greeting must be one line of text, not empty and without a line "
+                "break (leave the flag out for no greeting)"
+            )
 
 
 @dataclass(frozen=True, slots=True)

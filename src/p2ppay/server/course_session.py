@@ -4,8 +4,8 @@ The server owns the connection (limits, TLS, presence, shutdown); this session r
 lets :mod:`p2ppay.course` parse them with the server's
 :class:`~p2ppay.course.Dialect`, and acts on course accounts only. Each kind of message has
 one handler; the dialect's parser decides which kinds a connection can send (only the seed
-flavour's parser makes a ``CourseDeposit`` or a ``CoursePayment``, only the reference
-flavour's a ``CourseTransfer``), so no handler asks which flavour it serves.
+flavour's parser makes a ``CourseDeposit``, a ``CourseLookup`` or a ``CoursePayment``, only
+the reference flavour's a ``CourseTransfer``), so no handler asks which flavour it serves.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..course import (
     CourseExit,
     CourseList,
     CourseLogin,
+    CourseLookup,
     CourseMessage,
     CoursePayment,
     CourseRegister,
@@ -80,6 +81,8 @@ class CourseSession(SessionBase):
 
     async def serve(self) -> None:
         cfg = self.host.config
+        if cfg.course_greeting is not None:  # once, before anything is read (and after TLS)
+            await self.send(cfg.course_greeting.encode() + b"\n")
         read_size = max(4096, cfg.course_max_message + 2)
         while not self.host.closing:
             # Not the native idle timeout: a menu-driven course client connects at start-up
@@ -124,6 +127,8 @@ class CourseSession(SessionBase):
                 reply = await self._login(message)
             case CourseList():
                 reply = await self._roster() if self.user else course.LOGIN_FIRST
+            case CourseLookup():
+                reply = await self._lookup(message) if self.user else course.LOGIN_FIRST
             case CourseBadDeposit():
                 reply = course.DEPOSIT_FAIL
             case CourseDeposit():
@@ -206,6 +211,19 @@ class CourseSession(SessionBase):
         first = dialect.roster(balance, key, ()).split(b"\n", 1)[0]
         return first + b"\n" + online
 
+    async def _lookup(self, message: CourseLookup) -> bytes:
+        """The seed flavour's payee lookup: where ``name`` listens, if it is online."""
+        # Who is online, as List reads it (with a PostgreSQL ledger: every node's users): a
+        # scan, no dearer than a List, then a ledger read only for a name nobody is online as.
+        key = name_key(message.name)
+        for name, ip, port in await self.host.presence.course_roster():
+            if name_key(name) == key:
+                return course.encode_payee_on(ip, port)
+        account = await self.host.ledger.account(message.name)
+        if account is None or account.kind != "course":
+            return course.PAY_UNKNOWN_PAYEE  # the words of a payment to such a payee
+        return course.PAYEE_OFF
+
     # -- money --
 
     async def _deposit(self, message: CourseDeposit) -> bytes:
@@ -236,14 +254,12 @@ class CourseSession(SessionBase):
         return session is not None and session.ip == self.ip
 
     async def _move(
-        self, what: str, message: CoursePayment | CourseTransfer
+        self, what: str, message: CoursePayment | CourseTransfer, amount: int
     ) -> lg.Transfer | lg.LedgerError:
         """Move a course payment's money (a fresh payment id: the dialect has none); the
         ledger's refusal, if it refuses."""
         try:
-            t = await self.host.ledger.settle(
-                uuid.uuid4(), message.payer, message.payee, message.amount
-            )
+            t = await self.host.ledger.settle(uuid.uuid4(), message.payer, message.payee, amount)
         except lg.LedgerError as exc:
             log.info("%s: course %s %r failed: %s", self.ip, what, message, exc)
             return exc
@@ -252,9 +268,14 @@ class CourseSession(SessionBase):
 
     async def _pay(self, message: CoursePayment) -> bytes:
         if not self._speaks_for(message.payer):
+            if message.amount is None:  # not a payment this sender could make: no message
+                return course.FORMAT_ERROR
             log.info("%s: course payment %r refused: not the payer's", self.ip, message)
             return course.PAY_NOT_YOURS
-        moved = await self._move("payment", message)
+        if message.amount is None:
+            log.info("%s: course payment %r refused: not a whole amount", self.ip, message)
+            return course.PAY_BAD_AMOUNT
+        moved = await self._move("payment", message, message.amount)
         if isinstance(moved, lg.LedgerError):
             return _PAYMENT_REFUSALS.get(type(moved), course.PAY_FAILED)
         return course.SUCCESSFUL  # settle() returns once the transfer is committed
@@ -264,10 +285,19 @@ class CourseSession(SessionBase):
         # sent it. Only a sender logged in as the payee is heard; the ledger keeps course and
         # native accounts apart. A sender that is not the payee gets Transfer Fail! itself and
         # the payer hears nothing: a stranger must not put lines into the payer's connection.
+        # (Unless its middle field is no amount at all: then the line is no transfer of the
+        # sender's, just no course message, e.g. a seed client's DEPOSIT#ray#500.)
         if self.user is None or name_key(self.user) != name_key(message.payee):
-            return course.TRANSFER_FAIL
-        moved = await self._move("transfer", message)
-        outcome = course.TRANSFER_FAIL if isinstance(moved, lg.LedgerError) else course.TRANSFER_OK
+            return course.TRANSFER_FAIL if message.amount is not None else course.FORMAT_ERROR
+        if message.amount is None:
+            # The payee forwarded what its person typed as the amount (a word, say): the
+            # payer waits for this transfer's outcome like any other's.
+            log.info("%s: course transfer %r refused: not a whole amount", self.ip, message)
+            outcome = course.TRANSFER_FAIL
+        else:
+            moved = await self._move("transfer", message, message.amount)
+            failed = isinstance(moved, lg.LedgerError)
+            outcome = course.TRANSFER_FAIL if failed else course.TRANSFER_OK
         # Success or not, the outcome is the payer's, who waits for it; the payee is told
         # nothing (its client is not reading for a reply).
         presence = self.host.presence
