@@ -30,8 +30,10 @@ from ..settings import count, seconds, setting
 
 T = TypeVar("T")
 
-#: How long after the statement timeout the watchdog cuts a call: PostgreSQL's own timeout,
-#: which leaves the connection usable, gets the first chance to end it.
+#: How much sooner than the watchdog PostgreSQL's own ``statement_timeout`` ends a statement
+#: (at most; a tenth of it for short ones): PostgreSQL's timeout, which leaves the connection
+#: usable, gets the first chance, and the watchdog's cut, which costs a new connection, keeps
+#: the bound the flag promises when PostgreSQL does not answer at all.
 WATCHDOG_MARGIN: Final = 0.5
 
 
@@ -96,8 +98,14 @@ class PgTimeouts:
 
     @property
     def watchdog(self) -> float:
-        """Seconds after which a call on a connection is cut (see :class:`Watchdog`)."""
-        return self.statement_timeout + WATCHDOG_MARGIN
+        """Seconds after which a call on a connection is cut (see :class:`Watchdog`): the
+        flag's bound itself."""
+        return self.statement_timeout
+
+    @property
+    def server_statement_timeout(self) -> float:
+        """PostgreSQL's ``statement_timeout``: a little under the watchdog's."""
+        return self.statement_timeout - min(WATCHDOG_MARGIN, self.statement_timeout / 10)
 
     def connect_params(self, given: dict[str, Any], *, sessions: bool) -> dict[str, Any]:
         """The parameters to add to a connection whose URL says ``given``; ``sessions``: with
@@ -113,7 +121,7 @@ class PgTimeouts:
         params = {key: value for key, value in params.items() if key not in given}
         if sessions:
             ours = (
-                f"-c statement_timeout={_ms(self.statement_timeout)}"
+                f"-c statement_timeout={_ms(self.server_statement_timeout)}"
                 f" -c lock_timeout={_ms(self.lock_timeout)}"
             )
             # After the URL's own options: a later -c wins, and these are what we rely on.

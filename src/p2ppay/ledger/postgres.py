@@ -13,9 +13,9 @@ out to be dead before its COMMIT was sent (PostgreSQL dropped it) is retried onc
 
 Nothing waits for PostgreSQL for ever (:mod:`.pgtimeouts`): every connection has TCP
 keepalives and ``tcp_user_timeout``, the writer's and the readers' sessions a statement and a
-lock timeout, and each batch and each read a client-side deadline a little after the statement
-timeout, after which its connection is cut (the batch is answered :class:`LedgerUnavailable`,
-and the next one opens a new connection).
+lock timeout (PostgreSQL's, a little shorter), and each batch and each read a client-side
+deadline of the statement timeout, after which its connection is cut (the batch is answered
+:class:`LedgerUnavailable`, and the next one opens a new connection).
 
 Settles cost one round trip per batch: consecutive settles in the queue go to the server-side
 function ``p2ppay_settle_batch`` (:mod:`.pgschema`) in one call, which locks the accounts they
