@@ -4,6 +4,7 @@
 - :mod:`.schema`: the SQLite tables and their migrations (:func:`connect_sqlite`)
 - :mod:`.sqlite`: the SQLite ledger (group commit on one writer thread, reads beside it)
 - :mod:`.pgschema`, :mod:`.postgres`: the PostgreSQL ledger, shared by several nodes
+- :mod:`.pgtimeouts`: how long it waits for PostgreSQL (keepalives, timeouts, a watchdog)
 - :mod:`.admin`: the operator's view of a ledger file (``p2ppay admin``)
 
 :func:`open_ledger` opens either: a ``postgresql://`` (or ``postgres://``) URL is PostgreSQL,
@@ -49,6 +50,7 @@ from .interface import (
     UnknownRequest,
 )
 from .pgschema import PG_SCHEMA_VERSION, connect_postgres
+from .pgtimeouts import PgTimeouts
 from .postgres import SETTLED_CHANNEL, PostgresLedger, open_postgres_ledger
 from .schema import SCHEMA_V1, SCHEMA_VERSION, connect_sqlite
 from .sqlite import SqliteLedger, open_sqlite_ledger
@@ -70,11 +72,13 @@ def open_ledger(
     *,
     max_batch: int = 512,
     balance_ttl: float = 0.5,
+    pg_timeouts: PgTimeouts | None = None,
 ) -> AbstractAsyncContextManager[AnyLedger]:
     """The ledger at ``target``: a PostgreSQL URL, or else the path of an SQLite file
-    (``balance_ttl``: see :class:`SqliteLedger`; PostgreSQL has no balance cache)."""
+    (``balance_ttl``: see :class:`SqliteLedger`; PostgreSQL has no balance cache;
+    ``pg_timeouts``: PostgreSQL's alone)."""
     if is_postgres_url(target):
-        return open_postgres_ledger(str(target), limits, max_batch=max_batch)
+        return open_postgres_ledger(str(target), limits, max_batch=max_batch, timeouts=pg_timeouts)
     return open_sqlite_ledger(target, limits, max_batch=max_batch, balance_ttl=balance_ttl)
 
 
@@ -102,6 +106,7 @@ __all__ = [
     "NameTaken",
     "PaymentIdConflict",
     "PaymentRequest",
+    "PgTimeouts",
     "PostgresLedger",
     "ReferenceConflict",
     "RequestCancelled",

@@ -20,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from .interface import LedgerUnavailable
+from .pgtimeouts import PgTimeouts
 
 PgConnection = psycopg.Connection[TupleRow]
 
@@ -498,15 +499,20 @@ def _one_line(exc: BaseException, url: str) -> str:
     return redact(text)
 
 
-def open_connection(url: str, **kwargs: Any) -> PgConnection:
-    """A connection to ``url``; an unreachable or refusing server is :class:`LedgerUnavailable`
-    with one line that names the server (never the password)."""
+def open_connection(
+    url: str, timeouts: PgTimeouts | None = None, *, sessions: bool = False, **kwargs: Any
+) -> PgConnection:
+    """A connection to ``url``, with ``timeouts``' TCP keepalives (the defaults if None) and,
+    if ``sessions``, its statement and lock timeouts; an unreachable or refusing server is
+    :class:`LedgerUnavailable` with one line that names the server (never the password)."""
     try:
         params = conninfo_to_dict(url)
     except psycopg.Error as exc:
         raise LedgerUnavailable(f"not a usable PostgreSQL URL: {_one_line(exc, url)}") from None
     if "connect_timeout" not in params:
         kwargs.setdefault("connect_timeout", 10)
+    for key, value in (timeouts or PgTimeouts()).connect_params(params, sessions=sessions).items():
+        kwargs.setdefault(key, value)
     kwargs.setdefault("application_name", "p2ppay")
     try:
         return psycopg.connect(url, **kwargs)
@@ -548,10 +554,11 @@ def migrate(db: PgConnection, url: str) -> None:
         ) from exc
 
 
-def connect_postgres(url: str) -> PgConnection:
-    """The writer's connection to the ledger at ``url`` (created and migrated if need be), at
-    READ COMMITTED, not in autocommit mode (every batch is one transaction)."""
-    db = open_connection(url, autocommit=False)
+def connect_postgres(url: str, timeouts: PgTimeouts | None = None) -> PgConnection:
+    """A connection to the ledger at ``url`` (created and migrated if need be), at READ
+    COMMITTED, not in autocommit mode, with ``timeouts``' keepalives but no statement timeout
+    (a migration may take long; the ledger's writer opens a connection of its own)."""
+    db = open_connection(url, timeouts, autocommit=False)
     try:
         migrate(db, url)
     except BaseException:

@@ -8,7 +8,14 @@ asyncio-only, so this is sync psycopg, like sqlite3). Callers are answered only 
 A refusal (a :class:`~.interface.LedgerError`) writes nothing, so it leaves the batch intact;
 any other failure rolls the batch back and everyone in it gets :class:`LedgerUnavailable`. A
 batch that meets a deadlock (40P01) or a serialization failure (40001), which other nodes'
-batches can cause, is retried whole, up to :data:`RETRIES` times.
+batches can cause, is retried whole, up to :data:`RETRIES` times; one whose connection turns
+out to be dead before its COMMIT was sent (PostgreSQL dropped it) is retried once on a new one.
+
+Nothing waits for PostgreSQL for ever (:mod:`.pgtimeouts`): every connection has TCP
+keepalives and ``tcp_user_timeout``, the writer's and the readers' sessions a statement and a
+lock timeout (PostgreSQL's, a little shorter), and each batch and each read a client-side
+deadline of the statement timeout, after which its connection is cut (the batch is answered
+:class:`LedgerUnavailable`, and the next one opens a new connection).
 
 Settles cost one round trip per batch: consecutive settles in the queue go to the server-side
 function ``p2ppay_settle_batch`` (:mod:`.pgschema`) in one call, which locks the accounts they
@@ -46,6 +53,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Final, Generic, Literal, TypeVar
 
 import psycopg
@@ -83,6 +91,7 @@ from .interface import (
     history_params,
 )
 from .pgschema import PgConnection, connect_postgres, describe, open_connection
+from .pgtimeouts import PgTimeouts, Watchdog, guarded
 
 T = TypeVar("T")
 
@@ -226,7 +235,15 @@ class _Op(Generic[T]):
 class PostgresLedger:
     """The PostgreSQL backend. Use :func:`open_postgres_ledger`, which owns its writer task."""
 
-    def __init__(self, url: str, limits: Limits, max_batch: int = 512, *, readers: int = 2) -> None:
+    def __init__(
+        self,
+        url: str,
+        limits: Limits,
+        max_batch: int = 512,
+        *,
+        readers: int = 2,
+        timeouts: PgTimeouts | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if readers < 1:
@@ -234,6 +251,7 @@ class PostgresLedger:
         self.url = url
         self.limits = limits
         self.max_batch = max_batch
+        self.timeouts = timeouts or PgTimeouts()
         self._send, self._recv = trio.open_memory_channel[_Op[Any]](math.inf)
         self._limiter = trio.CapacityLimiter(1)  # the writer's connection: one thread at a time
         self._db: PgConnection | None = None
@@ -246,12 +264,16 @@ class PostgresLedger:
         self.ops_committed = 0
         #: batches tried again after a deadlock or a serialization failure
         self.retries = 0
+        #: batches and reads tried again on a new connection, the one they had being dead
+        self.reconnected = 0
         self.observer: LedgerObserver | None = None
 
     # -- lifecycle --
 
     def _open_blocking(self) -> None:
-        self._db = connect_postgres(self.url)
+        # Migrated on a connection without the statement timeout (a migration may take
+        # long); the writer's own, with it, is opened by its first batch.
+        connect_postgres(self.url, self.timeouts).close()
 
     async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
@@ -264,8 +286,13 @@ class PostgresLedger:
                             batch.append(self._recv.receive_nowait())
                         except trio.WouldBlock:
                             break
-                    # Not abandoned on cancel: a commit in flight always finishes and is answered.
-                    await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                    # Not abandoned on cancel: a commit in flight always finishes and is
+                    # answered, within the watchdog's limit.
+                    await guarded(
+                        self.timeouts.watchdog,
+                        partial(self._run_batch, batch),
+                        limiter=self._limiter,
+                    )
                     for op in batch:
                         op.done.set()
         finally:
@@ -284,57 +311,92 @@ class PostgresLedger:
 
     # -- the writer (in its thread) --
 
-    def _run_batch(self, batch: list[_Op[Any]]) -> None:
+    def _run_batch(self, batch: list[_Op[Any]], watchdog: Watchdog) -> None:
         started = time.perf_counter()
-        failure: BaseException | None = None
-        for attempt in range(RETRIES):
-            for op in batch:
-                op.result, op.error = None, None
-            try:
-                if self._db is None or self._db.closed or self._db.broken:
-                    self._reconnect()
-                db = self._db
-                assert db is not None
-                self._apply(db, batch)
-                if db.info.transaction_status != TransactionStatus.INTRANS:
-                    # A failed statement PostgreSQL would turn our COMMIT into a ROLLBACK for.
-                    raise LedgerUnavailable("the transaction failed")
-                db.commit()
-                break
-            except _RETRYABLE as exc:
-                self._rollback()
-                self.retries += 1
-                failure = exc
-                # A little, growing, random pause: the other node's batch, which won, can
-                # take the rows back before this one does it again.
-                time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-            except BaseException as exc:
-                # Anything else (a lost connection, a constraint that should have been
-                # impossible) may have left a half-done operation: none of it is kept.
-                self._rollback()
-                for op in batch:
-                    op.result = None
-                    op.error = LedgerUnavailable(f"commit failed: {exc}")
-                if not isinstance(exc, Exception):
-                    raise
+        try:
+            if not self._try_batch(batch, watchdog):
                 return
-        else:
-            for op in batch:
-                op.result = None
-                op.error = LedgerUnavailable(
-                    f"commit failed {RETRIES} times over (contention): {failure}"
-                )
-            return
+        finally:
+            watchdog.release()
         self.commits += 1
         self.ops_committed += len(batch)
         if self.observer is not None:
             self.observer.committed(len(batch), time.perf_counter() - started)
 
+    def _try_batch(self, batch: list[_Op[Any]], watchdog: Watchdog) -> bool:
+        """Commit ``batch``, or answer every op in it with an error (False)."""
+        failure: BaseException | None = None
+        contended = 0
+        anew = False  # tried again on a new connection already (at most once)
+        while contended < RETRIES:
+            for op in batch:
+                op.result, op.error = None, None
+            committing = False
+            try:
+                if watchdog.fired:
+                    raise LedgerUnavailable("out of time")
+                if self._db is None or self._db.closed or self._db.broken:
+                    self._reconnect()
+                db = self._db
+                assert db is not None
+                watchdog.watch(db)
+                self._apply(db, batch)
+                if db.info.transaction_status != TransactionStatus.INTRANS:
+                    # A failed statement PostgreSQL would turn our COMMIT into a ROLLBACK for.
+                    raise LedgerUnavailable("the transaction failed")
+                committing = True
+                db.commit()
+                return True
+            except _RETRYABLE as exc:
+                self._rollback()
+                self.retries += 1
+                contended += 1
+                failure = exc
+                # A little, growing, random pause: the other node's batch, which won, can
+                # take the rows back before this one does it again.
+                time.sleep(random.uniform(0, 0.002 * contended))
+            except BaseException as exc:
+                lost = self._db is not None and self._db.broken
+                # Anything else (a lost connection, a timeout, a constraint that should have
+                # been impossible) may have left a half-done operation: none of it is kept.
+                self._rollback()
+                if (
+                    lost
+                    and not committing
+                    and not anew
+                    and not watchdog.fired
+                    and isinstance(exc, psycopg.OperationalError)
+                ):
+                    # The connection was dead before our COMMIT was sent (PostgreSQL dropped
+                    # it: a restart, a failover, pg_terminate_backend): nothing of the batch
+                    # can have committed, so it is tried once more, on a new connection.
+                    # During COMMIT nobody can tell whether it committed: no second try.
+                    anew = True
+                    self.reconnected += 1
+                    continue
+                reason = f"commit failed: {exc}"
+                if watchdog.fired:
+                    reason = f"PostgreSQL did not answer within {watchdog.limit:g} s" + (
+                        " (the batch may have been committed)" if committing else ""
+                    )
+                for op in batch:
+                    op.result = None
+                    op.error = LedgerUnavailable(reason)
+                if not isinstance(exc, Exception):
+                    raise
+                return False
+        for op in batch:
+            op.result = None
+            op.error = LedgerUnavailable(
+                f"commit failed {RETRIES} times over (contention): {failure}"
+            )
+        return False
+
     def _reconnect(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
-        self._db = open_connection(self.url, autocommit=False)
+        self._db = open_connection(self.url, self.timeouts, sessions=True, autocommit=False)
 
     def _rollback(self) -> None:
         db = self._db
@@ -389,35 +451,69 @@ class PostgresLedger:
 
     # -- reads (in a worker thread, on a read connection) --
 
-    def _run_read(self, fn: Callable[[PgConnection], T]) -> T:
-        with self._readers_lock:
-            if self._closed:
-                raise LedgerUnavailable("the ledger is closed")
-            db = self._idle_readers.pop() if self._idle_readers else None
-        if db is None:
-            db = open_connection(self.url, autocommit=False)
-            # A consistent snapshot of committed data for reads of several statements.
-            db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            db.read_only = True
-        keep = False
+    def _new_reader(self) -> PgConnection:
+        db = open_connection(self.url, self.timeouts, sessions=True, autocommit=False)
+        # A consistent snapshot of committed data for reads of several statements.
+        db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        db.read_only = True
+        return db
+
+    def _read_on(self, db: PgConnection, fn: Callable[[PgConnection], T], watchdog: Watchdog) -> T:
+        """``fn`` on ``db``, which goes back to the pool after; closed by the caller if not."""
+        watchdog.watch(db)
         try:
             result = fn(db)
             db.rollback()
-            keep = True
-            return result
         finally:
-            with self._readers_lock:
-                if keep and not self._closed:
-                    self._idle_readers.append(db)
-                    db = None
-            if db is not None:
+            watchdog.release()
+        with self._readers_lock:
+            if not self._closed:
+                self._idle_readers.append(db)
+                return result
+        db.close()
+        return result
+
+    def _run_read(self, fn: Callable[[PgConnection], T], watchdog: Watchdog) -> T:
+        with self._readers_lock:
+            if self._closed:
+                raise LedgerUnavailable("the ledger is closed")
+            pooled = self._idle_readers.pop() if self._idle_readers else None
+        try:
+            if pooled is not None:
+                try:
+                    return self._read_on(pooled, fn, watchdog)
+                except psycopg.OperationalError:
+                    lost = pooled.broken  # (read before close(), which clears it)
+                    pooled.close()
+                    # Dropped by PostgreSQL while it was idle in the pool (a restart, a
+                    # failover, pg_terminate_backend): once more, on a new connection. Not
+                    # when the watchdog cut it: that one had its time.
+                    if watchdog.fired or not lost:
+                        raise
+                    self.reconnected += 1
+                except BaseException:
+                    pooled.close()
+                    raise
+            db = self._new_reader()
+            try:
+                return self._read_on(db, fn, watchdog)
+            except BaseException:
                 db.close()
+                raise
+        except psycopg.Error as exc:
+            if watchdog.fired:
+                raise LedgerUnavailable(
+                    f"PostgreSQL did not answer a read within {watchdog.limit:g} s"
+                ) from exc
+            raise
 
     async def _read(self, fn: Callable[[PgConnection], T]) -> T:
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
         try:
-            return await trio.to_thread.run_sync(self._run_read, fn, limiter=self._read_limiter)
+            return await guarded(
+                self.timeouts.watchdog, partial(self._run_read, fn), limiter=self._read_limiter
+            )
         except psycopg.Error as exc:
             raise LedgerUnavailable(f"read failed: {' '.join(str(exc).split())}") from exc
 
@@ -877,11 +973,12 @@ async def open_postgres_ledger(
     *,
     max_batch: int = 512,
     readers: int = 2,
+    timeouts: PgTimeouts | None = None,
 ) -> AsyncIterator[PostgresLedger]:
     """Open the ledger in the PostgreSQL database at ``url`` (creating its tables if need be);
     on exit, drain queued work and close. An unreachable server, or a database from a newer
     p2ppay, is :class:`LedgerUnavailable` (one line, no password)."""
-    ledger = PostgresLedger(url, limits or Limits(), max_batch, readers=readers)
+    ledger = PostgresLedger(url, limits or Limits(), max_batch, readers=readers, timeouts=timeouts)
     # Connected (and migrated) before the nursery: a failure is one plain exception.
     await trio.to_thread.run_sync(ledger._open_blocking, limiter=ledger._limiter)
     try:

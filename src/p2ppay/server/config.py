@@ -226,6 +226,8 @@ class ServerOptions:
         "(with a postgresql:// ledger)",
         seconds,
     )
+    #: keepalives on every connection to PostgreSQL, timeouts on the ledger's sessions
+    pg_timeouts: lg.PgTimeouts = field(default_factory=lg.PgTimeouts)
     limits: lg.Limits = field(default_factory=lg.Limits)
     config: ServerConfig = field(default_factory=ServerConfig)
     max_batch: int = setting(512, "--max-batch", "most operations in one ledger commit", count)

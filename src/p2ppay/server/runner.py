@@ -71,11 +71,11 @@ def prepare_state_dir(state_dir: Path) -> None:
                 raise StartupError(f"cannot write the ledger file {path}: {exc.strerror}") from None
 
 
-def check_postgres(url: str) -> None:
+def check_postgres(url: str, timeouts: lg.PgTimeouts) -> None:
     """Connect once to the PostgreSQL ledger: an unreachable server is one clear line at start
     (naming the server, never the password)."""
     try:
-        open_connection(url).close()
+        open_connection(url, timeouts).close()
     except lg.LedgerUnavailable as exc:
         raise StartupError(f"the ledger cannot be used: {exc}") from None
 
@@ -116,7 +116,7 @@ async def run_server(
     target: Path | str = options.ledger or state_dir / LEDGER_FILE
     postgres = isinstance(target, str) and lg.is_postgres_url(target)
     if postgres:
-        await trio.to_thread.run_sync(check_postgres, str(target))
+        await trio.to_thread.run_sync(check_postgres, str(target), options.pg_timeouts)
     if options.cert and options.key:
         cert_path: Path = options.cert
         try:
@@ -158,12 +158,15 @@ async def run_server(
         if options.metrics_port is not None:
             metrics_listeners = await _bind(options.metrics_port, options.metrics_host)
         async with AsyncExitStack() as opened:
+            # (PostgreSQL's timeouts only for PostgreSQL: an SQLite opener takes none.)
+            pg = {"pg_timeouts": options.pg_timeouts} if postgres else {}
             ledger = await opened.enter_async_context(
                 open_ledger(
                     target,
                     options.limits,
                     max_batch=options.max_batch,
                     balance_ttl=options.balance_cache_ttl,
+                    **pg,
                 )
             )
             presence: PgPresence | None = None

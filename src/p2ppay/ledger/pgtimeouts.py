@@ -1,0 +1,222 @@
+"""How long a node waits for PostgreSQL: the timeouts of every connection the ledger opens, and
+a watchdog for the calls that PostgreSQL's own timeouts cannot end.
+
+- :class:`PgTimeouts`: TCP keepalives and ``tcp_user_timeout`` on every connection (a server
+  that vanished without a word is noticed), and ``statement_timeout`` / ``lock_timeout`` on the
+  writer's and the readers' sessions (a slow statement, or one waiting on a lock another
+  connection holds, ends with an error instead of stalling every caller behind it).
+- :class:`Watchdog` / :func:`guarded`: a blocking call on a connection whose backend is alive
+  but does not answer (frozen: SIGSTOP, a hung machine whose TCP stack still acknowledges) is
+  never ended by the statement timeout, whose timer runs in that frozen backend. So each call
+  also has a deadline here, on the client: once it passes, the connection's socket is shut
+  down, the thread blocked on it returns with an error, and the connection is discarded.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar, final
+
+import outcome
+import psycopg
+import trio
+
+from ..settings import count, seconds, setting
+
+T = TypeVar("T")
+
+#: How much sooner than the watchdog PostgreSQL's own ``statement_timeout`` ends a statement
+#: (at most; a tenth of it for short ones): PostgreSQL's timeout, which leaves the connection
+#: usable, gets the first chance, and the watchdog's cut, which costs a new connection, keeps
+#: the bound the flag promises when PostgreSQL does not answer at all.
+WATCHDOG_MARGIN: Final = 0.5
+
+
+def _ms(value: float) -> int:
+    return max(1, round(value * 1000))
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class PgTimeouts:
+    """The libpq parameters of the PostgreSQL ledger's connections; each field is also the
+    server's command-line flag. Parameters the ``--ledger`` URL sets itself win."""
+
+    statement_timeout: float = setting(
+        10.0,
+        "--pg-statement-timeout",
+        "with a PostgreSQL ledger: seconds a ledger batch or read may take (then it is "
+        "answered internal_error: a client retries by payment id, so nothing is lost)",
+        seconds,
+    )
+    lock_timeout: float = setting(
+        5.0,
+        "--pg-lock-timeout",
+        "with a PostgreSQL ledger: seconds a statement may wait for a lock another "
+        "connection holds",
+        seconds,
+    )
+    keepalive_idle: int = setting(
+        10,
+        "--pg-keepalive-idle",
+        "with a PostgreSQL ledger: seconds a connection is idle before TCP keepalives start",
+        count,
+    )
+    keepalive_interval: int = setting(
+        5,
+        "--pg-keepalive-interval",
+        "with a PostgreSQL ledger: seconds between unanswered TCP keepalives",
+        count,
+    )
+    keepalive_count: int = setting(
+        3,
+        "--pg-keepalive-count",
+        "with a PostgreSQL ledger: unanswered TCP keepalives after which a connection is dead",
+        count,
+    )
+    tcp_user_timeout: float = setting(
+        30.0,
+        "--pg-tcp-user-timeout",
+        "with a PostgreSQL ledger: seconds data sent to PostgreSQL may stay unacknowledged "
+        "before the connection is dead",
+        seconds,
+    )
+
+    def __post_init__(self) -> None:
+        # (The flags' parsers say it first; this is for those who build one in Python.)
+        for name in ("statement_timeout", "lock_timeout", "tcp_user_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"--pg-{name.replace('_', '-')} must be more than 0 seconds")
+        for name in ("keepalive_idle", "keepalive_interval", "keepalive_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--pg-{name.replace('_', '-')} must be at least 1")
+
+    @property
+    def watchdog(self) -> float:
+        """Seconds after which a call on a connection is cut (see :class:`Watchdog`): the
+        flag's bound itself."""
+        return self.statement_timeout
+
+    @property
+    def server_statement_timeout(self) -> float:
+        """PostgreSQL's ``statement_timeout``: a little under the watchdog's."""
+        return self.statement_timeout - min(WATCHDOG_MARGIN, self.statement_timeout / 10)
+
+    def connect_params(self, given: dict[str, Any], *, sessions: bool) -> dict[str, Any]:
+        """The parameters to add to a connection whose URL says ``given``; ``sessions``: with
+        the statement and lock timeouts too (the writer's and the readers' connections, not
+        a migration's, which may rightly take long)."""
+        params: dict[str, Any] = {
+            "keepalives": 1,
+            "keepalives_idle": self.keepalive_idle,
+            "keepalives_interval": self.keepalive_interval,
+            "keepalives_count": self.keepalive_count,
+            "tcp_user_timeout": _ms(self.tcp_user_timeout),
+        }
+        params = {key: value for key, value in params.items() if key not in given}
+        if sessions:
+            ours = (
+                f"-c statement_timeout={_ms(self.server_statement_timeout)}"
+                f" -c lock_timeout={_ms(self.lock_timeout)}"
+            )
+            # After the URL's own options: a later -c wins, and these are what we rely on.
+            theirs = given.get("options")
+            params["options"] = f"{theirs} {ours}" if theirs else ours
+        return params
+
+
+def _shut(db: psycopg.Connection[Any]) -> None:
+    """Shut ``db``'s socket down (not close it: the thread using it still holds the fd)."""
+    try:
+        fd = db.pgconn.socket
+    except (psycopg.Error, OSError):
+        return  # no socket left: nothing is blocked on it
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already shut, or reset by the server: the call returns anyway
+
+
+@final
+class Watchdog:
+    """The deadline of one blocking call (a writer batch, a read) that runs in a worker thread.
+
+    The thread says which connection it is using (:meth:`watch`) and when it stops using it
+    (:meth:`release`); :meth:`run`, a Trio task, shuts that connection's socket down once the
+    call has run for ``limit`` seconds (counted from its first :meth:`watch`: not while it
+    waits for a thread) and sets :attr:`fired`. The lock makes sure a connection is never cut
+    after the thread released it (it may be someone else's by then)."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.fired = False
+        self._lock = threading.Lock()
+        self._db: psycopg.Connection[Any] | None = None
+        self._since: float | None = None
+        self._scope = trio.CancelScope(shield=True)
+
+    def watch(self, db: psycopg.Connection[Any]) -> None:
+        """(In the thread.) ``db`` is used from now on; cut at once if the time is up."""
+        with self._lock:
+            if self._since is None:
+                self._since = time.monotonic()
+            self._db = db
+            if self.fired:
+                _shut(db)
+
+    def release(self) -> None:
+        """(In the thread.) No connection is in use any more."""
+        with self._lock:
+            self._db = None
+
+    def _left(self) -> float:
+        with self._lock:
+            if self._since is None:
+                return self.limit
+            return self._since + self.limit - time.monotonic()
+
+    def _cut(self) -> None:
+        with self._lock:
+            self.fired = True
+            if self._db is not None:
+                _shut(self._db)
+
+    async def run(self) -> None:
+        """Wait for the deadline and cut; :meth:`stop` ends it first. Shielded: a ledger
+        closing (which lets the call finish) must not take the deadline away."""
+        with self._scope:
+            # Slept, not an Event: the thread's start is a time it recorded (setting a Trio
+            # Event from a worker thread would cost a round trip into Trio per call).
+            while (left := self._left()) > 0:  # noqa: ASYNC110
+                await trio.sleep(left)
+            self._cut()
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+
+async def guarded(limit: float, fn: Callable[[Watchdog], T], *, limiter: trio.CapacityLimiter) -> T:
+    """``fn(watchdog)`` in a worker thread (under ``limiter``), cut off after ``limit``
+    seconds by a :class:`Watchdog` it reports its connection to. Not abandoned on cancel: the
+    call always returns (the watchdog sees to that), and is answered."""
+    watchdog = Watchdog(limit)
+
+    async def call() -> T:
+        return await trio.to_thread.run_sync(fn, watchdog, limiter=limiter)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog.run)
+        # Captured, not raised in the nursery: the caller catches the error itself, not an
+        # exception group.
+        result: outcome.Outcome[T] = await outcome.acapture(call)
+        watchdog.stop()
+    return result.unwrap()
+
+
+__all__ = ["WATCHDOG_MARGIN", "PgTimeouts", "Watchdog", "guarded"]
