@@ -461,6 +461,47 @@ async def test_logins_and_logouts_elsewhere_are_seen_at_once_despite_the_list_ca
             await expect_error("payee_offline", alice.lookup("bob"))
 
 
+async def test_a_login_answered_on_one_node_is_found_at_once_on_the_other(
+    postgres_url: str,
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    issuer: Issuer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read-your-writes across nodes (issue 22.4): once node 2 has answered bob's login, node 1
+    finds him at once, in both dialects, though node 1 has not heard of the login (its
+    notifications are held back here) and has read who is online just before (kept a
+    heartbeat, long here): a login is answered once its row is written, and a miss is asked
+    of the database before it is told."""
+    slow = {"heartbeat": 30.0, "expiry": 90.0}
+    with trio.fail_after(60):
+        async with (
+            pg_node(postgres_url, server_ctx, issuer, **slow) as n1,
+            pg_node(postgres_url, server_ctx, issuer, **slow) as n2,
+            client_on(n1, client_ctx) as alice,
+            client_on(n2, client_ctx) as bob,
+            course_client(n1, "10.0.0.1") as carol,
+            course_client(n2, "10.0.0.2") as dave,
+        ):
+            for node in (n1, n2):
+                node.server.course_dialect = course.SEED
+            await registered(alice, "alice", deposit=50)
+            await bob.register("bob", PASSWORD)
+            await carol.exchange(b"REGISTER#carol#5001", b"100 OK\n")
+            await carol.exchange(b"dave", b"Failed: unknown payee\n")  # (read, and kept)
+            held: list[tuple[str, str]] = []
+            monkeypatch.setattr(n1.presence, "_on_notifies", held.extend)  # node 1 hears nothing
+            await dave.exchange(b"REGISTER#dave#5002", b"100 OK\n")
+            await carol.exchange(b"dave", b"On#10.0.0.2#5002\n")
+            await expect_error("payee_offline", alice.lookup("bob"))  # (read, and kept)
+            await login(bob, "bob", p2p_port=9002)
+            assert await alice.lookup("bob") == p.Presence("bob", "127.0.0.1", 9002)
+            paid = await pay(alice, "bob", 10)
+            event = await next_event(bob)
+            assert isinstance(event, p.PaymentReceived) and event.payment_id == paid.payment_id
+            assert any('"login"' in payload for _, payload in held)  # (it was held back)
+
+
 async def test_lookup_and_list_see_every_live_node_and_forget_a_dead_one(
     postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:

@@ -176,6 +176,7 @@ class CourseSession(SessionBase):
             return self.dialect.fail
         self._go_online(message.name, message.port or self.peer_port)
         await self.host.ledger.record_login(message.name)
+        await self.host.presence.published(self, course=True)
         return course.OK
 
     async def _login(self, message: CourseLogin) -> bytes:
@@ -184,6 +185,7 @@ class CourseSession(SessionBase):
             return self.dialect.auth_fail  # never a native account: they have passwords
         self._go_online(account.name, message.port)  # shown as registered
         await self.host.ledger.record_login(account.name)
+        await self.host.presence.published(self, course=True)  # (found on every node now)
         return await self._roster()
 
     def _go_online(self, name: str, port: int) -> None:
@@ -213,12 +215,12 @@ class CourseSession(SessionBase):
 
     async def _lookup(self, message: CourseLookup) -> bytes:
         """The seed flavour's payee lookup: where ``name`` listens, if it is online."""
-        # Who is online, as List reads it (with a PostgreSQL ledger: every node's users): a
-        # scan, no dearer than a List, then a ledger read only for a name nobody is online as.
-        key = name_key(message.name)
-        for name, ip, port in await self.host.presence.course_roster():
-            if name_key(name) == key:
-                return course.encode_payee_on(ip, port)
+        # Who is online, as a native lookup reads it (with a PostgreSQL ledger: every node's
+        # users, a miss asked of the database), then a ledger read only for a name nobody is
+        # online as.
+        where = await self.host.presence.lookup(message.name, course=True)
+        if where is not None:
+            return course.encode_payee_on(where.ip, where.port or 0)
         account = await self.host.ledger.account(message.name)
         if account is None or account.kind != "course":
             return course.PAY_UNKNOWN_PAYEE  # the words of a payment to such a payee

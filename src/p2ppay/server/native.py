@@ -254,6 +254,7 @@ class Session(SessionBase):
         self.p2p_port = req.p2p_port
         self.replaced_by = None
         self.host.presence.take_over(self)
+        await self.host.presence.published(self)  # (from now on every node finds this login)
         log.info("%s: %s logged in (p2p port %s)", self.ip, name, req.p2p_port)
         return p.LoginResult(
             name,

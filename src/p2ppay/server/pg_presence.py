@@ -125,6 +125,8 @@ class _Publish:
     port: int | None
     restore: int | None = None  # the login number to put back
     seq: int | None = None  # after the write: the row's number if this login holds it
+    #: set once the write is done (committed, or refused): see :meth:`PgPresence.published`
+    done: trio.Event = field(default_factory=trio.Event)
 
     @property
     def slot(self) -> tuple[bool, str]:
@@ -220,6 +222,8 @@ class PgPresence:
         self._seqs: dict[tuple[bool, str], int] = {}
         #: the newest login made elsewhere while ours was not yet written: (number, ip)
         self._newer: dict[tuple[bool, str], tuple[int, str]] = {}
+        #: each local login whose row is not written yet
+        self._unwritten: dict[tuple[bool, str], _Publish] = {}
         self._writes_in, self._writes = trio.open_memory_channel[_Write](math.inf)
         self._write_conn: psycopg.Connection[Any] | None = None
         self._write_limiter = trio.CapacityLimiter(1)
@@ -257,9 +261,19 @@ class PgPresence:
         if old is not None and old is not member:
             old.replaced(member.ip)
         self._changed()
-        self._writes_in.send_nowait(
-            _Publish(member, course, member.user, member.ip, member.listed_port)
-        )
+        publish = _Publish(member, course, member.user, member.ip, member.listed_port)
+        self._unwritten[publish.slot] = publish
+        self._writes_in.send_nowait(publish)
+
+    async def published(self, member: Member, *, course: bool = False) -> None:
+        """Return once ``member``'s login is written (or refused, or lost to a newer login):
+        from then on every node's :meth:`lookup` finds it, whether or not that node has heard
+        the login's notification yet (read-your-writes across nodes)."""
+        if member.user is None:
+            return
+        publish = self._unwritten.get((course, name_key(member.user)))
+        if publish is not None and publish.member is member:
+            await publish.done.wait()
 
     def forget(self, member: Member, *, course: bool = False) -> None:
         online = self._map(course)
@@ -345,11 +359,26 @@ class PgPresence:
             self._live_rows[course] = rows
         return rows
 
-    async def lookup(self, name: str) -> p.Presence | None:
-        member = self._native.get(name)
+    async def lookup(self, name: str, *, course: bool = False) -> p.Presence | None:
+        member = self._map(course).get(name)
         if member is not None and member.user is not None:
             return p.Presence(member.user, member.ip, member.listed_port)
-        row = (await self._live(False)).by_key.get(name_key(name))
+        key = name_key(name)
+        cached = self._live_rows.get(course)
+        live = await self._live(course)
+        row = live.by_key.get(key)
+        if row is None and live is cached:
+            # What was read may predate a login another node has already answered (its
+            # notification is not here yet): a miss is asked of PostgreSQL before it is told.
+            found = await self._read(
+                "SELECT r.name, r.node_id, r.ip, r.port FROM presence r "
+                f"JOIN nodes n USING (node_id) WHERE r.name_key = %s AND r.course = %s "
+                f"AND {_LIVE}",
+                (key, course, self._expiry_ms),
+            )
+            if found:
+                row = _Row(*found[0])
+                self._changed()  # (what was read is stale: read again next time)
         if row is None or row.node_id == self.node_id:  # (not here any more)
             return None
         return p.Presence(row.name, row.ip, row.port)
@@ -454,9 +483,14 @@ class PgPresence:
             written = await self._commit(batch)
             if written is not None:
                 self._written(written)
-                if written.left:
-                    self._left.set()
-                    return
+            for w in batch:  # (written or refused: a login waiting on it is answered)
+                if isinstance(w, _Publish):
+                    if self._unwritten.get(w.slot) is w:
+                        del self._unwritten[w.slot]
+                    w.done.set()
+            if written is not None and written.left:
+                self._left.set()
+                return
 
     def _start_blocking(self) -> None:
         conn = self._write_conn = self._connect()

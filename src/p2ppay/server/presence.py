@@ -63,8 +63,12 @@ class Presence(Protocol):
     def local(self, name: str, *, course: bool = False) -> Member | None:
         """The session of ``name`` connected to this server process, if any."""
 
-    async def lookup(self, name: str) -> p.Presence | None:
-        """Where a native user takes payments, if online."""
+    async def published(self, member: Member, *, course: bool = False) -> None:
+        """Return once ``member``'s login (a :meth:`take_over`) is seen by every lookup,
+        wherever it is made: a login is answered only then."""
+
+    async def lookup(self, name: str, *, course: bool = False) -> p.Presence | None:
+        """Where a user takes payments, if online."""
 
     async def listing(self, limit: int) -> list[p.Presence]:
         """Native users online, by name, at most ``limit``."""
@@ -122,8 +126,11 @@ class LocalPresence:
     def local(self, name: str, *, course: bool = False) -> Member | None:
         return self._map(course).get(name)
 
-    async def lookup(self, name: str) -> p.Presence | None:
-        member = self._native.get(name)
+    async def published(self, member: Member, *, course: bool = False) -> None:
+        """At once: this process is the only one."""
+
+    async def lookup(self, name: str, *, course: bool = False) -> p.Presence | None:
+        member = self._map(course).get(name)
         if member is None or member.user is None:
             return None
         return p.Presence(member.user, member.ip, member.listed_port)
