@@ -61,6 +61,22 @@ def test_more_than_one_worker_needs_a_postgres_ledger(tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()  # refused before anything was made
 
 
+def test_too_many_workers_is_a_usage_error_before_anything_starts(tmp_path: Path) -> None:
+    # (Without the cap this spawned workers until the machine gave out: the supervisor would
+    # start them one by one, so here the ledger URL points nowhere and the run is bounded.)
+    nowhere = "postgresql://p2ppay@127.0.0.1:1/p2ppay_nowhere?connect_timeout=1"
+    cmd = server_cmd(tmp_path / "state", "--ledger", nowhere, "--workers", "100000")
+    done = run(cmd)
+    assert done.returncode == ExitCode.USAGE
+    assert one_line(done) == (
+        "p2ppay: --workers 100000 is more than 256, the most there may be "
+        "(about one per core is what helps)"
+    )
+    assert "worker 0" not in done.stderr
+    assert not (tmp_path / "state").exists()
+    assert ServerOptions(ledger=nowhere, workers=256).workers == 256  # the most is allowed
+
+
 async def test_reserved_port_is_shared_by_reuseport_listeners_and_no_one_else() -> None:
     port, held = reserve(0, "127.0.0.1")
     try:

@@ -16,6 +16,13 @@ from ..settings import count, seconds, seconds_or_off, seconds_or_zero, setting,
 from ..settings import port as flag_port
 
 DEFAULT_PORT: Final = 8700
+#: The most --workers. A fixed number, not one worked out from the cores: the same command
+#: line (a systemd unit) must start on every machine, and os.cpu_count() counts the host's
+#: cores, not a container's share. Useful counts are about one per core; each worker is a
+#: whole Python process (tens of MB) with its own few PostgreSQL connections, so 256 is far
+#: beyond any of them, and only stops a typo (--workers 100000) from spawning processes until
+#: the machine gives out.
+MAX_WORKERS: Final = 256
 
 #: who may bring money in: every user (``deposit``), or only the operator (``admin credit``)
 DepositPolicy = Literal["open", "operator"]
@@ -275,8 +282,9 @@ class ServerOptions:
     workers: int = setting(
         1,
         "--workers",
-        "processes serving the same port(s) on this machine (SO_REUSEPORT); more than 1 "
-        "needs a PostgreSQL --ledger, and gives worker i --metrics-port PORT+i",
+        f"processes serving the same port(s) on this machine (SO_REUSEPORT), at most "
+        f"{MAX_WORKERS}; more than 1 needs a PostgreSQL --ledger, and gives worker i "
+        "--metrics-port PORT+i",
         count,
     )
 
@@ -300,6 +308,11 @@ class ServerOptions:
                     raise ValueError(f"{flag} and {other} are both {port}: give each its own")
 
     def _check_workers(self) -> None:
+        if self.workers > MAX_WORKERS:
+            raise ValueError(
+                f"--workers {self.workers} is more than {MAX_WORKERS}, the most there may be "
+                "(about one per core is what helps)"
+            )
         if self.workers == 1:
             return
         if self.ledger is None or not lg.is_postgres_url(self.ledger):
