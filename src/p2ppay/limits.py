@@ -294,7 +294,10 @@ class RegistrationLimit:
 
 
 class LimitLog:
-    """Logs that a limit was hit once, then at most once per ``interval`` with a count."""
+    """Logs that a limit was hit, or that something failed, once, then at most once per
+    ``interval`` for each limit or kind of failure, with a count of those left unsaid: a
+    flood (of refused connections, of commits failing on a full disk) costs the log a line a
+    minute, not a line each."""
 
     def __init__(
         self,
@@ -310,12 +313,21 @@ class LimitLog:
         self._suppressed: dict[str, int] = {}
 
     def hit(self, limit: str, detail: str) -> None:
+        """A limit refused something (a warning: the server is doing its job)."""
+        self._report(logging.WARNING, f"limit {limit}", f"limit {limit}: {detail}")
+
+    def failed(self, kind: str, message: str) -> None:
+        """Something failed that should not have (an error: the ledger could not commit,
+        say); ``kind`` is what is counted (e.g. ``ledger deposit``), ``message`` the line."""
+        self._report(logging.ERROR, f"failed {kind}", message)
+
+    def _report(self, level: int, key: str, line: str) -> None:
         now = self.clock()
-        last = self._last.get(limit)
+        last = self._last.get(key)
         if last is not None and now - last < self.interval:
-            self._suppressed[limit] = self._suppressed.get(limit, 0) + 1
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
-        self._last[limit] = now
-        more = self._suppressed.pop(limit, 0)
+        self._last[key] = now
+        more = self._suppressed.pop(key, 0)
         suffix = f" (and {more} more since the last report)" if more else ""
-        self.logger.warning("limit %s: %s%s", limit, detail, suffix)
+        self.logger.log(level, "%s%s", line, suffix)

@@ -372,8 +372,16 @@ class Issuer:
         """A throwaway peer CA, for tests."""
         return cls(*create_ca(PEER_CA_NAME))
 
-    def issue(self, csr_pem: str, name: str, lifetime: dt.timedelta) -> PeerCertificate:
-        """Certify the CSR's key as ``name`` (the CSR's own subject is ignored)."""
+    def issue(
+        self,
+        csr_pem: str,
+        name: str,
+        lifetime: dt.timedelta,
+        *,
+        until: dt.datetime | None = None,
+    ) -> PeerCertificate:
+        """Certify the CSR's key as ``name`` (the CSR's own subject is ignored) for
+        ``lifetime``, or only ``until`` if that is sooner."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
         except (ValueError, UnicodeEncodeError) as exc:
@@ -386,7 +394,7 @@ class Issuer:
         ):
             raise IdentityError("peer keys must be EC P-256")
         now = utc_now()
-        not_after = now + lifetime
+        not_after = now + lifetime if until is None else min(now + lifetime, until)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))

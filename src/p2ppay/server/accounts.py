@@ -14,10 +14,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any, final
+from typing import Any, TypeVar, final
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -41,6 +41,8 @@ from .config import ServerConfig
 from .errors import RequestFailed
 
 log = logging.getLogger("p2ppay.server")
+
+T = TypeVar("T")
 
 
 @final
@@ -188,10 +190,16 @@ class Accounts:
 
     # -- peer certificates --
 
-    async def certify(self, name: str, csr: str | None) -> PeerCertificate | None:
-        """Issue ``name`` (as registered) a peer certificate for the CSR's key, which becomes
-        its current key; without a CSR, the account has no current key any more. Either way
-        no earlier session's key is accepted from now on."""
+    async def certify(self, account: lg.Account, csr: str | None) -> PeerCertificate | None:
+        """Issue ``account`` a peer certificate for the CSR's key, which becomes its current
+        key; without a CSR, the account has no current key any more. Either way no earlier
+        session's key is accepted from now on.
+
+        That is all a login must write, and only when the key changes: a client logging in
+        again with the key it has (the wallet reconnecting) gets a certificate that ends when
+        the stored one does, and nothing is written (so it can log in while the ledger
+        cannot write: a full disk)."""
+        name = account.name
         if csr is None:
             await self.revoke_peer_key(name)
             return None
@@ -200,10 +208,36 @@ class Accounts:
             cert = self.issuer.issue(csr, name, lifetime)
         except IdentityError as exc:
             raise RequestFailed(p.ErrorCode.BAD_CSR, str(exc)) from None
-        expires_ms = int(cert.not_after.timestamp() * 1000)
         der = public_key_der(cert.public_key)
+        kept = self._kept_key_until(account) if der == account.peer_key else None
+        if kept is not None:  # the current key already: until it expires, nothing to write
+            return self.issuer.issue(csr, name, lifetime, until=kept)
+        expires_ms = int(cert.not_after.timestamp() * 1000)
         await self._set_peer_key(name, (cert.public_key, expires_ms, der))
         return cert
+
+    def _kept_key_until(self, account: lg.Account) -> dt.datetime | None:
+        """When the account's stored key expires, if a login with that same key may keep
+        it as it is: it has not expired, and no change of it is on its way to the ledger
+        (the cache, set before every write, agrees with what the account read said)."""
+        stored, expires_ms = account.peer_key, account.peer_key_expires_ms
+        if stored is None or expires_ms is None or expires_ms <= self.wall_clock() * 1000:
+            return None
+        if account.name in self._peer_keys:
+            cached = self._peer_keys[account.name]
+            if cached is None or cached[2] != stored or cached[1] != expires_ms:
+                return None
+        return dt.datetime.fromtimestamp(expires_ms / 1000, dt.UTC)
+
+    async def best_effort(self, what: str, work: Awaitable[T], fallback: T) -> T:
+        """``work``'s result, or ``fallback`` if the ledger cannot do it just now (logged
+        once a minute, with a count, as ``what``): for what a login records, not what it
+        needs."""
+        try:
+            return await work
+        except lg.LedgerUnavailable as exc:
+            self.limit_log.failed(f"ledger {what}", f"ledger failure on {what} (skipped): {exc}")
+            return fallback
 
     async def revoke_peer_key(self, name: str) -> None:
         """Acceptances signed with ``name``'s current key no longer settle (logout)."""

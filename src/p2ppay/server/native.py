@@ -215,7 +215,11 @@ class Session(SessionBase):
             code = LEDGER_CODES.get(type(exc), p.ErrorCode.INTERNAL)
             self.host.metrics.request_failed(op, code)
             if code is p.ErrorCode.INTERNAL:
-                log.error("%s: ledger failure on %s: %s", self.ip, op, exc)
+                # Once a minute per op, with a count: on a full disk every request fails,
+                # and a line each would fill what is left of it (and bury the cause).
+                self.host.limit_log.failed(
+                    f"ledger {op}", f"{self.ip}: ledger failure on {op}: {exc}"
+                )
                 return self.conn.send_error(request.id, code, "the ledger is unavailable")
             return self.conn.send_error(request.id, code, str(exc))
         if isinstance(result, _Encoded):
@@ -245,11 +249,14 @@ class Session(SessionBase):
         accounts = self.host.accounts
         account = await accounts.check_login(req.name, req.password, self.ip)
         name = account.name  # as registered, whatever the letter case of the login
-        cert = await accounts.certify(name, req.csr)
-        await self.host.ledger.record_login(name)  # before anything here changes
+        cert = await accounts.certify(account, req.csr)
+        # Bookkeeping, not a condition of logging in: a ledger that cannot write (a full
+        # disk) still lets people in to see their balance.
+        await accounts.best_effort("login record", self.host.ledger.record_login(name), None)
         # What happened to this account's payment requests while it was away (from now on
-        # they count as told: the reply below tells them).
-        news = await self.host.ledger.request_news(name)
+        # they count as told: the reply below tells them). If it cannot be marked as told,
+        # it is news again at the next login.
+        news = await accounts.best_effort("login news", self.host.ledger.request_news(name), [])
         self.user = name
         self.p2p_port = req.p2p_port
         self.replaced_by = None
