@@ -226,7 +226,12 @@ async def test_a_request_is_paid_while_its_requester_is_offline(tmp_path: Path) 
             (rid, "paid")
         ]
         assert result(lines, "balance") == {"balance": 40}
-        assert result(lines, "requests") == {"incoming": [], "outgoing": []}
+        assert result(lines, "requests") == {
+            "incoming": [],
+            "outgoing": [],
+            "incoming_total": 0,
+            "outgoing_total": 0,
+        }
         # Told once: the next login has no news.
         code, lines, _ = await client(srv.port, state, "bob", "balance")
         assert not [x for x in lines if x.get("event") == "request_closed"]

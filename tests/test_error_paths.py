@@ -79,6 +79,7 @@ class LaggingHost:
         self.accounts: Accounts = server.accounts
         self.presence: Presence = server.presence
         self.limit_log: LimitLog = server.limit_log
+        self.request_limit = server.request_limit
         self.server_public_key = server.server_public_key
         self.course_dialect: Dialect = REFERENCE
         self.metrics: ServerMetrics = server.metrics
@@ -199,11 +200,13 @@ class FlakyLedger:
             request_id, requester, payer, amount, memo, expires_ms, max_open, max_per_payer
         )
 
-    async def open_requests(
-        self, name: str, limit: int
-    ) -> tuple[list[lg.PaymentRequest], list[lg.PaymentRequest]]:
+    async def open_requests(self, name: str, limit: int) -> lg.OpenRequests:
         self._check()
         return await self.inner.open_requests(name, limit)
+
+    async def purge_requests(self, closed_before_ms: int, limit: int) -> int:
+        self._check()
+        return await self.inner.purge_requests(closed_before_ms, limit)
 
     async def pay_request(
         self, request_id: uuid.UUID, payer: str

@@ -462,7 +462,7 @@ async def test_a_version_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
         assert audit.conserved and (audit.accounts, audit.transfers) == (3, 1)
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == lg.SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == lg.SCHEMA_VERSION == 5
         keys = dict(db.execute("SELECT name, name_key FROM accounts").fetchall())
         assert keys == {"Alice": "alice", "bob": "bob", "Carol": "carol"}
         indexes = {row[1] for row in db.execute("PRAGMA index_list(accounts)")}

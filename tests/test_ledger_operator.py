@@ -56,7 +56,7 @@ async def test_a_version_1_ledger_is_migrated_with_everything_in_it(tmp_path: Pa
         assert (await ledger.audit()).conserved
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert (
             db.execute("SELECT frozen, last_login_ms FROM accounts").fetchall() == [(0, None)] * 3
         )

@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Final, Generic, TypeVar, final
 
 from .addresses import address_key
 from .names import name_key
@@ -257,6 +257,40 @@ class _Allowance:
     at: float
 
 
+class TokenBuckets(Generic[K]):
+    """A token bucket per key: up to ``burst`` at once, refilled evenly over ``window``
+    seconds (so a used-up allowance is back in full after ``window``). At most
+    :data:`MAX_TRACKED` keys are remembered, the least recently used forgotten first (a
+    forgotten key starts full again: the price of bounded memory)."""
+
+    def __init__(self, burst: int, window: float, clock: Callable[[], float]) -> None:
+        self.burst = float(burst)
+        self.rate = burst / window
+        self.clock = clock
+        self._keys: OrderedDict[K, _Allowance] = OrderedDict()
+
+    def take(self, key: K) -> float | None:
+        """None if ``key`` may act now (this uses one of its allowance); else the seconds
+        until it may."""
+        now = self.clock()
+        entry = _remember(self._keys, key, lambda: _Allowance(self.burst, now))
+        entry.tokens = min(self.burst, entry.tokens + (now - entry.at) * self.rate)
+        entry.at = now
+        if entry.tokens < 1.0:
+            return (1.0 - entry.tokens) / self.rate
+        entry.tokens -= 1.0
+        return None
+
+    def refund(self, key: K) -> None:
+        """Give back what :meth:`take` took: the act did not happen after all."""
+        entry = self._keys.get(key)
+        if entry is not None:
+            entry.tokens = min(self.burst, entry.tokens + 1.0)
+
+    def tracked(self) -> int:
+        return len(self._keys)
+
+
 class RegistrationLimit:
     """A token bucket per source address (IPv6 by /64, like the other per-address limits): up
     to ``max_registrations_per_ip`` at once, refilled evenly over ``registration_window``.
@@ -265,32 +299,87 @@ class RegistrationLimit:
 
     def __init__(self, config: RegistrationConfig, clock: Callable[[], float]) -> None:
         self.config = config
-        self.clock = clock
-        self._addresses: OrderedDict[str, _Allowance] = OrderedDict()
+        self._buckets: TokenBuckets[str] = TokenBuckets(
+            config.max_registrations_per_ip, config.registration_window, clock
+        )
 
     def admit(self, ip: str) -> float | None:
         """None if ``ip`` may register an account now (this uses one of its allowance); else
         the seconds until it may."""
-        cap = float(self.config.max_registrations_per_ip)
-        rate = cap / self.config.registration_window
-        now = self.clock()
-        entry = _remember(self._addresses, address_key(ip), lambda: _Allowance(cap, now))
-        entry.tokens = min(cap, entry.tokens + (now - entry.at) * rate)
-        entry.at = now
-        if entry.tokens < 1.0:
-            return (1.0 - entry.tokens) / rate
-        entry.tokens -= 1.0
-        return None
+        return self._buckets.take(address_key(ip))
 
     def refund(self, ip: str) -> None:
         """Give back what :meth:`admit` took: no account was made after all (its hash was
         refused, or another took the name first)."""
-        entry = self._addresses.get(address_key(ip))
-        if entry is not None:
-            entry.tokens = min(float(self.config.max_registrations_per_ip), entry.tokens + 1.0)
+        self._buckets.refund(address_key(ip))
 
     def tracked(self) -> int:
-        return len(self._addresses)
+        return self._buckets.tracked()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimitConfig:
+    """How fast payment requests may be made; each field is also its command-line flag.
+    Counted per node (each node of a cluster keeps its own buckets)."""
+
+    request_burst: int = setting(
+        30,
+        "--request-burst",
+        "payment requests one account may make at once; the allowance comes back over "
+        "--request-window",
+        count,
+    )
+    request_window: float = setting(
+        600.0,
+        "--request-window",
+        "seconds in which a used-up --request-burst allowance comes back in full",
+        seconds,
+    )
+    request_pair_burst: int = setting(
+        5,
+        "--request-pair-burst",
+        "payment requests one account may make to any one payer at once; the allowance "
+        "comes back over --request-pair-window",
+        count,
+    )
+    request_pair_window: float = setting(
+        600.0,
+        "--request-pair-window",
+        "seconds in which a used-up --request-pair-burst allowance comes back in full",
+        seconds,
+    )
+
+
+@final
+class RequestLimit:
+    """Token buckets for making payment requests: one per requester, one per (requester,
+    payer) pair, both keyed by canonical names. The open-request caps (--max-open-requests)
+    bound what is held at a time; these bound how fast requests are made, which the caps do
+    not: a request cancelled at once frees its place, and each one still cost a ledger row
+    and a line on the payer's terminal."""
+
+    def __init__(self, config: RequestLimitConfig, clock: Callable[[], float]) -> None:
+        self._requesters: TokenBuckets[str] = TokenBuckets(
+            config.request_burst, config.request_window, clock
+        )
+        self._pairs: TokenBuckets[tuple[str, str]] = TokenBuckets(
+            config.request_pair_burst, config.request_pair_window, clock
+        )
+
+    def admit(self, requester: str, payer: str) -> float | None:
+        """None if ``requester`` may ask ``payer`` now (this uses one of both allowances);
+        else the seconds until it may."""
+        pair = (name_key(requester), name_key(payer))
+        wait = self._requesters.take(pair[0])
+        if wait is not None:
+            return wait
+        wait = self._pairs.take(pair)
+        if wait is not None:
+            self._requesters.refund(pair[0])  # nothing was made: the requester's turn back
+        return wait
+
+    def tracked(self) -> dict[str, int]:
+        return {"requesters": self._requesters.tracked(), "pairs": self._pairs.tracked()}
 
 
 class LimitLog:

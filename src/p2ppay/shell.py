@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -23,6 +24,7 @@ import platformdirs
 import trio
 
 from . import protocol as p
+from .bursts import RequestBurst
 from .client import ClientError, ConnectionLost, ServerError
 from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port, memo_problem, parse_duration
 from .exitcodes import ExitCode, quiet_stdout
@@ -326,11 +328,14 @@ def _for(memo: str | None) -> str:
 
 def format_requests(result: p.RequestsResult) -> str:
     lines: list[str] = []
-    for title, requests, other in (
-        ("Asking you to pay", result.incoming, "FROM"),
-        ("Your requests", result.outgoing, "TO"),
+    for title, requests, total, other in (
+        ("Asking you to pay", result.incoming, result.incoming_total, "FROM"),
+        ("Your requests", result.outgoing, result.outgoing_total, "TO"),
     ):
-        lines.append(f"{title} ({len(requests)}):")
+        # (No total: a server from before the totals; it showed at most 100 of each.)
+        more = 0 if total is None else max(0, total - len(requests))
+        shown = f"{len(requests)} of {total}" if more else f"{len(requests)}"
+        lines.append(f"{title} ({shown}):")
         if not requests:
             continue
         width = max(
@@ -343,6 +348,8 @@ def format_requests(result: p.RequestsResult) -> str:
                 f"  {r.request_id!s:<36}  {who:<{width}}  {r.amount:>10}  "
                 f"{_when(r.expires_ms):<19}  {printable(r.memo or '')}".rstrip()
             )
+        if more:
+            lines.append(f"  ...and {more} more")
     return "\n".join(lines)
 
 
@@ -556,6 +563,8 @@ class Shell:
         self.payment_id: uuid.UUID | None = None
         #: how to retry that payment after server_unreachable
         self._retry = "pay ... --id"
+        #: requests made to us (and cancelled) are shown a few per burst of each requester
+        self._bursts = RequestBurst(trio.current_time)
 
     @property
     def serving(self) -> bool:
@@ -609,8 +618,28 @@ class Shell:
 
     async def show_events(self) -> None:
         # (OutputClosed from here ends the client: cli.main says how)
-        async for event in self.wallet.events:
-            self.show_event(event)
+        events = self.wallet.events
+        while True:
+            due = self._bursts.due()
+            with trio.move_on_at(math.inf if due is None else due):
+                try:
+                    event = await events.receive()
+                except trio.EndOfChannel:
+                    break
+                self.show_event(event)
+                continue
+            self._summarise_bursts()  # a requester's burst ended: one line for its rest
+        self._summarise_bursts(flush=True)
+
+    def _summarise_bursts(self, *, flush: bool = False) -> None:
+        for line in self._bursts.summaries(flush=flush):
+            self.terminal.write(printable(line))
+
+    def _in_burst(self, requester: str) -> bool:
+        """Whether a line about ``requester``'s requests is shown now: only the first few of
+        a burst are (the rest are summed up in one line when it ends: bursts.py)."""
+        self._summarise_bursts()  # (a burst of theirs that has ended is summed up first)
+        return self._bursts.note(requester)
 
     def show_event(self, event: WalletEvent) -> None:
         if isinstance(event, p.SessionReplaced):
@@ -659,12 +688,17 @@ class Shell:
             )
         elif isinstance(event, p.PaymentRequested):
             r = event.request
+            if not self._in_burst(r.requester):
+                return
             text = (
                 f"{r.requester} asks you to pay {r.amount}{_for(r.memo)} by "
                 f"{_when(r.expires_ms)} UTC: pay --request {r.request_id} (or decline-request)"
             )
         elif isinstance(event, p.RequestClosed):
-            text = describe_request_closed(event.request)
+            r = event.request
+            if r.state == "cancelled" and not self._in_burst(r.requester):
+                return
+            text = describe_request_closed(r)
         elif isinstance(event, OfferAnswered):
             o = event.offer
             text = (

@@ -233,6 +233,16 @@ class PaymentRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenRequests:
+    """What ``requests`` shows: the first requests of each side and how many there are."""
+
+    incoming: list[PaymentRequest]  # asking this account to pay
+    outgoing: list[PaymentRequest]  # made by it
+    incoming_total: int
+    outgoing_total: int
+
+
+@dataclass(frozen=True, slots=True)
 class Audit:
     total_balances: int
     #: money issued: every deposit and operator credit, by the movements table
@@ -353,11 +363,17 @@ class Ledger(Protocol):
         nobody can use up a payer's room for everyone else's requests)."""
         ...
 
-    async def open_requests(
-        self, name: str, limit: int
-    ) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
-        """Unexpired open requests to ``name`` (it is asked to pay) and from it, newest first,
-        at most ``limit`` of each."""
+    async def open_requests(self, name: str, limit: int) -> OpenRequests:
+        """Unexpired open requests to ``name`` (it is asked to pay) and from it, at most
+        ``limit`` of each, and how many of each there are in all. Outgoing: newest first.
+        Incoming: those from accounts ``name`` has paid or been paid by first (a request
+        from a counterparty cannot be pushed out of sight by fresh accounts'), each group
+        newest first."""
+        ...
+
+    async def purge_requests(self, closed_before_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` requests closed (paid, declined, cancelled) or expired
+        before ``closed_before_ms``, in one transaction; how many were deleted."""
         ...
 
     async def pay_request(

@@ -24,7 +24,7 @@ from .pgtimeouts import PgTimeouts
 
 PgConnection = psycopg.Connection[TupleRow]
 
-PG_SCHEMA_VERSION = 3
+PG_SCHEMA_VERSION = 4
 
 #: The advisory lock key migrations hold (any constant; "p2ppay" in ASCII).
 _MIGRATION_LOCK = 0x703270706179
@@ -453,11 +453,20 @@ _TO_V3 = (
     _routed(_SETTLE_FUNCTION_V2),
 )
 
+# Version 4 (issue 22): the SQLite schema's version 5 (movements_pair for listing known
+# counterparties' requests first; partial indexes for purging closed and expired requests).
+_TO_V4 = (
+    "CREATE INDEX movements_pair ON movements(payer, payee)",
+    "CREATE INDEX payment_requests_closed ON payment_requests(closed_ms) WHERE state <> 'open'",
+    "CREATE INDEX payment_requests_expires ON payment_requests(expires_ms) WHERE state = 'open'",
+)
+
 #: The statements that take a database from version N to N + 1, by N (0: a new database).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     0: (*_TABLES, _SETTLE_FUNCTION),
     1: _TO_V2,
     2: _TO_V3,
+    3: _TO_V4,
 }
 assert sorted(_MIGRATIONS) == list(range(PG_SCHEMA_VERSION))
 

@@ -78,6 +78,7 @@ from .interface import (
     LedgerUnavailable,
     Limits,
     NameTaken,
+    OpenRequests,
     PaymentIdConflict,
     PaymentRequest,
     SelfPayment,
@@ -212,6 +213,19 @@ def _stored_transfer(db: PgConnection, payment_id: uuid.UUID) -> Transfer | None
 
 
 _REQUEST_COLUMNS = "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
+
+
+#: As the SQLite ledger's: incoming requests from known counterparties first (movements_pair).
+_KNOWN_FIRST = (
+    "(EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
+    " OR EXISTS (SELECT 1 FROM movements AS m"
+    " WHERE m.payer = r.requester AND m.payee = r.payer)) DESC, "
+)
+#: What :meth:`PostgresLedger.purge_requests` deletes (each as a partial index has it).
+_PURGEABLE = (
+    "state <> 'open' AND closed_ms < %s",
+    "state = 'open' AND expires_ms < %s",
+)
 
 
 def _request(row: Sequence[Any], now_ms: int) -> PaymentRequest:
@@ -826,28 +840,48 @@ class PostgresLedger:
 
         return await self._write(op)
 
-    async def open_requests(
-        self, name: str, limit: int
-    ) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
-        def op(db: PgConnection) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
+    async def open_requests(self, name: str, limit: int) -> OpenRequests:
+        def op(db: PgConnection) -> OpenRequests:
             found = db.execute(
                 "SELECT name FROM accounts WHERE name_key = %s", (name_key(name),)
             ).fetchone()
             if found is None:
-                return [], []
+                return OpenRequests([], [], 0, 0)
             now = _now_ms()
-            lists = []
-            for column in ("payer", "requester"):
+            me = found[0]
+            lists, totals = [], []
+            for column, order in (("payer", _KNOWN_FIRST), ("requester", "")):
                 rows = db.execute(
-                    f"SELECT {_REQUEST_COLUMNS} FROM payment_requests"
+                    f"SELECT {_REQUEST_COLUMNS} FROM payment_requests AS r"
                     f" WHERE {column} = %s AND state = 'open' AND expires_ms > %s"
-                    f" ORDER BY created_ms DESC, id LIMIT %s",
-                    (found[0], now, limit),
+                    f" ORDER BY {order}created_ms DESC, id LIMIT %s",
+                    (me, now, limit),
                 ).fetchall()
                 lists.append([_request(row, now) for row in rows])
-            return lists[0], lists[1]
+                row = db.execute(
+                    f"SELECT COUNT(*) FROM payment_requests"
+                    f" WHERE {column} = %s AND state = 'open' AND expires_ms > %s",
+                    (me, now),
+                ).fetchone()
+                assert row is not None
+                totals.append(int(row[0]))
+            return OpenRequests(lists[0], lists[1], totals[0], totals[1])
 
         return await self._read(op)
+
+    async def purge_requests(self, closed_before_ms: int, limit: int) -> int:
+        def op(db: PgConnection) -> int:
+            deleted = 0
+            for where in _PURGEABLE:
+                cursor = db.execute(
+                    "DELETE FROM payment_requests WHERE id IN"
+                    f" (SELECT id FROM payment_requests WHERE {where} LIMIT %s)",
+                    (closed_before_ms, limit - deleted),
+                )
+                deleted += cursor.rowcount
+            return deleted
+
+        return await self._write(op)
 
     async def pay_request(
         self, request_id: uuid.UUID, payer: str

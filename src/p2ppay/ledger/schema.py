@@ -14,7 +14,7 @@ from .interface import (
 
 # Accounts are looked up by ``name_key``, the canonical form of the name (p2ppay.names), and
 # shown by ``name``, as registered. Movements name accounts as registered.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The schema as version 1 made it. A new ledger is made at version 1 and then migrated step by
 # step like any old one, so every open exercises the migrations the ledgers on disk need.
@@ -147,12 +147,23 @@ _TO_V4 = (
     "CREATE INDEX payment_requests_news ON payment_requests(requester) WHERE told = 0",
 )
 
+# Version 5 (issue 22): ``requests`` lists the requests of accounts the payer has paid or been
+# paid by first, which asks "any movement from A to B?" per request: movements_pair answers it
+# with one probe (movements_payer would scan all of A's payments). Closed and expired requests
+# are purged after a retention period; the two partial indexes find them without a scan.
+_TO_V5 = (
+    "CREATE INDEX movements_pair ON movements(payer, payee)",
+    "CREATE INDEX payment_requests_closed ON payment_requests(closed_ms) WHERE state <> 'open'",
+    "CREATE INDEX payment_requests_expires ON payment_requests(expires_ms) WHERE state = 'open'",
+)
+
 #: The statements that take a ledger from version N to N + 1, by N (0: a new file).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     0: tuple(stmt for stmt in SCHEMA_V1.split(";") if stmt.strip()),
     1: _TO_V2,
     2: _TO_V3,
     3: _TO_V4,
+    4: _TO_V5,
 }
 assert sorted(_MIGRATIONS) == list(range(SCHEMA_VERSION))
 

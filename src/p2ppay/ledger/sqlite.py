@@ -47,6 +47,7 @@ from .interface import (
     LedgerUnavailable,
     Limits,
     NameTaken,
+    OpenRequests,
     PaymentIdConflict,
     PaymentRequest,
     SelfPayment,
@@ -247,6 +248,22 @@ def _move(
 
 
 _REQUEST_COLUMNS = "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
+
+
+#: Incoming requests from accounts the payer has paid or been paid by come first (a
+#: counterparty's request cannot be pushed out of sight by throwaway accounts'); each EXISTS
+#: is one probe of the movements_pair index. (The ``r`` is the listed request.)
+_KNOWN_FIRST = (
+    "(EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
+    " OR EXISTS (SELECT 1 FROM movements AS m"
+    " WHERE m.payer = r.requester AND m.payee = r.payer)) DESC, "
+)
+#: What :meth:`SqliteLedger.purge_requests` deletes (each term as a partial index has it):
+#: requests closed before the cutoff, and open ones that expired before it.
+_PURGEABLE = (
+    "state <> 'open' AND closed_ms < ?",
+    "state = 'open' AND expires_ms < ?",
+)
 
 
 def _request(row: tuple[Any, ...], now_ms: int) -> PaymentRequest:
@@ -796,28 +813,46 @@ class SqliteLedger:
 
         return await self._submit(op)
 
-    async def open_requests(
-        self, name: str, limit: int
-    ) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
-        def op(db: sqlite3.Connection) -> tuple[list[PaymentRequest], list[PaymentRequest]]:
+    async def open_requests(self, name: str, limit: int) -> OpenRequests:
+        def op(db: sqlite3.Connection) -> OpenRequests:
             found = db.execute(
                 "SELECT name FROM accounts WHERE name_key = ?", (name_key(name),)
             ).fetchone()
             if found is None:
-                return [], []
+                return OpenRequests([], [], 0, 0)
             now = _now_ms()
-            lists = []
-            for column in ("payer", "requester"):
+            me = found[0]
+            lists, totals = [], []
+            for column, order in (("payer", _KNOWN_FIRST), ("requester", "")):
                 rows = db.execute(
-                    f"SELECT {_REQUEST_COLUMNS} FROM payment_requests"
+                    f"SELECT {_REQUEST_COLUMNS} FROM payment_requests AS r"
                     f" WHERE {column} = ? AND state = 'open' AND expires_ms > ?"
-                    f" ORDER BY created_ms DESC, id LIMIT ?",
-                    (found[0], now, limit),
+                    f" ORDER BY {order}created_ms DESC, id LIMIT ?",
+                    (me, now, limit),
                 ).fetchall()
                 lists.append([_request(row, now) for row in rows])
-            return lists[0], lists[1]
+                (total,) = db.execute(
+                    f"SELECT COUNT(*) FROM payment_requests"
+                    f" WHERE {column} = ? AND state = 'open' AND expires_ms > ?",
+                    (me, now),
+                ).fetchone()
+                totals.append(total)
+            return OpenRequests(lists[0], lists[1], totals[0], totals[1])
 
         return await self._read(op)
+
+    async def purge_requests(self, closed_before_ms: int, limit: int) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            deleted = 0
+            for where in _PURGEABLE:
+                deleted += db.execute(
+                    "DELETE FROM payment_requests WHERE id IN"
+                    f" (SELECT id FROM payment_requests WHERE {where} LIMIT ?)",
+                    (closed_before_ms, limit - deleted),
+                ).rowcount
+            return deleted
+
+        return await self._submit(op)
 
     async def pay_request(
         self, request_id: uuid.UUID, payer: str

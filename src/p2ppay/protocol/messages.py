@@ -265,10 +265,15 @@ class LogoutResult(msgspec.Struct, frozen=True):
 
 
 class RequestsResult(msgspec.Struct, frozen=True):
-    """Open requests: ``incoming`` ask you to pay, ``outgoing`` are yours; newest first."""
+    """Open requests: ``incoming`` ask you to pay (those of accounts you have paid or been
+    paid by first), ``outgoing`` are yours; newest first. The lists are the server's first
+    --max-open-requests of each; the totals say how many there are in all (None: a server
+    from before the totals)."""
 
     incoming: list[RequestInfo]
     outgoing: list[RequestInfo]
+    incoming_total: int | None = None
+    outgoing_total: int | None = None
 
 
 class Receipt(msgspec.Struct, frozen=True):

@@ -22,7 +22,7 @@ from .. import protocol as p
 from ..addresses import peer_ip, peer_port
 from ..course import REFERENCE, Dialect
 from ..hashing import Work
-from ..limits import LimitLog
+from ..limits import LimitLog, RequestLimit
 from ..metrics import ServerMetrics
 from ..names import name_key
 from ..pki import Issuer, create_ca
@@ -65,6 +65,7 @@ class Server:
         self.receipts = receipts or ReceiptSigner.ephemeral(create_ca("p2ppay throwaway CA"))
         self.config = cfg = config or ServerConfig()
         self.limit_log = LimitLog(log, clock=trio.current_time)
+        self.request_limit = RequestLimit(cfg.request_limits, trio.current_time)
         self.admission = Admission(
             ssl_context,
             self.limit_log,

@@ -18,7 +18,7 @@ from .. import ledger as lg
 from .. import logs
 from .. import protocol as p
 from ..course import Dialect
-from ..limits import LimitLog
+from ..limits import LimitLog, RequestLimit
 from ..metrics import ServerMetrics
 from ..receipts import ReceiptSigner
 from ..sending import Outgoing
@@ -37,6 +37,8 @@ class Host(Protocol):
     accounts: Accounts
     presence: Presence
     limit_log: LimitLog
+    #: how fast each account may make payment requests
+    request_limit: RequestLimit
     #: the course dialect's login reply names this (base64 DER of the server's key)
     server_public_key: str
     course_dialect: Dialect

@@ -10,7 +10,7 @@ from typing import Final, Literal
 from .. import ledger as lg
 from .. import protocol as p
 from ..course import DIALECTS, REFERENCE, Dialect
-from ..limits import RegistrationConfig, ThrottleConfig
+from ..limits import RegistrationConfig, RequestLimitConfig, ThrottleConfig
 from ..passwords import ScryptParams
 from ..settings import count, seconds, seconds_or_off, seconds_or_zero, setting, whole
 from ..settings import port as flag_port
@@ -160,6 +160,32 @@ class ServerConfig:
         10,
         "--max-requests-per-payer",
         "open payment requests one account may have made to any one payer",
+        count,
+    )
+    #: how fast requests may be made (token buckets per requester and per requester-payer)
+    request_limits: RequestLimitConfig = field(default_factory=RequestLimitConfig)
+    #: closed requests (paid, declined, cancelled, expired) are kept this long, then purged:
+    #: without it every request ever made stays on disk
+    request_retention: float = setting(
+        30 * 86400.0,
+        "--request-retention-days",
+        "days a closed (paid, declined, cancelled or expired) payment request is kept before "
+        "it is purged",
+        seconds,
+        convert=lambda days: days * 86400,
+        shown_default=30.0,
+    )
+    request_purge_interval: float = setting(
+        3600.0,
+        "--request-purge-interval",
+        "seconds between purges of closed payment requests older than --request-retention-days",
+        seconds,
+    )
+    request_purge_chunk: int = setting(
+        1000,
+        "--request-purge-chunk",
+        "closed payment requests deleted per ledger transaction when purging (small chunks "
+        "keep the writer's other work waiting only briefly)",
         count,
     )
     #: "operator": users' deposits are refused (and course accounts start empty)

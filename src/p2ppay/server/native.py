@@ -403,11 +403,19 @@ class Session(SessionBase):
                 p.ErrorCode.BAD_REQUEST,
                 f"a request may stay open at most {cfg.max_request_expiry:.0f} s",
             )
+        me = self._me()
+        wait = self.host.request_limit.admit(me, req.payer)
+        if wait is not None:
+            self.host.limit_log.hit("requests", f"{me} made payment requests too fast")
+            raise RequestFailed(
+                p.ErrorCode.RATE_LIMITED,
+                f"too many payment requests made recently; try again in {math.ceil(wait)} s",
+            )
         expires_ms = int((time.time() + lifetime) * 1000)
         # (no such payer: UnknownAccount, answered unknown_user)
         made = await self.host.ledger.create_request(
             uuid.uuid4(),
-            self._me(),
+            me,
             req.payer,
             req.amount,
             req.memo,
@@ -421,11 +429,12 @@ class Session(SessionBase):
         return info
 
     async def _requests(self, req: p.ListRequests) -> p.RequestsResult:
-        incoming, outgoing = await self.host.ledger.open_requests(
-            self._me(), self.host.config.max_open_requests
-        )
+        found = await self.host.ledger.open_requests(self._me(), self.host.config.max_open_requests)
         return p.RequestsResult(
-            [_request_info(r) for r in incoming], [_request_info(r) for r in outgoing]
+            [_request_info(r) for r in found.incoming],
+            [_request_info(r) for r in found.outgoing],
+            found.incoming_total,
+            found.outgoing_total,
         )
 
     async def _pay_request(self, req: p.PayRequest) -> p.SettleResult:

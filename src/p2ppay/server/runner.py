@@ -31,6 +31,7 @@ from .app import Server
 from .config import LEDGER_FILE, ServerOptions
 from .pg_presence import PgPresence, one_line, open_pg_presence
 from .ports import bind_error, reuseport_listeners
+from .purge import keep_purging
 
 log = logging.getLogger("p2ppay.server")
 
@@ -205,6 +206,8 @@ async def run_server(
                 )
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners, course_listeners)
+                # (in the server's nursery too: housekeeping stops when serving does)
+                server.spawn(partial(keep_purging, ledger, options.config, server.limit_log))
                 if metrics_listeners:  # in the server's nursery: it stops when serving does
                     server.spawn(partial(serve_metrics, server.metrics.render, metrics_listeners))
                 addresses: list[tuple[str, int]] = []
