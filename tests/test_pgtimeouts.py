@@ -124,8 +124,9 @@ async def test_a_lock_held_on_accounts_is_internal_error_within_the_lock_timeout
                 # (Without a lock timeout the settle would wait this long, then succeed.)
                 nursery.start_soon(_release_after, holder, STALL)
                 started = time.monotonic()
-                with pytest.raises(lg.LedgerUnavailable, match="lock timeout"):
+                with pytest.raises(lg.LedgerUnavailable, match="lock timeout") as info:
                     await ledger.settle(pid, "alice", "bob", 10)
+                assert "\n" not in str(info.value)  # (it is logged: one line)
                 waited = time.monotonic() - started
                 nursery.cancel_scope.cancel()
         assert waited < QUICK.lock_timeout + 1.0, waited

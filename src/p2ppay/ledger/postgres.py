@@ -372,7 +372,7 @@ class PostgresLedger:
                     anew = True
                     self.reconnected += 1
                     continue
-                reason = f"commit failed: {exc}"
+                reason = f"commit failed: {' '.join(str(exc).split())}"  # one line, for the log
                 if watchdog.fired:
                     reason = f"PostgreSQL did not answer within {watchdog.limit:g} s" + (
                         " (the batch may have been committed)" if committing else ""
