@@ -488,7 +488,8 @@ class PostgresLedger:
                     # when the watchdog cut it: that one had its time.
                     if watchdog.fired or not lost:
                         raise
-                    self.reconnected += 1
+                    with self._readers_lock:  # (readers run in threads of their own)
+                        self.reconnected += 1
                 except BaseException:
                     pooled.close()
                     raise
