@@ -5,7 +5,7 @@ a watchdog for the calls that PostgreSQL's own timeouts cannot end.
   that vanished without a word is noticed), and ``statement_timeout`` / ``lock_timeout`` on the
   writer's and the readers' sessions (a slow statement, or one waiting on a lock another
   connection holds, ends with an error instead of stalling every caller behind it).
-- :class:`Watchdog` / :func:`guarded`: a blocking call on a connection whose backend is alive
+- :class:`Watchdogs` / :class:`Watchdog`: a blocking call on a connection whose backend is alive
   but does not answer (frozen: SIGSTOP, a hung machine whose TCP stack still acknowledges) is
   never ended by the statement timeout, whose timer runs in that frozen backend. So each call
   also has a deadline here, on the client: once it passes, the connection's socket is shut
@@ -18,23 +18,22 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, final
 
-import outcome
 import psycopg
 import trio
 
 from ..settings import count, seconds, setting
-
-T = TypeVar("T")
 
 #: How much sooner than the watchdog PostgreSQL's own ``statement_timeout`` ends a statement
 #: (at most; a tenth of it for short ones): PostgreSQL's timeout, which leaves the connection
 #: usable, gets the first chance, and the watchdog's cut, which costs a new connection, keeps
 #: the bound the flag promises when PostgreSQL does not answer at all.
 WATCHDOG_MARGIN: Final = 0.5
+#: The longest the watchdogs' task sleeps: a call that began meanwhile is seen this late at
+#: most (its own deadline is then slept to exactly).
+TICK: Final = 0.1
 
 
 def _ms(value: float) -> int:
@@ -145,78 +144,95 @@ def _shut(db: psycopg.Connection[Any]) -> None:
 
 @final
 class Watchdog:
-    """The deadline of one blocking call (a writer batch, a read) that runs in a worker thread.
+    """The deadline of one blocking call (a writer batch, a read) in a worker thread, kept by
+    its :class:`Watchdogs`.
 
     The thread says which connection it is using (:meth:`watch`) and when it stops using it
-    (:meth:`release`); :meth:`run`, a Trio task, shuts that connection's socket down once the
-    call has run for ``limit`` seconds (counted from its first :meth:`watch`: not while it
-    waits for a thread) and sets :attr:`fired`. The lock makes sure a connection is never cut
-    after the thread released it (it may be someone else's by then)."""
+    (:meth:`release`); once the call has run for ``limit`` seconds (counted from its first
+    :meth:`watch`: not while it waits for a thread), :attr:`fired` is set and the connection's
+    socket is shut down. A connection is never cut after the thread released it (it may be
+    someone else's by then): both happen under the :class:`Watchdogs`' lock."""
 
-    def __init__(self, limit: float) -> None:
-        self.limit = limit
-        self.fired = False
-        self._lock = threading.Lock()
+    __slots__ = ("_db", "_owner", "_since", "fired")
+
+    def __init__(self, owner: Watchdogs) -> None:
+        self._owner = owner
         self._db: psycopg.Connection[Any] | None = None
         self._since: float | None = None
-        self._scope = trio.CancelScope(shield=True)
+        self.fired = False
+
+    @property
+    def limit(self) -> float:
+        return self._owner.limit
 
     def watch(self, db: psycopg.Connection[Any]) -> None:
         """(In the thread.) ``db`` is used from now on; cut at once if the time is up."""
-        with self._lock:
+        with self._owner.lock:
             if self._since is None:
                 self._since = time.monotonic()
             self._db = db
+            self._owner.active.add(self)
             if self.fired:
                 _shut(db)
 
     def release(self) -> None:
         """(In the thread.) No connection is in use any more."""
-        with self._lock:
+        with self._owner.lock:
             self._db = None
+            self._owner.active.discard(self)
 
-    def _left(self) -> float:
-        with self._lock:
-            if self._since is None:
-                return self.limit
-            return self._since + self.limit - time.monotonic()
+    def _left(self, now: float) -> float:
+        assert self._since is not None  # (active ones have started)
+        return self._since + self._owner.limit - now
 
     def _cut(self) -> None:
-        with self._lock:
-            self.fired = True
-            if self._db is not None:
-                _shut(self._db)
+        self.fired = True
+        if self._db is not None:
+            _shut(self._db)
 
-    async def run(self) -> None:
-        """Wait for the deadline and cut; :meth:`stop` ends it first. Shielded: a ledger
-        closing (which lets the call finish) must not take the deadline away."""
+
+@final
+class Watchdogs:
+    """Every :class:`Watchdog` of one ledger, and the one Trio task (:meth:`run`) that cuts
+    the calls that are overdue. (One task for all, woken at least every :data:`TICK`, rather
+    than a timer task per call: a call then costs a set insertion, not a task.)"""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.active: set[Watchdog] = set()
+        self._scope = trio.CancelScope(shield=True)
+
+    def call(self) -> Watchdog:
+        """A deadline for one more call."""
+        return Watchdog(self)
+
+    def _cut_overdue(self) -> float:
+        """Cut the calls whose time is up; the seconds until the next one's is."""
+        now = time.monotonic()
+        wait = TICK
+        with self.lock:
+            for watchdog in list(self.active):
+                left = watchdog._left(now)
+                if left <= 0:
+                    watchdog._cut()
+                    self.active.discard(watchdog)
+                else:
+                    wait = min(wait, left)
+        return wait
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Cut overdue calls until :meth:`stop`. Shielded: a ledger closing (which lets the
+        calls in flight finish) must not take their deadlines away."""
         with self._scope:
-            # Slept, not an Event: the thread's start is a time it recorded (setting a Trio
-            # Event from a worker thread would cost a round trip into Trio per call).
-            while (left := self._left()) > 0:  # noqa: ASYNC110
-                await trio.sleep(left)
-            self._cut()
+            task_status.started()
+            # (Slept, not an Event: the calls start in worker threads, which would have to
+            # come into Trio to set one.)
+            while True:  # noqa: ASYNC110
+                await trio.sleep(self._cut_overdue())
 
     def stop(self) -> None:
         self._scope.cancel()
 
 
-async def guarded(limit: float, fn: Callable[[Watchdog], T], *, limiter: trio.CapacityLimiter) -> T:
-    """``fn(watchdog)`` in a worker thread (under ``limiter``), cut off after ``limit``
-    seconds by a :class:`Watchdog` it reports its connection to. Not abandoned on cancel: the
-    call always returns (the watchdog sees to that), and is answered."""
-    watchdog = Watchdog(limit)
-
-    async def call() -> T:
-        return await trio.to_thread.run_sync(fn, watchdog, limiter=limiter)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchdog.run)
-        # Captured, not raised in the nursery: the caller catches the error itself, not an
-        # exception group.
-        result: outcome.Outcome[T] = await outcome.acapture(call)
-        watchdog.stop()
-    return result.unwrap()
-
-
-__all__ = ["WATCHDOG_MARGIN", "PgTimeouts", "Watchdog", "guarded"]
+__all__ = ["TICK", "WATCHDOG_MARGIN", "PgTimeouts", "Watchdog", "Watchdogs"]

@@ -53,7 +53,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any, Final, Generic, Literal, TypeVar
 
 import psycopg
@@ -92,7 +91,7 @@ from .interface import (
     history_params,
 )
 from .pgschema import PgConnection, connect_postgres, describe, open_connection
-from .pgtimeouts import PgTimeouts, Watchdog, guarded
+from .pgtimeouts import PgTimeouts, Watchdog, Watchdogs
 
 T = TypeVar("T")
 
@@ -266,6 +265,7 @@ class PostgresLedger:
         self.limits = limits
         self.max_batch = max_batch
         self.timeouts = timeouts or PgTimeouts()
+        self._watchdogs = Watchdogs(self.timeouts.watchdog)
         self._send, self._recv = trio.open_memory_channel[_Op[Any]](math.inf)
         self._limiter = trio.CapacityLimiter(1)  # the writer's connection: one thread at a time
         self._db: PgConnection | None = None
@@ -302,10 +302,8 @@ class PostgresLedger:
                             break
                     # Not abandoned on cancel: a commit in flight always finishes and is
                     # answered, within the watchdog's limit.
-                    await guarded(
-                        self.timeouts.watchdog,
-                        partial(self._run_batch, batch),
-                        limiter=self._limiter,
+                    await trio.to_thread.run_sync(
+                        self._run_batch, batch, self._watchdogs.call(), limiter=self._limiter
                     )
                     for op in batch:
                         op.done.set()
@@ -388,7 +386,7 @@ class PostgresLedger:
                     anew = True
                     self.reconnected += 1
                     continue
-                reason = f"commit failed: {exc}"
+                reason = f"commit failed: {' '.join(str(exc).split())}"  # one line, for the log
                 if watchdog.fired:
                     reason = f"PostgreSQL did not answer within {watchdog.limit:g} s" + (
                         " (the batch may have been committed)" if committing else ""
@@ -504,7 +502,8 @@ class PostgresLedger:
                     # when the watchdog cut it: that one had its time.
                     if watchdog.fired or not lost:
                         raise
-                    self.reconnected += 1
+                    with self._readers_lock:  # (readers run in threads of their own)
+                        self.reconnected += 1
                 except BaseException:
                     pooled.close()
                     raise
@@ -525,8 +524,8 @@ class PostgresLedger:
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
         try:
-            return await guarded(
-                self.timeouts.watchdog, partial(self._run_read, fn), limiter=self._read_limiter
+            return await trio.to_thread.run_sync(
+                self._run_read, fn, self._watchdogs.call(), limiter=self._read_limiter
             )
         except psycopg.Error as exc:
             raise LedgerUnavailable(f"read failed: {' '.join(str(exc).split())}") from exc
@@ -1016,13 +1015,18 @@ async def open_postgres_ledger(
     # Connected (and migrated) before the nursery: a failure is one plain exception.
     await trio.to_thread.run_sync(ledger._open_blocking, limiter=ledger._limiter)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ledger._writer)
+        async with trio.open_nursery() as watching:
+            await watching.start(ledger._watchdogs.run)
             try:
-                yield ledger
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(ledger._writer)
+                    try:
+                        yield ledger
+                    finally:
+                        # Closing the channel lets the writer finish what is queued, then stop.
+                        ledger._send.close()
             finally:
-                # Closing the channel lets the writer finish what is queued, then stop.
-                ledger._send.close()
+                ledger._watchdogs.stop()  # (once the writer, its last call, has returned)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(ledger._close_blocking, limiter=ledger._limiter)
