@@ -201,7 +201,7 @@ class Watchdogs:
         self.limit = limit
         self.lock = threading.Lock()
         self.active: set[Watchdog] = set()
-        self._scope = trio.CancelScope(shield=True)
+        self._stopped = threading.Event()
 
     def call(self) -> Watchdog:
         """A deadline for one more call."""
@@ -221,18 +221,25 @@ class Watchdogs:
                     wait = min(wait, left)
         return wait
 
+    def _keep(self) -> None:
+        """(In its own thread.) Cut overdue calls until :meth:`stop`."""
+        while not self._stopped.wait(self._cut_overdue()):
+            pass
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Cut overdue calls until :meth:`stop`. Shielded: a ledger closing (which lets the
-        calls in flight finish) must not take their deadlines away."""
-        with self._scope:
-            task_status.started()
-            # (Slept, not an Event: the calls start in worker threads, which would have to
-            # come into Trio to set one.)
-            while True:  # noqa: ASYNC110
-                await trio.sleep(self._cut_overdue())
+        """Cut overdue calls until :meth:`stop`, in a thread of their own that this task owns.
+
+        A thread, not ``trio.sleep``: the deadlines are the real time a blocked PostgreSQL
+        call has taken, and a Trio sleep loop would also push a test's autojump clock forward
+        whenever every task waits for a ledger thread (the sessions' idle timeouts then fire
+        in "no time"). Not abandoned on cancel: a ledger closing (which lets the calls in
+        flight finish) must not take their deadlines away; :meth:`stop` ends it."""
+        task_status.started()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._keep, limiter=trio.CapacityLimiter(1))
 
     def stop(self) -> None:
-        self._scope.cancel()
+        self._stopped.set()
 
 
 __all__ = ["TICK", "WATCHDOG_MARGIN", "PgTimeouts", "Watchdog", "Watchdogs"]
