@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final, final
 
+import outcome
 import psycopg
 import trio
 
@@ -227,16 +228,29 @@ class Watchdogs:
             pass
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Cut overdue calls until :meth:`stop`, in a thread of their own that this task owns.
+        """Cut overdue calls until :meth:`stop`, in a thread of their own that this task owns
+        (it returns only once the thread has).
 
         A thread, not ``trio.sleep``: the deadlines are the real time a blocked PostgreSQL
         call has taken, and a Trio sleep loop would also push a test's autojump clock forward
         whenever every task waits for a ledger thread (the sessions' idle timeouts then fire
-        in "no time"). Not abandoned on cancel: a ledger closing (which lets the calls in
-        flight finish) must not take their deadlines away; :meth:`stop` ends it."""
+        in "no time"). Started with ``start_thread_soon``, not ``to_thread``: a thread that
+        lives as long as the ledger is not one of the calls ``trio.testing``'s
+        ``active_thread_count`` waits for. Shielded: a ledger closing (which lets the calls
+        in flight finish) must not take their deadlines away; :meth:`stop` ends it."""
+        token = trio.lowlevel.current_trio_token()
+        ended = trio.Event()
+        result: list[outcome.Outcome[None]] = []
+
+        def deliver(result_: outcome.Outcome[None]) -> None:
+            result.append(result_)
+            token.run_sync_soon(ended.set)
+
+        trio.lowlevel.start_thread_soon(self._keep, deliver, name="p2ppay pg watchdog")
         task_status.started()
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._keep, limiter=trio.CapacityLimiter(1))
+            await ended.wait()
+        result[0].unwrap()
 
     def stop(self) -> None:
         self._stopped.set()
