@@ -302,10 +302,13 @@ class LimitLog:
         interval: float = 60.0,
         *,
         clock: Callable[[], float] = time.monotonic,
+        label: str = "limit",
     ) -> None:
         self.logger = logger
         self.interval = interval
         self.clock = clock
+        #: each line starts with it, then the limit's name (``limit line-timeout: ...``)
+        self.label = label
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
@@ -318,4 +321,4 @@ class LimitLog:
         self._last[limit] = now
         more = self._suppressed.pop(limit, 0)
         suffix = f" (and {more} more since the last report)" if more else ""
-        self.logger.warning("limit %s: %s%s", limit, detail, suffix)
+        self.logger.warning("%s %s: %s%s", self.label, limit, detail, suffix)

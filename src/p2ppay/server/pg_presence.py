@@ -49,14 +49,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, final
+from typing import Annotated, Any, Final, final
 
+import msgspec
 import psycopg
 import trio
 
 from .. import ledger as lg
 from .. import protocol as p
 from ..ledger.pgschema import PRESENCE_SCHEMA_LOCK, PRESENCE_TABLES, describe, node_channel
+from ..limits import LimitLog
 from ..names import NameMap, name_key
 from .presence import Member
 
@@ -196,6 +198,77 @@ class _Rows:
     by_key: dict[str, _Row]
 
 
+# --- what arrives on the channels -----------------------------------------------------------
+# Anyone who may connect to the database may NOTIFY anything on any channel: every payload is
+# decoded into one of these shapes (types checked, no coercion) or skipped (issue 22.1).
+
+
+#: a PostgreSQL bigint (what every number announced is)
+_BigInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _TransferNote(msgspec.Struct, frozen=True):
+    """A settled transfer, as the ledger's settle function announces it."""
+
+    payment_id: uuid.UUID
+    payer: str
+    payee: str
+    amount: _BigInt
+    payer_balance: _BigInt
+    payee_balance: _BigInt
+    at_ms: _BigInt
+    memo: str | None = None
+
+
+class _LoginNote(msgspec.Struct, frozen=True, tag_field="kind", tag="login"):
+    node: str
+    name: str
+    course: bool
+    seq: _BigInt
+    ip: str
+
+
+class _LineNote(msgspec.Struct, frozen=True, tag_field="kind", tag="line"):
+    """A course line for a user on the node that has it."""
+
+    node: str
+    name: str
+    line: str
+
+
+class _EventNote(msgspec.Struct, frozen=True, tag_field="kind", tag="event"):
+    """A native event (encoded) for a user on the node that has it."""
+
+    node: str
+    name: str
+    line: str
+
+
+class _LogoutNote(msgspec.Struct, frozen=True, tag_field="kind", tag="logout"):
+    node: str
+
+
+class _LeftNote(msgspec.Struct, frozen=True, tag_field="kind", tag="left"):
+    node: str
+
+
+class _ExpiredNote(msgspec.Struct, frozen=True, tag_field="kind", tag="expired"):
+    node: str
+
+
+class _RestoredNote(msgspec.Struct, frozen=True, tag_field="kind", tag="restored"):
+    node: str
+
+
+_PresenceNote = (
+    _LoginNote | _LineNote | _EventNote | _LogoutNote | _LeftNote | _ExpiredNote | _RestoredNote
+)
+_TRANSFER_NOTE: Final = msgspec.json.Decoder(_TransferNote)
+_PRESENCE_NOTE: Final = msgspec.json.Decoder(_PresenceNote)
+#: how much of a skipped payload its log line shows
+_SHOWN: Final = 80
+
+
 @final
 class PgPresence:
     """Presence in PostgreSQL, for the nodes that share its ledger. Open with
@@ -238,6 +311,10 @@ class PgPresence:
         self.delivered: Callable[[str, p.Event], None] | None = None
         #: notifications handled (tests and metrics)
         self.notifications = 0
+        #: notifications skipped: not of a shape this node reads, or not to be acted on
+        self.skipped = 0
+        #: a skipped notification is logged once a minute per channel, then with a count
+        self._skip_log = LimitLog(log, label="presence: skipped a notification on")
         #: transfers' notifications handled (those for this node and those for every node)
         self.transfers_heard = 0
         #: where the ledger announces transfers to users connected here
@@ -673,12 +750,11 @@ class PgPresence:
                     delay = 0.1
                     while not self._stop.is_set():
                         # Up to 0.5 s per wait: how soon the loop sees it is to stop.
-                        first = list(conn.notifies(timeout=0.5, stop_after=1))
-                        if first:
+                        notes = self._receive(conn, 0.5, 1)
+                        if notes:
                             # Then all already here, in one hop to Trio (a hop costs more
                             # than handling one).
-                            more = list(conn.notifies(timeout=0.0))
-                            notes = [(n.channel, n.payload) for n in first + more]
+                            notes += self._receive(conn, 0.0, None)
                             trio.from_thread.run_sync(self._on_notifies, notes)
             except psycopg.Error as exc:  # (a lost connection, mostly: connect again)
                 if self._stop.is_set():
@@ -691,55 +767,88 @@ class PgPresence:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.heartbeat)
 
+    def _receive(
+        self, conn: psycopg.Connection[Any], timeout: float, stop_after: int | None
+    ) -> list[tuple[str, str]]:
+        """Notifications as (channel, payload). One that psycopg cannot decode (bytes that
+        are not the connection's encoding: a database in SQL_ASCII) is skipped, with any
+        that came in the same packet (psycopg drops those): logged, and the rest read on."""
+        notes: list[tuple[str, str]] = []
+        try:
+            for n in conn.notifies(timeout=timeout, stop_after=stop_after):
+                notes.append((n.channel, n.payload))
+        except UnicodeDecodeError as exc:
+            trio.from_thread.run_sync(self._undecodable, exc)
+        return notes
+
+    def _undecodable(self, exc: UnicodeDecodeError) -> None:
+        self.skipped += 1
+        self._skip_log.hit("a channel", f"it is not text in the connection's encoding ({exc})")
+        # (what came with it is lost: as after a reconnection, read afresh and check every row)
+        self._changed()
+        self._writes_in.send_nowait(_Heartbeat())
+
     def _on_notifies(self, notes: list[tuple[str, str]]) -> None:
         for channel, payload in notes:
             self.notifications += 1
             try:
-                data = json.loads(payload)
-                if channel == lg.SETTLED_CHANNEL or channel == self.channel:
-                    if (
-                        not self._on_settled(data)
-                        and channel == self.channel
-                        and str(data["payee"]) not in self._course  # (course: nobody reads it)
-                    ):
-                        self._writes_in.send_nowait(_Rebroadcast(payload))
-                elif data.get("node") != self.node_id:
-                    if data["kind"] not in ("line", "event"):  # a login, logout, restore, ...
-                        self._changed()
-                    if data["kind"] == "login":
-                        course, seq = bool(data["course"]), int(data["seq"])
-                        self._on_login(str(data["name"]), course, seq, str(data["ip"]))
-                    elif data["kind"] == "line":
-                        member = self._course.get(data["name"])
-                        if member is not None:
-                            member.told(str(data["line"]).encode())
-                    elif data["kind"] == "event":
-                        member = self._native.get(data["name"])
-                        if member is not None:
-                            event = p.decode_event(str(data["line"]).encode())
-                            if not isinstance(event, _RELAYED_EVENTS):
-                                raise ValueError(f"not an event to relay: {event!r}")
-                            member.push(event)
-                            if self.delivered is not None:
-                                self.delivered(str(data["name"]), event)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("presence: a %s notification could not be read: %r", channel, exc)
+                self._on_notify(channel, payload)
+            except Exception as exc:  # (nothing on a channel may end the listener)
+                self.skipped += 1
+                if isinstance(exc, msgspec.DecodeError):
+                    why = f"it could not be read ({exc})"
+                else:
+                    why = f"it could not be read ({type(exc).__name__}: {exc})"
+                self._skip_log.hit(channel, f"{why}: {payload[:_SHOWN]!r}")
 
-    def _on_settled(self, data: dict[str, Any]) -> bool:
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == lg.SETTLED_CHANNEL or channel == self.channel:
+            transfer = _TRANSFER_NOTE.decode(payload)
+            if (
+                not self._on_settled(transfer)
+                and channel == self.channel
+                and transfer.payee not in self._course  # (course: nobody reads it)
+            ):
+                self._writes_in.send_nowait(_Rebroadcast(payload))
+            return
+        if channel != PRESENCE_CHANNEL:
+            raise ValueError("not a channel this node reads")
+        note = _PRESENCE_NOTE.decode(payload)
+        if note.node == self.node_id:
+            return
+        if isinstance(note, _LineNote):
+            member = self._course.get(note.name)
+            if member is not None:
+                member.told(note.line.encode())
+        elif isinstance(note, _EventNote):
+            member = self._native.get(note.name)
+            if member is not None:
+                event = p.decode_event(note.line.encode())
+                if not isinstance(event, _RELAYED_EVENTS):
+                    raise ValueError(f"not an event to relay: {event!r}")
+                member.push(event)
+                if self.delivered is not None:
+                    self.delivered(note.name, event)
+        else:  # a login, logout, restore, ...: what was read is stale
+            self._changed()
+            if isinstance(note, _LoginNote):
+                self._on_login(note.name, note.course, note.seq, note.ip)
+
+    def _on_settled(self, note: _TransferNote) -> bool:
         self.transfers_heard += 1
-        member = self._native.get(str(data["payee"]))
+        member = self._native.get(note.payee)
         if member is None:
             return False
         member.paid(
             lg.Transfer(
-                uuid.UUID(str(data["payment_id"])),
-                str(data["payer"]),
-                str(data["payee"]),
-                int(data["amount"]),
-                int(data["payer_balance"]),
-                int(data["payee_balance"]),
-                int(data["at_ms"]),
-                memo=None if data.get("memo") is None else str(data["memo"]),
+                note.payment_id,
+                note.payer,
+                note.payee,
+                note.amount,
+                note.payer_balance,
+                note.payee_balance,
+                note.at_ms,
+                memo=note.memo,
             )
         )
         return True
