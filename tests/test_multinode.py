@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -598,6 +599,55 @@ async def test_presence_reconnects_when_its_connections_are_cut(
                 await listed(alice, "carol")
             # node 2's readers were cut too: its first read connects anew, not a failure
             assert await bob.lookup("alice") == p.Presence("alice", "127.0.0.1", None)
+
+
+def _listening(url: str, presence: PgPresence) -> set[int]:
+    """The server process ids of ``presence``'s LISTEN connections that listen on all
+    three channels."""
+    with psycopg.connect(url) as db:
+        rows = db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND query = %s",
+            (f"p2ppay presence {presence.node_id}"[:63], f"LISTEN {presence.channel}"),
+        ).fetchall()
+    return {int(pid) for (pid,) in rows}
+
+
+async def test_a_frozen_listen_connection_is_noticed_within_two_heartbeats(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22.2: node A's LISTEN backend is stopped (SIGSTOP): nothing fails, the socket
+    stays open, and A would never hear another login, line or payment. A's next heartbeat's
+    probe goes unheard, so within two heartbeats A says so once, connects its listener anew,
+    and hears again (a course line relayed by B) while the old backend is still stopped."""
+    heartbeat = 1.0
+    with trio.fail_after(60):
+        async with (
+            open_pg_presence(
+                postgres_url, heartbeat=heartbeat, expiry=10.0, listen_timeout=0.3
+            ) as a,
+            open_pg_presence(postgres_url, heartbeat=heartbeat, expiry=10.0) as b,
+        ):
+            carol = _Member("carol", "10.0.0.3", 5003)
+            a.take_over(carol, course=True)
+            await a.published(carol, course=True)
+            (frozen,) = _listening(postgres_url, a)
+            try:
+                os.kill(frozen, signal.SIGSTOP)
+            except (PermissionError, ProcessLookupError):
+                pytest.skip("needs to signal the PostgreSQL server's processes (same host)")
+            try:
+                stopped_at = trio.current_time()
+                await eventually(lambda: a.deaf == 1)
+                noticed = trio.current_time() - stopped_at
+                assert noticed <= 2 * heartbeat, f"noticed after {noticed:.2f} s"
+                await eventually(lambda: bool(_listening(postgres_url, a) - {frozen}))
+                b.tell_course("carol", b"Transfer OK!\n")
+                await eventually(lambda: carol.lines == [b"Transfer OK!\n"])
+                assert a.deaf == 1
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+    said = [r for r in caplog.records if "did not hear this node's heartbeat" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
 
 
 async def test_a_lost_take_over_notification_is_made_good_by_the_heartbeat(

@@ -153,7 +153,10 @@ class _Line:
 
 @dataclass(slots=True, eq=False)
 class _Heartbeat:
-    """Also: forget dead nodes, and read this node's rows to check them."""
+    """Also: forget dead nodes, and read this node's rows to check them; with ``probe``, also
+    NOTIFY this node's own channel, which its listener must hear (see ``_watch_listener``)."""
+
+    probe: int | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -181,6 +184,8 @@ class _Written:
     expired: bool = False
     #: written in order; rows of this batch whose seq the thread set
     publishes: list[_Publish] = field(default_factory=list)
+    #: the listener probe this batch sent (committed), if any
+    probe: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,13 +287,17 @@ class PgPresence:
         expiry: float = 15.0,
         readers: int = 2,
         node_id: str | None = None,
+        listen_timeout: float = 2.0,
     ) -> None:
         if not 0 < heartbeat < expiry:
             raise ValueError("the heartbeat must be shorter than the expiry")
+        if not listen_timeout > 0:
+            raise ValueError("the listen timeout must be more than 0 seconds")
         self.url = url
         self.node_id = node_id or new_node_id()
         self.heartbeat = heartbeat
         self.expiry = expiry
+        self.listen_timeout = listen_timeout
         self._native: NameMap[Member] = NameMap()
         self._course: NameMap[Member] = NameMap()
         #: the login number of each local session whose row is written
@@ -315,6 +324,18 @@ class PgPresence:
         self.skipped = 0
         #: a skipped notification is logged once a minute per channel, then with a count
         self._skip_log = LimitLog(log, label="presence: skipped a notification on")
+        # The listener's liveness: each heartbeat sends a probe (a number, after a prefix no
+        # other node knows) on this node's channel; the listener must hear it in time.
+        self._probe_prefix = f"probe {secrets.token_hex(8)} "
+        self._probes_issued = 0
+        #: probes up to this number do not count (sent before the listener was listening)
+        self._probe_floor = 0
+        self._probe_heard = 0
+        self._heard = trio.Event()  # set (and replaced) whenever a probe is heard
+        self._probes_in, self._probes = trio.open_memory_channel[tuple[int, float]](math.inf)
+        self._reconnect = threading.Event()  # the listener's thread connects anew
+        #: times the listener was found deaf and connected anew (tests and metrics)
+        self.deaf = 0
         #: transfers' notifications handled (those for this node and those for every node)
         self.transfers_heard = 0
         #: where the ledger announces transfers to users connected here
@@ -625,6 +646,12 @@ class PgPresence:
                         self._relay_blocking(conn, w)
                     elif isinstance(w, _Heartbeat):
                         check = True
+                        if w.probe is not None:
+                            conn.execute(
+                                "SELECT pg_notify(%s, %s)",
+                                (self.channel, f"{self._probe_prefix}{w.probe}"),
+                            )
+                            written.probe = w.probe
                     elif isinstance(w, _Rebroadcast):
                         conn.execute("SELECT pg_notify(%s, %s)", (lg.SETTLED_CHANNEL, w.payload))
                     else:
@@ -688,6 +715,8 @@ class PgPresence:
 
     def _written(self, written: _Written) -> None:
         """Back in Trio after a commit: what the writes decided for the sessions here."""
+        if written.probe is not None:  # (committed now: the listener's clock starts)
+            self._probes_in.send_nowait((written.probe, trio.current_time()))
         if written.expired:  # (the others hear of it; this node skips its own announcements)
             self._changed()
         for w in written.publishes:
@@ -717,7 +746,32 @@ class PgPresence:
     async def _heartbeats(self) -> None:
         while True:
             await trio.sleep(self.heartbeat)
-            self._writes_in.send_nowait(_Heartbeat())
+            self._probes_issued += 1
+            self._writes_in.send_nowait(_Heartbeat(self._probes_issued))
+
+    async def _watch_listener(self) -> None:
+        """Each committed probe must be heard within ``listen_timeout``: else the LISTEN
+        connection is taken for deaf (its backend frozen, the socket silently cut: nothing
+        else would tell), and the listener connects anew and resyncs.
+
+        (A hard choice: TCP keepalives alone see a dead peer only, not a frozen backend, and
+        notifications are silent by nature, so only a round trip through PostgreSQL proves
+        the connection hears. The heartbeat's transaction is that round trip, for free.)"""
+        while True:
+            probe, committed_at = await self._probes.receive()
+            with trio.move_on_at(committed_at + self.listen_timeout):
+                while self._probe_heard < probe:
+                    await self._heard.wait()
+            if self._probe_heard >= probe or probe <= self._probe_floor:
+                continue
+            self.deaf += 1
+            log.warning(
+                "presence: the LISTEN connection did not hear this node's heartbeat within "
+                "%g s; connecting it again (--node-listen-timeout)",
+                self.listen_timeout,
+            )
+            self._probe_floor = self._probes_issued  # (those went to the deaf connection)
+            self._reconnect.set()
 
     # -- the listener --
 
@@ -728,6 +782,7 @@ class PgPresence:
         listening = trio.Event()
 
         def connected() -> None:
+            self._probe_floor = self._probes_issued  # (probes sent before may be lost)
             if listening.is_set():  # reconnected: notifications may have been lost
                 self._changed()
                 self._writes_in.send_nowait(_Heartbeat())  # (it checks every row)
@@ -746,9 +801,10 @@ class PgPresence:
                     conn.execute(f"LISTEN {PRESENCE_CHANNEL}")
                     conn.execute(f"LISTEN {lg.SETTLED_CHANNEL}")
                     conn.execute(f"LISTEN {self.channel}")
+                    self._reconnect.clear()
                     trio.from_thread.run_sync(started)
                     delay = 0.1
-                    while not self._stop.is_set():
+                    while not self._stop.is_set() and not self._reconnect.is_set():
                         # Up to 0.5 s per wait: how soon the loop sees it is to stop.
                         notes = self._receive(conn, 0.5, 1)
                         if notes:
@@ -802,6 +858,13 @@ class PgPresence:
                 self._skip_log.hit(channel, f"{why}: {payload[:_SHOWN]!r}")
 
     def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == self.channel and payload.startswith(self._probe_prefix):
+            probe = int(payload[len(self._probe_prefix) :])
+            if probe > self._probe_heard:
+                self._probe_heard = probe
+                self._heard.set()
+                self._heard = trio.Event()
+            return
         if channel == lg.SETTLED_CHANNEL or channel == self.channel:
             transfer = _TRANSFER_NOTE.decode(payload)
             if (
@@ -869,18 +932,26 @@ class PgPresence:
 
 @asynccontextmanager
 async def open_pg_presence(
-    url: str, *, heartbeat: float = 5.0, expiry: float = 15.0, readers: int = 2
+    url: str,
+    *,
+    heartbeat: float = 5.0,
+    expiry: float = 15.0,
+    readers: int = 2,
+    listen_timeout: float = 2.0,
 ) -> AsyncIterator[PgPresence]:
     """Join the nodes of the database at ``url``: tables created if missing, this node's
     heartbeat and LISTEN running; on exit this node's rows are deleted (when PostgreSQL can be
     reached within a few seconds; otherwise they expire)."""
-    presence = PgPresence(url, heartbeat=heartbeat, expiry=expiry, readers=readers)
+    presence = PgPresence(
+        url, heartbeat=heartbeat, expiry=expiry, readers=readers, listen_timeout=listen_timeout
+    )
     try:
         await presence.start()  # (outside the nursery: its error is not wrapped in a group)
         async with trio.open_nursery() as nursery:
             await nursery.start(presence._writer)
             await nursery.start(presence._listener)
             nursery.start_soon(presence._heartbeats)
+            nursery.start_soon(presence._watch_listener)
             try:
                 yield presence
             finally:
