@@ -37,11 +37,15 @@ def _url(dsn: str, dbname: str) -> str:
 
 
 @contextmanager
-def fresh_database(dsn: str) -> Iterator[str]:
-    """Create an empty database on the server ``dsn`` names; yield its URL; drop it after."""
+def fresh_database(dsn: str, *, sql_ascii: bool = False) -> Iterator[str]:
+    """Create an empty database on the server ``dsn`` names (in the server's default encoding,
+    or SQL_ASCII: text there may be any bytes); yield its URL; drop it after."""
     name = f"p2ppay_test_{uuid.uuid4().hex[:12]}"
+    create = "CREATE DATABASE {}"
+    if sql_ascii:
+        create += " ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
     with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        admin.execute(sql.SQL(create).format(sql.Identifier(name)))
     try:
         yield _url(dsn, name)
     finally:

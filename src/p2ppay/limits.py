@@ -394,16 +394,19 @@ class LimitLog:
         interval: float = 60.0,
         *,
         clock: Callable[[], float] = time.monotonic,
+        label: str = "limit",
     ) -> None:
         self.logger = logger
         self.interval = interval
         self.clock = clock
+        #: each line starts with it, then the limit's name (``limit line-timeout: ...``)
+        self.label = label
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
     def hit(self, limit: str, detail: str) -> None:
         """A limit refused something (a warning: the server is doing its job)."""
-        self._report(logging.WARNING, f"limit {limit}", f"limit {limit}: {detail}")
+        self._report(logging.WARNING, f"limit {limit}", f"{self.label} {limit}: {detail}")
 
     def failed(self, kind: str, message: str) -> None:
         """Something failed that should not have (an error: the ledger could not commit,

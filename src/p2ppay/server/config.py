@@ -261,6 +261,13 @@ class ServerOptions:
     )
     #: keepalives on every connection to PostgreSQL, timeouts on the ledger's sessions
     pg_timeouts: lg.PgTimeouts = field(default_factory=lg.PgTimeouts)
+    node_listen_timeout: float = setting(
+        2.0,
+        "--node-listen-timeout",
+        "seconds within which this node's LISTEN connection must hear the probe each heartbeat "
+        "sends; if it does not, it is connected again (with a postgresql:// ledger)",
+        seconds,
+    )
     limits: lg.Limits = field(default_factory=lg.Limits)
     config: ServerConfig = field(default_factory=ServerConfig)
     max_batch: int = setting(512, "--max-batch", "most operations in one ledger commit", count)

@@ -49,14 +49,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, final
+from typing import Annotated, Any, Final, final
 
+import msgspec
 import psycopg
 import trio
 
 from .. import ledger as lg
 from .. import protocol as p
 from ..ledger.pgschema import PRESENCE_SCHEMA_LOCK, PRESENCE_TABLES, describe, node_channel
+from ..limits import LimitLog
 from ..names import NameMap, name_key
 from .presence import Member
 
@@ -151,7 +153,10 @@ class _Line:
 
 @dataclass(slots=True, eq=False)
 class _Heartbeat:
-    """Also: forget dead nodes, and read this node's rows to check them."""
+    """Also: forget dead nodes, and read this node's rows to check them; with ``probe``, also
+    NOTIFY this node's own channel, which its listener must hear (see ``_watch_listener``)."""
+
+    probe: int | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -179,6 +184,8 @@ class _Written:
     expired: bool = False
     #: written in order; rows of this batch whose seq the thread set
     publishes: list[_Publish] = field(default_factory=list)
+    #: the listener probe this batch sent (committed), if any
+    probe: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +203,77 @@ class _Rows:
     by_key: dict[str, _Row]
 
 
+# --- what arrives on the channels -----------------------------------------------------------
+# Anyone who may connect to the database may NOTIFY anything on any channel: every payload is
+# decoded into one of these shapes (types checked, no coercion) or skipped (issue 22.1).
+
+
+#: a PostgreSQL bigint (what every number announced is)
+_BigInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _TransferNote(msgspec.Struct, frozen=True):
+    """A settled transfer, as the ledger's settle function announces it."""
+
+    payment_id: uuid.UUID
+    payer: str
+    payee: str
+    amount: _BigInt
+    payer_balance: _BigInt
+    payee_balance: _BigInt
+    at_ms: _BigInt
+    memo: str | None = None
+
+
+class _LoginNote(msgspec.Struct, frozen=True, tag_field="kind", tag="login"):
+    node: str
+    name: str
+    course: bool
+    seq: _BigInt
+    ip: str
+
+
+class _LineNote(msgspec.Struct, frozen=True, tag_field="kind", tag="line"):
+    """A course line for a user on the node that has it."""
+
+    node: str
+    name: str
+    line: str
+
+
+class _EventNote(msgspec.Struct, frozen=True, tag_field="kind", tag="event"):
+    """A native event (encoded) for a user on the node that has it."""
+
+    node: str
+    name: str
+    line: str
+
+
+class _LogoutNote(msgspec.Struct, frozen=True, tag_field="kind", tag="logout"):
+    node: str
+
+
+class _LeftNote(msgspec.Struct, frozen=True, tag_field="kind", tag="left"):
+    node: str
+
+
+class _ExpiredNote(msgspec.Struct, frozen=True, tag_field="kind", tag="expired"):
+    node: str
+
+
+class _RestoredNote(msgspec.Struct, frozen=True, tag_field="kind", tag="restored"):
+    node: str
+
+
+_PresenceNote = (
+    _LoginNote | _LineNote | _EventNote | _LogoutNote | _LeftNote | _ExpiredNote | _RestoredNote
+)
+_TRANSFER_NOTE: Final = msgspec.json.Decoder(_TransferNote)
+_PRESENCE_NOTE: Final = msgspec.json.Decoder(_PresenceNote)
+#: how much of a skipped payload its log line shows
+_SHOWN: Final = 80
+
+
 @final
 class PgPresence:
     """Presence in PostgreSQL, for the nodes that share its ledger. Open with
@@ -209,13 +287,17 @@ class PgPresence:
         expiry: float = 15.0,
         readers: int = 2,
         node_id: str | None = None,
+        listen_timeout: float = 2.0,
     ) -> None:
         if not 0 < heartbeat < expiry:
             raise ValueError("the heartbeat must be shorter than the expiry")
+        if not listen_timeout > 0:
+            raise ValueError("the listen timeout must be more than 0 seconds")
         self.url = url
         self.node_id = node_id or new_node_id()
         self.heartbeat = heartbeat
         self.expiry = expiry
+        self.listen_timeout = listen_timeout
         self._native: NameMap[Member] = NameMap()
         self._course: NameMap[Member] = NameMap()
         #: the login number of each local session whose row is written
@@ -238,6 +320,22 @@ class PgPresence:
         self.delivered: Callable[[str, p.Event], None] | None = None
         #: notifications handled (tests and metrics)
         self.notifications = 0
+        #: notifications skipped: not of a shape this node reads, or not to be acted on
+        self.skipped = 0
+        #: a skipped notification is logged once a minute per channel, then with a count
+        self._skip_log = LimitLog(log, label="presence: skipped a notification on")
+        # The listener's liveness: each heartbeat sends a probe (a number, after a prefix no
+        # other node knows) on this node's channel; the listener must hear it in time.
+        self._probe_prefix = f"probe {secrets.token_hex(8)} "
+        self._probes_issued = 0
+        #: probes up to this number do not count (sent before the listener was listening)
+        self._probe_floor = 0
+        self._probe_heard = 0
+        self._heard = trio.Event()  # set (and replaced) whenever a probe is heard
+        self._probes_in, self._probes = trio.open_memory_channel[tuple[int, float]](math.inf)
+        self._reconnect = threading.Event()  # the listener's thread connects anew
+        #: times the listener was found deaf and connected anew (tests and metrics)
+        self.deaf = 0
         #: transfers' notifications handled (those for this node and those for every node)
         self.transfers_heard = 0
         #: where the ledger announces transfers to users connected here
@@ -548,6 +646,12 @@ class PgPresence:
                         self._relay_blocking(conn, w)
                     elif isinstance(w, _Heartbeat):
                         check = True
+                        if w.probe is not None:
+                            conn.execute(
+                                "SELECT pg_notify(%s, %s)",
+                                (self.channel, f"{self._probe_prefix}{w.probe}"),
+                            )
+                            written.probe = w.probe
                     elif isinstance(w, _Rebroadcast):
                         conn.execute("SELECT pg_notify(%s, %s)", (lg.SETTLED_CHANNEL, w.payload))
                     else:
@@ -611,6 +715,8 @@ class PgPresence:
 
     def _written(self, written: _Written) -> None:
         """Back in Trio after a commit: what the writes decided for the sessions here."""
+        if written.probe is not None:  # (committed now: the listener's clock starts)
+            self._probes_in.send_nowait((written.probe, trio.current_time()))
         if written.expired:  # (the others hear of it; this node skips its own announcements)
             self._changed()
         for w in written.publishes:
@@ -640,7 +746,32 @@ class PgPresence:
     async def _heartbeats(self) -> None:
         while True:
             await trio.sleep(self.heartbeat)
-            self._writes_in.send_nowait(_Heartbeat())
+            self._probes_issued += 1
+            self._writes_in.send_nowait(_Heartbeat(self._probes_issued))
+
+    async def _watch_listener(self) -> None:
+        """Each committed probe must be heard within ``listen_timeout``: else the LISTEN
+        connection is taken for deaf (its backend frozen, the socket silently cut: nothing
+        else would tell), and the listener connects anew and resyncs.
+
+        (A hard choice: TCP keepalives alone see a dead peer only, not a frozen backend, and
+        notifications are silent by nature, so only a round trip through PostgreSQL proves
+        the connection hears. The heartbeat's transaction is that round trip, for free.)"""
+        while True:
+            probe, committed_at = await self._probes.receive()
+            with trio.move_on_at(committed_at + self.listen_timeout):
+                while self._probe_heard < probe:
+                    await self._heard.wait()
+            if self._probe_heard >= probe or probe <= self._probe_floor:
+                continue
+            self.deaf += 1
+            log.warning(
+                "presence: the LISTEN connection did not hear this node's heartbeat within "
+                "%g s; connecting it again (--node-listen-timeout)",
+                self.listen_timeout,
+            )
+            self._probe_floor = self._probes_issued  # (those went to the deaf connection)
+            self._reconnect.set()
 
     # -- the listener --
 
@@ -651,6 +782,7 @@ class PgPresence:
         listening = trio.Event()
 
         def connected() -> None:
+            self._probe_floor = self._probes_issued  # (probes sent before may be lost)
             if listening.is_set():  # reconnected: notifications may have been lost
                 self._changed()
                 self._writes_in.send_nowait(_Heartbeat())  # (it checks every row)
@@ -669,16 +801,16 @@ class PgPresence:
                     conn.execute(f"LISTEN {PRESENCE_CHANNEL}")
                     conn.execute(f"LISTEN {lg.SETTLED_CHANNEL}")
                     conn.execute(f"LISTEN {self.channel}")
+                    self._reconnect.clear()
                     trio.from_thread.run_sync(started)
                     delay = 0.1
-                    while not self._stop.is_set():
+                    while not self._stop.is_set() and not self._reconnect.is_set():
                         # Up to 0.5 s per wait: how soon the loop sees it is to stop.
-                        first = list(conn.notifies(timeout=0.5, stop_after=1))
-                        if first:
+                        notes = self._receive(conn, 0.5, 1)
+                        if notes:
                             # Then all already here, in one hop to Trio (a hop costs more
                             # than handling one).
-                            more = list(conn.notifies(timeout=0.0))
-                            notes = [(n.channel, n.payload) for n in first + more]
+                            notes += self._receive(conn, 0.0, None)
                             trio.from_thread.run_sync(self._on_notifies, notes)
             except psycopg.Error as exc:  # (a lost connection, mostly: connect again)
                 if self._stop.is_set():
@@ -691,55 +823,95 @@ class PgPresence:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.heartbeat)
 
+    def _receive(
+        self, conn: psycopg.Connection[Any], timeout: float, stop_after: int | None
+    ) -> list[tuple[str, str]]:
+        """Notifications as (channel, payload). One that psycopg cannot decode (bytes that
+        are not the connection's encoding: a database in SQL_ASCII) is skipped, with any
+        that came in the same packet (psycopg drops those): logged, and the rest read on."""
+        notes: list[tuple[str, str]] = []
+        try:
+            for n in conn.notifies(timeout=timeout, stop_after=stop_after):
+                notes.append((n.channel, n.payload))
+        except UnicodeDecodeError as exc:
+            trio.from_thread.run_sync(self._undecodable, exc)
+        return notes
+
+    def _undecodable(self, exc: UnicodeDecodeError) -> None:
+        self.skipped += 1
+        self._skip_log.hit("a channel", f"it is not text in the connection's encoding ({exc})")
+        # (what came with it is lost: as after a reconnection, read afresh and check every row)
+        self._changed()
+        self._writes_in.send_nowait(_Heartbeat())
+
     def _on_notifies(self, notes: list[tuple[str, str]]) -> None:
         for channel, payload in notes:
             self.notifications += 1
             try:
-                data = json.loads(payload)
-                if channel == lg.SETTLED_CHANNEL or channel == self.channel:
-                    if (
-                        not self._on_settled(data)
-                        and channel == self.channel
-                        and str(data["payee"]) not in self._course  # (course: nobody reads it)
-                    ):
-                        self._writes_in.send_nowait(_Rebroadcast(payload))
-                elif data.get("node") != self.node_id:
-                    if data["kind"] not in ("line", "event"):  # a login, logout, restore, ...
-                        self._changed()
-                    if data["kind"] == "login":
-                        course, seq = bool(data["course"]), int(data["seq"])
-                        self._on_login(str(data["name"]), course, seq, str(data["ip"]))
-                    elif data["kind"] == "line":
-                        member = self._course.get(data["name"])
-                        if member is not None:
-                            member.told(str(data["line"]).encode())
-                    elif data["kind"] == "event":
-                        member = self._native.get(data["name"])
-                        if member is not None:
-                            event = p.decode_event(str(data["line"]).encode())
-                            if not isinstance(event, _RELAYED_EVENTS):
-                                raise ValueError(f"not an event to relay: {event!r}")
-                            member.push(event)
-                            if self.delivered is not None:
-                                self.delivered(str(data["name"]), event)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("presence: a %s notification could not be read: %r", channel, exc)
+                self._on_notify(channel, payload)
+            except Exception as exc:  # (nothing on a channel may end the listener)
+                self.skipped += 1
+                if isinstance(exc, msgspec.DecodeError):
+                    why = f"it could not be read ({exc})"
+                else:
+                    why = f"it could not be read ({type(exc).__name__}: {exc})"
+                self._skip_log.hit(channel, f"{why}: {payload[:_SHOWN]!r}")
 
-    def _on_settled(self, data: dict[str, Any]) -> bool:
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == self.channel and payload.startswith(self._probe_prefix):
+            probe = int(payload[len(self._probe_prefix) :])
+            if probe > self._probe_heard:
+                self._probe_heard = probe
+                self._heard.set()
+                self._heard = trio.Event()
+            return
+        if channel == lg.SETTLED_CHANNEL or channel == self.channel:
+            transfer = _TRANSFER_NOTE.decode(payload)
+            if (
+                not self._on_settled(transfer)
+                and channel == self.channel
+                and transfer.payee not in self._course  # (course: nobody reads it)
+            ):
+                self._writes_in.send_nowait(_Rebroadcast(payload))
+            return
+        if channel != PRESENCE_CHANNEL:
+            raise ValueError("not a channel this node reads")
+        note = _PRESENCE_NOTE.decode(payload)
+        if note.node == self.node_id:
+            return
+        if isinstance(note, _LineNote):
+            member = self._course.get(note.name)
+            if member is not None:
+                member.told(note.line.encode())
+        elif isinstance(note, _EventNote):
+            member = self._native.get(note.name)
+            if member is not None:
+                event = p.decode_event(note.line.encode())
+                if not isinstance(event, _RELAYED_EVENTS):
+                    raise ValueError(f"not an event to relay: {event!r}")
+                member.push(event)
+                if self.delivered is not None:
+                    self.delivered(note.name, event)
+        else:  # a login, logout, restore, ...: what was read is stale
+            self._changed()
+            if isinstance(note, _LoginNote):
+                self._on_login(note.name, note.course, note.seq, note.ip)
+
+    def _on_settled(self, note: _TransferNote) -> bool:
         self.transfers_heard += 1
-        member = self._native.get(str(data["payee"]))
+        member = self._native.get(note.payee)
         if member is None:
             return False
         member.paid(
             lg.Transfer(
-                uuid.UUID(str(data["payment_id"])),
-                str(data["payer"]),
-                str(data["payee"]),
-                int(data["amount"]),
-                int(data["payer_balance"]),
-                int(data["payee_balance"]),
-                int(data["at_ms"]),
-                memo=None if data.get("memo") is None else str(data["memo"]),
+                note.payment_id,
+                note.payer,
+                note.payee,
+                note.amount,
+                note.payer_balance,
+                note.payee_balance,
+                note.at_ms,
+                memo=note.memo,
             )
         )
         return True
@@ -760,18 +932,26 @@ class PgPresence:
 
 @asynccontextmanager
 async def open_pg_presence(
-    url: str, *, heartbeat: float = 5.0, expiry: float = 15.0, readers: int = 2
+    url: str,
+    *,
+    heartbeat: float = 5.0,
+    expiry: float = 15.0,
+    readers: int = 2,
+    listen_timeout: float = 2.0,
 ) -> AsyncIterator[PgPresence]:
     """Join the nodes of the database at ``url``: tables created if missing, this node's
     heartbeat and LISTEN running; on exit this node's rows are deleted (when PostgreSQL can be
     reached within a few seconds; otherwise they expire)."""
-    presence = PgPresence(url, heartbeat=heartbeat, expiry=expiry, readers=readers)
+    presence = PgPresence(
+        url, heartbeat=heartbeat, expiry=expiry, readers=readers, listen_timeout=listen_timeout
+    )
     try:
         await presence.start()  # (outside the nursery: its error is not wrapped in a group)
         async with trio.open_nursery() as nursery:
             await nursery.start(presence._writer)
             await nursery.start(presence._listener)
             nursery.start_soon(presence._heartbeats)
+            nursery.start_soon(presence._watch_listener)
             try:
                 yield presence
             finally:

@@ -176,7 +176,10 @@ async def run_server(
                 try:
                     presence = await opened.enter_async_context(
                         open_pg_presence(
-                            url, heartbeat=options.node_heartbeat, expiry=options.node_expiry
+                            url,
+                            heartbeat=options.node_heartbeat,
+                            expiry=options.node_expiry,
+                            listen_timeout=options.node_listen_timeout,
                         )
                     )
                 except psycopg.Error as exc:
