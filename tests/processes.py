@@ -6,27 +6,52 @@ import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from p2ppay import protocol as p
 
 
+class Log(list[str]):
+    """A process's log lines as they are read, which one may wait on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._grew = trio.Event()
+
+    def add(self, line: str) -> None:
+        self.append(line)
+        self._grew.set()
+        self._grew = trio.Event()
+
+    async def line_with(self, text: str) -> str:
+        """The first line with ``text`` in it, once there is one."""
+        seen = 0
+        while True:
+            for line in self[seen:]:
+                if text in line:
+                    return line
+            seen = len(self)
+            await self._grew.wait()
+
+
 @dataclass
 class Proc:
     process: trio.Process
     port: int
-    log: list[str]
+    log: Log
 
 
 @asynccontextmanager
 async def spawn(
-    cmd: list[str], marker: str, env: dict[str, str] | None = None
+    cmd: list[str], marker: str, env: dict[str, str] | None = None, **popen: Any
 ) -> AsyncIterator[Proc]:
     """Start a server process; yield once its log says ``marker ... port N``. Its log is read
-    all along (a full pipe would block it); on the way out it gets SIGTERM if still running."""
-    process = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, env=env)
-    log: list[str] = []
+    all along (a full pipe would block it); on the way out it gets SIGTERM if still running.
+    ``popen``: more for subprocess.Popen (e.g. ``preexec_fn``)."""
+    process = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, env=env, **popen)
+    log = Log()
     ready = trio.Event()
     found: list[int] = []
 
@@ -37,7 +62,7 @@ async def spawn(
             lines.feed(data)
             while (line := lines.next_line()) is not None:
                 text = line.decode(errors="replace")
-                log.append(text)
+                log.add(text)
                 if marker in text and not found:
                     found.append(int(text.rsplit("port", 1)[1].split()[0]))
                     ready.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import multiprocessing
 import ssl
 import stat
@@ -15,6 +16,7 @@ import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from p2ppay.peer import PeerKey
 from p2ppay.pki import (
     CA_CERT,
     CA_KEY,
@@ -28,7 +30,7 @@ from p2ppay.pki import (
     state_lock,
 )
 from p2ppay.receipts import RECEIPT_CERT, ReceiptSigner
-from p2ppay.tls import MissingCA, client_context, server_context
+from p2ppay.tls import MissingCA, client_context, peer_contexts, server_context
 
 
 async def handshake(
@@ -119,6 +121,116 @@ async def test_a_certificate_from_another_ca_is_refused(tmp_path: Path) -> None:
         assert not await handshake(
             client_ctx, server_context(theirs.cert_chain, theirs.key), "localhost"
         )
+
+
+HANDSHAKES = 40
+
+
+async def handshakes(
+    client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, server_hostname: str | None = None
+) -> None:
+    """HANDSHAKES connections in memory, each: handshake, a byte each way (a TLS 1.3 client
+    reads the server's tickets then), and a clean close from both ends (close_notify: OpenSSL
+    drops the session of a connection freed without one, which would hide what is kept)."""
+    for _ in range(HANDSHAKES):
+        a, b = trio.testing.memory_stream_pair()
+        client = trio.SSLStream(a, client_ctx, server_hostname=server_hostname)
+        server = trio.SSLStream(b, server_ctx, server_side=True)
+
+        async def serve(server: trio.SSLStream[Any] = server) -> None:
+            await server.do_handshake()
+            await server.send_all(b"s")
+            assert await server.receive_some() == b"c"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await client.do_handshake()
+            assert await client.receive_some() == b"s"
+            await client.send_all(b"c")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.aclose)
+            await client.aclose()
+
+
+def kept(*contexts: ssl.SSLContext) -> list[int]:
+    """How many TLS sessions each context holds."""
+    return [ctx.session_stats()["number"] for ctx in contexts]
+
+
+def only(ctx: ssl.SSLContext, version: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx.minimum_version = ctx.maximum_version = version
+    return ctx
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+async def test_the_server_keeps_no_tls_session_per_handshake(
+    tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    # (OP_NO_TICKET kept one per handshake: 20,480 before OpenSSL's cache was full.)
+    creds = ensure_server_credentials(tmp_path)
+    server_ctx = server_context(creds.cert_chain, creds.key)
+    client_ctx = only(client_context(creds.ca_cert), version)
+    with trio.fail_after(30):
+        await handshakes(client_ctx, server_ctx, "localhost")
+    assert server_ctx.session_stats()["accept_good"] == HANDSHAKES
+    assert kept(server_ctx, client_ctx) == [0, 0]
+    assert server_ctx.num_tickets == 0  # nor does a client get any to keep
+
+
+def peer_pair() -> tuple[tuple[ssl.SSLContext, ssl.SSLContext], tuple[ssl.SSLContext, ...]]:
+    """(bob's listener, bob's dialer), (alice's ...): the contexts two logged-in clients get,
+    with peer certificates from the server's peer CA."""
+    issuer = Issuer.ephemeral()
+    pairs = []
+    for name in ("bob", "alice"):
+        key = PeerKey()
+        cert = issuer.issue(key.csr(name), name, dt.timedelta(hours=1))
+        pairs.append(peer_contexts(cert.pem, key.private_pem(), issuer.ca_pem))
+    return pairs[0], pairs[1]
+
+
+async def test_neither_payee_nor_payer_keeps_a_tls_session_per_handshake() -> None:
+    # Any registered user could make any online payee keep ~10 KB per mutual-TLS handshake.
+    (bob_listener, bob_dialer), (alice_listener, alice_dialer) = peer_pair()
+    with trio.fail_after(30):
+        await handshakes(alice_dialer, bob_listener)  # alice pays bob
+        await handshakes(bob_dialer, alice_listener)  # and bob alice
+    assert bob_listener.session_stats()["accept_good"] == HANDSHAKES
+    assert alice_dialer.session_stats()["connect_good"] == HANDSHAKES
+    assert kept(bob_listener, alice_dialer, alice_listener, bob_dialer) == [0, 0, 0, 0]
+
+
+async def test_peers_speak_tls_1_3_only() -> None:
+    # Under TLS 1.2 a payer that offers no ticket leaves a cached session in the payee's
+    # listener (the standard library cannot turn the cache off): peers do not speak it.
+    (bob_listener, bob_dialer), (alice_listener, alice_dialer) = peer_pair()
+    tls12 = ssl.TLSVersion.TLSv1_2
+    alice_dialer.options |= ssl.OP_NO_TICKET
+    with trio.fail_after(10):
+        assert await refused(only(alice_dialer, tls12), bob_listener)
+        assert await refused(bob_dialer, only(alice_listener, tls12))
+    assert bob_listener.session_stats()["accept_good"] == 0
+    assert alice_listener.session_stats()["accept_good"] == 0
+
+
+async def refused(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> bool:
+    """True if either end of an in-memory TLS handshake gives up on it."""
+    a, b = trio.testing.memory_stream_pair()
+    ends = (trio.SSLStream(a, client_ctx), trio.SSLStream(b, server_ctx, server_side=True))
+    failed = []
+
+    async def shake(end: trio.SSLStream[Any]) -> None:
+        try:
+            await end.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            failed.append(end)
+            for either in ends:  # (the other end then hears EOF rather than waiting)
+                await trio.aclose_forcefully(either.transport_stream)
+
+    async with trio.open_nursery() as nursery:
+        for end in ends:
+            nursery.start_soon(shake, end)
+    return bool(failed)
 
 
 def _ensure_in_child(state: str, barrier: Any, out: Any) -> None:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import protocol as p
+from .accepting import PatientListener
 from .constraints import is_memo
 from .errors import CodedError
 from .limits import LimitLog
@@ -218,7 +219,12 @@ class OfferListener:
         *,
         task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await trio.serve_listeners(self._on_accept, list(listeners), task_status=task_status)
+        # (Out of descriptors, trio's own loop would log a traceback ten times a second.)
+        advice = "raise the open-file limit, ulimit -n"
+        patient: list[trio.abc.Listener[Any]] = [
+            PatientListener(one, self.limit_log, advice) for one in listeners
+        ]
+        await trio.serve_listeners(self._on_accept, patient, task_status=task_status)
 
     async def _on_accept(self, transport: trio.abc.Stream) -> None:
         await self.handle(transport)

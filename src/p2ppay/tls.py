@@ -1,4 +1,5 @@
-"""SSL contexts for every p2ppay connection: TLS 1.2 at least, certificates always verified."""
+"""SSL contexts for every p2ppay connection: TLS 1.2 at least (1.3 between peers), certificates
+always verified, and no TLS session state kept per handshake (:func:`keep_no_sessions`)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,31 @@ class MissingCA(FileNotFoundError):
     """The client has no CA certificate to verify the server with."""
 
 
+def keep_no_sessions(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """No TLS session is kept for resumption: every connection does a full handshake, and a
+    handshake leaves nothing behind once its connection is closed.
+
+    Resumption buys nothing here (a p2ppay connection is long-lived, a payer's link to a payee
+    is kept open), and kept sessions are memory anyone can make us spend: ``OP_NO_TICKET``
+    under TLS 1.3 makes OpenSSL keep a *stateful* session in the context's cache for every
+    handshake (up to 20,480 of ~10 KB each in a payee's client). The standard library cannot
+    turn that cache off (no ``SSL_CTX_set_session_cache_mode``), so: no tickets at all
+    (``num_tickets = 0``), and *without* ``OP_NO_TICKET``, which is what keeps a TLS 1.3
+    server from caching (see ``ssl_update_cache`` in OpenSSL). A TLS 1.2 handshake from a
+    client that offers no ticket extension is still cached by a server, with its 300-second
+    timeout and OpenSSL's 20,480 bound: that is why the peer contexts take TLS 1.3 only.
+    ``ctx.session_stats()["number"]`` is how many sessions a context holds."""
+    ctx.options &= ~ssl.OP_NO_TICKET
+    if ctx.protocol is not ssl.PROTOCOL_TLS_CLIENT:  # (a client's cannot be set: it sends none)
+        ctx.num_tickets = 0
+    return ctx
+
+
 def server_context(cert_chain: Path | str, key: Path | str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert_chain), str(key))
-    # Every client session is a long-lived connection; tickets only cost memory here.
-    ctx.options |= ssl.OP_NO_TICKET
-    return ctx
+    return keep_no_sessions(ctx)
 
 
 def client_context(cafile: Path | str) -> ssl.SSLContext:
@@ -42,7 +61,7 @@ def client_context(cafile: Path | str) -> ssl.SSLContext:
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or exc
         raise MissingCA(f"cannot use {path} as the CA certificate: {reason}") from None
-    return harden_client_context(ctx)
+    return keep_no_sessions(harden_client_context(ctx))
 
 
 def harden_client_context(ctx: ssl.SSLContext) -> ssl.SSLContext:
@@ -73,6 +92,9 @@ def peer_contexts(
 ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(listener, dialer) contexts for the peer-to-peer leg: mutual TLS, both sides presenting
     the certificate the server issued for this session and trusting only the peer CA.
+    TLS 1.3 only: both ends are p2ppay clients, and under TLS 1.2 a payer that offers no
+    ticket would leave a cached session in the payee's listener per handshake (see
+    :func:`keep_no_sessions`).
 
     Host names mean nothing between peers (they connect by IP), so the dialer does not check
     one; instead both sides read the account name from the verified certificate
@@ -81,12 +103,12 @@ def peer_contexts(
     listener = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     dialer = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     for ctx in (listener, dialer):
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.load_verify_locations(cadata=peer_ca_pem)
         _load_chain_from_memory(ctx, cert_pem, key_pem)
         ctx.verify_mode = ssl.CERT_REQUIRED
+        keep_no_sessions(ctx)
     dialer.check_hostname = False
-    listener.options |= ssl.OP_NO_TICKET
     return listener, dialer
 
 

@@ -19,6 +19,7 @@ import trio
 from .. import ledger as lg
 from .. import logs
 from .. import protocol as p
+from ..accepting import PatientListener
 from ..addresses import peer_ip, peer_port
 from ..course import REFERENCE, Dialect
 from ..hashing import Work
@@ -132,7 +133,7 @@ class Server:
                                 partial(
                                     trio.serve_listeners,
                                     handler,
-                                    list(group),
+                                    [self._patient(listener) for listener in group],
                                     handler_nursery=nursery,
                                 )
                             )
@@ -156,6 +157,14 @@ class Server:
     ) -> None:
         """Like :meth:`serve` with no listener: for tests that call :meth:`handle_connection`."""
         await self.serve([], [], task_status=task_status)  # type: ignore[arg-type]
+
+    def _patient(self, listener: trio.abc.Listener[Any]) -> PatientListener[Any]:
+        """``listener``, with a full file table waited out in one log line a minute."""
+        return PatientListener(
+            listener,
+            self.limit_log,
+            "raise the open-file limit, ulimit -n, or lower --max-connections",
+        )
 
     def shutdown(self) -> None:
         """Stop accepting; let in-flight requests finish; close every connection."""

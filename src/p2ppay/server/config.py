@@ -312,6 +312,15 @@ class ServerOptions:
         convert=DIALECTS.__getitem__,
     )
 
+    #: Checked at start against the open-file limit (server/fdlimit.py).
+    reserved_fds: int = setting(
+        64,
+        "--reserved-fds",
+        "file descriptors kept for the server itself (listeners, ledger, PostgreSQL, log) "
+        "when --max-connections is fitted into the open-file limit (ulimit -n) at start",
+        count,
+    )
+
     workers: int = setting(
         1,
         "--workers",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from ..pki import (
 )
 from ..receipts import ReceiptSigner
 from ..tls import server_context
+from . import fdlimit
 from .app import Server
 from .config import LEDGER_FILE, ServerOptions
 from .pg_presence import PgPresence, one_line, open_pg_presence
@@ -113,6 +115,11 @@ async def run_server(
     ledger (a seam: the crash tests run a server whose ledger misbehaves on purpose).
     ``reuse_port``: the native and course ports are shared with other workers (SO_REUSEPORT)."""
     state_dir = options.state_dir
+    try:
+        max_connections = fdlimit.fit(options.config.max_connections, options.reserved_fds)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    config = dataclasses.replace(options.config, max_connections=max_connections)
     await trio.to_thread.run_sync(prepare_state_dir, state_dir)
     target: Path | str = options.ledger or state_dir / LEDGER_FILE
     postgres = isinstance(target, str) and lg.is_postgres_url(target)
@@ -191,7 +198,7 @@ async def run_server(
                 ledger,
                 ctx,
                 issuer,
-                options.config,
+                config,
                 server_public_key=key_line,
                 course_tls=options.course_tls,
                 course_dialect=options.course_dialect,
