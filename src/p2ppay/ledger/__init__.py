@@ -27,6 +27,7 @@ from .interface import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    LedgerFileUnusable,
     LedgerObserver,
     LedgerUnavailable,
     Limits,
@@ -70,12 +71,20 @@ def open_ledger(
     *,
     max_batch: int = 512,
     balance_ttl: float = 0.5,
+    check_interval: float = 1.0,
 ) -> AbstractAsyncContextManager[AnyLedger]:
     """The ledger at ``target``: a PostgreSQL URL, or else the path of an SQLite file
-    (``balance_ttl``: see :class:`SqliteLedger`; PostgreSQL has no balance cache)."""
+    (``balance_ttl``, ``check_interval``: see :class:`SqliteLedger`; PostgreSQL has no balance
+    cache and no file to watch)."""
     if is_postgres_url(target):
         return open_postgres_ledger(str(target), limits, max_batch=max_batch)
-    return open_sqlite_ledger(target, limits, max_batch=max_batch, balance_ttl=balance_ttl)
+    return open_sqlite_ledger(
+        target,
+        limits,
+        max_batch=max_batch,
+        balance_ttl=balance_ttl,
+        check_interval=check_interval,
+    )
 
 
 __all__ = [
@@ -96,6 +105,7 @@ __all__ = [
     "InsufficientFunds",
     "Ledger",
     "LedgerError",
+    "LedgerFileUnusable",
     "LedgerObserver",
     "LedgerUnavailable",
     "Limits",
