@@ -1,5 +1,6 @@
 """The server command meeting a ledger file or a state directory it cannot use: one line on
-stderr, exit status 1, no traceback, and the file left as it was (the real command line)."""
+stderr, exit status 1 (4 for a damaged ledger), no traceback, and the file left as it was (the
+real command line)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ def test_a_ledger_file_that_is_not_a_database(tmp_path: Path) -> None:
     junk = b"not a database, just some text that is long enough to be read as a header\n" * 4
     (state / LEDGER_FILE).write_bytes(junk)
     done = server(state)
-    assert done.returncode == ExitCode.FAILED
-    assert last_line(done) == "p2ppay server: the ledger cannot be used: file is not a database"
+    # (exit 4 since issue 22.12: a damaged ledger is not one a restart can mend)
+    assert done.returncode == ExitCode.LEDGER
+    assert last_line(done) == (
+        f"p2ppay server: the ledger cannot be used: {state / LEDGER_FILE}: file is not a database;"
+        " restore the ledger from a backup"
+    )
     assert (state / LEDGER_FILE).read_bytes() == junk
 
 

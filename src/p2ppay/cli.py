@@ -18,7 +18,7 @@ import trio
 
 from . import __version__, admin, logs
 from .exitcodes import ExitCode, quiet_stdout, stdout_reader_gone
-from .ledger import LedgerUnavailable
+from .ledger import LedgerFileUnusable, LedgerUnavailable
 from .profiles import (
     CAFILE_ENV,
     SERVER_ENV,
@@ -288,6 +288,8 @@ def _run_server(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return ExitCode.INTERRUPTED
     except Exception as exc:
         logs.final_line(f"p2ppay server: {_explain_server_failure(exc)}", args.log_format)
+        if any(isinstance(leaf, LedgerFileUnusable) for leaf in _leaves(exc)):
+            return ExitCode.LEDGER  # (a restart cannot help: contrib's unit does not)
         return ExitCode.FAILED
     return ExitCode.OK
 

@@ -15,6 +15,10 @@ class ExitCode(IntEnum):
     USAGE = 2
     #: the client could not reach the server (or lost it and could not get it back)
     UNREACHABLE = 3
+    #: the server's ledger file cannot be trusted: damaged (not a database, fails its
+    #: integrity check), or missing from a state directory that holds a CA (see
+    #: ``--new-ledger``). Restarting does not help: a person must look
+    LEDGER = 4
     #: stopped by Ctrl-C (SIGINT) before it was ready to handle it (128 + SIGINT)
     INTERRUPTED = 130
     #: whoever read standard output went away (``... | head``): stopped quietly, as a Unix

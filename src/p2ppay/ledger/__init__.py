@@ -28,6 +28,7 @@ from .interface import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    LedgerFileUnusable,
     LedgerObserver,
     LedgerUnavailable,
     Limits,
@@ -74,13 +75,20 @@ def open_ledger(
     max_batch: int = 512,
     balance_ttl: float = 0.5,
     pg_timeouts: PgTimeouts | None = None,
+    check_interval: float = 1.0,
 ) -> AbstractAsyncContextManager[AnyLedger]:
     """The ledger at ``target``: a PostgreSQL URL, or else the path of an SQLite file
-    (``balance_ttl``: see :class:`SqliteLedger`; PostgreSQL has no balance cache;
-    ``pg_timeouts``: PostgreSQL's alone)."""
+    (``balance_ttl``, ``check_interval``: see :class:`SqliteLedger`; PostgreSQL has no balance
+    cache and no file to watch; ``pg_timeouts``: PostgreSQL's alone)."""
     if is_postgres_url(target):
         return open_postgres_ledger(str(target), limits, max_batch=max_batch, timeouts=pg_timeouts)
-    return open_sqlite_ledger(target, limits, max_batch=max_batch, balance_ttl=balance_ttl)
+    return open_sqlite_ledger(
+        target,
+        limits,
+        max_batch=max_batch,
+        balance_ttl=balance_ttl,
+        check_interval=check_interval,
+    )
 
 
 __all__ = [
@@ -101,6 +109,7 @@ __all__ = [
     "InsufficientFunds",
     "Ledger",
     "LedgerError",
+    "LedgerFileUnusable",
     "LedgerObserver",
     "LedgerUnavailable",
     "Limits",

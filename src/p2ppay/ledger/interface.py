@@ -69,6 +69,12 @@ class LedgerUnavailable(LedgerError):
     """The batch could not be committed (disk full, I/O error, shutting down)."""
 
 
+class LedgerFileUnusable(LedgerUnavailable):
+    """The ledger file cannot be trusted: damaged, missing where a ledger was kept, or no
+    longer the file the server opened (deleted, replaced or truncated behind its back).
+    Restarting does not help: a person must look (and restore it from a backup)."""
+
+
 class DepositIdConflict(LedgerError):
     """The deposit id was used before for another account or another amount."""
 

@@ -12,6 +12,13 @@ Reads (an account, a history, the audit) run on connections of their own, beside
 :func:`~p2ppay.ledger.schema.connect_sqlite` by default: the seam where tests put a connection
 that fails (or lies) on purpose.
 
+The file is watched: at open (``PRAGMA quick_check``), after every commit before its callers
+are answered, and every ``check_interval`` seconds. A file deleted, replaced or truncated behind
+the ledger's back (it would go on committing into an unlinked file, or onto a stranger's) makes
+it stop: nothing more is acknowledged, every call is :class:`LedgerFileUnusable`, and one line
+says so. Not seen: a change in place that keeps the file's size, and anything done to the
+``-wal`` file (``p2ppay admin audit`` finds the first, not the second).
+
 The ledger knows nothing of connections or the wire protocol, and never calls back up: it is
 handed what it needs (e.g. the payee's key an acceptance was checked with) and checks it against
 what it stores, inside the transaction.
@@ -20,12 +27,16 @@ what it stores, inside the transaction.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
@@ -43,6 +54,7 @@ from .interface import (
     Entry,
     InsufficientFunds,
     LedgerError,
+    LedgerFileUnusable,
     LedgerObserver,
     LedgerUnavailable,
     Limits,
@@ -65,6 +77,41 @@ from .schema import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger("p2ppay.ledger")
+
+#: what SQLite says of a file that is not a database, or one whose pages do not add up
+_DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def _raise_if_damaged(path: str, exc: sqlite3.DatabaseError) -> None:
+    """:class:`LedgerFileUnusable` if ``exc`` says the file is damaged (not, e.g., locked)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _DAMAGED:
+        raise LedgerFileUnusable(f"{path}: {exc}; restore the ledger from a backup") from exc
+
+
+def _quick_check(path: str) -> None:
+    """``PRAGMA quick_check`` of the file at ``path``, if there is one (the integrity check
+    without its index cross-checks: 1.5-1.9 s for a 187 MB ledger, integrity_check 10-14 s), or
+    :class:`LedgerFileUnusable`. On a connection of its own, before the writer's opens and
+    migrates it: a damaged file is left exactly as it was found."""
+    if path == ":memory:" or not os.path.exists(path):
+        return
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            found = [" ".join(str(row[0]).split()) for row in db.execute("PRAGMA quick_check(3)")]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        _raise_if_damaged(path, exc)
+        raise
+    if found != ["ok"]:  # (said in one line: what it found may take several)
+        raise LedgerFileUnusable(
+            f"{path} is damaged (quick_check: {'; '.join(found)}); restore the ledger from a backup"
+        )
+
 
 _INSERT_DEPOSIT = (
     "INSERT INTO movements(kind, payee, amount, payee_balance_after, at_ms, deposit_id)"
@@ -287,12 +334,17 @@ class SqliteLedger:
         connect: Callable[[str], sqlite3.Connection] = connect_sqlite,
         readers: int = 2,
         balance_ttl: float = 0.5,
+        check_interval: float = 1.0,
     ) -> None:
         """``connect`` opens the writer's connection (creating and migrating the file);
         ``readers`` connections serve reads beside it (0, and always for ``":memory:"``:
-        reads queue with the writes). ``balance_ttl``: see :meth:`balance` (0: no cache)."""
+        reads queue with the writes). ``balance_ttl``: see :meth:`balance` (0: no cache).
+        ``check_interval``: seconds between looks at the file when no commit looks (see the
+        module's docstring)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if not check_interval > 0:
+            raise ValueError("check_interval must be more than 0")
         if readers < 0:
             raise ValueError("readers must be 0 or more")
         self.path = str(path)
@@ -334,18 +386,87 @@ class SqliteLedger:
         self._data_version: int | None = None
         #: how many :meth:`balance` answers came from the cache
         self.balance_cache_hits = 0
+        # The file as opened, (st_dev, st_ino), and the largest size seen (a ledger in WAL
+        # mode never shrinks: nothing here runs VACUUM). Looked at from the writer's thread
+        # and the watcher's, under the lock; None for ":memory:".
+        self.check_interval = check_interval
+        self._identity: tuple[int, int] | None = None
+        self._size = 0
+        self._watch_lock = threading.Lock()
+        self._watch_limiter = trio.CapacityLimiter(1)
+        #: why the file is no longer the ledger (then every call fails), once it is not
+        self.lost_because: str | None = None
+        #: set once the file is found deleted, replaced or truncated
+        self.lost = trio.Event()
 
     # -- lifecycle --
 
     def _open_blocking(self) -> None:
-        db = self._connect(self.path)
+        _quick_check(self.path)
+        try:
+            db = self._connect(self.path)
+        except sqlite3.DatabaseError as exc:
+            _raise_if_damaged(self.path, exc)
+            raise
         try:
             for statement in _BALANCES_SEEN:
                 db.execute(statement)
+            if self.path != ":memory:":
+                st = os.stat(self.path)
+                self._identity, self._size = (st.st_dev, st.st_ino), st.st_size
         except BaseException:
             db.close()
             raise
         self._db = db
+
+    def _check_file(self) -> str | None:
+        """(Blocking.) Why the file at ``path`` is no longer the ledger opened, if it is not:
+        deleted, replaced, truncated, or it cannot even be looked at. The first time, that
+        is logged, and from then on every call fails."""
+        if self._identity is None:
+            return None
+        with self._watch_lock:
+            if self.lost_because is not None:
+                return self.lost_because
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                problem = "was deleted"
+            except OSError as exc:
+                problem = f"cannot be looked at ({exc.strerror or exc})"
+            else:
+                if (st.st_dev, st.st_ino) != self._identity:
+                    problem = "was replaced by another file"
+                elif st.st_size < self._size:
+                    problem = f"was truncated (from {self._size} to {st.st_size} bytes)"
+                else:
+                    self._size = st.st_size
+                    return None
+            self.lost_because = f"the ledger file {self.path} {problem}"
+        log.error(
+            "%s while the server had it open: nothing more is acknowledged (requests are "
+            "answered internal_error). Stop the server and put the ledger back from a backup "
+            "(README: Backups); nothing was written to whatever is at that path now",
+            self.lost_because,
+        )
+        return self.lost_because
+
+    def _refuse_if_lost(self) -> None:
+        if self.lost_because is not None:
+            raise LedgerFileUnusable(self.lost_because)
+
+    def _watch_blocking(self, stop: threading.Event) -> None:
+        """(In a worker thread, until ``stop``.) Look at the file every ``check_interval``
+        seconds, and set :attr:`lost` when it is lost.
+
+        Hard choice: a thread that sleeps in real time rather than a task sleeping on Trio's
+        clock. A task's timer would be a deadline that a mock clock jumps to, again and
+        again, whenever the tests' tasks wait for a thread (a hash, a commit): time would run
+        on by a second per look, and the tests' own timeouts would trip."""
+        while not stop.wait(self.check_interval):
+            if self._check_file() is not None:
+                trio.from_thread.run_sync(self.lost.set)
+                return
 
     async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
         await trio.to_thread.run_sync(self._open_blocking, limiter=self._limiter)
@@ -361,6 +482,8 @@ class SqliteLedger:
                             break
                     # Not abandoned on cancel: a commit in flight always finishes and is answered.
                     await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                    if self.lost_because is not None:
+                        self.lost.set()
                     for op in batch:
                         op.done.set()
         finally:
@@ -378,6 +501,10 @@ class SqliteLedger:
         db = self._db
         assert db is not None
         started = time.perf_counter()
+        if self.lost_because is not None:
+            for op in batch:
+                op.error = LedgerFileUnusable(self.lost_because)
+            return
         try:
             db.execute("BEGIN IMMEDIATE")
             # What the file looks like now that we hold the write lock: nobody else can
@@ -403,11 +530,23 @@ class SqliteLedger:
             # may have left a half-done operation: none of the batch is kept or acknowledged.
             if db.in_transaction:
                 db.rollback()
+            # (a file truncated under SQLite fails like this: then that is what is said)
+            lost = self._check_file() if isinstance(exc, Exception) else None
             for op in batch:
                 op.result = None
-                op.error = LedgerUnavailable(f"commit failed: {exc}")
+                op.error = (
+                    LedgerUnavailable(f"commit failed: {exc}")
+                    if lost is None
+                    else LedgerFileUnusable(lost)
+                )
             if not isinstance(exc, Exception):
                 raise
+            return
+        lost = self._check_file()  # committed, but into the file people mean by the path?
+        if lost is not None:
+            for op in batch:
+                op.result = None
+                op.error = LedgerFileUnusable(lost)
             return
         self._cache_balances(version, seen, checked)
         ops = sum(op.fn is not _check_balances for op in batch)
@@ -486,6 +625,7 @@ class SqliteLedger:
         """Run ``fn`` on a read connection (or, with no readers, in the writer's queue)."""
         if self._read_limiter is None:
             return await self._submit(fn)
+        self._refuse_if_lost()
         if self._db is None:
             raise LedgerUnavailable("the ledger is closed")
         op: _Op[T] = _Op(fn)
@@ -499,6 +639,7 @@ class SqliteLedger:
         return op.result  # type: ignore[return-value]
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._refuse_if_lost()
         op: _Op[T] = _Op(fn)
         try:
             self._send.send_nowait(op)
@@ -558,6 +699,7 @@ class SqliteLedger:
 
         From the cache when it holds the account and was checked under ``balance_ttl`` ago
         (see ``__init__``); else read like :meth:`account`."""
+        self._refuse_if_lost()
         if self.balance_ttl > 0:
             key = name_key(name)
             age = time.monotonic() - self._balances_checked
@@ -980,16 +1122,27 @@ async def open_sqlite_ledger(
     connect: Callable[[str], sqlite3.Connection] = connect_sqlite,
     readers: int = 2,
     balance_ttl: float = 0.5,
+    check_interval: float = 1.0,
 ) -> AsyncIterator[SqliteLedger]:
     """Open (creating if needed) the ledger at ``path``; on exit, drain queued work and close."""
     ledger = SqliteLedger(
         path, limits or Limits(), max_batch, connect=connect, readers=readers,
-        balance_ttl=balance_ttl,
+        balance_ttl=balance_ttl, check_interval=check_interval,
     )  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(ledger._writer)
         for _ in range(ledger.readers):
             nursery.start_soon(ledger._reader_task)
+        stop_watching = threading.Event()  # (set on the way out, whatever the way)
+        if ledger._identity is not None:
+            nursery.start_soon(
+                partial(
+                    trio.to_thread.run_sync,
+                    ledger._watch_blocking,
+                    stop_watching,
+                    limiter=ledger._watch_limiter,
+                )
+            )
         checker = trio.CancelScope()
         if balance_ttl > 0:
 
@@ -1002,6 +1155,7 @@ async def open_sqlite_ledger(
             yield ledger
         finally:
             checker.cancel()
+            stop_watching.set()
             # Closing the channels lets the writer and the readers finish what is queued,
             # then stop.
             ledger._send.close()

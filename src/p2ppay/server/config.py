@@ -245,6 +245,20 @@ class ServerOptions:
         metavar="PATH_OR_URL",
         default_text=f"{LEDGER_FILE} in the state directory",
     )
+    new_ledger: bool = setting(
+        False,
+        "--new-ledger",
+        "with an SQLite ledger: make a new, empty ledger even though the state directory "
+        "holds a CA (without it the server refuses: the ledger it kept there is missing)",
+        action="store_true",
+    )
+    ledger_check_interval: float = setting(
+        1.0,
+        "--ledger-check-interval",
+        "with an SQLite ledger: seconds between checks that the ledger file is still the one "
+        "opened (not deleted, replaced or truncated); every commit is checked too",
+        seconds,
+    )
     #: only with a PostgreSQL ledger (presence is shared then)
     node_heartbeat: float = setting(
         5.0,

@@ -20,6 +20,10 @@ from .. import ledger as lg
 from ..ledger.pgschema import describe, open_connection
 from ..metrics import serve_metrics
 from ..pki import (
+    CA_CERT,
+    CA_KEY,
+    PEER_CA_CERT,
+    PEER_CA_KEY,
     IdentityError,
     Issuer,
     ensure_server_credentials,
@@ -74,6 +78,25 @@ def prepare_state_dir(state_dir: Path) -> None:
                 raise StartupError(f"cannot write the ledger file {path}: {exc.strerror}") from None
 
 
+def cas_in(state_dir: Path) -> list[str]:
+    """The CA files a server made (or was given) in ``state_dir``."""
+    return [
+        name for name in (CA_CERT, CA_KEY, PEER_CA_CERT, PEER_CA_KEY) if (state_dir / name).exists()
+    ]
+
+
+def check_ledger_is_there(ledger: Path, state_dir: Path, cas: list[str]) -> None:
+    """Refuse to make a new SQLite ledger where one was kept: a state directory that held a
+    CA (``cas``, before this start made any) has run a server, and its ledger being gone means
+    it was lost (deleted, moved, a volume not mounted), not that one is to be made."""
+    if cas and not ledger.exists():
+        raise lg.LedgerFileUnusable(
+            f"there is no ledger at {ledger}, but {state_dir} holds a CA ({', '.join(cas)}): "
+            "a server ran here, so its ledger is missing. Put it back from a backup "
+            "(README: Backups), or start with --new-ledger to begin an empty one"
+        )
+
+
 def check_postgres(url: str, timeouts: lg.PgTimeouts) -> None:
     """Connect once to the PostgreSQL ledger: an unreachable server is one clear line at start
     (naming the server, never the password)."""
@@ -125,6 +148,11 @@ async def run_server(
     postgres = isinstance(target, str) and lg.is_postgres_url(target)
     if postgres:
         await trio.to_thread.run_sync(check_postgres, str(target), options.pg_timeouts)
+    # (before the CAs are made: on a first start there are none; checked once they load, so
+    # that CA files that cannot be used are what is said first)
+    had_cas = (
+        [] if postgres or options.new_ledger else await trio.to_thread.run_sync(cas_in, state_dir)
+    )
     if options.cert and options.key:
         cert_path: Path = options.cert
         try:
@@ -155,6 +183,8 @@ async def run_server(
             "ca.pem)"
         ) from None
     key_line = public_key_line(await trio.Path(cert_path).read_bytes())
+    if not postgres:
+        await trio.to_thread.run_sync(check_ledger_is_there, Path(target), state_dir, had_cas)
 
     # Bind first: a port in use is reported before anything is created or opened.
     listeners = await _bind(options.port, options.host, reuse_port=reuse_port)
@@ -175,6 +205,7 @@ async def run_server(
                     max_batch=options.max_batch,
                     balance_ttl=options.balance_cache_ttl,
                     **pg,
+                    check_interval=options.ledger_check_interval,
                 )
             )
             presence: PgPresence | None = None
