@@ -20,6 +20,7 @@ from p2ppay import ledger as lg
 from p2ppay.cli import build_parser, server_options
 from p2ppay.ledger import PgTimeouts, PostgresLedger, open_postgres_ledger
 from p2ppay.ledger.pgschema import PgConnection
+from p2ppay.server.pg_presence import PgPresence
 
 from .test_ledger_postgres import funded
 
@@ -98,6 +99,21 @@ async def test_the_urls_own_parameters_win(postgres_url: str) -> None:
         db = _writer(ledger)
         assert _sockopts(db)["idle"] == 42
         assert _show(db, "work_mem") == "8MB" and _show(db, "statement_timeout") == "9500ms"
+
+
+def test_the_presence_connections_have_keepalives(postgres_url: str) -> None:
+    """Who is online lives in PostgreSQL too: its writer's, readers' and listener's
+    connections (all made by ``_connect``) are found dead like the ledger's, not waited on."""
+    timeouts = PgTimeouts(keepalive_idle=7, keepalive_interval=4, keepalive_count=2)
+    with PgPresence(postgres_url, timeouts=timeouts)._connect() as db:
+        assert _sockopts(db) == {
+            "keepalive": 1,
+            "idle": 7,
+            "interval": 4,
+            "count": 2,
+            "user_timeout_ms": 30_000,
+        }
+        assert _show(db, "statement_timeout") == "0"  # (the listener waits by design)
 
 
 @contextmanager

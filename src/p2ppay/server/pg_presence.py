@@ -288,6 +288,7 @@ class PgPresence:
         readers: int = 2,
         node_id: str | None = None,
         listen_timeout: float = 2.0,
+        timeouts: lg.PgTimeouts | None = None,
     ) -> None:
         if not 0 < heartbeat < expiry:
             raise ValueError("the heartbeat must be shorter than the expiry")
@@ -298,6 +299,9 @@ class PgPresence:
         self.heartbeat = heartbeat
         self.expiry = expiry
         self.listen_timeout = listen_timeout
+        #: TCP keepalives and tcp_user_timeout on each connection (no statement timeout: the
+        #: presence writer retries until PostgreSQL answers, and the listener waits by design)
+        self.timeouts = timeouts or lg.PgTimeouts()
         self._native: NameMap[Member] = NameMap()
         self._course: NameMap[Member] = NameMap()
         #: the login number of each local session whose row is written
@@ -553,12 +557,15 @@ class PgPresence:
             raise
 
     def _connect(self) -> psycopg.Connection[Any]:
-        # Named, so that pg_stat_activity shows which node each connection is.
+        # Named, so that pg_stat_activity shows which node each connection is. With keepalives:
+        # a connection whose PostgreSQL went away silently is found dead, not waited on for ever.
+        given = psycopg.conninfo.conninfo_to_dict(self.url)
         return psycopg.connect(
             self.url,
             autocommit=True,
             connect_timeout=10,
             application_name=f"p2ppay presence {self.node_id}"[:63],
+            **self.timeouts.connect_params(given, sessions=False),
         )
 
     # -- the writer --
@@ -938,12 +945,18 @@ async def open_pg_presence(
     expiry: float = 15.0,
     readers: int = 2,
     listen_timeout: float = 2.0,
+    timeouts: lg.PgTimeouts | None = None,
 ) -> AsyncIterator[PgPresence]:
     """Join the nodes of the database at ``url``: tables created if missing, this node's
     heartbeat and LISTEN running; on exit this node's rows are deleted (when PostgreSQL can be
     reached within a few seconds; otherwise they expire)."""
     presence = PgPresence(
-        url, heartbeat=heartbeat, expiry=expiry, readers=readers, listen_timeout=listen_timeout
+        url,
+        heartbeat=heartbeat,
+        expiry=expiry,
+        readers=readers,
+        listen_timeout=listen_timeout,
+        timeouts=timeouts,
     )
     try:
         await presence.start()  # (outside the nursery: its error is not wrapped in a group)

@@ -218,6 +218,7 @@ async def run_server(
                             heartbeat=options.node_heartbeat,
                             expiry=options.node_expiry,
                             listen_timeout=options.node_listen_timeout,
+                            timeouts=options.pg_timeouts,
                         )
                     )
                 except psycopg.Error as exc:
