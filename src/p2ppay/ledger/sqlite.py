@@ -36,7 +36,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
@@ -455,17 +454,22 @@ class SqliteLedger:
         if self.lost_because is not None:
             raise LedgerFileUnusable(self.lost_because)
 
-    def _watch_blocking(self, stop: threading.Event) -> None:
-        """(In a worker thread, until ``stop``.) Look at the file every ``check_interval``
-        seconds, and set :attr:`lost` when it is lost.
+    def _watch_blocking(self, stop: threading.Event, token: trio.lowlevel.TrioToken) -> None:
+        """(The watcher's own thread, until ``stop``.) Look at the file every
+        ``check_interval`` seconds, and set :attr:`lost` when it is lost.
 
-        Hard choice: a thread that sleeps in real time rather than a task sleeping on Trio's
-        clock. A task's timer would be a deadline that a mock clock jumps to, again and
-        again, whenever the tests' tasks wait for a thread (a hash, a commit): time would run
-        on by a second per look, and the tests' own timeouts would trip."""
+        Hard choice: a thread of the ledger's own, sleeping in real time (like the Hasher's,
+        started and joined by :func:`open_sqlite_ledger`), rather than a task on Trio's clock
+        or a thread from Trio's cache. A task's timer is a deadline that a mock clock jumps
+        to, a second at a time, whenever the tests' tasks wait for a thread (a hash, a
+        commit), so the tests' own timeouts would trip; and a Trio worker thread that never
+        ends would keep ``trio.testing.wait_all_threads_completed`` from ever returning."""
         while not stop.wait(self.check_interval):
             if self._check_file() is not None:
-                trio.from_thread.run_sync(self.lost.set)
+                try:
+                    token.run_sync_soon(self.lost.set)
+                except trio.RunFinishedError:  # (cannot be: joined before the run ends)
+                    pass
                 return
 
     async def _writer(self, task_status: trio.TaskStatus[None]) -> None:
@@ -1134,15 +1138,15 @@ async def open_sqlite_ledger(
         for _ in range(ledger.readers):
             nursery.start_soon(ledger._reader_task)
         stop_watching = threading.Event()  # (set on the way out, whatever the way)
+        watcher: threading.Thread | None = None
         if ledger._identity is not None:
-            nursery.start_soon(
-                partial(
-                    trio.to_thread.run_sync,
-                    ledger._watch_blocking,
-                    stop_watching,
-                    limiter=ledger._watch_limiter,
-                )
+            watcher = threading.Thread(
+                target=ledger._watch_blocking,
+                args=(stop_watching, trio.lowlevel.current_trio_token()),
+                name="p2ppay-ledger-watcher",
+                daemon=True,
             )
+            watcher.start()
         checker = trio.CancelScope()
         if balance_ttl > 0:
 
@@ -1156,6 +1160,9 @@ async def open_sqlite_ledger(
         finally:
             checker.cancel()
             stop_watching.set()
+            if watcher is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(watcher.join, limiter=ledger._watch_limiter)
             # Closing the channels lets the writer and the readers finish what is queued,
             # then stop.
             ledger._send.close()
