@@ -210,7 +210,14 @@ async def run_server(
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners, course_listeners)
                 if metrics_listeners:  # in the server's nursery: it stops when serving does
-                    server.spawn(partial(serve_metrics, server.metrics.render, metrics_listeners))
+                    server.spawn(
+                        partial(
+                            serve_metrics,
+                            server.metrics.render,
+                            metrics_listeners,
+                            server.limit_log,
+                        )
+                    )
                 addresses: list[tuple[str, int]] = []
                 for group, what in ((listeners, "TLS"), (course_listeners, "course dialect")):
                     if what != "TLS":
