@@ -20,6 +20,7 @@ import trio.testing
 
 from p2ppay.accepting import PatientListener
 from p2ppay.limits import LimitLog
+from p2ppay.metrics import serve_metrics
 from p2ppay.peer import OfferListener, PeerIdentity, PeerKey, accept_all
 from p2ppay.pki import Issuer
 from p2ppay.tls import client_context
@@ -211,6 +212,21 @@ async def test_a_payees_listener_waits_out_a_full_file_table_quietly(
     with caplog.at_level(logging.INFO):
         async with trio.open_nursery() as nursery:
             await nursery.start(OfferListener(bob, accept_all).serve, [flaky])
+            await flaky.hanging.wait()
+            nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0].startswith("limit open-files: "), lines
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+async def test_the_metrics_listener_waits_out_a_full_file_table_quietly(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    flaky = Flaky(*[errno.EMFILE] * 100, hang=True)  # ten seconds' worth
+    limit_log = LimitLog(logging.getLogger("test.metrics"), clock=trio.current_time)
+    with caplog.at_level(logging.INFO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_metrics, lambda: b"", [flaky], limit_log)  # type: ignore[arg-type]
             await flaky.hanging.wait()
             nursery.cancel_scope.cancel()
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

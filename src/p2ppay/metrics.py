@@ -29,6 +29,8 @@ from prometheus_client import (
 )
 
 from . import __version__
+from .accepting import PatientListener
+from .limits import LimitLog
 
 
 class Observed(Protocol):
@@ -220,13 +222,16 @@ async def _answer(render: Callable[[], bytes], stream: trio.abc.Stream) -> None:
 
 
 async def serve_metrics(
-    render: Callable[[], bytes], listeners: Sequence[trio.SocketListener]
+    render: Callable[[], bytes],
+    listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
+    limit_log: LimitLog,
 ) -> None:
     """Answer scrapes on ``listeners`` until cancelled (the server's nursery does that).
 
     Each connection's deadline starts when it is accepted, and past ``MAX_SCRAPES`` at once a
     connection is turned away at once: silent sockets can neither queue up nor hold a scrape
-    back for longer than one deadline."""
+    back for longer than one deadline. Out of descriptors, accept waits (``limit_log`` says so
+    once a minute)."""
     open_now = 0
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -240,4 +245,6 @@ async def serve_metrics(
         finally:
             open_now -= 1
 
-    await trio.serve_listeners(handle, list(listeners))
+    advice = "raise the open-file limit, ulimit -n, or lower --max-connections"
+    patient = [PatientListener(listener, limit_log, advice) for listener in listeners]
+    await trio.serve_listeners(handle, patient)

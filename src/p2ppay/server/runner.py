@@ -251,7 +251,14 @@ async def run_server(
                 # (in the server's nursery too: housekeeping stops when serving does)
                 server.spawn(partial(keep_purging, ledger, options.config, server.limit_log))
                 if metrics_listeners:  # in the server's nursery: it stops when serving does
-                    server.spawn(partial(serve_metrics, server.metrics.render, metrics_listeners))
+                    server.spawn(
+                        partial(
+                            serve_metrics,
+                            server.metrics.render,
+                            metrics_listeners,
+                            server.limit_log,
+                        )
+                    )
                 addresses: list[tuple[str, int]] = []
                 for group, what in ((listeners, "TLS"), (course_listeners, "course dialect")):
                     if what != "TLS":
