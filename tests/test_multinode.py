@@ -650,6 +650,48 @@ async def test_a_frozen_listen_connection_is_noticed_within_two_heartbeats(
     assert len(said) == 1, [r.getMessage() for r in said]
 
 
+async def test_a_frozen_presence_backend_costs_a_login_or_lookup_one_statement_timeout(
+    postgres_url: str,
+) -> None:
+    """Issue 22.2, who is online: node A's presence writer's backend is stopped (SIGSTOP), then
+    a reader's. A login is still answered within the statement timeout (its row is written by
+    a new connection soon after, while the old backend is still stopped), and a lookup that
+    must ask PostgreSQL is answered "cannot be read just now" in that time, not when the backend
+    wakes; the next one connects anew."""
+    from .test_pgtimeouts import stopped
+
+    timeouts = lg.PgTimeouts(statement_timeout=1.0, lock_timeout=0.5)
+    bound = 3.0  # the statement timeout, and the thread hops around it on a busy machine
+    with trio.fail_after(60):
+        async with (
+            open_pg_presence(postgres_url, heartbeat=30.0, expiry=90.0, timeouts=timeouts) as a,
+            open_pg_presence(postgres_url, heartbeat=30.0, expiry=90.0) as b,
+        ):
+            carol = _Member("carol", "10.0.0.3", 5003)
+            a.take_over(carol)
+            await a.published(carol)
+            assert a._write_conn is not None
+            with stopped(a._write_conn.info.backend_pid):
+                dave = _Member("dave", "10.0.0.4", 5004)
+                started = trio.current_time()
+                a.take_over(dave)
+                await a.published(dave)
+                took = trio.current_time() - started
+                assert took <= bound, f"the login waited {took:.2f} s"
+                await eventually(lambda: not a._unwritten)  # written by a new connection
+                assert await b.lookup("dave") == p.Presence("dave", "10.0.0.4", 5004)
+            assert await b.lookup("nobody") is None  # (b's reader connected)
+            assert await a.lookup("nobody") is None  # (a's reader connected)
+            (reader,) = a._idle_readers
+            with stopped(reader.info.backend_pid):
+                started = trio.current_time()
+                with pytest.raises(lg.LedgerUnavailable):
+                    await a.lookup("nobody")
+                took = trio.current_time() - started
+                assert took <= bound, f"the lookup waited {took:.2f} s"
+                assert await a.lookup("nobody") is None  # a new reader, while the old is stopped
+
+
 async def test_a_lost_take_over_notification_is_made_good_by_the_heartbeat(
     postgres_url: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, issuer: Issuer
 ) -> None:

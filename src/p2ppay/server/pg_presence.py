@@ -58,6 +58,7 @@ import trio
 from .. import ledger as lg
 from .. import protocol as p
 from ..ledger.pgschema import PRESENCE_SCHEMA_LOCK, PRESENCE_TABLES, describe, node_channel
+from ..ledger.pgtimeouts import Watchdog, Watchdogs
 from ..limits import LimitLog
 from ..names import NameMap, name_key
 from .presence import Member
@@ -299,9 +300,15 @@ class PgPresence:
         self.heartbeat = heartbeat
         self.expiry = expiry
         self.listen_timeout = listen_timeout
-        #: TCP keepalives and tcp_user_timeout on each connection (no statement timeout: the
-        #: presence writer retries until PostgreSQL answers, and the listener waits by design)
+        #: TCP keepalives and tcp_user_timeout on each connection; the statement and lock
+        #: timeouts on the writer's and the readers' (the listener waits by design)
         self.timeouts = timeouts or lg.PgTimeouts()
+        #: cut a write or read whose backend does not answer at all (frozen) at the statement
+        #: timeout, as the ledger does: the writer then retries on a new connection, a read is
+        #: answered "cannot be read just now"
+        self._watchdogs = Watchdogs(self.timeouts.watchdog)
+        #: a login answered before its row was written (PostgreSQL too slow), once a minute
+        self._slow_log = LimitLog(log, label="presence:")
         self._native: NameMap[Member] = NameMap()
         self._course: NameMap[Member] = NameMap()
         #: the login number of each local session whose row is written
@@ -375,7 +382,16 @@ class PgPresence:
             return
         publish = self._unwritten.get((course, name_key(member.user)))
         if publish is not None and publish.member is member:
-            await publish.done.wait()
+            # Bounded: PostgreSQL not answering must not hold logins for as long as it lasts
+            # (the writer keeps retrying; other nodes find the login once its row is written).
+            with trio.move_on_after(self.timeouts.watchdog) as waited:
+                await publish.done.wait()
+            if waited.cancelled_caught:
+                self._slow_log.hit(
+                    "slow-login-row",
+                    "a login was answered before its row was written (PostgreSQL did not "
+                    f"answer within {self.timeouts.watchdog:g} s)",
+                )
 
     def forget(self, member: Member, *, course: bool = False) -> None:
         online = self._map(course)
@@ -534,7 +550,9 @@ class PgPresence:
         async with self._read_limiter:
             idle = self._idle_readers.pop() if self._idle_readers else None
             try:
-                conn, rows = await trio.to_thread.run_sync(self._query, idle, sql, params)
+                conn, rows = await trio.to_thread.run_sync(
+                    self._query, idle, sql, params, self._watchdogs.call()
+                )
             except psycopg.OperationalError as exc:
                 log.warning("presence: PostgreSQL cannot be read: %s", one_line(exc))
                 raise lg.LedgerUnavailable("who is online cannot be read just now") from None
@@ -542,21 +560,32 @@ class PgPresence:
             return rows
 
     def _query(
-        self, conn: psycopg.Connection[Any] | None, sql: str, params: Sequence[object]
+        self,
+        conn: psycopg.Connection[Any] | None,
+        sql: str,
+        params: Sequence[object],
+        watchdog: Watchdog,
     ) -> tuple[psycopg.Connection[Any], list[tuple[Any, ...]]]:
-        if conn is not None:
+        try:
+            if conn is not None:
+                try:
+                    watchdog.watch(conn)
+                    return conn, conn.execute(sql, params).fetchall()
+                except psycopg.OperationalError:
+                    conn.close()  # cut while idle (a restart, a blip): once more, connected anew
+                    if watchdog.fired:
+                        raise  # (cut by the watchdog: that one had its time)
+            conn = self._connect(sessions=True)
             try:
+                watchdog.watch(conn)
                 return conn, conn.execute(sql, params).fetchall()
             except psycopg.OperationalError:
-                conn.close()  # cut while idle (a restart, a blip): once more, connected anew
-        conn = self._connect()
-        try:
-            return conn, conn.execute(sql, params).fetchall()
-        except psycopg.OperationalError:
-            conn.close()
-            raise
+                conn.close()
+                raise
+        finally:
+            watchdog.release()
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self, *, sessions: bool = False) -> psycopg.Connection[Any]:
         # Named, so that pg_stat_activity shows which node each connection is. With keepalives:
         # a connection whose PostgreSQL went away silently is found dead, not waited on for ever.
         given = psycopg.conninfo.conninfo_to_dict(self.url)
@@ -565,7 +594,7 @@ class PgPresence:
             autocommit=True,
             connect_timeout=10,
             application_name=f"p2ppay presence {self.node_id}"[:63],
-            **self.timeouts.connect_params(given, sessions=False),
+            **self.timeouts.connect_params(given, sessions=sessions),
         )
 
     # -- the writer --
@@ -598,8 +627,9 @@ class PgPresence:
                 return
 
     def _start_blocking(self) -> None:
-        conn = self._write_conn = self._connect()
-        with conn.transaction():
+        # Without the statement and lock timeouts (nodes starting together wait their turn for
+        # the schema lock); the writer connects with them at its first batch.
+        with self._connect() as conn, conn.transaction():
             # (nodes starting together create the tables once; so does the ledger's migration)
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRESENCE_SCHEMA_LOCK,))
             conn.execute(PRESENCE_TABLES)
@@ -613,7 +643,10 @@ class PgPresence:
         while True:
             try:
                 return await trio.to_thread.run_sync(
-                    self._commit_blocking, batch, limiter=self._write_limiter
+                    self._commit_blocking,
+                    batch,
+                    self._watchdogs.call(),
+                    limiter=self._write_limiter,
                 )
             except psycopg.OperationalError as exc:
                 log.warning(
@@ -627,12 +660,13 @@ class PgPresence:
                 log.error("presence: a write was refused: %s", one_line(exc))
                 return None
 
-    def _commit_blocking(self, batch: list[_Write]) -> _Written:
+    def _commit_blocking(self, batch: list[_Write], watchdog: Watchdog) -> _Written:
         conn = self._write_conn
         if conn is None or conn.closed:
-            conn = self._write_conn = self._connect()
+            conn = self._write_conn = self._connect(sessions=True)
         written = _Written()
         check = False
+        watchdog.watch(conn)
         try:
             with conn.transaction():
                 (fresh,) = conn.execute(_HEARTBEAT_SQL, (self.node_id,)).fetchone() or (False,)
@@ -681,6 +715,8 @@ class PgPresence:
         except psycopg.OperationalError:
             conn.close()
             raise
+        finally:
+            watchdog.release()
         return written
 
     def _publish_blocking(self, conn: psycopg.Connection[Any], w: _Publish) -> None:
@@ -960,22 +996,29 @@ async def open_pg_presence(
     )
     try:
         await presence.start()  # (outside the nursery: its error is not wrapped in a group)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(presence._writer)
-            await nursery.start(presence._listener)
-            nursery.start_soon(presence._heartbeats)
-            nursery.start_soon(presence._watch_listener)
+        async with trio.open_nursery() as watching:
+            await watching.start(presence._watchdogs.run)
             try:
-                yield presence
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(presence._writer)
+                    await nursery.start(presence._listener)
+                    nursery.start_soon(presence._heartbeats)
+                    nursery.start_soon(presence._watch_listener)
+                    try:
+                        yield presence
+                    finally:
+                        presence._writes_in.send_nowait(_Leave())
+                        with trio.CancelScope(shield=True) as leaving:
+                            leaving.deadline = trio.current_time() + 5
+                            await presence._left.wait()
+                        if leaving.cancelled_caught:
+                            log.warning(
+                                "presence: could not leave PostgreSQL; this node's rows expire"
+                            )
+                        presence._stop.set()
+                        nursery.cancel_scope.cancel()
             finally:
-                presence._writes_in.send_nowait(_Leave())
-                with trio.CancelScope(shield=True) as leaving:
-                    leaving.deadline = trio.current_time() + 5
-                    await presence._left.wait()
-                if leaving.cancelled_caught:
-                    log.warning("presence: could not leave PostgreSQL; this node's rows expire")
-                presence._stop.set()
-                nursery.cancel_scope.cancel()
+                presence._watchdogs.stop()  # (once the writer and the readers have returned)
     finally:
         presence._stop.set()
         for conn in [*presence._idle_readers, presence._write_conn]:
