@@ -244,10 +244,11 @@ async def test_throwaway_accounts_cannot_hide_a_counterpartys_request(connect: C
                     flood += 1
                 await mallory.logout()
         listed = await alice.requests()
-        # The counterparties' requests first (newest first among them), then the newest rest.
+        # The counterparties' requests first: one alice has paid, then one who paid alice;
+        # then the newest rest.
         assert [r.request_id for r in listed.incoming[:2]] == [
-            from_carol.request_id,
             from_bob.request_id,
+            from_carol.request_id,
         ]
         assert len(listed.incoming) == SHOWN
         assert {r.requester for r in listed.incoming[2:]} <= {f"throwaway{i}" for i in range(12)}
@@ -257,6 +258,37 @@ async def test_throwaway_accounts_cannot_hide_a_counterpartys_request(connect: C
         assert f"Asking you to pay ({SHOWN} of {flood + 2}):" in text
         assert text.splitlines()[-2] == f"  ...and {flood + 2 - SHOWN} more"
         assert text.splitlines()[-1] == "Your requests (0):"
+
+
+async def test_accounts_that_paid_a_unit_cannot_hide_a_counterpartys_request(
+    connect: Connect,
+) -> None:
+    """Review of 22.9: a dozen throwaway accounts that each pay the payer one unit become
+    counterparties too, and their 5 requests each used to fill the list before an older real
+    one. Now an account the payer has paid comes first whatever others paid, and among the
+    rest each requester's newest request comes before anyone's second."""
+    async with connect() as alice, connect() as bob, connect() as dave:
+        await registered(alice, "alice", deposit=100)
+        await registered(bob, "bob")
+        await registered(dave, "dave", deposit=100)
+        await pay(alice, "bob", 5)  # alice has paid bob
+        await pay(dave, "alice", 5)  # dave has paid alice
+        from_bob = await bob.request("alice", 42, "the real one")
+        from_dave = await dave.request("alice", 7)
+        async with connect(ip="10.0.0.66") as mallory:
+            for i in range(12):
+                await registered(mallory, f"throwaway{i}", deposit=1)
+                await pay(mallory, "alice", 1)  # "a counterparty" for one unit
+                for _ in range(RequestLimitConfig().request_pair_burst):
+                    await mallory.request("alice", 1)
+                await mallory.logout()
+        listed = await alice.requests()
+        assert len(listed.incoming) == SHOWN < listed.incoming_total
+        assert listed.incoming[0].request_id == from_bob.request_id
+        # dave's one request is among the first requests of the 13 who paid alice
+        assert from_dave.request_id in [r.request_id for r in listed.incoming[1:14]]
+        firsts = listed.incoming[1:14]
+        assert len({r.requester for r in firsts}) == 13
 
 
 def test_the_totals_are_shown_only_when_some_are_not() -> None:

@@ -214,11 +214,14 @@ def _stored_transfer(db: PgConnection, payment_id: uuid.UUID) -> Transfer | None
 _REQUEST_COLUMNS = "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
 
 
-#: As the SQLite ledger's: incoming requests from known counterparties first (movements_pair).
+#: As the SQLite ledger's: incoming requests from accounts the payer has paid first, then from
+#: accounts that paid the payer, then the rest; within each, one per requester before any
+#: requester's second (movements_pair).
 _KNOWN_FIRST = (
-    "(EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
-    " OR EXISTS (SELECT 1 FROM movements AS m"
-    " WHERE m.payer = r.requester AND m.payee = r.payer)) DESC, "
+    "EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
+    " DESC, EXISTS (SELECT 1 FROM movements AS m"
+    " WHERE m.payer = r.requester AND m.payee = r.payer) DESC,"
+    " ROW_NUMBER() OVER (PARTITION BY r.requester ORDER BY r.created_ms DESC, r.id), "
 )
 #: What :meth:`PostgresLedger.purge_requests` deletes (each as a partial index has it).
 _PURGEABLE = (

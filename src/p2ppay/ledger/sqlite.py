@@ -296,13 +296,17 @@ def _move(
 _REQUEST_COLUMNS = "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
 
 
-#: Incoming requests from accounts the payer has paid or been paid by come first (a
-#: counterparty's request cannot be pushed out of sight by throwaway accounts'); each EXISTS
-#: is one probe of the movements_pair index. (The ``r`` is the listed request.)
+#: The order of a payer's incoming requests, so that a counterparty's cannot be pushed out of
+#: sight by accounts made for the purpose: first those from accounts the payer has paid (only
+#: the payer can make an account that), then from accounts that paid the payer (a stranger can
+#: buy that with one unit), then the rest; within each group every requester's newest request
+#: comes before anyone's second, so N accounts take N places, not 5 N. Each EXISTS is one
+#: probe of the movements_pair index. (The ``r`` is the listed request.)
 _KNOWN_FIRST = (
-    "(EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
-    " OR EXISTS (SELECT 1 FROM movements AS m"
-    " WHERE m.payer = r.requester AND m.payee = r.payer)) DESC, "
+    "EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
+    " DESC, EXISTS (SELECT 1 FROM movements AS m"
+    " WHERE m.payer = r.requester AND m.payee = r.payer) DESC,"
+    " ROW_NUMBER() OVER (PARTITION BY r.requester ORDER BY r.created_ms DESC, r.id), "
 )
 #: What :meth:`SqliteLedger.purge_requests` deletes (each term as a partial index has it):
 #: requests closed before the cutoff, and open ones that expired before it.
