@@ -283,6 +283,7 @@ async def test_accounts_that_paid_a_unit_cannot_hide_a_counterpartys_request(
                     await mallory.request("alice", 1)
                 await mallory.logout()
         listed = await alice.requests()
+        assert listed.incoming_total is not None
         assert len(listed.incoming) == SHOWN < listed.incoming_total
         assert listed.incoming[0].request_id == from_bob.request_id
         # dave's one request is among the first requests of the 13 who paid alice
