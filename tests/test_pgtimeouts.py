@@ -249,10 +249,19 @@ def test_the_flags_reach_the_ledger_and_bad_values_are_usage_errors(
         ("--pg-keepalive-interval", "x"),
         ("--pg-keepalive-count", "0"),
         ("--pg-tcp-user-timeout", "inf"),
+        # (review: beyond what PostgreSQL takes, these were an exit 1 at connect)
+        ("--pg-statement-timeout", "1e20"),
+        ("--pg-lock-timeout", "2147484"),
+        ("--pg-tcp-user-timeout", "0.0001"),
+        ("--pg-keepalive-idle", "2147483648"),
+        ("--ledger-check-interval", "99999999999999999999"),
     ):
         with pytest.raises(SystemExit) as info:
             parser.parse_args(["server", flag, value])
         assert info.value.code == 2
-        assert f"argument {flag}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err
+        # one line, not the server's 60-line usage first (review)
+        assert err.count("\n") == 1 and err.endswith("(see p2ppay server --help)\n"), err
     with pytest.raises(ValueError, match="--pg-lock-timeout must be more than 0 seconds"):
         PgTimeouts(lock_timeout=0)

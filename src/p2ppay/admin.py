@@ -21,7 +21,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import psycopg
 
@@ -77,7 +77,7 @@ def _amount(text: str) -> int:
 
 
 def add_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    sub: argparse._SubParsersAction[Any],
     formatter: type[argparse.HelpFormatter],
     state_help: str,
 ) -> None:

@@ -66,12 +66,18 @@ def default_state_dir() -> Path:
     return Path(platformdirs.user_data_dir("p2ppay", appauthor=False))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage error is one line: the server's whole usage is some 60
+    lines, and the line that says what was wrong came last, under them."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="p2ppay", description=DESCRIPTION, formatter_class=_HelpFormatter
-    )
+    parser = _Parser(prog="p2ppay", description=DESCRIPTION, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"p2ppay {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser(
         "server",

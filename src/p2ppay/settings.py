@@ -170,6 +170,13 @@ def port(text: str) -> int:
     return _whole_number(text, 0, 65535, "port number")
 
 
+#: The longest any duration flag may be (about 31 years): beyond it the clocks and timers
+#: underneath (threading waits, C timestamps) overflow, and nothing means to wait that long.
+MAX_SECONDS = 1e9
+#: PostgreSQL takes its timeouts in milliseconds as a 32-bit number.
+PG_MAX_SECONDS = 2_147_483
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -177,7 +184,24 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} must be at most {MAX_SECONDS:.0f} seconds")
     return value
+
+
+def pg_seconds(text: str) -> float:
+    """Seconds that PostgreSQL (or libpq) is given: at least 1 ms, at most 2^31 - 1 ms."""
+    value = seconds(text)
+    if not 0.001 <= value <= PG_MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text} must be within 0.001..{PG_MAX_SECONDS} seconds (PostgreSQL's limits)"
+        )
+    return value
+
+
+def pg_count(text: str) -> int:
+    """A whole number libpq is given: 1 to 2^31 - 1."""
+    return _whole_number(text, 1, 2**31 - 1)
 
 
 def seconds_or_zero(text: str) -> float:
@@ -188,6 +212,8 @@ def seconds_or_zero(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"{text} must be 0 seconds or more")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} must be at most {MAX_SECONDS:.0f} seconds")
     return value
 
 

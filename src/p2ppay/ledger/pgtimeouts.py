@@ -25,7 +25,7 @@ import outcome
 import psycopg
 import trio
 
-from ..settings import count, seconds, setting
+from ..settings import pg_count, pg_seconds, setting
 
 #: How much sooner than the watchdog PostgreSQL's own ``statement_timeout`` ends a statement
 #: (at most; a tenth of it for short ones): PostgreSQL's timeout, which leaves the connection
@@ -52,39 +52,39 @@ class PgTimeouts:
         "--pg-statement-timeout",
         "with a PostgreSQL ledger: seconds a ledger batch or read may take (then it is "
         "answered internal_error: a client retries by payment id, so nothing is lost)",
-        seconds,
+        pg_seconds,
     )
     lock_timeout: float = setting(
         5.0,
         "--pg-lock-timeout",
         "with a PostgreSQL ledger: seconds a statement may wait for a lock another "
         "connection holds",
-        seconds,
+        pg_seconds,
     )
     keepalive_idle: int = setting(
         10,
         "--pg-keepalive-idle",
         "with a PostgreSQL ledger: seconds a connection is idle before TCP keepalives start",
-        count,
+        pg_count,
     )
     keepalive_interval: int = setting(
         5,
         "--pg-keepalive-interval",
         "with a PostgreSQL ledger: seconds between unanswered TCP keepalives",
-        count,
+        pg_count,
     )
     keepalive_count: int = setting(
         3,
         "--pg-keepalive-count",
         "with a PostgreSQL ledger: unanswered TCP keepalives after which a connection is dead",
-        count,
+        pg_count,
     )
     tcp_user_timeout: float = setting(
         30.0,
         "--pg-tcp-user-timeout",
         "with a PostgreSQL ledger: seconds data sent to PostgreSQL may stay unacknowledged "
         "before the connection is dead",
-        seconds,
+        pg_seconds,
     )
 
     def __post_init__(self) -> None:
