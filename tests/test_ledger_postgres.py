@@ -405,3 +405,19 @@ def test_no_message_carries_a_password(text: str) -> None:
 
     shown = redact(text)
     assert "s3cret" not in shown and "***" in shown
+
+
+async def test_a_database_that_does_not_keep_utf8_is_refused_in_one_line() -> None:
+    """Review of issue 22: on an SQL_ASCII database every login answered auth_failed (text
+    came back as bytes); now the ledger refuses it at open, saying what to do."""
+    from .pgdb import SKIP_REASON, admin_dsn, fresh_database
+
+    dsn = admin_dsn()
+    if dsn is None:
+        pytest.skip(SKIP_REASON)
+    with fresh_database(dsn, sql_ascii=True) as url:
+        with pytest.raises(
+            lg.LedgerUnavailable, match="keeps text as SQL_ASCII; p2ppay needs UTF8"
+        ):
+            async with open_postgres_ledger(url):
+                pass  # pragma: no cover

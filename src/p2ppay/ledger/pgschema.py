@@ -563,12 +563,28 @@ def migrate(db: PgConnection, url: str) -> None:
         ) from exc
 
 
+def _check_encoding(db: PgConnection, url: str) -> None:
+    """Refuse a database that does not keep text as UTF-8: in an SQL_ASCII one PostgreSQL
+    checks no text and psycopg hands back bytes, so names and passwords would not match."""
+    row = db.execute("SHOW server_encoding").fetchone()
+    db.rollback()
+    value = row[0] if row else "?"
+    # (in SQL_ASCII psycopg returns even this as bytes)
+    encoding = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    if encoding.upper() not in ("UTF8", "UTF-8"):
+        raise LedgerUnavailable(
+            f"the PostgreSQL database at {describe(url)} keeps text as {encoding}; p2ppay needs "
+            "UTF8 (createdb -E UTF8 -T template0 ...)"
+        )
+
+
 def connect_postgres(url: str, timeouts: PgTimeouts | None = None) -> PgConnection:
     """A connection to the ledger at ``url`` (created and migrated if need be), at READ
     COMMITTED, not in autocommit mode, with ``timeouts``' keepalives but no statement timeout
     (a migration may take long; the ledger's writer opens a connection of its own)."""
     db = open_connection(url, timeouts, autocommit=False)
     try:
+        _check_encoding(db, url)
         migrate(db, url)
     except BaseException:
         db.close()
