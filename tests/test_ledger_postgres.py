@@ -415,9 +415,9 @@ async def test_a_database_that_does_not_keep_utf8_is_refused_in_one_line() -> No
     dsn = admin_dsn()
     if dsn is None:
         pytest.skip(SKIP_REASON)
-    with fresh_database(dsn, sql_ascii=True) as url:
-        with pytest.raises(
-            lg.LedgerUnavailable, match="keeps text as SQL_ASCII; p2ppay needs UTF8"
-        ):
-            async with open_postgres_ledger(url):
-                pass  # pragma: no cover
+    with (
+        fresh_database(dsn, sql_ascii=True) as url,
+        pytest.raises(lg.LedgerUnavailable, match="keeps text as SQL_ASCII; p2ppay needs UTF8"),
+    ):
+        async with open_postgres_ledger(url):
+            pass  # pragma: no cover
