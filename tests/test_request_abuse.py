@@ -22,7 +22,7 @@ import trio.testing
 
 from p2ppay import ledger as lg
 from p2ppay import protocol as p
-from p2ppay.bursts import BURST_QUIET, RequestBurst
+from p2ppay.bursts import BURST_QUIET, SHOWN_PER_CROWD, RequestBurst
 from p2ppay.client import Client, ServerError
 from p2ppay.ledger import AnyLedger, connect_sqlite
 from p2ppay.ledger.pgschema import connect_postgres
@@ -391,3 +391,28 @@ def test_a_burst_is_counted_per_requester_and_ends_after_a_quiet_spell() -> None
     (line,) = bursts.summaries()
     assert line.startswith("...and 3 more payment request events") and "mallory" in line
     assert bursts.due() is None
+
+
+def test_a_crowd_of_requesters_is_a_few_lines_in_all() -> None:
+    """Review of 22.8: 22 throwaway accounts, 6 events each, within each one's allowance,
+    gave the payee 67 lines (3 per account). A crowd now shows its first lines, then one."""
+    now = [0.0]
+    bursts = RequestBurst(lambda: now[0])
+    shown = []
+    for i in range(22):
+        for _ in range(6):
+            now[0] += 0.01
+            shown += [f"event from m{i}"] if bursts.note(f"m{i}") else []
+            shown += bursts.summaries()
+    now[0] += BURST_QUIET
+    shown += bursts.summaries()
+    assert len(shown) <= SHOWN_PER_CROWD + 1, shown
+    assert shown[-1].startswith("...and ") and "from 22 accounts" in shown[-1]
+    hidden = int(shown[-1].split()[1]) + sum(
+        int(line.split()[1]) for line in shown[:-1] if line.startswith("...and ")
+    )
+    assert hidden + sum(1 for line in shown if line.startswith("event")) == 22 * 6
+    assert bursts.due() is None
+    # the crowd over, a real requester's line is shown again
+    now[0] += BURST_QUIET
+    assert bursts.note("alice") is True
