@@ -71,6 +71,9 @@ async def test_the_writer_and_the_readers_have_keepalives_and_timeouts(postgres_
     async with open_postgres_ledger(postgres_url, timeouts=timeouts) as ledger:
         await funded(ledger, alice=10)
         assert await ledger.balance("alice") == 10
+        # named, so that an operator finds this process's writer in pg_stat_activity
+        assert _show(_writer(ledger), "application_name") == f"p2ppay ledger writer {os.getpid()}"
+        assert _show(_reader(ledger), "application_name") == f"p2ppay ledger reader {os.getpid()}"
         for db in (_writer(ledger), _reader(ledger)):
             assert _show(db, "statement_timeout") == "2700ms"  # under the watchdog's 3 s
             assert _show(db, "lock_timeout") == "2s"

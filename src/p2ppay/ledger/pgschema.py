@@ -523,6 +523,8 @@ def open_connection(
     for key, value in (timeouts or PgTimeouts()).connect_params(params, sessions=sessions).items():
         kwargs.setdefault(key, value)
     kwargs.setdefault("application_name", "p2ppay")
+    if "application_name" in params:
+        del kwargs["application_name"]  # (the URL's own wins, as its other parameters do)
     try:
         return psycopg.connect(url, **kwargs)
     except psycopg.Error as exc:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import threading
 import time
@@ -411,7 +412,13 @@ class PostgresLedger:
         if self._db is not None:
             self._db.close()
             self._db = None
-        self._db = open_connection(self.url, self.timeouts, sessions=True, autocommit=False)
+        self._db = open_connection(
+            self.url,
+            self.timeouts,
+            sessions=True,
+            autocommit=False,
+            application_name=f"p2ppay ledger writer {os.getpid()}",
+        )
 
     def _rollback(self) -> None:
         db = self._db
@@ -467,7 +474,13 @@ class PostgresLedger:
     # -- reads (in a worker thread, on a read connection) --
 
     def _new_reader(self) -> PgConnection:
-        db = open_connection(self.url, self.timeouts, sessions=True, autocommit=False)
+        db = open_connection(
+            self.url,
+            self.timeouts,
+            sessions=True,
+            autocommit=False,
+            application_name=f"p2ppay ledger reader {os.getpid()}",
+        )
         # A consistent snapshot of committed data for reads of several statements.
         db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         db.read_only = True
