@@ -14,6 +14,25 @@ from ..settings import count, setting
 AccountKind = Literal["native", "course"]
 
 
+# --- the request listing's rule, in the SQL both backends speak ------------------------------
+
+#: The columns a payment request is read with, in :class:`PaymentRequest`'s order.
+REQUEST_COLUMNS: Final = (
+    "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
+)
+#: The order of a payer's incoming requests (an ORDER BY prefix; ``r`` is the listed request),
+#: so that a counterparty's cannot be pushed out of sight by accounts made for the purpose:
+#: first those from accounts the payer has paid (only the payer can make an account that), then
+#: from accounts that paid the payer (a stranger can buy that with one unit), then the rest;
+#: within each group every requester's newest request comes before anyone's second, so N
+#: accounts take N places, not 5 N. Each EXISTS is one probe of the movements_pair index.
+INCOMING_REQUEST_ORDER: Final = (
+    "EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
+    " DESC, EXISTS (SELECT 1 FROM movements AS m"
+    " WHERE m.payer = r.requester AND m.payee = r.payer) DESC,"
+    " ROW_NUMBER() OVER (PARTITION BY r.requester ORDER BY r.created_ms DESC, r.id), "
+)
+
 # --- errors: each one means "nothing happened" -----------------------------------------------
 
 

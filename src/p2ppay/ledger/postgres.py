@@ -64,6 +64,8 @@ from psycopg.types.json import Jsonb
 
 from ..names import is_valid_name, name_key
 from .interface import (
+    INCOMING_REQUEST_ORDER,
+    REQUEST_COLUMNS,
     Account,
     AccountFrozen,
     AccountKind,
@@ -212,18 +214,6 @@ def _stored_transfer(db: PgConnection, payment_id: uuid.UUID) -> Transfer | None
     return Transfer(payment_id, payer, payee, amount, payer_after, payee_after, at_ms, True, memo)
 
 
-_REQUEST_COLUMNS = "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
-
-
-#: As the SQLite ledger's: incoming requests from accounts the payer has paid first, then from
-#: accounts that paid the payer, then the rest; within each, one per requester before any
-#: requester's second (movements_pair).
-_KNOWN_FIRST = (
-    "EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
-    " DESC, EXISTS (SELECT 1 FROM movements AS m"
-    " WHERE m.payer = r.requester AND m.payee = r.payer) DESC,"
-    " ROW_NUMBER() OVER (PARTITION BY r.requester ORDER BY r.created_ms DESC, r.id), "
-)
 #: What :meth:`PostgresLedger.purge_requests` deletes (each as a partial index has it).
 _PURGEABLE = (
     "state <> 'open' AND closed_ms < %s",
@@ -865,9 +855,9 @@ class PostgresLedger:
             now = _now_ms()
             me = found[0]
             lists, totals = [], []
-            for column, order in (("payer", _KNOWN_FIRST), ("requester", "")):
+            for column, order in (("payer", INCOMING_REQUEST_ORDER), ("requester", "")):
                 rows = db.execute(
-                    f"SELECT {_REQUEST_COLUMNS} FROM payment_requests AS r"
+                    f"SELECT {REQUEST_COLUMNS} FROM payment_requests AS r"
                     f" WHERE {column} = %s AND state = 'open' AND expires_ms > %s"
                     f" ORDER BY {order}created_ms DESC, id LIMIT %s",
                     (me, now, limit),
@@ -906,7 +896,7 @@ class PostgresLedger:
         def op(db: PgConnection) -> tuple[Transfer, PaymentRequest]:
             # Locked: a node paying, declining or cancelling it at the same moment waits.
             row = db.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = %s FOR UPDATE",
+                f"SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE id = %s FOR UPDATE",
                 (request_id,),
             ).fetchone()
             now = _now_ms()
@@ -949,7 +939,7 @@ class PostgresLedger:
     ) -> PaymentRequest:
         def op(db: PgConnection) -> PaymentRequest:
             row = db.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = %s FOR UPDATE",
+                f"SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE id = %s FOR UPDATE",
                 (request_id,),
             ).fetchone()
             now = _now_ms()
@@ -978,7 +968,7 @@ class PostgresLedger:
                 f"UPDATE payment_requests SET told = TRUE"
                 f" WHERE told = FALSE AND requester ="
                 f" (SELECT name FROM accounts WHERE name_key = %s)"
-                f" RETURNING {_REQUEST_COLUMNS}",
+                f" RETURNING {REQUEST_COLUMNS}",
                 (name_key(name),),
             ).fetchall()
             news = [_request(row, now) for row in rows]

@@ -43,6 +43,8 @@ import trio
 
 from ..names import is_valid_name, name_key
 from .interface import (
+    INCOMING_REQUEST_ORDER,
+    REQUEST_COLUMNS,
     Account,
     AccountFrozen,
     AccountKind,
@@ -293,21 +295,6 @@ def _move(
     )
 
 
-_REQUEST_COLUMNS = "id, requester, payer, amount, memo, created_ms, expires_ms, state, closed_ms"
-
-
-#: The order of a payer's incoming requests, so that a counterparty's cannot be pushed out of
-#: sight by accounts made for the purpose: first those from accounts the payer has paid (only
-#: the payer can make an account that), then from accounts that paid the payer (a stranger can
-#: buy that with one unit), then the rest; within each group every requester's newest request
-#: comes before anyone's second, so N accounts take N places, not 5 N. Each EXISTS is one
-#: probe of the movements_pair index. (The ``r`` is the listed request.)
-_KNOWN_FIRST = (
-    "EXISTS (SELECT 1 FROM movements AS m WHERE m.payer = r.payer AND m.payee = r.requester)"
-    " DESC, EXISTS (SELECT 1 FROM movements AS m"
-    " WHERE m.payer = r.requester AND m.payee = r.payer) DESC,"
-    " ROW_NUMBER() OVER (PARTITION BY r.requester ORDER BY r.created_ms DESC, r.id), "
-)
 #: What :meth:`SqliteLedger.purge_requests` deletes (each term as a partial index has it):
 #: requests closed before the cutoff, and open ones that expired before it.
 _PURGEABLE = (
@@ -973,9 +960,9 @@ class SqliteLedger:
             now = _now_ms()
             me = found[0]
             lists, totals = [], []
-            for column, order in (("payer", _KNOWN_FIRST), ("requester", "")):
+            for column, order in (("payer", INCOMING_REQUEST_ORDER), ("requester", "")):
                 rows = db.execute(
-                    f"SELECT {_REQUEST_COLUMNS} FROM payment_requests AS r"
+                    f"SELECT {REQUEST_COLUMNS} FROM payment_requests AS r"
                     f" WHERE {column} = ? AND state = 'open' AND expires_ms > ?"
                     f" ORDER BY {order}created_ms DESC, id LIMIT ?",
                     (me, now, limit),
@@ -1011,7 +998,7 @@ class SqliteLedger:
 
         def op(db: sqlite3.Connection) -> tuple[Transfer, PaymentRequest]:
             row = db.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = ?",
+                f"SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE id = ?",
                 (str(request_id),),
             ).fetchone()
             now = _now_ms()
@@ -1048,7 +1035,7 @@ class SqliteLedger:
     ) -> PaymentRequest:
         def op(db: sqlite3.Connection) -> PaymentRequest:
             row = db.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests WHERE id = ?",
+                f"SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE id = ?",
                 (str(request_id),),
             ).fetchone()
             now = _now_ms()
@@ -1079,7 +1066,7 @@ class SqliteLedger:
                 return []
             now = _now_ms()
             rows = db.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM payment_requests"
+                f"SELECT {REQUEST_COLUMNS} FROM payment_requests"
                 f" WHERE requester = ? AND told = 0 ORDER BY closed_ms, id",
                 (found[0],),
             ).fetchall()
