@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final, final
 
-import outcome
 import psycopg
 import trio
 
+from ..ownthread import run_in_own_thread
 from ..settings import pg_count, pg_seconds, setting
 
 #: How much sooner than the watchdog PostgreSQL's own ``statement_timeout`` ends a statement
@@ -229,28 +229,11 @@ class Watchdogs:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Cut overdue calls until :meth:`stop`, in a thread of their own that this task owns
-        (it returns only once the thread has).
-
-        A thread, not ``trio.sleep``: the deadlines are the real time a blocked PostgreSQL
-        call has taken, and a Trio sleep loop would also push a test's autojump clock forward
-        whenever every task waits for a ledger thread (the sessions' idle timeouts then fire
-        in "no time"). Started with ``start_thread_soon``, not ``to_thread``: a thread that
-        lives as long as the ledger is not one of the calls ``trio.testing``'s
-        ``active_thread_count`` waits for. Shielded: a ledger closing (which lets the calls
-        in flight finish) must not take their deadlines away; :meth:`stop` ends it."""
-        token = trio.lowlevel.current_trio_token()
-        ended = trio.Event()
-        result: list[outcome.Outcome[None]] = []
-
-        def deliver(result_: outcome.Outcome[None]) -> None:
-            result.append(result_)
-            token.run_sync_soon(ended.set)
-
-        trio.lowlevel.start_thread_soon(self._keep, deliver, name="p2ppay pg watchdog")
+        (:func:`~p2ppay.ownthread.run_in_own_thread`): the deadlines are the real time a
+        blocked PostgreSQL call has taken. A ledger closing (which lets the calls in flight
+        finish) does not take their deadlines away: only :meth:`stop` ends it."""
         task_status.started()
-        with trio.CancelScope(shield=True):
-            await ended.wait()
-        result[0].unwrap()
+        await run_in_own_thread(self._keep, name="p2ppay pg watchdog")
 
     def stop(self) -> None:
         self._stopped.set()

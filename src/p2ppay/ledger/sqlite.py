@@ -36,12 +36,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 import trio
 
 from ..names import is_valid_name, name_key
+from ..ownthread import run_in_own_thread
 from .interface import (
     INCOMING_REQUEST_ORDER,
     REQUEST_COLUMNS,
@@ -383,7 +385,6 @@ class SqliteLedger:
         self._identity: tuple[int, int] | None = None
         self._size = 0
         self._watch_lock = threading.Lock()
-        self._watch_limiter = trio.CapacityLimiter(1)
         #: why the file is no longer the ledger (then every call fails), once it is not
         self.lost_because: str | None = None
         #: set once the file is found deleted, replaced or truncated
@@ -449,17 +450,14 @@ class SqliteLedger:
         """(The watcher's own thread, until ``stop``.) Look at the file every
         ``check_interval`` seconds, and set :attr:`lost` when it is lost.
 
-        Hard choice: a thread of the ledger's own, sleeping in real time (like the Hasher's,
-        started and joined by :func:`open_sqlite_ledger`), rather than a task on Trio's clock
-        or a thread from Trio's cache. A task's timer is a deadline that a mock clock jumps
-        to, a second at a time, whenever the tests' tasks wait for a thread (a hash, a
-        commit), so the tests' own timeouts would trip; and a Trio worker thread that never
-        ends would keep ``trio.testing.wait_all_threads_completed`` from ever returning."""
+        A thread of the ledger's own, sleeping in real time, that a task of
+        :func:`open_sqlite_ledger` owns (:func:`~p2ppay.ownthread.run_in_own_thread` says
+        why neither a Trio timer nor a thread from Trio's cache)."""
         while not stop.wait(self.check_interval):
             if self._check_file() is not None:
                 try:
                     token.run_sync_soon(self.lost.set)
-                except trio.RunFinishedError:  # (cannot be: joined before the run ends)
+                except trio.RunFinishedError:  # (cannot be: a task of the run awaits this thread)
                     pass
                 return
 
@@ -1129,15 +1127,11 @@ async def open_sqlite_ledger(
         for _ in range(ledger.readers):
             nursery.start_soon(ledger._reader_task)
         stop_watching = threading.Event()  # (set on the way out, whatever the way)
-        watcher: threading.Thread | None = None
         if ledger._identity is not None:
-            watcher = threading.Thread(
-                target=ledger._watch_blocking,
-                args=(stop_watching, trio.lowlevel.current_trio_token()),
-                name="p2ppay-ledger-watcher",
-                daemon=True,
+            watch = partial(
+                ledger._watch_blocking, stop_watching, trio.lowlevel.current_trio_token()
             )
-            watcher.start()
+            nursery.start_soon(partial(run_in_own_thread, watch, name="p2ppay-ledger-watcher"))
         checker = trio.CancelScope()
         if balance_ttl > 0:
 
@@ -1151,9 +1145,6 @@ async def open_sqlite_ledger(
         finally:
             checker.cancel()
             stop_watching.set()
-            if watcher is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(watcher.join, limiter=ledger._watch_limiter)
             # Closing the channels lets the writer and the readers finish what is queued,
             # then stop.
             ledger._send.close()
