@@ -58,15 +58,15 @@ def soak(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmark against a same-run baseline; pass --full for 10,000 sessions."""
     session.install("-e", ".")
-    session.run("python", "-m", "p2ppay.bench", *session.posargs)
+    session.run("python", "-m", "benchmarks.bench", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff, with flake8-async's ASYNC rules among the selected ones."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "src", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session

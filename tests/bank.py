@@ -21,10 +21,10 @@ from pathlib import Path
 
 import trio
 
-from p2ppay import protocol as p
-from p2ppay.client import Client, ConnectionLost, ServerError
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ConnectionLost, ServerError
+from p2ppay.client.peer import PeerKey
 from p2ppay.ledger import open_ledger
-from p2ppay.peer import PeerKey
 from p2ppay.pki import sign_acceptance
 from p2ppay.tls import client_context
 
@@ -273,7 +273,7 @@ from functools import partial
 import trio
 
 from p2ppay import logs
-from p2ppay.cli import build_parser, server_options
+from p2ppay.cli.main import build_parser, server_options
 from p2ppay.ledger import connect_sqlite, open_sqlite_ledger
 from p2ppay.server import run_server
 

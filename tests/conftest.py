@@ -17,14 +17,14 @@ import trio.testing
 import trustme
 from hypothesis import settings
 
-from p2ppay import protocol as p
-from p2ppay.client import Client, ServerError
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ServerError
+from p2ppay.client.peer import PeerConfig, PeerKey, Policy, accept_all
+from p2ppay.client.wallet import Wallet
 from p2ppay.ledger import AnyLedger, Limits, open_ledger
 from p2ppay.passwords import ScryptParams
-from p2ppay.peer import PeerConfig, PeerKey, Policy, accept_all
 from p2ppay.pki import Issuer, sign_acceptance
 from p2ppay.server import Server, ServerConfig
-from p2ppay.wallet import Wallet
 
 from .pgdb import SKIP_REASON, admin_dsn, fresh_database
 

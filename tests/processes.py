@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from p2ppay import protocol as p
+from p2ppay import wire as p
 
 
 class Log(list[str]):

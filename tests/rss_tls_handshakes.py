@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from p2ppay.peer import OfferListener, PeerIdentity, PeerKey, accept_all
+from p2ppay.client.peer import OfferListener, PeerIdentity, PeerKey, accept_all
 from p2ppay.pki import Issuer, key_pem
 
 WARM_UP = 1000

@@ -91,10 +91,10 @@ async def test_sigterm_under_load_loses_nothing_and_exits_zero(tmp_path: Path) -
 
     import trio
 
-    from p2ppay import protocol as p
-    from p2ppay.client import Client, ConnectionLost, ServerError
+    from p2ppay import wire as p
+    from p2ppay.client.connection import Client, ConnectionLost, ServerError
+    from p2ppay.client.peer import PeerKey
     from p2ppay.ledger import open_sqlite_ledger
-    from p2ppay.peer import PeerKey
     from p2ppay.pki import sign_acceptance
     from p2ppay.tls import client_context
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2ppay.benchscale import Measured, cpu_between, report
+from benchmarks.scale import Measured, cpu_between, report
 
 
 def config(rate: float, others: float) -> dict[str, Any]:

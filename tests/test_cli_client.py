@@ -14,8 +14,8 @@ import pexpect
 import pytest
 import trio
 
-from p2ppay.client import Client
-from p2ppay.exitcodes import ExitCode
+from p2ppay.cli.exitcodes import ExitCode
+from p2ppay.client.connection import Client
 from p2ppay.tls import client_context
 
 from .test_loopback import server_process

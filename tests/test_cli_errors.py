@@ -14,8 +14,8 @@ import pexpect
 import pytest
 import trio
 
-from p2ppay.cli import build_parser, server_options
-from p2ppay.exitcodes import ExitCode
+from p2ppay.cli.exitcodes import ExitCode
+from p2ppay.cli.main import build_parser, server_options
 from p2ppay.server import ServerOptions
 from p2ppay.settings import fields_and_flags
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from p2ppay import ledger as lg
-from p2ppay.exitcodes import ExitCode
+from p2ppay.cli.exitcodes import ExitCode
 from p2ppay.server import LEDGER_FILE
 
 from .test_cli_errors import last_line, server

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from p2ppay import protocol as p
-from p2ppay.cli import build_parser, client_options
-from p2ppay.profiles import Profile, ProfileError, load_profile, parse_server, resolve
-from p2ppay.shell import (
+from p2ppay import wire as p
+from p2ppay.cli.main import build_parser, client_options
+from p2ppay.cli.profiles import Profile, ProfileError, load_profile, parse_server, resolve
+from p2ppay.cli.shell import (
     CSV_HEADER,
     UsageError,
     complete,
@@ -305,7 +305,7 @@ def test_the_client_command_reads_them(
 
 
 def test_the_readme_lists_every_command_and_option() -> None:
-    from p2ppay.shell import MAX_ARGS, OPTIONS
+    from p2ppay.cli.shell import MAX_ARGS, OPTIONS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     table = readme.split("### The client's commands", 1)[1].split("\n\n")[1]

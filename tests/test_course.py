@@ -12,12 +12,12 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import course as c
-from p2ppay.cli import build_parser, server_options
+from p2ppay.cli.main import build_parser, server_options
 from p2ppay.ledger import SqliteLedger
-from p2ppay.limits import RegistrationConfig
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
+from p2ppay.server.throttle import RegistrationConfig
+from p2ppay.wire import course as c
 
 from .conftest import FAST_SCRYPT, SERVER_NAME, Connect, closed_by_peer, registered
 
@@ -309,7 +309,7 @@ async def test_course_and_native_accounts_never_mix(
         await course_client.exchange(b"List", roster(10000, ("cody", course_client.ip, 5000)))
         # ...nor can a native account log in as, or pay, a course account
         async with connect() as other:
-            from p2ppay.client import ServerError
+            from p2ppay.client.connection import ServerError
 
             with pytest.raises(ServerError) as info:
                 await other.login("cody", "anything at all")

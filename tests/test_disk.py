@@ -19,11 +19,11 @@ import trio.testing
 from cryptography import x509
 
 from p2ppay import ledger as lg
-from p2ppay import protocol as p
-from p2ppay.cli import build_parser, server_options
-from p2ppay.exitcodes import ExitCode
-from p2ppay.limits import LimitLog
-from p2ppay.peer import PeerKey
+from p2ppay import wire as p
+from p2ppay.cli.exitcodes import ExitCode
+from p2ppay.cli.main import build_parser, server_options
+from p2ppay.client.peer import PeerKey
+from p2ppay.logs import LimitLog
 from p2ppay.pki import Issuer
 from p2ppay.server import LEDGER_FILE, Server, ServerConfig, run_server
 

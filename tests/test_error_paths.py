@@ -17,16 +17,16 @@ import trio
 import trio.testing
 
 from p2ppay import ledger as lg
-from p2ppay import protocol as p
-from p2ppay.client import Client, ConnectionLost
-from p2ppay.course import REFERENCE, Dialect
-from p2ppay.limits import LimitLog
-from p2ppay.metrics import ServerMetrics
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ConnectionLost
+from p2ppay.logs import LimitLog
 from p2ppay.pki import Issuer
+from p2ppay.presence.local import Presence
 from p2ppay.server import Server, ServerConfig
 from p2ppay.server.accounts import Accounts
-from p2ppay.server.native import Session
-from p2ppay.server.presence import Presence
+from p2ppay.server.metrics import ServerMetrics
+from p2ppay.server.sessions.native import Session
+from p2ppay.wire.course import REFERENCE, Dialect
 
 from .conftest import (
     FAST_SCRYPT,

@@ -16,12 +16,12 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2ppay import course
-from p2ppay import protocol as p
-from p2ppay.client import Client
+from p2ppay import wire as p
+from p2ppay.client.connection import Client
 from p2ppay.ledger import open_sqlite_ledger
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
+from p2ppay.wire import course
 
 from .conftest import FAST_SCRYPT, SERVER_NAME, registered
 

@@ -15,10 +15,10 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import protocol as p
-from p2ppay.client import Client, ConnectionLost
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ConnectionLost
+from p2ppay.client.wallet import PaymentFailed
 from p2ppay.server import Server
-from p2ppay.wallet import PaymentFailed
 
 from .conftest import SERVER_NAME, Connect, Open, raw_tls, registered
 from .test_p2p import next_of

@@ -14,12 +14,12 @@ import pexpect
 import pytest
 import trio
 
-from p2ppay import protocol as p
-from p2ppay.client import Client
+from p2ppay import wire as p
+from p2ppay.cli.terminal import printable
+from p2ppay.client.connection import Client
+from p2ppay.client.peer import PeerConfig
+from p2ppay.client.wallet import NotSettledNews, OfferAnswered, PortUnavailable, Wallet, WalletEvent
 from p2ppay.ledger import open_sqlite_ledger
-from p2ppay.peer import PeerConfig
-from p2ppay.terminal import printable
-from p2ppay.wallet import NotSettledNews, OfferAnswered, PortUnavailable, Wallet, WalletEvent
 
 from .conftest import Open, closed_by_peer
 from .test_cli_client import client_cmd

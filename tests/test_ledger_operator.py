@@ -13,7 +13,7 @@ import trio
 from p2ppay import ledger as lg
 from p2ppay.ledger import SCHEMA_VERSION, connect_sqlite, open_sqlite_ledger
 from p2ppay.ledger.admin import SqliteAdmin
-from p2ppay.names import name_key
+from p2ppay.wire.names import name_key
 
 
 def make_v1_ledger(path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay.client import ServerError
+from p2ppay.client.connection import ServerError
 from p2ppay.ledger import SqliteLedger
 from p2ppay.passwords import verify_password
 from p2ppay.pki import Issuer
@@ -211,7 +211,7 @@ async def test_a_full_queue_is_refused_at_once_and_only_for_that_address(
 
 
 def test_the_queue_bound_is_a_server_flag() -> None:
-    from p2ppay.cli import build_parser, server_options
+    from p2ppay.cli.main import build_parser, server_options
 
     argv = ["server", "--hash-queue-per-address", "3"]
     assert server_options(build_parser().parse_args(argv)).config.hash_queue_per_address == 3

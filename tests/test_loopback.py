@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2ppay import protocol as p
-from p2ppay.client import Client, ConnectionLost
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ConnectionLost
 from p2ppay.ledger import SqliteLedger, open_sqlite_ledger
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig

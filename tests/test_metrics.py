@@ -8,9 +8,9 @@ import trio
 import trio.testing
 
 from p2ppay.ledger import SqliteLedger
-from p2ppay.metrics import MAX_REQUEST, REQUEST_TIMEOUT, _answer
 from p2ppay.pki import Issuer
 from p2ppay.server import Server
+from p2ppay.server.metrics import MAX_REQUEST, REQUEST_TIMEOUT, _answer
 
 from .conftest import closed_by_peer
 

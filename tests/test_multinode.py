@@ -26,17 +26,17 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import course
 from p2ppay import ledger as lg
-from p2ppay import protocol as p
-from p2ppay.client import Client, ConnectionLost
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ConnectionLost
+from p2ppay.client.peer import accept_all
+from p2ppay.client.wallet import Wallet
 from p2ppay.ledger import AnyLedger, open_ledger
-from p2ppay.peer import accept_all
 from p2ppay.pki import Issuer
+from p2ppay.presence.postgres import PgPresence, open_pg_presence
 from p2ppay.server import Server, ServerConfig
-from p2ppay.server.pg_presence import PgPresence, open_pg_presence
 from p2ppay.tls import client_context
-from p2ppay.wallet import Wallet
+from p2ppay.wire import course
 
 from .conftest import FAST_SCRYPT, PASSWORD, expect_error, login, next_event, pay, registered
 from .pgdb import SKIP_REASON, admin_dsn, fresh_database

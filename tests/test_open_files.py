@@ -19,12 +19,12 @@ import trio
 import trio.testing
 
 from p2ppay.accepting import PatientListener
-from p2ppay.limits import LimitLog
-from p2ppay.metrics import serve_metrics
-from p2ppay.peer import OfferListener, PeerIdentity, PeerKey, accept_all
+from p2ppay.client.peer import OfferListener, PeerIdentity, PeerKey, accept_all
+from p2ppay.client.wallet import Wallet
+from p2ppay.logs import LimitLog
 from p2ppay.pki import Issuer
+from p2ppay.server.metrics import serve_metrics
 from p2ppay.tls import client_context
-from p2ppay.wallet import Wallet
 
 from .processes import Proc, spawn
 

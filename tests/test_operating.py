@@ -20,9 +20,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from p2ppay.bench import Proc, spawn
-from p2ppay.client import Client
-from p2ppay.exitcodes import ExitCode
+from benchmarks.bench import Proc, spawn
+from p2ppay.cli.exitcodes import ExitCode
+from p2ppay.client.connection import Client
 from p2ppay.tls import client_context
 
 from .conftest import acceptance, expect_error, login, pay, registered
@@ -453,7 +453,7 @@ async def test_the_balance_cache_ttl_reaches_the_ledger(
     from functools import partial
 
     from p2ppay import ledger as lg
-    from p2ppay.cli import build_parser, server_options
+    from p2ppay.cli.main import build_parser, server_options
     from p2ppay.server import run_server
 
     opened: list[float] = []

@@ -14,12 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import protocol as p
-from p2ppay.client import Client
-from p2ppay.ledger import SqliteLedger
-from p2ppay.outcomes import Outcome
-from p2ppay.peer import Dialer, OfferListener, PeerConfig, accept_all, decline_all
-from p2ppay.wallet import (
+from p2ppay import wire as p
+from p2ppay.client.connection import Client
+from p2ppay.client.outcomes import Outcome
+from p2ppay.client.peer import Dialer, OfferListener, PeerConfig, accept_all, decline_all
+from p2ppay.client.wallet import (
     CannotConnect,
     Disconnected,
     NotSettledNews,
@@ -27,6 +26,7 @@ from p2ppay.wallet import (
     PaymentFailed,
     Wallet,
 )
+from p2ppay.ledger import SqliteLedger
 
 from .conftest import PASSWORD, Open, SettleCutter
 

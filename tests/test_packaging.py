@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 import p2ppay
-from p2ppay.cli import STATE_ENV, build_parser, server_options
+from p2ppay.cli.main import STATE_ENV, build_parser, server_options
 
 ROOT = Path(__file__).resolve().parent.parent
 

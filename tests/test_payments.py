@@ -17,14 +17,14 @@ import pytest
 import trio
 
 from p2ppay import ledger as lg
-from p2ppay import protocol as p
-from p2ppay.client import Client
-from p2ppay.constraints import is_memo, parse_duration
+from p2ppay import wire as p
+from p2ppay.cli.shell import Shell
+from p2ppay.cli.terminal import Terminal
+from p2ppay.client.connection import Client
 from p2ppay.ledger import SqliteLedger
 from p2ppay.pki import sign_acceptance, sign_acceptance_v1
 from p2ppay.server import ServerConfig
-from p2ppay.shell import Shell
-from p2ppay.terminal import Terminal
+from p2ppay.wire.constraints import is_memo, parse_duration
 
 from .conftest import (
     FAST_SCRYPT,

@@ -13,9 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import protocol as p
-from p2ppay.outcomes import Outcome
-from p2ppay.peer import (
+from p2ppay import wire as p
+from p2ppay.client.outcomes import Outcome
+from p2ppay.client.peer import (
     Dialer,
     OfferListener,
     PeerError,

@@ -14,14 +14,14 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import bench, loadgen
-from p2ppay import protocol as p
+from benchmarks import bench, loadgen
+from p2ppay import wire as p
 from p2ppay.ledger import LedgerUnavailable, Limits, SqliteLedger, open_sqlite_ledger
 from p2ppay.pki import Issuer
-from p2ppay.sending import Outgoing
+from p2ppay.presence.local import LocalPresence
 from p2ppay.server import Server, ServerConfig, listing
-from p2ppay.server.base import SessionBase
-from p2ppay.server.presence import LocalPresence
+from p2ppay.server.sending import Outgoing
+from p2ppay.server.sessions.base import SessionBase
 
 from .conftest import SERVER_NAME, Connect, next_event, pay, registered
 

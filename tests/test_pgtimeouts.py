@@ -17,10 +17,10 @@ import pytest
 import trio
 
 from p2ppay import ledger as lg
-from p2ppay.cli import build_parser, server_options
+from p2ppay.cli.main import build_parser, server_options
 from p2ppay.ledger import PgTimeouts, PostgresLedger, open_postgres_ledger
 from p2ppay.ledger.pgschema import PgConnection
-from p2ppay.server.pg_presence import PgPresence
+from p2ppay.presence.postgres import PgPresence
 
 from .test_ledger_postgres import funded
 

@@ -16,7 +16,7 @@ import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from p2ppay.peer import PeerKey
+from p2ppay.client.peer import PeerKey
 from p2ppay.pki import (
     CA_CERT,
     CA_KEY,

@@ -16,13 +16,10 @@ from typing import Any
 import pytest
 import trio
 
-from p2ppay import protocol as p
-from p2ppay.client import Client
-from p2ppay.ledger import SqliteLedger, open_sqlite_ledger
-from p2ppay.peer import accept_all
-from p2ppay.pki import Issuer
-from p2ppay.server import Server, ServerConfig
-from p2ppay.wallet import (
+from p2ppay import wire as p
+from p2ppay.client.connection import Client
+from p2ppay.client.peer import accept_all
+from p2ppay.client.wallet import (
     CannotConnect,
     Disconnected,
     LoggedOut,
@@ -32,6 +29,9 @@ from p2ppay.wallet import (
     Wallet,
     WalletEvent,
 )
+from p2ppay.ledger import SqliteLedger, open_sqlite_ledger
+from p2ppay.pki import Issuer
+from p2ppay.server import Server, ServerConfig
 
 from .conftest import FAST_SCRYPT, PASSWORD
 from .test_cli_client import client_cmd, json_lines, run_client

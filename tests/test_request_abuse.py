@@ -21,18 +21,19 @@ import trio
 import trio.testing
 
 from p2ppay import ledger as lg
-from p2ppay import protocol as p
-from p2ppay.bursts import BURST_QUIET, SHOWN_PER_CROWD, RequestBurst
-from p2ppay.client import Client, ServerError
+from p2ppay import wire as p
+from p2ppay.cli.bursts import BURST_QUIET, SHOWN_PER_CROWD, RequestBurst
+from p2ppay.cli.shell import ClientOptions, Shell, format_requests
+from p2ppay.cli.terminal import Interrupted, Terminal
+from p2ppay.client.connection import Client, ServerError
+from p2ppay.client.peer import accept_all
+from p2ppay.client.wallet import Wallet
 from p2ppay.ledger import AnyLedger, connect_sqlite
 from p2ppay.ledger.pgschema import connect_postgres
-from p2ppay.limits import LimitLog, RequestLimit, RequestLimitConfig
-from p2ppay.peer import accept_all
+from p2ppay.logs import LimitLog
 from p2ppay.server import ServerConfig
 from p2ppay.server.purge import keep_purging, purge_once
-from p2ppay.shell import ClientOptions, Shell, format_requests
-from p2ppay.terminal import Interrupted, Terminal
-from p2ppay.wallet import Wallet
+from p2ppay.server.throttle import RequestLimit, RequestLimitConfig
 
 from .conftest import FAST_SCRYPT, Connect, pay, registered
 

@@ -13,19 +13,19 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import protocol as p
-from p2ppay.addresses import address_key
+from p2ppay import wire as p
+from p2ppay.client.peer import Dialer, PeerConfig, PeerError, PeerIdentity, PeerKey
 from p2ppay.ledger import SqliteLedger
-from p2ppay.limits import (
+from p2ppay.pki import Issuer, sign_acceptance
+from p2ppay.server import Server, ServerConfig
+from p2ppay.server.addresses import address_key
+from p2ppay.server.throttle import (
     LoginThrottle,
     Refusal,
     RegistrationConfig,
     RegistrationLimit,
     ThrottleConfig,
 )
-from p2ppay.peer import Dialer, PeerConfig, PeerError, PeerIdentity, PeerKey
-from p2ppay.pki import Issuer, sign_acceptance
-from p2ppay.server import Server, ServerConfig
 
 from .conftest import (
     FAST_SCRYPT,
@@ -165,7 +165,7 @@ async def test_certificates_not_from_the_servers_ca_are_refused(open_wallet: Ope
             assert not await connects(impostor.dialer_context, bob.p2p_port)
             # ...and a payee with a foreign certificate is refused by the payer.
             fake_bob = await trio.to_thread.run_sync(foreign_identity, "bob")
-            from p2ppay.peer import OfferListener, accept_all
+            from p2ppay.client.peer import OfferListener, accept_all
 
             listener = OfferListener(fake_bob, accept_all)
             async with trio.open_nursery() as nursery:
@@ -405,7 +405,7 @@ def test_throttle_per_address_and_memory_bound() -> None:
     assert throttle.failures_in_a_row("b", "10.0.0.1") == 1
     # An attacker cycling through names and addresses cannot grow the tables without bound.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("p2ppay.limits.MAX_TRACKED", 50)
+        mp.setattr("p2ppay.server.throttle.MAX_TRACKED", 50)
         for i in range(200):
             throttle.failed(f"name{i}", f"10.1.{i // 256}.{i % 256}")
     assert max(throttle.tracked().values()) <= 50
@@ -511,7 +511,7 @@ def test_new_accounts_per_address_come_from_an_allowance_that_refills() -> None:
     now[0] = 1000  # a long pause refills it, but no further than the allowance
     assert [limit.admit("10.0.0.1") for _ in range(4)][-1] is not None
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("p2ppay.limits.MAX_TRACKED", 50)
+        mp.setattr("p2ppay.server.throttle.MAX_TRACKED", 50)
         for i in range(200):
             limit.admit(f"10.1.{i // 256}.{i % 256}")
     assert limit.tracked() <= 50
@@ -534,7 +534,7 @@ async def test_new_accounts_per_address_are_limited(connect: Connect) -> None:
 
 
 def test_every_login_limit_is_a_server_flag() -> None:
-    from p2ppay.cli import build_parser, server_options
+    from p2ppay.cli.main import build_parser, server_options
 
     flags = ["--login-failures", "--login-lockout", "--address-failures", "--address-window"]
     flags += ["--guard-failures", "--guard-window", "--guard-interval"]

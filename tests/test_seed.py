@@ -14,11 +14,11 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2ppay import course as c
-from p2ppay.cli import build_parser, server_options
+from p2ppay.cli.main import build_parser, server_options
 from p2ppay.ledger import SqliteLedger
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
+from p2ppay.wire import course as c
 
 from .conftest import SERVER_NAME, Connect, registered
 from .test_course import CourseClient

@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import protocol as p
-from p2ppay.client import Client, ConnectionLost, ServerError
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ConnectionLost, ServerError
+from p2ppay.client.peer import PeerKey
 from p2ppay.ledger import SqliteLedger
-from p2ppay.peer import PeerKey
 from p2ppay.pki import Issuer
 from p2ppay.server import Server, ServerConfig
 

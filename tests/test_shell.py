@@ -17,13 +17,13 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay import protocol as p
-from p2ppay.client import Client
-from p2ppay.exitcodes import ExitCode
-from p2ppay.peer import accept_all
-from p2ppay.shell import HELP, PASSWORD_ENV, ClientOptions, Shell
-from p2ppay.terminal import Interrupted, Terminal
-from p2ppay.wallet import (
+from p2ppay import wire as p
+from p2ppay.cli.exitcodes import ExitCode
+from p2ppay.cli.shell import HELP, PASSWORD_ENV, ClientOptions, Shell
+from p2ppay.cli.terminal import Interrupted, Terminal
+from p2ppay.client.connection import Client
+from p2ppay.client.peer import accept_all
+from p2ppay.client.wallet import (
     Disconnected,
     LoggedOut,
     NotSettledNews,

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2ppay.terminal import Interrupted, PlainBackend, Terminal, make_terminal
+from p2ppay.cli.terminal import Interrupted, PlainBackend, Terminal, make_terminal
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ import trio
 import trio.testing
 import trustme
 
-from p2ppay import protocol as p
-from p2ppay.client import Client, ServerError
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ServerError
+from p2ppay.client.outcomes import Outcome
+from p2ppay.client.peer import OfferListener, PeerConfig, PeerIdentity, PeerKey, accept_all
+from p2ppay.client.wallet import CannotConnect, OfferAnswered, PaymentFailed, Wallet
 from p2ppay.ledger import SqliteLedger
-from p2ppay.outcomes import Outcome
-from p2ppay.peer import OfferListener, PeerConfig, PeerIdentity, PeerKey, accept_all
 from p2ppay.server import Server
-from p2ppay.wallet import CannotConnect, OfferAnswered, PaymentFailed, Wallet
 
 from .conftest import PASSWORD, Connect, Open, SettleCutter, closed_by_peer
 from .test_p2p import expect_failure, next_of
@@ -184,7 +184,7 @@ async def test_a_payer_that_says_nothing_is_cut_at_the_handshake_deadline(
     server: Server,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="p2ppay.peer")
+    caplog.set_level(logging.INFO, logger="p2ppay.client.peer")
     bob = await identity_of(connect, "bob")
     listener = OfferListener(bob, accept_all, PeerConfig(handshake_timeout=10))
     silent, payee_side = trio.testing.memory_stream_pair()

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2ppay import protocol as p
-from p2ppay.exitcodes import ExitCode
-from p2ppay.peer import accept_all
+from p2ppay import wire as p
+from p2ppay.cli.exitcodes import ExitCode
+from p2ppay.client.peer import accept_all
+from p2ppay.client.wallet import Wallet
 from p2ppay.server import ServerOptions
 from p2ppay.server.ports import BindError, reserve, reuseport_listeners
 from p2ppay.server.workers import worker_command
 from p2ppay.tls import client_context
-from p2ppay.wallet import Wallet
 
 from .processes import Proc, spawn
 

@@ -1,3 +1,3 @@
-from .cli import main
+from p2ppay.cli.main import main
 
 raise SystemExit(main())

@@ -4,7 +4,7 @@
 ERROR with a traceback and tries again 0.1 s later: ten traceback lines a second per listener
 for as long as the process has no descriptor to spare, which a flood of connections can make
 last. :class:`PatientListener` wraps a listener so that ``accept`` itself waits and retries,
-saying so in one line at most once a minute (through a :class:`~p2ppay.limits.LimitLog`);
+saying so in one line at most once a minute (through a :class:`~p2ppay.server.throttle.LimitLog`);
 the connections meanwhile wait in the kernel's queue, and are taken once some close.
 """
 
@@ -16,7 +16,7 @@ from typing import Final, TypeVar, final
 
 import trio
 
-from .limits import LimitLog
+from p2ppay.logs import LimitLog
 
 StreamT = TypeVar("StreamT", bound=trio.abc.AsyncResource)
 

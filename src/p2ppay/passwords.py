@@ -10,7 +10,7 @@ import hmac
 import os
 from dataclasses import dataclass
 
-from .settings import count, setting
+from p2ppay.settings import count, setting
 
 _PREFIX = "scrypt"
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .names import name_key
+from p2ppay.wire.names import name_key
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"

@@ -26,9 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .constraints import MAX_AMOUNT, is_memo
-from .names import is_valid_name
-from .pki import (
+from p2ppay.pki import (
     CA_LIFETIME,
     RENEW_BEFORE,
     key_pem,
@@ -38,6 +36,8 @@ from .pki import (
     write_private,
     write_public,
 )
+from p2ppay.wire.constraints import MAX_AMOUNT, is_memo
+from p2ppay.wire.names import is_valid_name
 
 RECEIPT_CERT: Final = "receipt.pem"
 RECEIPT_KEY: Final = "receipt.key"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from .interface import (
+from p2ppay.ledger.interface import (
     Account,
     AccountFrozen,
     AccountKind,
@@ -51,11 +51,11 @@ from .interface import (
     UnknownPayee,
     UnknownRequest,
 )
-from .pgschema import PG_SCHEMA_VERSION, connect_postgres
-from .pgtimeouts import PgTimeouts
-from .postgres import SETTLED_CHANNEL, PostgresLedger, open_postgres_ledger
-from .schema import SCHEMA_V1, SCHEMA_VERSION, connect_sqlite
-from .sqlite import SqliteLedger, open_sqlite_ledger
+from p2ppay.ledger.pgschema import PG_SCHEMA_VERSION, connect_postgres
+from p2ppay.ledger.pgtimeouts import PgTimeouts
+from p2ppay.ledger.postgres import SETTLED_CHANNEL, PostgresLedger, open_postgres_ledger
+from p2ppay.ledger.schema import SCHEMA_V1, SCHEMA_VERSION, connect_sqlite
+from p2ppay.ledger.sqlite import SqliteLedger, open_sqlite_ledger
 
 #: Either backend, with what the server's runner uses beside the :class:`Ledger` interface
 #: (``observer``, ``commits``, ``ops_committed``, ``invalid_names()``, ``max_batch``).

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, final
 
-from ..constraints import MAX_AMOUNT
-from ..names import name_key
-from .interface import (
+from p2ppay.ledger.interface import (
     AccountKind,
     AmountOutOfRange,
     BalanceLimit,
@@ -35,8 +33,10 @@ from .interface import (
     ReferenceConflict,
     UnknownAccount,
 )
-from .pgschema import redact
-from .schema import connect_sqlite
+from p2ppay.ledger.pgschema import redact
+from p2ppay.ledger.schema import connect_sqlite
+from p2ppay.wire.constraints import MAX_AMOUNT
+from p2ppay.wire.names import name_key
 
 #: how long an admin command waits for the server to let go of the write lock (a batch is
 #: milliseconds; a checkpoint or a big batch on a slow disk may take longer)

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from ..constraints import MAX_AMOUNT, is_amount
-from ..settings import count, setting
+from p2ppay.settings import count, setting
+from p2ppay.wire.constraints import MAX_AMOUNT, is_amount
 
 AccountKind = Literal["native", "course"]
 

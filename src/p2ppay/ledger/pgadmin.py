@@ -18,9 +18,7 @@ from typing import Final, final
 
 from psycopg import errors as pgerrors
 
-from ..constraints import MAX_AMOUNT
-from ..names import name_key
-from .admin import (
+from p2ppay.ledger.admin import (
     AccountRow,
     Adjustment,
     AdjustmentKind,
@@ -29,7 +27,7 @@ from .admin import (
     NotNative,
     book_checks,
 )
-from .interface import (
+from p2ppay.ledger.interface import (
     AmountOutOfRange,
     BalanceLimit,
     InsufficientFunds,
@@ -38,7 +36,9 @@ from .interface import (
     ReferenceConflict,
     UnknownAccount,
 )
-from .pgschema import PgConnection, describe, migrate, open_connection
+from p2ppay.ledger.pgschema import PgConnection, describe, migrate, open_connection
+from p2ppay.wire.constraints import MAX_AMOUNT
+from p2ppay.wire.names import name_key
 
 #: no balance may pass this, whatever the server's --max-balance (which bounds only users)
 MAX_BALANCE: Final = MAX_AMOUNT

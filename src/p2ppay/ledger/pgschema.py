@@ -19,8 +19,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
-from .interface import LedgerUnavailable
-from .pgtimeouts import PgTimeouts
+from p2ppay.ledger.interface import LedgerUnavailable
+from p2ppay.ledger.pgtimeouts import PgTimeouts
 
 PgConnection = psycopg.Connection[TupleRow]
 

@@ -24,8 +24,8 @@ from typing import Any, Final, final
 import psycopg
 import trio
 
-from ..ownthread import run_in_own_thread
-from ..settings import pg_count, pg_seconds, setting
+from p2ppay.ownthread import run_in_own_thread
+from p2ppay.settings import pg_count, pg_seconds, setting
 
 #: How much sooner than the watchdog PostgreSQL's own ``statement_timeout`` ends a statement
 #: (at most; a tenth of it for short ones): PostgreSQL's timeout, which leaves the connection

@@ -62,8 +62,7 @@ from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
-from ..names import is_valid_name, name_key
-from .interface import (
+from p2ppay.ledger.interface import (
     INCOMING_REQUEST_ORDER,
     REQUEST_COLUMNS,
     Account,
@@ -93,8 +92,9 @@ from .interface import (
     history_entries,
     history_params,
 )
-from .pgschema import PgConnection, connect_postgres, describe, open_connection
-from .pgtimeouts import PgTimeouts, Watchdog, Watchdogs
+from p2ppay.ledger.pgschema import PgConnection, connect_postgres, describe, open_connection
+from p2ppay.ledger.pgtimeouts import PgTimeouts, Watchdog, Watchdogs
+from p2ppay.wire.names import is_valid_name, name_key
 
 T = TypeVar("T")
 

@@ -7,10 +7,10 @@ import os
 import sqlite3
 from pathlib import Path
 
-from ..names import name_key
-from .interface import (
+from p2ppay.ledger.interface import (
     LedgerUnavailable,
 )
+from p2ppay.wire.names import name_key
 
 # Accounts are looked up by ``name_key``, the canonical form of the name (p2ppay.names), and
 # shown by ``name``, as registered. Movements name accounts as registered.

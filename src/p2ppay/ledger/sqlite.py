@@ -42,9 +42,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import trio
 
-from ..names import is_valid_name, name_key
-from ..ownthread import run_in_own_thread
-from .interface import (
+from p2ppay.ledger.interface import (
     INCOMING_REQUEST_ORDER,
     REQUEST_COLUMNS,
     Account,
@@ -75,9 +73,11 @@ from .interface import (
     history_entries,
     history_params,
 )
-from .schema import (
+from p2ppay.ledger.schema import (
     connect_sqlite,
 )
+from p2ppay.ownthread import run_in_own_thread
+from p2ppay.wire.names import is_valid_name, name_key
 
 T = TypeVar("T")
 

@@ -10,10 +10,10 @@
 - :mod:`.runner`: the real process (state directory, listeners, ledger file, signals)
 """
 
-from .app import Server
-from .config import DEFAULT_PORT, LEDGER_FILE, ServerConfig, ServerOptions
-from .errors import RequestFailed
-from .runner import StartupError, prepare_state_dir, run_server
+from p2ppay.server.app import Server
+from p2ppay.server.config import DEFAULT_PORT, LEDGER_FILE, ServerConfig, ServerOptions
+from p2ppay.server.errors import RequestFailed
+from p2ppay.server.runner import StartupError, prepare_state_dir, run_server
 
 __all__ = [
     "DEFAULT_PORT",

@@ -22,14 +22,11 @@ from typing import Any, TypeVar, final
 import trio
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
-from .. import ledger as lg
-from .. import protocol as p
-from ..addresses import address_key
-from ..hashing import Hasher, HashQueueFull, Work
-from ..limits import LimitLog, LoginThrottle, Refusal, RegistrationLimit
-from ..names import NameMap
-from ..passwords import hash_password, verify_password
-from ..pki import (
+from p2ppay import ledger as lg
+from p2ppay import wire as p
+from p2ppay.logs import LimitLog
+from p2ppay.passwords import hash_password, verify_password
+from p2ppay.pki import (
     IdentityError,
     Issuer,
     PeerCertificate,
@@ -37,8 +34,12 @@ from ..pki import (
     public_key_der,
     verify_acceptance,
 )
-from .config import ServerConfig
-from .errors import RequestFailed
+from p2ppay.server.addresses import address_key
+from p2ppay.server.config import ServerConfig
+from p2ppay.server.errors import RequestFailed
+from p2ppay.server.hashing import Hasher, HashQueueFull, Work
+from p2ppay.server.throttle import LoginThrottle, Refusal, RegistrationLimit
+from p2ppay.wire.names import NameMap
 
 log = logging.getLogger("p2ppay.server")
 

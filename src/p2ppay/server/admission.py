@@ -8,7 +8,7 @@ from typing import Any, final
 
 import trio
 
-from ..limits import LimitLog
+from p2ppay.logs import LimitLog
 
 log = logging.getLogger("p2ppay.server")
 

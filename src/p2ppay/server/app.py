@@ -16,26 +16,27 @@ from typing import Any, final
 
 import trio
 
-from .. import ledger as lg
-from .. import logs
-from .. import protocol as p
-from ..accepting import PatientListener
-from ..addresses import peer_ip, peer_port
-from ..course import REFERENCE, Dialect
-from ..hashing import Work
-from ..limits import LimitLog, RequestLimit
-from ..metrics import ServerMetrics
-from ..names import name_key
-from ..pki import Issuer, create_ca
-from ..receipts import ReceiptSigner
-from .accounts import Accounts
-from .admission import Admission
-from .base import SessionBase
-from .config import ServerConfig
-from .course_session import CourseSession
-from .native import Session
-from .pg_presence import PgPresence
-from .presence import LocalPresence, Presence
+from p2ppay import ledger as lg
+from p2ppay import logs
+from p2ppay import wire as p
+from p2ppay.accepting import PatientListener
+from p2ppay.logs import LimitLog
+from p2ppay.pki import Issuer, create_ca
+from p2ppay.presence.local import LocalPresence, Presence
+from p2ppay.presence.postgres import PgPresence
+from p2ppay.receipts import ReceiptSigner
+from p2ppay.server.accounts import Accounts
+from p2ppay.server.addresses import peer_ip, peer_port
+from p2ppay.server.admission import Admission
+from p2ppay.server.config import ServerConfig
+from p2ppay.server.hashing import Work
+from p2ppay.server.metrics import ServerMetrics
+from p2ppay.server.sessions.base import SessionBase
+from p2ppay.server.sessions.course import CourseSession
+from p2ppay.server.sessions.native import Session
+from p2ppay.server.throttle import RequestLimit
+from p2ppay.wire.course import REFERENCE, Dialect
+from p2ppay.wire.names import name_key
 
 log = logging.getLogger("p2ppay.server")
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
-from .. import ledger as lg
-from .. import protocol as p
-from ..course import DIALECTS, REFERENCE, Dialect
-from ..limits import RegistrationConfig, RequestLimitConfig, ThrottleConfig
-from ..passwords import ScryptParams
-from ..settings import count, seconds, seconds_or_off, seconds_or_zero, setting, whole
-from ..settings import port as flag_port
+from p2ppay import ledger as lg
+from p2ppay import wire as p
+from p2ppay.passwords import ScryptParams
+from p2ppay.server.throttle import RegistrationConfig, RequestLimitConfig, ThrottleConfig
+from p2ppay.settings import count, seconds, seconds_or_off, seconds_or_zero, setting, whole
+from p2ppay.settings import port as flag_port
+from p2ppay.wire.course import DIALECTS, REFERENCE, Dialect
 
 DEFAULT_PORT: Final = 8700
 #: The most --workers. A fixed number, not one worked out from the cores: the same command

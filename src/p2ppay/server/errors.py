@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from .. import ledger as lg
-from .. import protocol as p
-from ..errors import CodedError
+from p2ppay import ledger as lg
+from p2ppay import wire as p
+from p2ppay.wire.errors import CodedError
 
 
 class RequestFailed(CodedError):

@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Final
 
-from .presence import Presence
+from p2ppay.presence.local import Presence
 
 _caches: Final[weakref.WeakKeyDictionary[Presence, dict[Hashable, tuple[int, bytes]]]] = (
     weakref.WeakKeyDictionary()

@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import trio
 
-from .. import ledger as lg
-from ..limits import LimitLog
-from .config import ServerConfig
+from p2ppay import ledger as lg
+from p2ppay.logs import LimitLog
+from p2ppay.server.config import ServerConfig
 
 log = logging.getLogger("p2ppay.server")
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import psycopg
 import trio
 
-from .. import ledger as lg
-from ..ledger.pgschema import describe, open_connection
-from ..metrics import serve_metrics
-from ..pki import (
+from p2ppay import ledger as lg
+from p2ppay.ledger.pgschema import describe, open_connection
+from p2ppay.pki import (
     CA_CERT,
     CA_KEY,
     PEER_CA_CERT,
@@ -30,14 +29,15 @@ from ..pki import (
     public_key_line,
     state_lock,
 )
-from ..receipts import ReceiptSigner
-from ..tls import server_context
-from . import fdlimit
-from .app import Server
-from .config import LEDGER_FILE, ServerOptions
-from .pg_presence import PgPresence, one_line, open_pg_presence
-from .ports import bind_error, reuseport_listeners
-from .purge import keep_purging
+from p2ppay.presence.postgres import PgPresence, one_line, open_pg_presence
+from p2ppay.receipts import ReceiptSigner
+from p2ppay.server import fdlimit
+from p2ppay.server.app import Server
+from p2ppay.server.config import LEDGER_FILE, ServerOptions
+from p2ppay.server.metrics import serve_metrics
+from p2ppay.server.ports import bind_error, reuseport_listeners
+from p2ppay.server.purge import keep_purging
+from p2ppay.tls import server_context
 
 log = logging.getLogger("p2ppay.server")
 

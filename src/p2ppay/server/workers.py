@@ -36,9 +36,9 @@ from typing import Any, Final, final
 
 import trio
 
-from .config import ServerOptions
-from .ports import BindError, check_free, reserve
-from .runner import StartupError, prepare_state_dir, run_server
+from p2ppay.server.config import ServerOptions
+from p2ppay.server.ports import BindError, check_free, reserve
+from p2ppay.server.runner import StartupError, prepare_state_dir, run_server
 
 log = logging.getLogger("p2ppay.server")
 

@@ -41,8 +41,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final, final
 
-from .peer import PeerKey
-from .pki import sign_acceptance, sign_acceptance_v1
+from p2ppay.client.peer import PeerKey
+from p2ppay.pki import sign_acceptance, sign_acceptance_v1
 
 PASSWORD: Final = "benchmark password"
 #: the phases this module drives
@@ -302,7 +302,7 @@ def ready_then_go() -> None:
 
 
 def main(runner: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> int:
-    """``python -m p2ppay.bench --loadgen-worker``: the stdin/stdout conversation above.
+    """``python -m benchmarks.bench --loadgen-worker``: the stdin/stdout conversation above.
     ``runner`` runs a phase this module does not know (the benchmark's Trio-driven ones)."""
     spec = json.loads(sys.stdin.readline())
     mine = spec["phase"] in PHASES or runner is None

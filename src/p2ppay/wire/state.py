@@ -6,7 +6,7 @@ import enum
 from collections.abc import Mapping
 from typing import Final
 
-from .wire import (
+from p2ppay.wire.vocabulary import (
     ErrorCode,
 )
 

@@ -17,15 +17,15 @@ from typing import Any, ClassVar, final
 
 import trio
 
-from .. import __version__
-from .. import ledger as lg
-from .. import protocol as p
-from ..constraints import memo_problem
-from ..names import name_key
-from ..receipts import ReceiptFacts
-from . import listing
-from .base import Host, SessionBase
-from .errors import LEDGER_CODES, RequestFailed
+from p2ppay import __version__
+from p2ppay import ledger as lg
+from p2ppay import wire as p
+from p2ppay.receipts import ReceiptFacts
+from p2ppay.server import listing
+from p2ppay.server.errors import LEDGER_CODES, RequestFailed
+from p2ppay.server.sessions.base import Host, SessionBase
+from p2ppay.wire.constraints import memo_problem
+from p2ppay.wire.names import name_key
 
 log = logging.getLogger("p2ppay.server")
 

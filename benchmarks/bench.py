@@ -1,6 +1,6 @@
 """The benchmark: p2ppay's figures next to a baseline measured in the same run.
 
-``python -m p2ppay.bench [--full] [--out DIR]`` (or ``nox -s bench``). The servers run as
+``python -m benchmarks.bench [--full] [--out DIR]`` (or ``nox -s bench``). The servers run as
 separate processes (p2ppay's own CLI, and a minimal Trio TLS line-echo server as the baseline);
 this process is the load generator, and says so when it was the bottleneck. Results are
 printed as a table and written as JSON.
@@ -28,13 +28,13 @@ from typing import Any, Final
 import trio
 import trio.lowlevel
 
-from . import loadgen
-from . import protocol as p
-from .client import Client, ServerError
-from .peer import PeerKey, accept_all
-from .pki import ensure_server_credentials
-from .tls import client_context, server_context
-from .wallet import Wallet
+from benchmarks import loadgen
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ServerError
+from p2ppay.client.peer import PeerKey, accept_all
+from p2ppay.client.wallet import Wallet
+from p2ppay.pki import ensure_server_credentials
+from p2ppay.tls import client_context, server_context
 
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 CLIENTS: Final = 50
@@ -234,12 +234,12 @@ async def loadgen_phase(server_pid: int, specs: list[dict[str, Any]]) -> dict[st
 async def run_loadgens(
     server_pids: Sequence[int], specs: list[dict[str, Any]], meters: Sequence[Meter] = ()
 ) -> LoadgenRun:
-    """Run one ``python -m p2ppay.bench --loadgen-worker`` per spec; start them together once
+    """Run one ``python -m benchmarks.bench --loadgen-worker`` per spec; start them together once
     all have connected (and again after their ``warmup``, if the specs have one); measure the
     server processes' CPU and the ``meters`` over the counted run."""
     workers: list[trio.Process] = []
     results: list[dict[str, Any]] = []
-    cmd = [sys.executable, "-m", "p2ppay.bench", "--loadgen-worker"]
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--loadgen-worker"]
     warmup = max(s.get("warmup", 0) for s in specs)
     try:
         for spec in specs:
@@ -898,7 +898,7 @@ class Run:
 
 async def phase_baseline(r: Run) -> dict[str, Any]:
     creds = ensure_server_credentials(r.state)
-    echo_cmd = [sys.executable, "-m", "p2ppay.bench", "--serve-echo", str(r.state)]
+    echo_cmd = [sys.executable, "-m", "benchmarks.bench", "--serve-echo", str(r.state)]
     async with spawn(echo_cmd, "echo listening") as echo:
         trips = await echo_round_trips(
             echo.port, creds.ca_cert, echo.process.pid, r.seconds, r.procs
@@ -1202,10 +1202,10 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--out", type=Path, default=Path("bench-results"))
     early, rest = pre.parse_known_args(argv)
     if early.phase == "scale" or any(a.startswith("--ledger") for a in rest):
-        from . import benchscale
+        from benchmarks import scale as benchscale
 
         return benchscale.main([*rest, "--out", str(early.out)])
-    parser = argparse.ArgumentParser(prog="python -m p2ppay.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__)
     parser.add_argument("--full", action="store_true", help="longer runs, 10,000 sessions")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(

@@ -21,17 +21,17 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import protocol as p
-from .accepting import PatientListener
-from .constraints import is_memo
-from .errors import CodedError
-from .limits import LimitLog
-from .names import NameMap, name_key
-from .outcomes import Outcome
-from .pki import make_csr, new_peer_key, sign_acceptance
-from .tls import explain_connect_failure, peer_contexts, peer_name
+from p2ppay import wire as p
+from p2ppay.accepting import PatientListener
+from p2ppay.client.outcomes import Outcome
+from p2ppay.logs import LimitLog
+from p2ppay.pki import make_csr, new_peer_key, sign_acceptance
+from p2ppay.tls import explain_connect_failure, peer_contexts, peer_name
+from p2ppay.wire.constraints import is_memo
+from p2ppay.wire.errors import CodedError
+from p2ppay.wire.names import NameMap, name_key
 
-log = logging.getLogger("p2ppay.peer")
+log = logging.getLogger("p2ppay.client.peer")
 
 #: Decides an offer: True accepts, False declines. It may take as long as it likes; the
 #: listener bounds it with :attr:`PeerConfig.decide_timeout` (no answer declines).

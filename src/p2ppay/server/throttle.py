@@ -1,4 +1,4 @@
-"""Guards against guessing and floods: failed-login throttling, and logging a limit only once.
+"""Guards against guessing and floods: failed-login throttling, registration and request allowances.
 
 Pure bookkeeping with an injected clock (the server passes ``trio.current_time``, so tests run
 on Trio's mock clock); no I/O.
@@ -13,17 +13,15 @@ per interval, while the addresses its owner has logged in from are not slowed at
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar, final
 
-from .addresses import address_key
-from .names import name_key
-from .settings import count, seconds, setting
+from p2ppay.server.addresses import address_key
+from p2ppay.settings import count, seconds, setting
+from p2ppay.wire.names import name_key
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -380,46 +378,3 @@ class RequestLimit:
 
     def tracked(self) -> dict[str, int]:
         return {"requesters": self._requesters.tracked(), "pairs": self._pairs.tracked()}
-
-
-class LimitLog:
-    """Logs that a limit was hit, or that something failed, once, then at most once per
-    ``interval`` for each limit or kind of failure, with a count of those left unsaid: a
-    flood (of refused connections, of commits failing on a full disk) costs the log a line a
-    minute, not a line each."""
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        interval: float = 60.0,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        label: str = "limit",
-    ) -> None:
-        self.logger = logger
-        self.interval = interval
-        self.clock = clock
-        #: each line starts with it, then the limit's name (``limit line-timeout: ...``)
-        self.label = label
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def hit(self, limit: str, detail: str) -> None:
-        """A limit refused something (a warning: the server is doing its job)."""
-        self._report(logging.WARNING, f"limit {limit}", f"{self.label} {limit}: {detail}")
-
-    def failed(self, kind: str, message: str) -> None:
-        """Something failed that should not have (an error: the ledger could not commit,
-        say); ``kind`` is what is counted (e.g. ``ledger deposit``), ``message`` the line."""
-        self._report(logging.ERROR, f"failed {kind}", message)
-
-    def _report(self, level: int, key: str, line: str) -> None:
-        now = self.clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        more = self._suppressed.pop(key, 0)
-        suffix = f" (and {more} more since the last report)" if more else ""
-        self.logger.log(level, "%s%s", line, suffix)

@@ -24,13 +24,10 @@ from typing import Any, Final, TypeAlias, TypeVar, final
 
 import trio
 
-from . import protocol as p
-from .client import Client, ClientError, ConnectionLost, ServerError
-from .constraints import EVENT_BUFFER, is_amount, memo_problem
-from .errors import CodedError
-from .names import name_key
-from .outcomes import Outcome
-from .peer import (
+from p2ppay import wire as p
+from p2ppay.client.connection import Client, ClientError, ConnectionLost, ServerError
+from p2ppay.client.outcomes import Outcome
+from p2ppay.client.peer import (
     Dialer,
     LinkBroke,
     OfferListener,
@@ -42,9 +39,12 @@ from .peer import (
     decline_all,
     open_offer_listeners,
 )
-from .tls import explain_connect_failure
+from p2ppay.tls import explain_connect_failure
+from p2ppay.wire.constraints import EVENT_BUFFER, is_amount, memo_problem
+from p2ppay.wire.errors import CodedError
+from p2ppay.wire.names import name_key
 
-log = logging.getLogger("p2ppay.wallet")
+log = logging.getLogger("p2ppay.client.wallet")
 
 T = TypeVar("T")
 

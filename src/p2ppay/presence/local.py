@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Protocol, final
 
-from .. import ledger as lg
-from .. import protocol as p
-from ..names import NameMap, name_key
+from p2ppay import ledger as lg
+from p2ppay import wire as p
+from p2ppay.wire.names import NameMap, name_key
 
 
 class Member(Protocol):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from .wire import (
+from p2ppay.wire.vocabulary import (
     DEFAULT_MAX_LINE,
     MAX_DEPTH_CAP,
     ErrorCode,

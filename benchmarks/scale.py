@@ -1,7 +1,7 @@
 """The benchmark's ``scale`` phase: settlements per second, one node against two, in one run.
 
-``python -m p2ppay.benchscale --ledger postgresql://...`` (or ``python -m p2ppay.bench --phase
-scale --ledger ...``, ``nox -s bench -- --phase scale --ledger ...``). The same settle load
+``python -m benchmarks.scale --ledger postgresql://...`` (or ``python -m benchmarks.bench
+--phase scale --ledger ...``, ``nox -s bench -- --phase scale --ledger ...``). The same settle load
 runs against each configuration: 50 users, registered and given a deposit through the first
 node, pay each other 1 unit at random, strictly request -> reply, driven by the main
 benchmark's load generator processes (:mod:`p2ppay.loadgen`: light ``epoll`` loops, the
@@ -48,7 +48,7 @@ import trio
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from .bench import (
+from benchmarks.bench import (
     CLK_TCK,
     LOADGEN_BUSY_SHARE,
     Meter,
@@ -65,7 +65,7 @@ from .bench import (
     split,
     total_balance,
 )
-from .tls import client_context
+from p2ppay.tls import client_context
 
 CLIENTS: Final = 50
 DEPOSIT: Final = 1_000_000
@@ -375,7 +375,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2ppay.benchscale", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.benchscale", description=__doc__)
     parser.add_argument(
         "--ledger",
         default=None,

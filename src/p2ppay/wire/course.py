@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-from . import names
-from .constraints import MAX_PORT, MIN_PORT, is_port
+from p2ppay.wire import names
+from p2ppay.wire.constraints import MAX_PORT, MIN_PORT, is_port
 
 DEFAULT_MAX_MESSAGE: Final = 1024
 #: names follow the native rule (p2ppay.names), and so compare regardless of letter case

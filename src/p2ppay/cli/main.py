@@ -16,10 +16,10 @@ from typing import NoReturn
 import platformdirs
 import trio
 
-from . import __version__, admin, logs
-from .exitcodes import ExitCode, quiet_stdout, stdout_reader_gone
-from .ledger import LedgerFileUnusable, LedgerUnavailable
-from .profiles import (
+from p2ppay import __version__, logs
+from p2ppay.cli import admin
+from p2ppay.cli.exitcodes import ExitCode, quiet_stdout, stdout_reader_gone
+from p2ppay.cli.profiles import (
     CAFILE_ENV,
     SERVER_ENV,
     USER_ENV,
@@ -28,10 +28,11 @@ from .profiles import (
     profile_path,
     resolve,
 )
-from .server import DEFAULT_PORT, ServerOptions, StartupError, run_server, workers
-from .settings import add_flags, from_flags, port, seconds
-from .shell import PASSWORD_ENV, ClientOptions, run_client
-from .terminal import OutputClosed
+from p2ppay.cli.shell import PASSWORD_ENV, ClientOptions, run_client
+from p2ppay.cli.terminal import OutputClosed
+from p2ppay.ledger import LedgerFileUnusable, LedgerUnavailable
+from p2ppay.server import DEFAULT_PORT, ServerOptions, StartupError, run_server, workers
+from p2ppay.settings import add_flags, from_flags, port, seconds
 
 STATE_ENV = "P2PPAY_STATE_DIR"
 
@@ -343,7 +344,7 @@ MAX_RECEIPT_BYTES = 64 * 1024
 def _verify_receipt(args: argparse.Namespace) -> int:
     from cryptography import x509
 
-    from .receipts import ReceiptInvalid, verify_receipt
+    from p2ppay.receipts import ReceiptInvalid, verify_receipt
 
     cafile: Path = args.cafile or (default_state_dir() / "ca.pem")
     try:

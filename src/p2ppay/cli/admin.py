@@ -25,11 +25,11 @@ from typing import Any, Final, TextIO
 
 import psycopg
 
-from . import logs
-from .constraints import MAX_AMOUNT
-from .exitcodes import ExitCode
-from .ledger import LedgerError, ReferenceConflict, UnknownAccount, is_postgres_url
-from .ledger.admin import (
+from p2ppay import logs
+from p2ppay.cli.exitcodes import ExitCode
+from p2ppay.cli.shell import PASSWORD_ENV, UsageError, read_password_file
+from p2ppay.ledger import LedgerError, ReferenceConflict, UnknownAccount, is_postgres_url
+from p2ppay.ledger.admin import (
     AccountRow,
     Adjustment,
     LedgerAdmin,
@@ -38,13 +38,13 @@ from .ledger.admin import (
     SqliteAdmin,
     new_reference,
 )
-from .ledger.pgadmin import PgAdmin
-from .passwords import hash_password
-from .protocol import NEW_PASSWORD_LENGTH
-from .server import LEDGER_FILE
-from .shell import PASSWORD_ENV, UsageError, read_password_file
+from p2ppay.ledger.pgadmin import PgAdmin
+from p2ppay.passwords import hash_password
+from p2ppay.server import LEDGER_FILE
+from p2ppay.wire import NEW_PASSWORD_LENGTH
+from p2ppay.wire.constraints import MAX_AMOUNT
 
-log = logging.getLogger("p2ppay.admin")
+log = logging.getLogger("p2ppay.cli.admin")
 
 DESCRIPTION = """The operator's commands. They work on the ledger in the state directory (or
 the one --ledger names, e.g. the nodes' postgresql://... URL), also while the server runs (a

@@ -25,12 +25,12 @@ from typing import Any, Final, TypeVar, final
 import msgspec.structs
 import trio
 
-from . import __version__
-from . import protocol as p
-from .constraints import EVENT_BUFFER
-from .errors import CodedError
+from p2ppay import __version__
+from p2ppay import wire as p
+from p2ppay.wire.constraints import EVENT_BUFFER
+from p2ppay.wire.errors import CodedError
 
-log = logging.getLogger("p2ppay.client")
+log = logging.getLogger("p2ppay.client.connection")
 
 R = TypeVar("R")
 

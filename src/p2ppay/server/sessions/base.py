@@ -14,17 +14,18 @@ from typing import ClassVar, Protocol
 
 import trio
 
-from .. import ledger as lg
-from .. import logs
-from .. import protocol as p
-from ..course import Dialect
-from ..limits import LimitLog, RequestLimit
-from ..metrics import ServerMetrics
-from ..receipts import ReceiptSigner
-from ..sending import Outgoing
-from .accounts import Accounts
-from .config import ServerConfig
-from .presence import Presence
+from p2ppay import ledger as lg
+from p2ppay import logs
+from p2ppay import wire as p
+from p2ppay.logs import LimitLog
+from p2ppay.presence.local import Presence
+from p2ppay.receipts import ReceiptSigner
+from p2ppay.server.accounts import Accounts
+from p2ppay.server.config import ServerConfig
+from p2ppay.server.metrics import ServerMetrics
+from p2ppay.server.sending import Outgoing
+from p2ppay.server.throttle import RequestLimit
+from p2ppay.wire.course import Dialect
 
 log = logging.getLogger("p2ppay.server")
 

@@ -24,12 +24,12 @@ from typing import Any, Final, Protocol, TextIO, final
 
 import trio
 
-from .exitcodes import quiet_stdout
-from .protocol import LineBuffer
+from p2ppay.cli.exitcodes import quiet_stdout
+from p2ppay.wire import LineBuffer
 
 MAX_INPUT_LINE: Final = 64 * 1024
 
-log = logging.getLogger("p2ppay.terminal")
+log = logging.getLogger("p2ppay.cli.terminal")
 
 
 def printable(text: str) -> str:

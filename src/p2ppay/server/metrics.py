@@ -28,9 +28,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-from . import __version__
-from .accepting import PatientListener
-from .limits import LimitLog
+from p2ppay import __version__
+from p2ppay.accepting import PatientListener
+from p2ppay.logs import LimitLog
 
 
 class Observed(Protocol):

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
-from .wire import (
+from p2ppay.wire.vocabulary import (
     Amount,
     ErrorCode,
     ExpiresIn,

@@ -11,7 +11,7 @@ bytes to :meth:`ServerConnection.receive_data` (or the client twin), pulls event
 
 from __future__ import annotations
 
-from .connection import (
+from p2ppay.wire.connection import (
     ClientConnection,
     ServerConnection,
     decode_event,
@@ -25,13 +25,13 @@ from .connection import (
     encode_request,
     list_result_json,
 )
-from .framing import (
+from p2ppay.wire.framing import (
     LineBuffer,
     check_max_depth,
     too_deep,
     too_deep_message,
 )
-from .messages import (
+from p2ppay.wire.messages import (
     CLOSED,
     NEED_DATA,
     OP_TYPES,
@@ -92,11 +92,11 @@ from .messages import (
     SettleResult,
     op_of,
 )
-from .state import (
+from p2ppay.wire.state import (
     TRANSITIONS,
     State,
 )
-from .wire import (
+from p2ppay.wire.vocabulary import (
     CANONICAL_UUID,
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_LINE,

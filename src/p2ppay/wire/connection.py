@@ -9,13 +9,13 @@ from typing import Any, Final
 
 import msgspec
 
-from .framing import (
+from p2ppay.wire.framing import (
     LineBuffer,
     check_max_depth,
     too_deep,
     too_deep_message,
 )
-from .messages import (
+from p2ppay.wire.messages import (
     CLOSED,
     NEED_DATA,
     OPS,
@@ -32,12 +32,12 @@ from .messages import (
     ServerClosing,
     op_of,
 )
-from .state import (
+from p2ppay.wire.state import (
     TRANSITIONS,
     State,
     _illegal,
 )
-from .wire import (
+from p2ppay.wire.vocabulary import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_LINE,
     ErrorCode,

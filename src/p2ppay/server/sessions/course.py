@@ -17,9 +17,12 @@ from typing import ClassVar, Final, assert_never, final
 
 import trio
 
-from .. import course
-from .. import ledger as lg
-from ..course import (
+from p2ppay import ledger as lg
+from p2ppay.server import listing
+from p2ppay.server.errors import RequestFailed
+from p2ppay.server.sessions.base import Host, SessionBase
+from p2ppay.wire import course
+from p2ppay.wire.course import (
     CourseBadDeposit,
     CourseBadInput,
     CourseBadRegister,
@@ -35,10 +38,7 @@ from ..course import (
     CourseSignUp,
     CourseTransfer,
 )
-from ..names import name_key
-from . import listing
-from .base import Host, SessionBase
-from .errors import RequestFailed
+from p2ppay.wire.names import name_key
 
 log = logging.getLogger("p2ppay.server")
 

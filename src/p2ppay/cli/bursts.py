@@ -4,7 +4,7 @@ crowd of requesters at once (many accounts, each within its own allowance) is sh
 first lines, then one line for the whole crowd.
 
 Pure bookkeeping with an injected clock (the shell passes ``trio.current_time``); no I/O. The
-server rate-limits making requests (p2ppay.limits.RequestLimit), but a person's terminal is
+server rate-limits making requests (p2ppay.server.throttle.RequestLimit), but a person's terminal is
 worth guarding on its own: the limits are per node, and a lot of lines scrolls a real payment's
 line out of sight.
 """

@@ -12,7 +12,7 @@ from typing import Any, Final, Literal, cast, final
 
 import platformdirs
 
-from .constraints import MAX_PORT
+from p2ppay.wire.constraints import MAX_PORT
 
 SERVER_ENV: Final = "P2PPAY_SERVER"
 CAFILE_ENV: Final = "P2PPAY_CAFILE"

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, TypeAlias
 
 import msgspec
 
-from ..constraints import MAX_AMOUNT, MAX_HISTORY, MAX_MEMO, MAX_PORT, MIN_PORT
-from ..errors import CodedError
-from ..names import NAME_PATTERN
+from p2ppay.wire.constraints import MAX_AMOUNT, MAX_HISTORY, MAX_MEMO, MAX_PORT, MIN_PORT
+from p2ppay.wire.errors import CodedError
+from p2ppay.wire.names import NAME_PATTERN
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_LINE: Final = 64 * 1024

@@ -55,13 +55,13 @@ import msgspec
 import psycopg
 import trio
 
-from .. import ledger as lg
-from .. import protocol as p
-from ..ledger.pgschema import PRESENCE_SCHEMA_LOCK, PRESENCE_TABLES, describe, node_channel
-from ..ledger.pgtimeouts import Watchdog, Watchdogs
-from ..limits import LimitLog
-from ..names import NameMap, name_key
-from .presence import Member
+from p2ppay import ledger as lg
+from p2ppay import wire as p
+from p2ppay.ledger.pgschema import PRESENCE_SCHEMA_LOCK, PRESENCE_TABLES, describe, node_channel
+from p2ppay.ledger.pgtimeouts import Watchdog, Watchdogs
+from p2ppay.logs import LimitLog
+from p2ppay.presence.local import Member
+from p2ppay.wire.names import NameMap, name_key
 
 log = logging.getLogger("p2ppay.server")
 

@@ -23,16 +23,13 @@ import msgspec
 import platformdirs
 import trio
 
-from . import protocol as p
-from .bursts import RequestBurst
-from .client import ClientError, ConnectionLost, ServerError
-from .constraints import MAX_HISTORY, MAX_PORT, MIN_PORT, is_port, memo_problem, parse_duration
-from .exitcodes import ExitCode, quiet_stdout
-from .names import NAME_MAX, is_valid_name
-from .peer import PeerConfig, Policy, accept_all, decline_all
-from .terminal import OutputClosed, RichBackend, Terminal, make_terminal, printable
-from .tls import MissingCA, client_context
-from .wallet import (
+from p2ppay import wire as p
+from p2ppay.cli.bursts import RequestBurst
+from p2ppay.cli.exitcodes import ExitCode, quiet_stdout
+from p2ppay.cli.terminal import OutputClosed, RichBackend, Terminal, make_terminal, printable
+from p2ppay.client.connection import ClientError, ConnectionLost, ServerError
+from p2ppay.client.peer import PeerConfig, Policy, accept_all, decline_all
+from p2ppay.client.wallet import (
     CannotConnect,
     Disconnected,
     LoggedOut,
@@ -45,6 +42,16 @@ from .wallet import (
     Wallet,
     WalletEvent,
 )
+from p2ppay.tls import MissingCA, client_context
+from p2ppay.wire.constraints import (
+    MAX_HISTORY,
+    MAX_PORT,
+    MIN_PORT,
+    is_port,
+    memo_problem,
+    parse_duration,
+)
+from p2ppay.wire.names import NAME_MAX, is_valid_name
 
 T = TypeVar("T")
 
