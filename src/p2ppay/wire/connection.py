@@ -35,7 +35,7 @@ from p2ppay.wire.messages import (
 from p2ppay.wire.state import (
     TRANSITIONS,
     State,
-    _illegal,
+    illegal,
 )
 from p2ppay.wire.vocabulary import (
     DEFAULT_MAX_DEPTH,
@@ -221,7 +221,7 @@ class ServerConnection(_Lines):
                 return req
             op = op_of(req)
             if (self.state, op) not in TRANSITIONS:
-                code, message = _illegal(self.state, op)
+                code, message = illegal(self.state, op)
                 return Rejected(req.id, code, message)
             return req
 

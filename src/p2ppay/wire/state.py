@@ -47,7 +47,8 @@ TRANSITIONS: Final[Mapping[tuple[State, str], State]] = {
 }
 
 
-def _illegal(state: State, op: str) -> tuple[ErrorCode, str]:
+def illegal(state: State, op: str) -> tuple[ErrorCode, str]:
+    """Why ``op`` is not legal in ``state``: the code and message of the refusal."""
     if state is _A:
         return ErrorCode.HELLO_REQUIRED, "send hello first"
     if state is _N:
