@@ -38,6 +38,10 @@ def modules() -> Iterator[tuple[str, Path]]:
         yield ".".join(parts), path
 
 
+#: every module of the package, by dotted name
+KNOWN = frozenset(m for m, _ in modules())
+
+
 def area(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
@@ -55,7 +59,6 @@ def _is_type_checking(node: ast.If) -> bool:
 def imports(path: Path, *, runtime_only: bool) -> set[str]:
     """The p2ppay modules ``path`` imports (``from p2ppay.x import y`` counts ``p2ppay.x.y``
     when that is a module)."""
-    known = {m for m, _ in modules()}
     tree = ast.parse(path.read_text())
     skipped: set[int] = set()
     if runtime_only:
@@ -72,7 +75,7 @@ def imports(path: Path, *, runtime_only: bool) -> set[str]:
             assert node.level == 0, f"{path}: relative import"
             if node.module.startswith("p2ppay"):
                 found.add(node.module)
-                found |= {f"{node.module}.{a.name}" for a in node.names} & known
+                found |= {f"{node.module}.{a.name}" for a in node.names} & KNOWN
     return found
 
 

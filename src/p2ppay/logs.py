@@ -1,10 +1,13 @@
-"""Logging, configured in one place: plain text for people, or one JSON object per line.
+"""Logging, configured in one place: plain text or JSON lines, and floods said once a minute.
 
 JSON lines carry ``time``, ``level``, ``logger`` and ``message``, then any fields a call passed
 with ``extra=`` (``payment_id``, say), and ``peer`` and ``user`` for whatever is logged while a
 connection is being served: the server binds each connection's session to its task once
 (:func:`bind_connection`), and every log line of that task, in whichever module, gets the
 peer's address and the account it is logged in as at that moment. No log call has to name them.
+
+:class:`LimitLog` keeps a flood of one kind of line (a limit hit, a commit failing) to one line
+per interval with a count; the server and the client's peer listener both use it.
 """
 
 from __future__ import annotations
